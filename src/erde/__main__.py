@@ -1,0 +1,5 @@
+import sys
+
+from erde.cli import main
+
+sys.exit(main())

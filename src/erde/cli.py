@@ -1,0 +1,238 @@
+"""Command line: parses arguments, calls one library function per command, prints the result.
+
+User mistakes (`ErdeError`) end with one line on stderr and exit status 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from erde.errors import ErdeError
+
+
+def _models(args: argparse.Namespace) -> None:
+    from erde.models import list_models
+
+    print("\n".join(list_models()))
+
+
+def _macs(args: argparse.Namespace) -> None:
+    from erde.macs import macs_table
+    from erde.models import create_model
+    from erde.report import markdown_table
+
+    model = create_model(
+        args.model,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        exits=args.exits,
+        input_size=args.input_size,
+    )
+    rows = [
+        [
+            r["exit"],
+            r["block"],
+            f"{r['segment_macs'] + r['head_macs']:,}",
+            f"{r['cumulative_macs']:,}",
+            f"{r['percent_of_full']:.1f}",
+        ]
+        for r in macs_table(model)
+    ]
+    print(
+        f"{args.model}: MACs per image ({args.input_size}x{args.input_size}x{args.in_channels}, "
+        f"{args.num_classes} classes)"
+    )
+    print(
+        markdown_table(
+            ["exit", "after block", "MACs (segment + head)", "cumulative MACs", "% of full"], rows
+        )
+    )
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    from erde.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from erde.config import load_config
+    from erde.train import fit
+
+    cfg = (
+        None if (args.resume and args.config is None) else load_config(args.config, args.overrides)
+    )
+    row = fit(
+        cfg,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        stop_after=args.stop_after,
+    )
+    accs = ", ".join(
+        f"exit {i + 1}: {100 * row[f'val/acc/{i}']:.2f}"
+        for i in range(sum(k.startswith("val/acc/") for k in row))
+    )
+    print(f"finished {args.out}: epoch {row.get('epoch')}, val accuracy (%) {accs}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from erde.evaluation.runs import evaluate_run
+
+    out = args.out or f"{args.run}/eval"
+    s = evaluate_run(
+        args.run,
+        out=out,
+        reference=args.reference,
+        policy=args.policy,
+        normalize=args.normalize,
+        max_drop=args.max_drop,
+        budget=args.budget,
+        refresh=args.refresh,
+        device=args.device,
+    )
+    c = s["chosen"]
+    print(
+        f"{s['model']} ({s['method']}): test accuracy per exit (%) "
+        + ", ".join(f"{100 * a:.2f}" for a in s["per_exit_accuracy"]["test"])
+    )
+    print(
+        f"threshold {c['threshold']:.4g} chosen on val ({c['criterion']}): "
+        f"val accuracy {100 * c['val_accuracy']:.2f} %, test accuracy "
+        f"{100 * c['test_accuracy']:.2f} % at {c['test_expected_macs'] / 1e6:.3f} M MACs "
+        f"per test image ({c['reduction_vs_reference']:.2f}x fewer than "
+        f"{s['reference']['label']})"
+    )
+    print(f"report: {out}/report.md")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from erde.evaluation.runs import compare_runs
+
+    compare_runs(
+        args.runs,
+        out=args.out,
+        reference=args.reference,
+        policy=args.policy,
+        normalize=args.normalize,
+        max_drop=args.max_drop,
+        device=args.device,
+    )
+    print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
+    print(f"plot: {Path(args.out) / 'comparison.png'}")
+
+
+def _not_yet(args: argparse.Namespace) -> None:
+    print(f"erde {args.command}: not yet implemented")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erde",
+        description="Early-exit classifiers trained by Entropy-Regularized Distillation",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    command("models", _models, "list the registered early-exit models")
+
+    p = command("macs", _macs, "per-exit MACs of a model")
+    p.add_argument("model")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--exits", default=None, help='"default", "stages", "every:K" or e.g. "3,6"')
+
+    p = command("config", _config_show, "print the resolved config of a preset or file")
+    p.add_argument(
+        "config", nargs="?", help="preset name or YAML file (default: built-in defaults)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
+    p = command("train", _train, "train a teacher or a student (the method picks the loss)")
+    p.add_argument("config", nargs="?", help="preset name or YAML file")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. distill.method=erde distill.teacher=runs/teacher train.epochs=5",
+    )
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="N",
+        help="stop after N epochs of this call; continue later with --resume",
+    )
+
+    def policy_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--reference",
+            metavar="RUN",
+            help="run whose final-exit accuracy to keep and MACs to beat (the teacher); "
+            "default: the run's own final exit",
+        )
+        p.add_argument("--policy", choices=("entropy", "maxprob"), default="entropy")
+        p.add_argument("--normalize", action="store_true", help="entropy divided by log K")
+        p.add_argument(
+            "--max-drop",
+            type=float,
+            default=0.0,
+            metavar="POINTS",
+            help="accuracy points below the reference allowed when choosing on val",
+        )
+        p.add_argument("--device", default="auto")
+
+    p = command("evaluate", _evaluate, "accuracy-versus-MACs report of a run (thresholds from val)")
+    p.add_argument("run")
+    policy_options(p)
+    p.add_argument(
+        "--budget",
+        type=float,
+        metavar="MACS",
+        help="choose the threshold for this MACs budget: a fraction of the full model "
+        "(<= 1) or MACs per image",
+    )
+    p.add_argument("--out", help="report folder (default: RUN/eval)")
+    p.add_argument("--refresh", action="store_true", help="recompute the logits cache")
+
+    p = command("compare", _compare, "several runs (methods, seeds) on one table and plot")
+    p.add_argument("runs", nargs="+")
+    policy_options(p)
+    p.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
+
+    command("quickstart", _not_yet, "train and compare teacher and students on embedded digits")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("config", "train") and args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        args.func(args)
+    except ErdeError as exc:
+        print(f"erde {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"erde {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from erde.data.image_data import ImageData, build_image_data
+from erde.errors import ErdeError
+
+LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ...)"
+
+
+def _classes(split_dir: str) -> list[str]:
+    if not os.path.isdir(split_dir):
+        raise ErdeError(f"imagefolder: {split_dir} is not a folder; expected the layout {LAYOUT}.")
+    try:
+        return find_classes(split_dir)[0]
+    except FileNotFoundError as exc:
+        raise ErdeError(
+            f"imagefolder: {split_dir} has no class folders; expected the layout {LAYOUT}."
+        ) from exc
+
+
+def _samples(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    found = {label for _, label in samples}
+    empty = [c for c, k in class_to_idx.items() if k not in found]
+    if empty:
+        raise ErdeError(
+            f"imagefolder: class folder(s) {', '.join(empty)} in {split_dir} hold no images "
+            f"(accepted: {', '.join(IMG_EXTENSIONS)}); add images or remove the folder(s)."
+        )
+    return samples
+
+
+def _decode(path: str) -> np.ndarray:
+    """HxW for grayscale files, HxWx3 for everything else (alpha and palettes become RGB)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("1", "L", "RGB"):
+                img = img.convert("L" if img.mode == "LA" else "RGB")
+            return np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not an image"
+        raise ErdeError(
+            f"imagefolder: cannot decode {path} ({type(exc).__name__}: {exc}); replace or "
+            "remove the file."
+        ) from exc
+
+
+def load_image_folder(root: str) -> ImageData:
+    """Classes come from the train folder's subfolders (sorted); test may hold a subset of them."""
+    train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
+    classes = _classes(train_dir)
+    class_to_idx = {c: k for k, c in enumerate(classes)}
+    unknown = sorted(set(_classes(test_dir)) - set(classes))
+    if unknown:
+        raise ErdeError(
+            f"imagefolder: {test_dir} has class folder(s) {', '.join(unknown)} that "
+            f"{train_dir} lacks; every test class needs training images."
+        )
+    test_classes = {c: class_to_idx[c] for c in _classes(test_dir)}
+    splits = {"train": _samples(train_dir, class_to_idx), "test": _samples(test_dir, test_classes)}
+    decoded: dict[str, list[np.ndarray]] = {}
+    first: tuple[str, tuple[int, int]] | None = None
+    for split, samples in splits.items():
+        decoded[split] = []
+        for path, _ in samples:
+            image = _decode(path)
+            if first is None:
+                first = (path, image.shape[:2])
+            elif image.shape[:2] != first[1]:
+                raise ErdeError(
+                    f"imagefolder: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                    f"{first[0]} is {first[1][1]}x{first[1][0]}; all images must share one size. "
+                    "Resize them beforehand."
+                )
+            decoded[split].append(image)
+    gray = all(im.ndim == 2 for images in decoded.values() for im in images)
+
+    def stack(images: list[np.ndarray]) -> np.ndarray:
+        if gray:
+            return np.stack(images)[..., None]
+        return np.stack([np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in images])
+
+    arrays = {
+        split: (stack(decoded[split]), np.array([label for _, label in splits[split]]))
+        for split in splits
+    }
+    return build_image_data(
+        "imagefolder", arrays["train"], arrays["test"], classes=classes, hflip=True
+    )

@@ -1,0 +1,54 @@
+"""Seeded, exactly stratified train/validation split (thresholds are calibrated on validation)."""
+
+from __future__ import annotations
+
+import torch
+
+from erde.errors import ErdeError
+
+
+def _val_count(val_size: int | float, n: int) -> int:
+    """A float is a fraction of n (so 1.0 is never read as one sample); an int is a count."""
+    if isinstance(val_size, float) and 0.0 <= val_size < 1.0:
+        return round(val_size * n)
+    if isinstance(val_size, int) and not isinstance(val_size, bool) and val_size >= 0:
+        return val_size
+    raise ErdeError(
+        f"val_size {val_size!r} is neither a count (an integer >= 0) nor a fraction in [0, 1); "
+        "use e.g. 5000 or 0.1."
+    )
+
+
+def stratified_split(
+    y: torch.Tensor, val_size: int | float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices), both sorted; every class keeps its share of the data.
+
+    Per-class validation counts are the largest-remainder rounding of val_count * class share,
+    so they sum to exactly val_count; which members go to validation depends only on `seed`.
+    """
+    y = torch.as_tensor(y).reshape(-1)
+    n = len(y)
+    n_val = _val_count(val_size, n)
+    if n_val >= n:
+        raise ErdeError(
+            f"val_size {val_size} asks for {n_val} of {n} samples, leaving none for training; "
+            "choose a smaller val_size."
+        )
+    if n_val == 0:
+        return torch.arange(n), torch.empty(0, dtype=torch.int64)
+    _, labels, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    quota = counts.to(torch.float64) * n_val / n
+    take = quota.floor().to(torch.int64)
+    remainder = quota - take
+    # Largest fractional parts first; ties go to the lower class index (stable sort).
+    order = torch.sort(remainder, descending=True, stable=True).indices
+    take[order[: n_val - int(take.sum())]] += 1
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    grouped = perm[torch.sort(labels[perm], stable=True).indices]  # by class, shuffled within
+    cls = labels[grouped]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[cls]
+    in_val = rank < take[cls]
+    return grouped[~in_val].sort().values, grouped[in_val].sort().values

@@ -1,0 +1,136 @@
+"""Choose an exit threshold on the validation split, then report it once on the test split.
+
+The choosing functions take only a validation ``Curve`` (``val_curve``): test data cannot reach
+them, so a reported test number never leaks into the threshold it is reported for. ``apply`` is
+the one place test data enters, after the choice is fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from erde.errors import ErdeError
+from erde.evaluation.metrics import check_budget
+from erde.evaluation.policy import check_logits, simulate
+from erde.evaluation.sweep import Curve, check_cum_macs, check_labels
+
+
+@dataclass
+class Calibration:
+    """A threshold chosen on validation data, with the validation numbers that justified it."""
+
+    threshold: float
+    val_accuracy: float
+    val_expected_macs: float
+    criterion: str
+
+
+def resolve_budget(value: float, full_macs: float) -> float:
+    """A budget in MACs per image: ``value <= 1`` is a fraction of the full model, else MACs."""
+    if math.isnan(value) or value <= 0:
+        raise ErdeError(
+            f"a MACs budget must be positive; got {value}. Use a fraction of the full model "
+            "(e.g. 0.5) or MACs per image (e.g. 2e7)."
+        )
+    budget = value * full_macs if value <= 1 else float(value)
+    if budget > full_macs:
+        raise ErdeError(
+            f"a MACs budget of {budget:.6g} per image exceeds the full model's {full_macs:.6g}; "
+            "use at most the full model's MACs, or a fraction <= 1."
+        )
+    return budget
+
+
+def _pick(val_curve: Curve, index: int, criterion: str) -> Calibration:
+    return Calibration(
+        threshold=float(val_curve.thresholds[index]),
+        val_accuracy=float(val_curve.accuracy[index]),
+        val_expected_macs=float(val_curve.expected_macs[index]),
+        criterion=criterion,
+    )
+
+
+def calibrate_for_budget(val_curve: Curve, budget_macs: float) -> Calibration:
+    """The validation threshold with the best val accuracy within the budget (ties: fewer MACs)."""
+    check_budget(val_curve, budget_macs)
+    ok = np.flatnonzero(val_curve.expected_macs <= budget_macs)
+    if ok.size == 0:
+        raise ErdeError(
+            f"no validation threshold spends at most {budget_macs:.6g} MACs per image; "
+            "sweep with larger thresholds (the default grid includes one)."
+        )
+    # lexsort keys: last is primary -> highest accuracy, then fewest MACs, then lowest threshold.
+    order = np.lexsort(
+        (val_curve.thresholds[ok], val_curve.expected_macs[ok], -val_curve.accuracy[ok])
+    )
+    return _pick(
+        val_curve,
+        int(ok[order[0]]),
+        f"highest val accuracy with val expected MACs <= {budget_macs:.6g} per image",
+    )
+
+
+def calibrate_for_accuracy(val_curve: Curve, target_accuracy: float) -> Calibration:
+    """The validation threshold with the fewest val MACs that reaches the target accuracy.
+
+    If no threshold reaches it, the full model (threshold 0) is returned and the criterion says so.
+    """
+    if math.isnan(target_accuracy) or not 0.0 <= target_accuracy <= 1.0:
+        hint = f" (did you mean {target_accuracy / 100:g}?)" if 1 < target_accuracy <= 100 else ""
+        raise ErdeError(f"a target accuracy is a fraction in [0, 1]; got {target_accuracy}{hint}.")
+    ok = np.flatnonzero(val_curve.accuracy >= target_accuracy)
+    if ok.size:
+        order = np.lexsort(
+            (val_curve.thresholds[ok], -val_curve.accuracy[ok], val_curve.expected_macs[ok])
+        )
+        return _pick(
+            val_curve,
+            int(ok[order[0]]),
+            f"fewest val expected MACs with val accuracy >= {target_accuracy:.4f}",
+        )
+    full = np.flatnonzero(val_curve.exit_share[:, -1] == 1.0)
+    if full.size == 0:
+        raise ErdeError(
+            "the validation curve has no full-model point to fall back to; include threshold 0 "
+            "in the sweep (the default grid does)."
+        )
+    return Calibration(
+        threshold=0.0,
+        val_accuracy=float(val_curve.accuracy[full[0]]),
+        val_expected_macs=float(val_curve.expected_macs[full[0]]),
+        criterion=f"val accuracy >= {target_accuracy:.4f} is not reached at any threshold; "
+        "using the full model (threshold 0)",
+    )
+
+
+def apply(
+    test_logits: torch.Tensor,
+    test_labels: torch.Tensor | np.ndarray,
+    cum_macs: Sequence[float] | np.ndarray,
+    calibration: Calibration,
+    policy: str = "entropy",
+    normalize: bool = False,
+) -> dict:
+    """Test-split accuracy, expected MACs per image and exit shares at the calibrated threshold.
+
+    ``policy`` and ``normalize`` must be those the validation curve was swept with.
+    """
+    check_logits(test_logits)
+    n, e, k = test_logits.shape
+    labels = check_labels(test_labels, n, k)
+    macs = check_cum_macs(cum_macs, e)
+    exit_index, prediction = simulate(test_logits, calibration.threshold, policy, normalize)
+    share = torch.bincount(exit_index, minlength=e).double().numpy() / max(n, 1)
+    return {
+        "split": "test",
+        "threshold": calibration.threshold,
+        "criterion": calibration.criterion,
+        "accuracy": float((prediction == labels).double().mean()) if n else float("nan"),
+        "expected_macs": float(share @ macs),
+        "exit_share": share.tolist(),
+    }

@@ -1,0 +1,267 @@
+"""Training losses: teacher, ce, kd, kd-masked and ERDE (DESIGN.md section 1).
+
+One engine trains every method; the method only chooses which per-exit terms enter the total, so a
+comparison between methods changes nothing but the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from erde.errors import ErdeError
+
+METHODS = ("teacher", "ce", "kd", "kd-masked", "erde")
+PAIRING_MODES = ("same", "depth", "final")
+ENTROPY_TERMS = ("uniform-ce", "neg-entropy")
+ENTROPY_EXITS = ("all", "intermediate")
+_TEACHER_METHODS = ("kd", "kd-masked", "erde")
+# Exit fractions are ratios of MAC counts; two distances this close are the same distance.
+_TIE_TOLERANCE = 1e-9
+
+
+def pair_exits(
+    student_fractions: Sequence[float], teacher_fractions: Sequence[float], mode: str
+) -> list[int]:
+    """Index of the teacher exit each student exit learns from.
+
+    Fractions are each exit's cumulative MACs over its own network's total, so networks of different
+    size compare by relative depth. `depth` uses the fractions even when both networks have as
+    many exits (a student exit at 20% of its compute then learns from the teacher exit nearest
+    20%, not from the teacher exit with the same index); ties go to the deeper, more accurate
+    teacher exit, and the student's last exit always learns from the teacher's last, the best
+    prediction there is.
+    """
+    if mode not in PAIRING_MODES:
+        raise ErdeError(f"unknown exit pairing {mode!r}; use one of {', '.join(PAIRING_MODES)}")
+    if not student_fractions or not teacher_fractions:
+        raise ErdeError(
+            "exit pairing needs at least one student exit and one teacher exit; "
+            "check that both models define their exits"
+        )
+    last = len(teacher_fractions) - 1
+    if mode == "same":
+        if len(student_fractions) != len(teacher_fractions):
+            raise ErdeError(
+                f"exit pairing 'same' needs as many student exits ({len(student_fractions)}) as "
+                f"teacher exits ({len(teacher_fractions)}); use pairing 'depth' (closest relative "
+                "depth) or 'final' (every student exit learns from the teacher's last exit)"
+            )
+        return list(range(len(student_fractions)))
+    if mode == "final":
+        return [last] * len(student_fractions)
+    return [_closest(f, teacher_fractions) for f in student_fractions[:-1]] + [last]
+
+
+def _closest(fraction: float, teacher_fractions: Sequence[float]) -> int:
+    best, best_distance = 0, math.inf
+    for j, tf in enumerate(teacher_fractions):
+        distance = abs(fraction - tf)
+        if distance <= best_distance + _TIE_TOLERANCE:
+            best, best_distance = j, min(distance, best_distance)
+    return best
+
+
+@dataclass
+class LossResult:
+    """The differentiable total plus detached scalars for the log (fixed keys for every method)."""
+
+    total: Tensor
+    components: dict[str, Tensor]
+
+
+class DistillLoss:
+    """One method's loss; it holds only constants, so there is nothing to checkpoint."""
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        alpha: float,
+        beta: float,
+        temperature: float,
+        exit_weights: Sequence[float] | None,
+        entropy_term: str,
+        entropy_exits: str,
+        pairing: Sequence[int] | None,
+        num_exits: int,
+    ) -> None:
+        _check_choice("method", method, METHODS)
+        _check_choice("entropy_term", entropy_term, ENTROPY_TERMS)
+        _check_choice("entropy_exits", entropy_exits, ENTROPY_EXITS)
+        if not (isinstance(num_exits, int) and num_exits >= 1):
+            raise ErdeError(f"num_exits must be a positive integer, got {num_exits!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ErdeError(f"alpha must lie in [0, 1], got {alpha}; set loss alpha to e.g. 0.5")
+        if not (beta >= 0.0 and math.isfinite(beta)):
+            raise ErdeError(f"beta must be a finite number >= 0, got {beta}; set e.g. beta=1.0")
+        if not (temperature > 0.0 and math.isfinite(temperature)):
+            raise ErdeError(
+                f"temperature must be a finite number > 0, got {temperature}; set e.g. 4.0"
+            )
+        weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
+        if len(weights) != num_exits:
+            raise ErdeError(
+                f"exit_weights has {len(weights)} values but the model has {num_exits} exits; "
+                "give one weight per exit or leave exit_weights unset (all 1)"
+            )
+        if not all(w >= 0.0 and math.isfinite(w) for w in weights):
+            raise ErdeError(f"exit_weights must be finite and >= 0, got {weights}")
+        if pairing is not None:
+            pairing = list(pairing)
+            if len(pairing) != num_exits or not all(isinstance(j, int) and j >= 0 for j in pairing):
+                raise ErdeError(
+                    f"pairing must give one teacher exit index (>= 0) per student exit "
+                    f"({num_exits}), got {pairing}; build it with erde.losses.pair_exits"
+                )
+        self.method = method
+        # `teacher` and `ce` learn from labels only; `kd` and `kd-masked` have no entropy term.
+        self.alpha = 1.0 if method in ("teacher", "ce") else float(alpha)
+        self.beta = float(beta) if method == "erde" else 0.0
+        self.temperature = float(temperature)
+        self.exit_weights = weights
+        self.entropy_term = entropy_term
+        self.entropy_exits = entropy_exits
+        self.pairing = pairing
+        self.num_exits = num_exits
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether calls need teacher logits (so the engine knows to run the teacher)."""
+        return self.method in _TEACHER_METHODS
+
+    def __call__(
+        self,
+        student_logits: Sequence[Tensor],
+        labels: Tensor,
+        teacher_logits: Sequence[Tensor] | None = None,
+    ) -> LossResult:
+        if len(student_logits) != self.num_exits:
+            raise ErdeError(
+                f"the model gave {len(student_logits)} exits but the loss was built for "
+                f"{self.num_exits}; build the loss with the model's number of exits"
+            )
+        pairing = self._pairing(student_logits, teacher_logits)
+        zero = torch.zeros((), dtype=_compute_dtype(student_logits[0]), device=labels.device)
+        components: dict[str, Tensor] = {}
+        sums = {"ce": zero, "kl": zero, "entropy": zero}
+        total = zero
+        for i, logits in enumerate(student_logits):
+            s = logits.to(_compute_dtype(logits))
+            terms = {
+                "ce": F.cross_entropy(s, labels, reduction="none"),
+                "kl": None,
+                "entropy": None,
+            }
+            wrong = None
+            if pairing is not None:
+                t = teacher_logits[pairing[i]].detach().to(s.dtype)
+                _check_teacher_shape(t, s, i, pairing[i])
+                right = (t.argmax(dim=1) == labels).to(s.dtype)
+                wrong = 1.0 - right
+                kl = self._kl(s, t)
+                terms["kl"] = kl if self.method == "kd" else right * kl
+                if self.method == "erde" and self._entropy_on(i):
+                    terms["entropy"] = wrong * self._entropy(s)
+            scales = {"ce": self.alpha, "kl": 1.0 - self.alpha, "entropy": self.beta}
+            for key, per_sample in terms.items():
+                mean = zero if per_sample is None else per_sample.mean()
+                weighted = self.exit_weights[i] * scales[key] * mean
+                total = total + weighted
+                sums[key] = sums[key] + weighted.detach()
+                components[f"{key}/{i}"] = mean.detach()
+            components[f"teacher_wrong/{i}"] = zero if wrong is None else wrong.mean().detach()
+        components.update(sums)
+        return LossResult(total=total, components=components)
+
+    def _pairing(
+        self, student_logits: Sequence[Tensor], teacher_logits: Sequence[Tensor] | None
+    ) -> list[int] | None:
+        if not self.needs_teacher:
+            return None
+        if teacher_logits is None:
+            raise ErdeError(
+                f"method {self.method!r} distils from a teacher but no teacher logits were given; "
+                "give a trained teacher, or use method 'ce' to train on labels only"
+            )
+        pairing = self.pairing
+        if pairing is None:
+            if len(teacher_logits) != len(student_logits):
+                raise ErdeError(
+                    f"the teacher has {len(teacher_logits)} exits and the student "
+                    f"{len(student_logits)}; pair them with pairing 'depth' or 'final'"
+                )
+            pairing = list(range(len(student_logits)))
+        if max(pairing) >= len(teacher_logits):
+            raise ErdeError(
+                f"pairing {pairing} names a teacher exit beyond the teacher's "
+                f"{len(teacher_logits)} exits; build it with erde.losses.pair_exits"
+            )
+        return pairing
+
+    def _kl(self, s: Tensor, t: Tensor) -> Tensor:
+        """T^2 * KL(softmax(t/T) || softmax(s/T)) per sample; T^2 keeps gradients T-independent."""
+        temp = self.temperature
+        log_p_teacher = F.log_softmax(t / temp, dim=1)
+        log_p_student = F.log_softmax(s / temp, dim=1)
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True)
+        return temp * temp * kl.sum(dim=1)
+
+    def _entropy(self, s: Tensor) -> Tensor:
+        """Per-sample term minimised by the uniform output, so the student stays unsure."""
+        log_p = F.log_softmax(s, dim=1)
+        if self.entropy_term == "uniform-ce":
+            return -log_p.mean(dim=1)
+        return (log_p.exp() * log_p).sum(dim=1)
+
+    def _entropy_on(self, i: int) -> bool:
+        return self.entropy_exits == "all" or i < self.num_exits - 1
+
+
+def make_loss(
+    method: str,
+    *,
+    alpha: float = 0.5,
+    beta: float = 1.0,
+    temperature: float = 4.0,
+    exit_weights: Sequence[float] | None = None,
+    entropy_term: str = "uniform-ce",
+    entropy_exits: str = "all",
+    pairing: list[int] | None = None,
+    num_exits: int,
+) -> DistillLoss:
+    """Build the loss of one method with DESIGN.md's defaults."""
+    return DistillLoss(
+        method,
+        alpha=alpha,
+        beta=beta,
+        temperature=temperature,
+        exit_weights=exit_weights,
+        entropy_term=entropy_term,
+        entropy_exits=entropy_exits,
+        pairing=pairing,
+        num_exits=num_exits,
+    )
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """Half-precision logits are upcast: softmax and log in float16 lose too much."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ErdeError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
+
+
+def _check_teacher_shape(t: Tensor, s: Tensor, i: int, j: int) -> None:
+    if t.shape != s.shape:
+        raise ErdeError(
+            f"teacher exit {j} gives logits of shape {tuple(t.shape)} but student exit {i} "
+            f"{tuple(s.shape)}; use a teacher trained on the same dataset (same classes)"
+        )

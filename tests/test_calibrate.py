@@ -1,0 +1,154 @@
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from erde.errors import ErdeError
+from erde.evaluation.calibrate import (
+    apply,
+    calibrate_for_accuracy,
+    calibrate_for_budget,
+    resolve_budget,
+)
+from erde.evaluation.sweep import Curve, sweep
+
+K = 4
+CUM_MACS = [10.0, 20.0, 40.0]
+LABELS = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1])
+GRID = [0.0, 0.5, 100.0]  # full model / the known middle point / always the first exit
+
+
+def confident(cls: int) -> list[float]:
+    row = [0.0] * K
+    row[cls] = 20.0
+    return row
+
+
+def known_logits() -> torch.Tensor:
+    """Exit 0 confident+right on images 0-3, flat on 4-7; exit 1 confident+right on 0-5,
+    confidently wrong on 6, flat on 7; exit 2 confident+right everywhere. Against LABELS:
+    theta 0 -> accuracy 1, 40 MACs; theta 0.5 -> 7/8, 17.5 MACs; theta 100 -> 1/2, 10 MACs."""
+    flat = [0.0] * K
+    e0 = [confident(int(y)) for y in LABELS[:4]] + [flat] * 4
+    e1 = [confident(int(y)) for y in LABELS[:6]] + [confident(0), flat]
+    e2 = [confident(int(y)) for y in LABELS]
+    return torch.tensor([e0, e1, e2]).permute(1, 0, 2).contiguous()
+
+
+def hand_curve(thresholds, macs, accuracy) -> Curve:
+    """A two-exit validation curve (exits at 10 and 40 MACs) with consistent exit shares."""
+    macs = np.asarray(macs, dtype=float)
+    late = (macs - 10.0) / 30.0
+    return Curve(
+        thresholds=np.asarray(thresholds, dtype=float),
+        accuracy=np.asarray(accuracy, dtype=float),
+        expected_macs=macs,
+        exit_share=np.stack([1 - late, late], axis=1),
+        cum_macs=np.array([10.0, 40.0]),
+    )
+
+
+VAL = hand_curve(
+    thresholds=[0.0, 0.2, 0.3, 0.4, 0.6, 0.8],
+    macs=[40, 32, 30, 25, 20, 10],
+    accuracy=[0.90, 0.90, 0.90, 0.88, 0.80, 0.60],
+)
+
+
+def test_budget_picks_best_accuracy_within_budget():
+    chosen = calibrate_for_budget(VAL, 24.0)
+    assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.6, 0.80, 20.0)
+    assert "val" in chosen.criterion and "24" in chosen.criterion
+    # 0.90 is reached at 32 and at 30 MACs: the cheaper one wins
+    chosen = calibrate_for_budget(VAL, 35.0)
+    assert (chosen.threshold, chosen.val_expected_macs) == (0.3, 30.0)
+    assert calibrate_for_budget(VAL, 40.0).threshold == 0.3
+    assert calibrate_for_budget(VAL, 10.0).threshold == 0.8
+
+
+@pytest.mark.parametrize("budget", [9.0, 41.0, math.nan])
+def test_budget_outside_model_range(budget):
+    with pytest.raises(ErdeError, match=r"\[10, 40\] MACs"):
+        calibrate_for_budget(VAL, budget)
+
+
+def test_accuracy_target_picks_fewest_macs():
+    chosen = calibrate_for_accuracy(VAL, 0.88)
+    assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.4, 0.88, 25.0)
+    assert calibrate_for_accuracy(VAL, 0.89).threshold == 0.3
+    assert calibrate_for_accuracy(VAL, 0.0).threshold == 0.8
+
+
+def test_unreachable_accuracy_falls_back_to_full_model():
+    chosen = calibrate_for_accuracy(VAL, 0.95)
+    assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.0, 0.90, 40.0)
+    assert "not reached" in chosen.criterion and "full model" in chosen.criterion
+    no_full_point = hand_curve([0.5, 0.8], [25, 10], [0.88, 0.60])
+    with pytest.raises(ErdeError, match="threshold 0"):
+        calibrate_for_accuracy(no_full_point, 0.95)
+
+
+@pytest.mark.parametrize(("target", "match"), [(93.0, "did you mean 0.93"), (-0.1, r"\[0, 1\]")])
+def test_bad_accuracy_target(target, match):
+    with pytest.raises(ErdeError, match=match):
+        calibrate_for_accuracy(VAL, target)
+
+
+def test_choosing_takes_only_validation_data():
+    for fn in (calibrate_for_budget, calibrate_for_accuracy):
+        params = list(inspect.signature(fn).parameters)
+        assert params[0] == "val_curve"
+        assert not any("test" in p for p in params)
+
+
+def test_test_labels_never_move_the_threshold_but_val_labels_can():
+    logits = known_logits()
+    val_curve = sweep(logits, LABELS, CUM_MACS, GRID)
+    chosen = calibrate_for_accuracy(val_curve, 0.85)
+    assert chosen.threshold == 0.5  # 7/8 >= 0.85 at 17.5 MACs
+
+    other_test_labels = LABELS.clone()
+    other_test_labels[:4] = (other_test_labels[:4] + 1) % K
+    first = apply(logits, LABELS, CUM_MACS, chosen)
+    second = apply(logits, other_test_labels, CUM_MACS, chosen)
+    assert first["threshold"] == second["threshold"] == 0.5
+    assert (first["accuracy"], second["accuracy"]) == (7 / 8, 3 / 8)
+
+    # image 0 relabelled: the early exit is now wrong there (6/8 < 0.85), the full model is not
+    # (its last exit still says 0, so 7/8): the choice moves to threshold 0
+    other_val_labels = LABELS.clone()
+    other_val_labels[0] = 1
+    moved = calibrate_for_accuracy(sweep(logits, other_val_labels, CUM_MACS, GRID), 0.85)
+    assert (moved.threshold, moved.val_accuracy, moved.val_expected_macs) == (0.0, 7 / 8, 40.0)
+
+
+def test_apply_reports_the_test_split():
+    val_curve = sweep(known_logits(), LABELS, CUM_MACS, GRID)
+    result = apply(known_logits(), LABELS, CUM_MACS, calibrate_for_budget(val_curve, 20.0))
+    assert result["split"] == "test"
+    assert result["threshold"] == 0.5
+    assert result["accuracy"] == 7 / 8
+    assert result["expected_macs"] == pytest.approx(17.5)
+    assert result["exit_share"] == [0.5, 0.375, 0.125]
+
+
+def test_apply_with_maxprob_policy():
+    # 1 - p_max is ~6e-9 on confident exits and 0.75 on flat ones
+    val_curve = sweep(known_logits(), LABELS, CUM_MACS, [0.0, 0.1, 1.0], policy="maxprob")
+    chosen = calibrate_for_budget(val_curve, 20.0)
+    result = apply(known_logits(), LABELS, CUM_MACS, chosen, policy="maxprob")
+    assert chosen.threshold == pytest.approx(0.1)
+    assert result["exit_share"] == [0.5, 0.375, 0.125]
+
+
+def test_resolve_budget():
+    assert resolve_budget(0.5, 40.0) == 20.0
+    assert resolve_budget(1.0, 40.0) == 40.0
+    assert resolve_budget(25.0, 40.0) == 25.0
+    for value in (0.0, -1.0, math.nan):
+        with pytest.raises(ErdeError, match="positive"):
+            resolve_budget(value, 40.0)
+    with pytest.raises(ErdeError, match="exceeds the full model"):
+        resolve_budget(50.0, 40.0)

@@ -1,0 +1,502 @@
+"""Data sources (official formats written here byte by byte), splits and on-device batches."""
+
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from erde.data import SOURCES, DeviceBatches, load_source, stratified_split
+from erde.errors import ErdeError
+
+# ---------------------------------------------------------------- official formats, hand-written
+
+
+class Py2Str(bytes):
+    """A Python 2 `str`: how the CIFAR pickles store their keys and label names."""
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes Py2Str with the Python 2 string opcodes, as the official CIFAR files have them."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[Py2Str] = save_py2str
+
+
+def dump_py2(path, obj):
+    with open(path, "wb") as f:
+        Py2Pickler(f, protocol=2).dump(obj)
+
+
+def k(name):
+    return Py2Str(name.encode())
+
+
+def random_images(n, seed, h=32, w=32, c=3):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+
+
+def chw_rows(images):
+    """The official CIFAR row: 1024 red, then 1024 green, then 1024 blue values, row-major."""
+    return images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+
+
+def write_cifar10(root, per_batch=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    images, labels = random_images(5 * per_batch + 3, 1), []
+    images[0, 5, 7] = (11, 201, 77)  # row 5, column 7 of the first image: R, G, B
+    labels = [i % 10 for i in range(len(images))]
+    for b in range(6):
+        part = slice(b * per_batch, (b + 1) * per_batch) if b < 5 else slice(5 * per_batch, None)
+        name = f"data_batch_{b + 1}" if b < 5 else "test_batch"
+        batch = {
+            k("batch_label"): k(name),
+            k("labels"): labels[part],
+            k("data"): chw_rows(images[part]),
+            k("filenames"): [k(f"img{i}.png") for i in range(len(images[part]))],
+        }
+        dump_py2(folder / name, batch)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
+    meta = {k("label_names"): [k(n) for n in [*names, "truck"]], k("num_vis"): 3072}
+    dump_py2(folder / "batches.meta", meta)
+    return images, np.array(labels)
+
+
+def test_cifar_pickles_have_the_official_bytes_keys(tmp_path):
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    assert set(entry) == {b"batch_label", b"labels", b"data", b"filenames"}
+    assert entry[b"data"].dtype == np.uint8 and entry[b"data"].shape == (4, 3072)
+
+
+def test_cifar10_loads_pixel_exact(tmp_path):
+    images, labels = write_cifar10(tmp_path)
+    data = load_source("cifar10", str(tmp_path), verify=False)
+    assert data.train_x.dtype == torch.uint8 and data.train_x.shape == (20, 32, 32, 3)
+    assert data.train_x[0, 5, 7].tolist() == [11, 201, 77]
+    assert torch.equal(data.train_x, torch.from_numpy(images[:20]))
+    assert torch.equal(data.test_x, torch.from_numpy(images[20:]))
+    assert data.train_y.dtype == torch.int64
+    assert data.train_y.tolist() == labels[:20].tolist()
+    assert data.test_y.tolist() == labels[20:].tolist()
+    assert data.classes[0] == "airplane" and data.classes[9] == "truck"
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.hflip
+    assert (data.num_classes, data.in_channels, data.input_size) == (10, 3, (32, 32))
+    # The data folder itself is accepted as root too.
+    again = load_source("cifar10", str(tmp_path / "cifar-10-batches-py"), verify=False)
+    assert torch.equal(again.train_x, data.train_x)
+
+
+def test_cifar10_verify_rejects_non_official_files(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(ErdeError, match=r"md5 mismatch .*data_batch_1.*download=True"):
+        load_source("cifar10", str(tmp_path), verify=True)
+
+
+def test_cifar10_incomplete_folder_names_missing_file_and_download(tmp_path):
+    write_cifar10(tmp_path)
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
+    with pytest.raises(ErdeError, match=r"missing data_batch_3.*data\.download=true"):
+        load_source("cifar10", str(tmp_path), verify=False)
+
+
+def test_cifar10_unreadable_file(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ErdeError, match=r"could not read .*download=True"):
+        load_source("cifar10", str(tmp_path), verify=False)
+
+
+def test_missing_dataset_folder_says_what_to_get(tmp_path):
+    with pytest.raises(ErdeError, match=r"cifar-10-batches-py.*download=True.*cifar-10-python"):
+        load_source("cifar10", str(tmp_path))
+    with pytest.raises(ErdeError, match=r"train_32x32\.mat.*download=True"):
+        load_source("svhn", str(tmp_path))
+
+
+def test_cifar100_loads_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    images = random_images(7, 2)
+    images[6, 31, 0] = (3, 4, 250)
+    fine, coarse = [99, 0, 42, 7, 15, 63, 98], [19, 0, 1, 2, 3, 4, 5]
+    for name, part in (("train", slice(0, 5)), ("test", slice(5, 7))):
+        entry = {
+            k("filenames"): [k("x.png")] * len(images[part]),
+            k("batch_label"): k(name),
+            k("fine_labels"): fine[part],
+            k("coarse_labels"): coarse[part],
+            k("data"): chw_rows(images[part]),
+        }
+        dump_py2(folder / name, entry)
+    names = [k(f"class{i:02d}") for i in range(100)]
+    dump_py2(folder / "meta", {k("fine_label_names"): names, k("coarse_label_names"): names[:20]})
+    data = load_source("cifar100", str(tmp_path), verify=False)
+    assert data.train_y.tolist() == fine[:5] and data.test_y.tolist() == fine[5:]
+    assert data.test_x[1, 31, 0].tolist() == [3, 4, 250]
+    assert torch.equal(data.train_x, torch.from_numpy(images[:5]))
+    assert data.num_classes == 100 and data.classes[42] == "class42"
+    with pytest.raises(ErdeError, match="md5 mismatch"):
+        load_source("cifar100", str(tmp_path))
+
+
+def test_svhn_mat_loads_pixel_exact_with_zero_as_label_10(tmp_path):
+    digits = {"train": [10, 1, 2, 9, 10], "test": [3, 10]}
+    expected = {}
+    for split, ys in digits.items():
+        images = random_images(len(ys), 3 if split == "train" else 4)
+        images[0, 5, 7] = (11, 201, 77)
+        scipy.io.savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {"X": images.transpose(1, 2, 3, 0), "y": np.array(ys, np.uint8)[:, None]},
+        )
+        expected[split] = images
+    data = load_source("svhn", str(tmp_path), verify=False)
+    assert data.train_y.tolist() == [0, 1, 2, 9, 0] and data.test_y.tolist() == [3, 0]
+    assert data.train_x[0, 5, 7].tolist() == [11, 201, 77]
+    assert torch.equal(data.train_x, torch.from_numpy(expected["train"]))
+    assert torch.equal(data.test_x, torch.from_numpy(expected["test"]))
+    assert not data.hflip and data.classes == [str(d) for d in range(10)]
+    with pytest.raises(ErdeError, match=r"md5 mismatch .*train_32x32\.mat"):
+        load_source("svhn", str(tmp_path))
+
+
+# ---------------------------------------------------------------- digits, npz, real CIFAR-10
+
+
+def test_digits_scaled_and_split_with_a_fixed_seed():
+    torch.manual_seed(123)
+    data = load_source("digits")
+    torch.manual_seed(456)
+    again = load_source("digits")
+    assert data.train_x.shape == (1438, 8, 8, 1) and data.test_x.shape == (359, 8, 8, 1)
+    assert torch.equal(data.test_x, again.test_x) and torch.equal(data.test_y, again.test_y)
+    assert (data.in_channels, data.input_size, data.num_classes) == (1, (8, 8), 10)
+    assert not data.hflip
+    assert int(data.train_x.min()) == 0 and int(data.train_x.max()) == 255
+    # Every original image appears exactly once, scaled by 255/16.
+    raw = load_digits()
+    scaled = np.rint(raw.images * 255 / 16).astype(np.uint8).reshape(len(raw.images), -1)
+    ours = torch.cat([data.train_x, data.test_x]).reshape(len(raw.images), -1).numpy()
+    assert sorted(map(bytes, ours)) == sorted(map(bytes, scaled))
+    # Stratified: each class's test share is within one image of 20 %.
+    counts = np.bincount(raw.target)
+    test_counts = np.bincount(data.test_y.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - counts * 0.2) < 1)
+    pixels = data.train_x.numpy().astype(np.float64) / 255
+    assert data.mean[0] == pytest.approx(pixels.mean(), abs=1e-9)
+    assert data.std[0] == pytest.approx(pixels.std(), abs=1e-9)
+
+
+def write_npz(folder, **overrides):
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(5)
+    arrays = {
+        "train": {"x": random_images(30, 6, 9, 7), "y": rng.integers(0, 4, 30).astype(np.uint8)},
+        "test": {"x": random_images(10, 7, 9, 7), "y": np.arange(10) % 4},
+    }
+    arrays["train"]["label_names"] = np.array(["a", "b", "c", "d"])
+    for split, changes in overrides.items():
+        arrays[split].update(changes)
+        arrays[split] = {key: v for key, v in arrays[split].items() if v is not None}
+    for split, content in arrays.items():
+        np.savez(folder / f"{split}.npz", **content)
+    return arrays
+
+
+def test_npz_round_trip_and_stats(tmp_path):
+    arrays = write_npz(tmp_path)
+    data = load_source("npz", str(tmp_path))
+    assert torch.equal(data.train_x, torch.from_numpy(arrays["train"]["x"]))
+    assert torch.equal(data.test_x, torch.from_numpy(arrays["test"]["x"]))
+    assert data.train_y.dtype == torch.int64
+    assert data.train_y.tolist() == arrays["train"]["y"].tolist()
+    assert data.classes == ["a", "b", "c", "d"] and data.hflip and data.input_size == (9, 7)
+    pixels = arrays["train"]["x"].astype(np.float64) / 255
+    np.testing.assert_allclose(data.mean, pixels.mean(axis=(0, 1, 2)), atol=1e-12)
+    np.testing.assert_allclose(data.std, pixels.std(axis=(0, 1, 2)), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train": {"x": random_images(30, 6, 9, 7).astype(np.float32)}}, "dtype.*uint8"),
+        ({"train": {"x": random_images(30, 6, 9, 7)[..., 0]}}, r"shape \(30, 9, 7\).*NHWC"),
+        ({"test": {"x": random_images(10, 7, 8, 7)}}, "share one image size"),
+        ({"test": {"y": None}}, "test.npz lacks the key.* y"),
+        ({"train": {"y": np.full(30, -1)}}, "negative value -1"),
+        ({"test": {"y": np.full(10, 4)}}, "label 4 is out of range for 4 classes"),
+        ({"train": {"y": np.zeros(29, np.int64)}}, "30 images but 29 labels"),
+        ({"train": {"y": np.zeros(30, np.float32)}}, "labels must be integers"),
+        ({"train": {"y": np.array([object()] * 30)}}, "cannot read .*train.npz"),
+    ],
+)
+def test_npz_bad_input(tmp_path, overrides, message):
+    write_npz(tmp_path, **overrides)
+    with pytest.raises(ErdeError, match=message):
+        load_source("npz", str(tmp_path))
+
+
+def test_npz_missing_file_and_missing_root(tmp_path):
+    with pytest.raises(ErdeError, match=r"train\.npz does not exist.*test\.npz"):
+        load_source("npz", str(tmp_path))
+    with pytest.raises(ErdeError, match=r"data\.root"):
+        load_source("npz")
+
+
+def test_unknown_source_lists_the_known():
+    with pytest.raises(ErdeError, match=r"unknown data source 'mnist'.*cifar10.*imagefolder"):
+        load_source("mnist")
+    assert set(SOURCES) == {"cifar10", "cifar100", "svhn", "digits", "npz", "imagefolder"}
+
+
+def test_shared_cifar10_npz(shared_cifar10):
+    data = load_source("npz", shared_cifar10)
+    assert data.train_x.shape == (50000, 32, 32, 3) and data.test_x.shape == (10000, 32, 32, 3)
+    assert torch.bincount(data.train_y).tolist() == [5000] * 10
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10
+    assert data.classes[0] == "airplane" and data.classes[9] == "truck"
+    subset = data.train_x[::10].numpy().astype(np.float64) / 255
+    np.testing.assert_allclose(subset.mean(axis=(0, 1, 2)), [0.4914, 0.4822, 0.4465], atol=5e-3)
+    np.testing.assert_allclose(data.mean, [0.4914, 0.4822, 0.4465], atol=1e-4)
+    np.testing.assert_allclose(data.std, [0.2470, 0.2435, 0.2616], atol=1e-4)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def write_folder(root, mode="RGB", size=(6, 5)):
+    images = {}
+    for split, per_class in (("train", 2), ("test", 1)):
+        for c, cls in enumerate(["cat", "dog"]):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(per_class):
+                shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+                pixels = np.random.default_rng(c * 10 + i).integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(pixels, mode).save(root / split / cls / f"{i}.png")
+                images[(split, cls, i)] = pixels
+    return images
+
+
+def test_imagefolder_rgb_pixel_exact(tmp_path):
+    images = write_folder(tmp_path)
+    data = load_source("imagefolder", str(tmp_path))
+    assert data.classes == ["cat", "dog"] and data.train_x.shape == (4, 5, 6, 3)
+    assert data.train_y.tolist() == [0, 0, 1, 1] and data.test_y.tolist() == [0, 1]
+    assert np.array_equal(data.train_x[2].numpy(), images[("train", "dog", 0)])
+    assert np.array_equal(data.test_x[0].numpy(), images[("test", "cat", 0)])
+    assert data.hflip and data.input_size == (5, 6)
+
+
+def test_imagefolder_grayscale_gives_one_channel(tmp_path):
+    images = write_folder(tmp_path, mode="L")
+    data = load_source("imagefolder", str(tmp_path))
+    assert data.in_channels == 1
+    assert np.array_equal(data.train_x[1, ..., 0].numpy(), images[("train", "cat", 1)])
+
+
+def test_imagefolder_bad_input(tmp_path):
+    write_folder(tmp_path)
+    odd = tmp_path / "train" / "zebra"
+    odd.mkdir()
+    with pytest.raises(ErdeError, match=r"zebra .*hold no images"):
+        load_source("imagefolder", str(tmp_path))
+    (odd / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ErdeError, match=r"cannot decode .*zebra/broken\.png"):
+        load_source("imagefolder", str(tmp_path))
+    Image.new("RGB", (7, 5)).save(odd / "broken.png")
+    with pytest.raises(ErdeError, match=r"broken\.png is 7x5 .*0\.png is 6x5.*one size"):
+        load_source("imagefolder", str(tmp_path))
+    (odd / "broken.png").unlink()
+    Image.new("RGB", (6, 5)).save(odd / "ok.png")
+    assert load_source("imagefolder", str(tmp_path)).classes == ["cat", "dog", "zebra"]
+    (tmp_path / "test" / "fish").mkdir()
+    with pytest.raises(ErdeError, match=r"test has class folder.* fish that .*train lacks"):
+        load_source("imagefolder", str(tmp_path))
+    with pytest.raises(ErdeError, match="missing/train is not a folder"):
+        load_source("imagefolder", str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- splits
+
+
+def class_counts(y, idx):
+    return torch.bincount(y[idx], minlength=int(y.max()) + 1).tolist()
+
+
+def test_split_counts_are_exact_per_class():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[torch.randperm(100)]
+    for val_size in (10, 0.1):
+        train, val = stratified_split(y, val_size, seed=0)
+        assert class_counts(y, val) == [5, 3, 2] and class_counts(y, train) == [45, 27, 18]
+    # Quotas 3.5 / 3.5 / 3.0: the one left-over sample goes to the first of the tied classes.
+    y = torch.tensor([0] * 7 + [1] * 7 + [2] * 6)
+    assert class_counts(y, stratified_split(y, 10, seed=3)[1]) == [4, 3, 3]
+    y = torch.tensor([3, 3, 7, 7, 7, 7])  # labels need not be 0..K-1
+    assert torch.bincount(y[stratified_split(y, 3, seed=0)[1]]).tolist()[3::4] == [1, 2]
+
+
+def test_split_deterministic_disjoint_covering():
+    y = torch.arange(1000) % 7
+    train, val = stratified_split(y, 0.25, seed=11)
+    assert len(val) == 250
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(1000))
+    again_train, again_val = stratified_split(y, 0.25, seed=11)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    assert not torch.equal(val, stratified_split(y, 0.25, seed=12)[1])
+    train, val = stratified_split(y, 0, seed=0)
+    assert len(val) == 0 and torch.equal(train, torch.arange(1000))
+
+
+@pytest.mark.parametrize("val_size", [1000, 1.0, 2000, -1, 2.5, "10"])
+def test_split_bad_sizes(val_size):
+    with pytest.raises(ErdeError, match="val_size"):
+        stratified_split(torch.arange(1000) % 7, val_size, seed=0)
+
+
+# ---------------------------------------------------------------- device batches
+
+
+def make_batches(x, **kwargs):
+    y = torch.arange(len(x))  # the label is the image's index: batches say where they came from
+    c = x.shape[3]
+    return DeviceBatches(x, y, mean=[0.5] * c, std=[0.25] * c, **kwargs)
+
+
+def test_each_index_once_per_epoch():
+    x = torch.from_numpy(random_images(103, 0, 4, 4))
+    batches = make_batches(x, batch_size=10, shuffle=True)
+    seen = torch.cat([y for _, y in batches])
+    assert len(batches) == 11 and batches.num_samples == 103
+    assert torch.equal(seen.sort().values, torch.arange(103))
+    assert not torch.equal(seen, torch.arange(103))  # shuffled
+    dropped = make_batches(x, batch_size=10, shuffle=True, drop_last=True)
+    assert len(dropped) == 10 and all(len(y) == 10 for _, y in dropped)
+
+
+def test_normalisation_matches_numpy():
+    x = random_images(20, 1, 5, 6)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.05)
+    y = torch.arange(20)
+    batches = DeviceBatches(torch.from_numpy(x), y, batch_size=8, mean=mean, std=std)
+    out = torch.cat([xb for xb, _ in batches]).numpy()
+    expected = ((x / 255.0 - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
+    assert out.dtype == np.float32 and out.shape == (20, 3, 5, 6)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+    last = make_batches(torch.from_numpy(x), batch_size=8, channels_last=True)
+    first = next(iter(last))[0]
+    assert first.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(first.numpy(), ((x[:8] / 255 - 0.5) / 0.25).transpose(0, 3, 1, 2))
+
+
+def unnormalise(xb):
+    return (xb * 0.25 + 0.5).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def find_shift(original, out, pad=4):
+    """Brute force over every (dy, dx, flip): which crop of the zero-padded image is `out`?"""
+    h, w = original.shape[:2]
+    padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)))
+    hits = [
+        (dy, dx, flip)
+        for dy in range(2 * pad + 1)
+        for dx in range(2 * pad + 1)
+        for flip in (False, True)
+        if np.array_equal(out, padded[dy : dy + h, dx : dx + w][:, :: -1 if flip else 1])
+    ]
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def test_random_crop_is_a_shifted_copy_with_uniform_offsets():
+    x = random_images(256, 2)
+    batches = make_batches(torch.from_numpy(x), batch_size=256, augment=True, hflip=True)
+    out, y = next(iter(batches))
+    shifts = [
+        find_shift(x[i], image) for i, image in zip(y.tolist(), unnormalise(out), strict=True)
+    ]
+    dys, dxs, flips = zip(*shifts, strict=True)
+    assert set(dys) == set(range(9)) and set(dxs) == set(range(9))
+    assert abs(np.mean(dys) - 4) < 0.5 and abs(np.mean(dxs) - 4) < 0.5
+    assert np.mean(np.array(dys) == np.array(dxs)) < 0.25  # drawn independently: ~1/9 agree
+    assert 0.4 < np.mean(flips) < 0.6
+
+
+def test_flip_frequency_and_switches():
+    x = random_images(4000, 3, 3, 4)
+    flipped = x[:, :, ::-1]
+    options = {"batch_size": 500, "augment": True, "crop_padding": 0, "hflip": True}
+    out = unnormalise(torch.cat([b for b, _ in make_batches(torch.from_numpy(x), **options)]))
+    is_flipped = np.all(out == flipped, axis=(1, 2, 3))
+    assert np.all(is_flipped | np.all(out == x, axis=(1, 2, 3)))
+    assert abs(is_flipped.mean() - 0.5) < 0.03
+    for kwargs in ({"augment": True, "hflip": False}, {"augment": False, "hflip": True}):
+        plain = make_batches(torch.from_numpy(x), batch_size=4000, crop_padding=0, **kwargs)
+        assert np.array_equal(unnormalise(next(iter(plain))[0]), x)
+
+
+def epoch_batches(batches, epoch):
+    batches.set_epoch(epoch)
+    return [(xb.clone(), yb.clone()) for xb, yb in batches]
+
+
+def test_batches_are_a_function_of_seed_and_epoch():
+    x = torch.from_numpy(random_images(50, 4, 8, 8))
+    options = {"batch_size": 16, "shuffle": True, "augment": True, "hflip": True, "seed": 7}
+    first, resumed = make_batches(x, **options), make_batches(x, **options)
+    run = [epoch_batches(first, e) for e in range(3)]
+    torch.manual_seed(999)  # the global RNG must play no part
+    torch.rand(10)
+    for a, b in zip(run[2], epoch_batches(resumed, 2), strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(run[0][0][1], run[1][0][1])
+    other_seed = epoch_batches(make_batches(x, **{**options, "seed": 8}), 2)
+    assert not torch.equal(run[2][0][0], other_seed[0][0])
+
+
+@pytest.mark.parametrize(
+    ("n", "drop_last", "per_rank"), [(99, False, 33), (100, False, 34), (100, True, 33)]
+)
+def test_ranks_share_one_permutation(n, drop_last, per_rank):
+    x = torch.from_numpy(random_images(n, 5, 2, 2))
+    options = {"batch_size": 8, "shuffle": True, "seed": 3, "drop_last": drop_last}
+    ranks = [make_batches(x, rank=r, world_size=3, **options) for r in range(3)]
+    whole = torch.cat([y for _, y in make_batches(x, batch_size=n, shuffle=True, seed=3)])
+    padded = torch.cat([whole, whole])[: 3 * per_rank]
+    for r, batches in enumerate(ranks):
+        assert batches.num_samples == per_rank
+        assert len(batches) == (per_rank // 8 if drop_last else -(-per_rank // 8))
+        assert len({len(b) for b in ranks}) == 1
+        shard = torch.cat([y for _, y in batches])
+        kept = len(batches) * 8 if drop_last else per_rank
+        assert torch.equal(shard, padded[r::3][:kept])
+    shards = [set(torch.cat([y for _, y in b]).tolist()) for b in ranks]
+    if not drop_last:
+        assert set.union(*shards) == set(range(n))
+    if n % 3 == 0 or drop_last:
+        assert sum(map(len, shards)) == len(set.union(*shards))  # disjoint
+
+
+def test_batch_options_errors():
+    x = torch.from_numpy(random_images(10, 0, 2, 2))
+    with pytest.raises(ErdeError, match="batch_size"):
+        make_batches(x, batch_size=0)
+    with pytest.raises(ErdeError, match="crop_padding"):
+        make_batches(x, batch_size=2, crop_padding=-1)
+    with pytest.raises(ErdeError, match="Lower batch_size"):
+        make_batches(x, batch_size=8, drop_last=True, world_size=2)

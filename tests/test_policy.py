@@ -1,0 +1,137 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+import torch
+
+from erde.errors import ErdeError
+from erde.evaluation.policy import confidence_scores, maxprob_threshold, simulate
+
+SCALE = 20.0  # a one-hot logit of 20 gives top probability 1 - 3e-9 with 4 classes
+K = 4
+
+
+def confident(cls: int) -> list[float]:
+    row = [0.0] * K
+    row[cls] = SCALE
+    return row
+
+
+FLAT = [0.0] * K
+LABELS = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1])
+
+
+def known_logits() -> torch.Tensor:
+    """8 images, 3 exits. Exit 0 is confident and right on images 0-3 and flat on 4-7; exit 1 is
+    confident and right on 0-5, confidently wrong on 6 (says class 0), flat on 7; exit 2 is
+    confident and right everywhere."""
+    e0 = [confident(int(y)) for y in LABELS[:4]] + [FLAT] * 4
+    e1 = [confident(int(y)) for y in LABELS[:6]] + [confident(0), FLAT]
+    e2 = [confident(int(y)) for y in LABELS]
+    return torch.tensor([e0, e1, e2]).permute(1, 0, 2).contiguous()
+
+
+def test_scores_match_hand_values():
+    # softmax of [ln 3, 0, 0, 0] is [1/2, 1/6, 1/6, 1/6]
+    logits = torch.tensor([[[math.log(3.0), 0.0, 0.0, 0.0]]])
+    entropy = 0.5 * math.log(2) + 0.5 * math.log(6)
+    assert confidence_scores(logits, "entropy").item() == pytest.approx(entropy, rel=1e-6)
+    normalized = confidence_scores(logits, "entropy", normalize=True).item()
+    assert normalized == pytest.approx(entropy / math.log(4), rel=1e-6)
+    assert confidence_scores(logits, "maxprob").item() == pytest.approx(0.5, rel=1e-6)
+    flat = torch.zeros(1, 1, K)
+    assert confidence_scores(flat, "entropy").item() == pytest.approx(math.log(K), rel=1e-6)
+    assert confidence_scores(flat, "entropy", True).item() == pytest.approx(1.0, rel=1e-6)
+    assert confidence_scores(flat, "maxprob").item() == pytest.approx(0.75, rel=1e-6)
+
+
+def test_scores_stable_for_extreme_and_half_precision_logits():
+    logits = torch.tensor([[[1e4, -1e4, 0, 0], [1e4, 1e4, -1e4, -1e4], [-1e4, -1e4, -1e4, -1e4]]])
+    for dtype in (torch.float32, torch.float16):
+        entropy = confidence_scores(logits.to(dtype), "entropy")
+        maxprob = confidence_scores(logits.to(dtype), "maxprob")
+        assert entropy.dtype == torch.float32
+        np.testing.assert_allclose(entropy[0].numpy(), [0.0, math.log(2), math.log(4)], atol=1e-6)
+        np.testing.assert_allclose(maxprob[0].numpy(), [0.0, 0.5, 0.75], atol=1e-6)
+
+
+def test_half_precision_scores_match_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(64, 3, 10, generator=g) * 8).half()
+    p = scipy.special.softmax(logits.double().numpy(), axis=-1)
+    np.testing.assert_allclose(
+        confidence_scores(logits, "entropy").numpy(), scipy.stats.entropy(p, axis=-1), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        confidence_scores(logits, "maxprob").numpy(), 1 - p.max(axis=-1), atol=1e-6
+    )
+
+
+def test_maxprob_precision_near_certainty():
+    # top probability 1 - 3e-9: 1 - p in float32 arithmetic would round to 0
+    score = confidence_scores(torch.tensor([[confident(0)]]), "maxprob").item()
+    assert score == pytest.approx(3 * math.exp(-SCALE), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "exits", "predictions"),
+    [
+        (0.5, [0, 0, 0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 1, 2, 0, 1]),
+        (0.0, [2] * 8, LABELS.tolist()),
+        (1e6, [0] * 8, [0, 1, 2, 3, 0, 0, 0, 0]),
+        (math.inf, [0] * 8, [0, 1, 2, 3, 0, 0, 0, 0]),
+        ([0.0, 0.5], [1, 1, 1, 1, 1, 1, 1, 2], [0, 1, 2, 3, 1, 2, 0, 1]),
+        ([0.5, 0.0], [0, 0, 0, 0, 2, 2, 2, 2], LABELS.tolist()),
+        ([0.5, 0.0, 123.0], [0, 0, 0, 0, 2, 2, 2, 2], LABELS.tolist()),
+    ],
+)
+def test_simulate_known_exits(threshold, exits, predictions):
+    exit_index, prediction = simulate(known_logits(), threshold)
+    assert exit_index.tolist() == exits
+    assert prediction.tolist() == predictions
+    assert exit_index.dtype == prediction.dtype == torch.int64
+
+
+def test_simulate_normalized_and_maxprob_policies():
+    logits = known_logits()
+    expected = [0, 0, 0, 0, 1, 1, 1, 2]
+    assert simulate(logits, 0.5, "entropy", normalize=True)[0].tolist() == expected
+    assert simulate(logits, maxprob_threshold(0.9), "maxprob")[0].tolist() == expected
+    # flat exits have top probability 0.25: a 0.2 level lets every exit answer
+    assert simulate(logits, maxprob_threshold(0.2), "maxprob")[0].tolist() == [0] * 8
+
+
+def test_maxprob_threshold():
+    assert maxprob_threshold(0.9) == pytest.approx(0.1)
+    assert maxprob_threshold(1.0) == 0.0
+    with pytest.raises(ErdeError, match=r"\[0, 1\]"):
+        maxprob_threshold(1.5)
+
+
+def test_single_exit_always_answers():
+    logits = known_logits()[:, 2:]
+    exit_index, prediction = simulate(logits, 0.0)
+    assert exit_index.tolist() == [0] * 8
+    assert prediction.tolist() == LABELS.tolist()
+
+
+@pytest.mark.parametrize("threshold", [math.nan, -0.1, [0.5, math.nan], [0.1, -1.0]])
+def test_invalid_thresholds(threshold):
+    with pytest.raises(ErdeError, match="non-negative"):
+        simulate(known_logits(), threshold)
+
+
+def test_wrong_number_of_thresholds():
+    with pytest.raises(ErdeError, match="3 exits"):
+        simulate(known_logits(), [0.1, 0.2, 0.3, 0.4])
+
+
+def test_bad_inputs():
+    with pytest.raises(ErdeError, match="unknown exit policy"):
+        confidence_scores(known_logits(), "margin")
+    with pytest.raises(ErdeError, match="shape"):
+        confidence_scores(torch.zeros(8, 4))
+    with pytest.raises(ErdeError, match="NaN or infinite"):
+        confidence_scores(torch.tensor([[[math.nan, 0.0]]]))

@@ -1,0 +1,164 @@
+import csv
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from erde.errors import ErdeError
+from erde.evaluation.calibrate import Calibration
+from erde.evaluation.sweep import Curve
+from erde.report import (
+    markdown_table,
+    mean_std_curves,
+    plot_exit_distribution,
+    plot_tradeoff,
+    write_curve_csv,
+    write_json,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def curve(macs, accuracy, cum_macs=(10.0, 40.0)) -> Curve:
+    macs = np.asarray(macs, dtype=float)
+    late = (macs - cum_macs[0]) / (cum_macs[-1] - cum_macs[0])
+    return Curve(
+        thresholds=np.linspace(1.0, 0.0, len(macs)),
+        accuracy=np.asarray(accuracy, dtype=float),
+        expected_macs=macs,
+        exit_share=np.stack([1 - late, late], axis=1),
+        cum_macs=np.asarray(cum_macs, dtype=float),
+    )
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_curve_csv(tmp_path):
+    c = curve([10, 25, 40], [0.6, 0.75, 0.9])
+    path = tmp_path / "out" / "curve.csv"
+    write_curve_csv(path, c)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [
+        "threshold",
+        "accuracy",
+        "expected_macs",
+        "exit0_share",
+        "exit1_share",
+    ]
+    assert [float(r["expected_macs"]) for r in rows] == [10.0, 25.0, 40.0]
+    assert [float(r["accuracy"]) for r in rows] == [0.6, 0.75, 0.9]
+    assert [float(r["exit1_share"]) for r in rows] == [0.0, 0.5, 1.0]
+
+
+def test_json_is_numpy_safe_strict_and_atomic(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    write_json(
+        path,
+        {
+            "accuracy": np.float32(0.5),
+            "count": np.int64(3),
+            "shares": np.array([0.25, 0.75]),
+            "tensor": torch.tensor([1, 2]),
+            "missing": math.nan,
+            "calibration": Calibration(0.5, 0.875, 17.5, "budget"),
+            3: (1, 2),
+        },
+    )
+    assert json.loads(path.read_text()) == {
+        "accuracy": 0.5,
+        "count": 3,
+        "shares": [0.25, 0.75],
+        "tensor": [1, 2],
+        "missing": None,
+        "calibration": {
+            "threshold": 0.5,
+            "val_accuracy": 0.875,
+            "val_expected_macs": 17.5,
+            "criterion": "budget",
+        },
+        "3": [1, 2],
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temp file left
+
+
+def test_json_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text('{"kept": true}')
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"kept": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_markdown_table():
+    table = markdown_table(
+        ["method", "acc (%)", "MACs"], [["erde", 93.456789, 12], ["a|b", 1.0, 3]]
+    )
+    assert table == (
+        "| method | acc (%) | MACs |\n|---|---|---|\n| erde | 93.46 | 12 |\n| a\\|b | 1 | 3 |\n"
+    )
+    with pytest.raises(ValueError, match="2 cells"):
+        markdown_table(["a", "b", "c"], [[1, 2]])
+
+
+def test_plot_tradeoff(tmp_path):
+    macs = np.linspace(1e6, 4e6, 50)
+    series = [
+        {"label": "erde (test)", "macs": macs, "accuracy": np.linspace(0.6, 0.9, 50), "std": None},
+        {
+            "label": "kd (test)",
+            "macs": macs[::-1],
+            "accuracy": np.linspace(0.85, 0.55, 50),
+            "std": np.full(50, 0.02),
+        },
+    ]
+    reference = {"label": "teacher", "macs": 8e6, "accuracy": 0.92}
+    path = tmp_path / "tradeoff.png"
+    plot_tradeoff(path, series, reference, title="CIFAR-10 test split")
+    width, height = png_size(path)
+    assert 600 < width < 1400 and 400 < height < 1000  # 6.4 x 4.4 in at 150 dpi, trimmed
+    assert path.stat().st_size > 10_000
+
+
+def test_plot_exit_distribution(tmp_path):
+    path = tmp_path / "exits.png"
+    plot_exit_distribution(path, [0.5, 0.375, 0.125], ["exit 1", "exit 2", "final"], "test split")
+    width, height = png_size(path)
+    assert 600 < width < 1400 and 300 < height < 900
+    assert path.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="2 exit labels for 3 exits"):
+        plot_exit_distribution(path, [0.5, 0.375, 0.125], ["a", "b"], "test split")
+
+
+def test_mean_std_of_two_known_curves():
+    a = curve([40, 10], [0.9, 0.5])  # straight line 0.5 -> 0.9
+    b = curve([10, 25, 40], [0.7, 0.8, 0.9])  # 0.7 -> 0.8 -> 0.9
+    grid, mean, std = mean_std_curves([a, b], n_points=7)
+    np.testing.assert_allclose(grid, [10, 15, 20, 25, 30, 35, 40])
+    acc_a = 0.5 + 0.4 * (grid - 10) / 30
+    acc_b = np.where(grid <= 25, 0.7 + 0.1 * (grid - 10) / 15, 0.8 + 0.1 * (grid - 25) / 15)
+    np.testing.assert_allclose(mean, (acc_a + acc_b) / 2)
+    np.testing.assert_allclose(std, np.abs(acc_a - acc_b) / math.sqrt(2))  # sample std, n=2
+
+
+def test_mean_std_uses_the_shared_range_and_averages_equal_macs():
+    a = curve([10, 20, 20, 40], [0.5, 0.6, 0.8, 0.9])  # 0.7 at 20 MACs after averaging
+    b = curve([20, 30], [0.7, 0.7], cum_macs=(10.0, 40.0))
+    grid, mean, std = mean_std_curves([a, b], n_points=3)
+    np.testing.assert_allclose(grid, [20, 25, 30])
+    np.testing.assert_allclose(mean, [0.7, (0.75 + 0.7) / 2, (0.8 + 0.7) / 2])
+    grid, mean, std = mean_std_curves([a], n_points=3)
+    np.testing.assert_allclose(std, 0.0)
+    with pytest.raises(ErdeError, match="share no MACs range"):
+        mean_std_curves([curve([10, 15], [0.5, 0.6]), curve([30, 40], [0.7, 0.8])])
