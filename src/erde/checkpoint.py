@@ -113,13 +113,6 @@ def load_state(run_dir: Path) -> dict:
         ) from None
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []

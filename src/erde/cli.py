@@ -127,8 +127,31 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"plot: {Path(args.out) / 'comparison.png'}")
 
 
-def _not_yet(args: argparse.Namespace) -> None:
-    print(f"erde {args.command}: not yet implemented")
+def _reproduce(args: argparse.Namespace) -> None:
+    from erde.config import load_reproduce_config
+    from erde.reproduce import reproduce
+
+    cfg = load_reproduce_config(args.preset, args.overrides)
+    reproduce(
+        cfg,
+        args.out,
+        seeds=args.seeds,
+        teacher=args.teacher,
+        teacher_per_seed=args.teacher_per_seed,
+        progress=not args.no_progress,
+    )
+    print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
+    print(f"plot: {Path(args.out) / 'comparison.png'}; every run folder is in {args.out}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds such as 0,1,2")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +236,36 @@ def build_parser() -> argparse.ArgumentParser:
     policy_options(p)
     p.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
 
-    command("quickstart", _not_yet, "train and compare teacher and students on embedded digits")
+    def reproduce_options(p: argparse.ArgumentParser, out: str) -> None:
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="e.g. student.train.epochs=5 data.root=PATH",
+        )
+        p.add_argument("--out", default=out, help=f"output folder (default: {out})")
+        p.add_argument("--seeds", type=_seeds, default=[0], help="student seeds, e.g. 0,1,2")
+        p.add_argument("--teacher", metavar="RUN", help="reuse this finished teacher run")
+        p.add_argument(
+            "--teacher-per-seed",
+            action="store_true",
+            help="train one teacher per seed instead of one for all",
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = command(
+        "reproduce",
+        _reproduce,
+        "the paper's protocol: teacher, students (ce, kd, kd-masked, erde), comparison",
+    )
+    p.add_argument("--preset", required=True, help="reproduce preset name or YAML file")
+    reproduce_options(p, "runs/reproduce")
+
+    p = command(
+        "quickstart", _reproduce, "the protocol on embedded digits: about a minute on 2 CPU cores"
+    )
+    p.set_defaults(preset="quickstart")
+    reproduce_options(p, "runs/quickstart")
     return parser
 
 

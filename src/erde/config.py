@@ -6,7 +6,7 @@ turns their exceptions into messages that name the key and the fix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,34 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class StageConfig:
+    """One network of the protocol: its architecture and its schedule (the seed is set per run)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvalConfig:
+    policy: str = "entropy"  # entropy | maxprob
+    normalize: bool = False
+    max_drop: float = 0.0  # accuracy points below the teacher allowed when calibrating on val
+    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions of full MACs
+
+
+@dataclass
+class ReproduceConfig:
+    """The paper's protocol: one teacher, then one student per method, then the comparison."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: StageConfig = field(default_factory=StageConfig)
+    student: StageConfig = field(default_factory=StageConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    methods: list[str] = field(default_factory=lambda: ["ce", "kd", "kd-masked", "erde"])
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -167,6 +195,43 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     return cfg
 
 
+def load_reproduce_config(preset: str, overrides: list[str] | None = None) -> ReproduceConfig:
+    """A reproduce preset (shipped name or YAML file) with `key=value` overrides, validated."""
+    overrides = list(overrides or [])
+    check_overrides(overrides)
+    path = preset_path(preset, kind="reproduce")
+    sources = [(str(path), _read_yaml(path)), ("the command-line overrides", overrides)]
+    cfg = OmegaConf.to_object(structured(ReproduceConfig, sources))
+    for method in cfg.methods:
+        if method not in CHOICES["distill.method"][1:]:
+            raise ErdeError(f"methods contains {method!r}; students use ce, kd, kd-masked or erde")
+    if cfg.evaluate.policy not in ("entropy", "maxprob"):
+        raise ErdeError(f"evaluate.policy={cfg.evaluate.policy!r}: use entropy or maxprob")
+    validate(stage_config(cfg, "teacher", seed=0))
+    for method in cfg.methods:
+        teacher = None if method == "ce" else "teacher"
+        validate(stage_config(cfg, "student", seed=0, method=method, teacher=teacher))
+    return cfg
+
+
+def stage_config(
+    cfg: ReproduceConfig,
+    stage: str,
+    *,
+    seed: int,
+    method: str = "teacher",
+    teacher: str | None = None,
+) -> Config:
+    """The `erde train` config of one run of the protocol."""
+    part = getattr(cfg, stage)
+    return Config(
+        data=cfg.data,
+        model=part.model,
+        train=replace(part.train, seed=seed),
+        distill=replace(cfg.distill, method=method, teacher=teacher),
+    )
+
+
 def validate(cfg: Config) -> None:
     """Ranges and choices that types alone cannot express."""
     for key, choices in CHOICES.items():
@@ -228,25 +293,20 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
-def from_dict(data: dict) -> Config:
-    """Rebuild a Config saved in a run folder (the same validation as a fresh one)."""
-    cfg = OmegaConf.to_object(
-        structured(Config, [("the saved run config", OmegaConf.create(data))])
-    )
-    validate(cfg)
-    return cfg
-
-
 __all__ = [
     "Config",
     "DataConfig",
     "DistillConfig",
+    "EvalConfig",
     "ModelConfig",
+    "ReproduceConfig",
+    "StageConfig",
     "TrainConfig",
-    "from_dict",
     "load_config",
+    "load_reproduce_config",
     "preset_names",
     "preset_path",
+    "stage_config",
     "to_dict",
     "to_yaml",
     "validate",
