@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 from torchvision.datasets.utils import check_integrity
 
 from erde.data.image_data import ImageData, build_image_data
+from erde.data.npz import load_npz
 from erde.errors import ErdeError
 
 
@@ -104,8 +105,14 @@ def _download(spec: _Official, root: str) -> None:
 
 
 def load_official(name: str, root: str, *, download: bool, verify: bool) -> ImageData:
-    """Load a torchvision-known dataset from `root` (the folder torchvision would download into)."""
+    """Load a torchvision-known dataset from `root` (the folder torchvision would download into),
+    or from a `train.npz`/`test.npz` copy of it in `root`."""
     spec = OFFICIAL[name]
+    if all(os.path.isfile(os.path.join(root, f)) for f in ("train.npz", "test.npz")):
+        # The same images as NumPy arrays (e.g. ../shared/data/cifar10): keep the data set's
+        # identity and its well-known statistics.
+        data = load_npz(root)
+        return replace(data, name=name, mean=spec.mean, std=spec.std, hflip=spec.hflip)
     # Accept the data folder itself as well as its parent (torchvision's notion of root).
     if spec.folder and os.path.basename(os.path.normpath(root)) == spec.folder:
         root = os.path.dirname(os.path.normpath(root))

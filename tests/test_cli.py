@@ -1,0 +1,87 @@
+"""The command line as a user meets it: real commands, exit status 2 and one message on mistakes."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from erde.cli import main
+from erde.macs import macs_table
+from erde.models import create_model, list_models
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_console_script_entry_point_runs():
+    # The installed `erde` and `python -m erde` are the same program.
+    out = subprocess.run(
+        [sys.executable, "-m", "erde", "models"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == list_models()
+
+
+def test_macs_table_prints_the_library_numbers(capsys):
+    code, out, _ = run_cli(capsys, "macs", "resnet56")
+    assert code == 0
+    rows = macs_table(create_model("resnet56"))
+    for r in rows:
+        assert f"{r['cumulative_macs']:,}" in out
+    assert "% of full" in out and f"{rows[-1]['percent_of_full']:.1f}" in out
+
+
+def test_config_shows_overrides(capsys):
+    code, out, _ = run_cli(capsys, "config", "digits-teacher", "train.epochs=7")
+    assert code == 0 and "epochs: 7" in out and "source: digits" in out
+
+
+def write_npz(root, dtype=np.uint8, labels=None):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 10)):
+        x = rng.integers(0, 255, (n, 8, 8, 1)).astype(dtype)
+        y = np.arange(n) % 4 if labels is None else np.full(n, labels)
+        np.savez(root / f"{split}.npz", x=x, y=y)
+    return root
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["macs", "resnet21"], "unknown model"),
+        (["macs", "resnet20", "--exits", "0,3"], "exit"),
+        (["macs", "resnet20", "--exits", "every:0"], "every"),
+        (["macs", "vgg11", "--input-size", "8"], "input"),
+        (["train", "digits-student", "data.source=imagenet"], "unknown data source"),
+        (["train", "digits-student", "data.source=cifar10", "data.root={tmp}/empty"], "missing"),
+        (["train", "digits-student", "data.source=npz", "data.root={tmp}/float"], "uint8"),
+        (["train", "digits-student", "data.source=npz", "data.root={tmp}/labels"], "label"),
+        (["train", "no-such-preset"], "unknown train preset"),
+        (["train", "{tmp}/missing.yaml"], "does not exist"),
+        (["reproduce", "--preset", "nope"], "unknown reproduce preset"),
+        (["reproduce", "--preset", "quickstart", "methods=[ce,magic]"], "magic"),
+        (["evaluate", "{tmp}/nothing"], "does not exist"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_message(tmp_path, capsys, argv, message):
+    write_npz(tmp_path / "float", dtype=np.float32)
+    write_npz(tmp_path / "labels", labels=-1)
+    (tmp_path / "empty").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "run")]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert message.lower() in err.lower()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_argparse_mistakes_also_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--preset", "quickstart", "--seeds", "0,x"])
+    assert exc.value.code == 2

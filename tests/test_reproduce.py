@@ -1,0 +1,165 @@
+"""`erde quickstart` (the protocol on digits) and the evaluation reports built on its runs."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from erde.cli import main
+from erde.config import load_reproduce_config, preset_names, stage_config
+from erde.evaluation.cache import load_cache
+from erde.evaluation.policy import simulate
+from erde.train import build_model
+from erde.data import ImageData
+
+SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick") / "qs"
+    assert main(["quickstart", *SHORT, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quickstart_runs_the_whole_protocol(quick, capsys):
+    for run in ("teacher", "ce-s0", "kd-s0", "kd-masked-s0", "erde-s0"):
+        meta = json.loads((quick / run / "model.json").read_text())
+        assert meta["finished"]
+    assert (quick / "comparison.png").read_bytes()[:8] == PNG
+    table = (quick / "comparison.md").read_text()
+    for method in (
+        "teacher (resnet20)",
+        "ce (resnet8)",
+        "kd (resnet8)",
+        "kd-masked (resnet8)",
+        "erde (resnet8)",
+    ):
+        assert f"| {method} | 1 |" in table
+    result = json.loads((quick / "comparison.json").read_text())
+    assert set(result["groups"]) == {
+        "teacher (resnet20)",
+        "ce (resnet8)",
+        "kd (resnet8)",
+        "kd-masked (resnet8)",
+        "erde (resnet8)",
+    }
+    # Students learned from the teacher of the protocol, ce from no one.
+    assert json.loads((quick / "erde-s0" / "model.json").read_text())["teacher"] == str(
+        quick / "teacher"
+    )
+    assert json.loads((quick / "ce-s0" / "model.json").read_text())["teacher"] is None
+
+
+def test_quickstart_again_keeps_finished_runs(quick, capsys):
+    before = {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")}
+    assert main(["quickstart", *SHORT, "--out", str(quick), "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")} == before
+
+
+def test_interrupted_reproduction_trains_only_what_is_missing(quick, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(quick, out)
+    shutil.rmtree(out / "kd-s0")
+    kept = (out / "erde-s0" / "model.safetensors").stat().st_mtime_ns
+    assert main(["quickstart", *SHORT, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "kd-s0" / "model.json").read_text())["finished"]
+    assert (out / "erde-s0" / "model.safetensors").stat().st_mtime_ns == kept
+
+
+def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
+    run = quick / "erde-s0"
+    code = main(["evaluate", str(run), "--reference", str(quick / "teacher"), "--max-drop", "1"])
+    assert code == 0
+    report = json.loads((run / "eval" / "report.json").read_text())
+    for name in ("report.md", "curve.csv", "tradeoff.png", "exits.png"):
+        assert (run / "eval" / name).is_file()
+    with open(run / "eval" / "curve.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) > 10 and {"threshold", "accuracy", "expected_macs"} <= set(rows[0])
+    # The reported test point is what the chosen threshold really gives on the test logits.
+    cache = load_cache(run)
+    chosen = report["chosen"]
+    exit_index, prediction = simulate(cache.logits["test"], chosen["threshold"])
+    labels = cache.labels["test"]
+    assert chosen["test_accuracy"] == pytest.approx((prediction == labels).double().mean().item())
+    macs = torch.tensor(report["exit_macs"], dtype=torch.float64)
+    assert chosen["test_expected_macs"] == pytest.approx(macs[exit_index].mean().item())
+    assert report["reference"]["label"].startswith("teacher resnet20")
+
+
+def test_evaluate_refuses_a_cache_of_another_model(quick, tmp_path, capsys):
+    run = tmp_path / "kd"
+    shutil.copytree(quick / "kd-s0", run)
+    load_cache(quick / "erde-s0")
+    shutil.copy(quick / "erde-s0" / "logits.safetensors", run / "logits.safetensors")
+    code = main(["evaluate", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "other weights" in err and "--refresh" in err
+    assert main(["evaluate", str(run), "--refresh"]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budget", "0.01"], "outside what this model can spend"),
+        (["--budget", "5e9"], "exceeds"),
+        (["--max-drop", "-1"], "max-drop"),
+    ],
+)
+def test_evaluate_bad_operating_points(quick, capsys, argv, message):
+    code = main(["evaluate", str(quick / "kd-s0"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+
+
+def test_run_folder_without_checkpoint(quick, tmp_path, capsys):
+    run = tmp_path / "half"
+    run.mkdir()
+    shutil.copy(quick / "kd-s0" / "config.yaml", run / "config.yaml")
+    assert main(["evaluate", str(run)]) == 2
+    assert "no trained model" in capsys.readouterr().err
+
+
+def test_compare_groups_seeds_and_draws_one_plot(quick, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            str(quick / "kd-s0"),
+            str(quick / "erde-s0"),
+            "--reference",
+            str(quick / "teacher"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert (out / "comparison.png").read_bytes()[:8] == PNG
+    assert "| kd (resnet8) | 1 |" in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "svhn", "cifar10-cpu"])
+def test_paper_scale_presets_load_and_build(preset):
+    cfg = load_reproduce_config(preset)
+    classes = 100 if preset == "cifar100" else 10
+    data = ImageData(
+        torch.zeros(1, 32, 32, 3, dtype=torch.uint8),
+        torch.zeros(1),
+        torch.zeros(1, 32, 32, 3, dtype=torch.uint8),
+        torch.zeros(1),
+        [str(i) for i in range(classes)],
+        cfg.data.source,
+        (0.5,) * 3,
+        (0.25,) * 3,
+        True,
+    )
+    teacher = build_model(stage_config(cfg, "teacher", seed=0), data)
+    student = build_model(stage_config(cfg, "student", seed=0, method="erde", teacher="t"), data)
+    x = torch.zeros(2, 3, 32, 32)
+    assert [o.shape for o in student.eval()(x)][-1] == (2, classes)
+    assert teacher.num_exits >= 2 and student.num_exits >= 2
+    assert preset in preset_names("reproduce")
