@@ -9,10 +9,10 @@ import torch
 
 from erde.cli import main
 from erde.config import load_reproduce_config, preset_names, stage_config
+from erde.data import ImageData
 from erde.evaluation.cache import load_cache
 from erde.evaluation.policy import simulate
 from erde.train import build_model
-from erde.data import ImageData
 
 SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
 PNG = b"\x89PNG\r\n\x1a\n"
