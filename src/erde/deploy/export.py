@@ -1,0 +1,289 @@
+"""A trained run as ONNX pieces that a runtime can stop between, plus the manifest that ties them.
+
+Piece i holds segment i and head i fused, with two outputs: the features the next segment needs
+and the logits of exit i (the last piece has only logits). Running piece 1, deciding per image and
+feeding only the undecided images to piece 2 is then real early exit: the skipped images never
+touch the rest of the network. `static.onnx` is the plain network (every segment and the final
+head, no intermediate heads), the honest no-early-exit baseline for benchmarks and for users who
+want it.
+
+Exporter: torch's default `torch.onnx.export(dynamo=True)` needs `onnxscript`, which erde does not
+depend on, so the TorchScript-based exporter (`dynamo=False`) is used; it handles every registered
+backbone (convolutions, BatchNorm, pooling, flatten, linear) with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from erde import checkpoint as ckpt
+from erde.errors import ErdeError
+from erde.evaluation.cache import weights_digest
+from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
+
+FORMAT = "erde-early-exit-onnx"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STATIC = "static.onnx"
+BATCH = "batch"  # name of the dynamic batch dimension in every graph
+REPORT = Path("eval") / "report.json"
+
+
+class _Piece(nn.Module):
+    """Segment then head: (features, logits), or logits alone when nothing follows."""
+
+    def __init__(self, segment: nn.Module, head: nn.Module, last: bool) -> None:
+        super().__init__()
+        self.segment, self.head, self.last = segment, head, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.segment(x)
+        logits = self.head(features)
+        return logits if self.last else (features, logits)
+
+
+def static_network(model: nn.Module) -> nn.Module:
+    """The plain network through the last exit, without the intermediate heads."""
+    return nn.Sequential(*model.segments, model.heads[-1]).eval()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_onnx(
+    module: nn.Module,
+    path: Path,
+    example: torch.Tensor,
+    input_name: str,
+    output_names: list[str],
+    opset: int = 17,
+) -> dict:
+    """One graph with a dynamic batch dimension, checked by `onnx.checker`; returns its entry
+    for the manifest (file, sha256, input/output names and shapes)."""
+    axes = {name: {0: BATCH} for name in [input_name, *output_names]}
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its own deprecation; see the module docstring.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+
+    def shapes(values) -> list[dict]:
+        return [
+            {
+                "name": v.name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    return {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "inputs": shapes(proto.graph.input),
+        "outputs": shapes(proto.graph.output),
+    }
+
+
+def operating_point(
+    run_dir: str | Path,
+    threshold: float | None = None,
+    policy: str | None = None,
+    normalize: bool | None = None,
+) -> dict:
+    """Threshold, policy and normalize flag a deployment of `run_dir` uses, and where they came
+    from: the val-calibrated "chosen" point of `erde evaluate` unless a threshold is given.
+
+    A calibrated threshold only means something for the policy it was calibrated with, so asking
+    for another policy without a threshold is refused.
+    """
+    report_path = Path(run_dir) / REPORT
+    report = ckpt.read_json(report_path, "evaluation report") if report_path.is_file() else None
+    if threshold is None:
+        if report is None:
+            raise ErdeError(
+                f"{run_dir} has no calibrated threshold ({report_path} is missing); run "
+                f"`erde evaluate {run_dir}` first, or give a threshold (--threshold)"
+            )
+        if (policy is not None and policy != report["policy"]) or (
+            normalize is not None and normalize != report["normalize"]
+        ):
+            raise ErdeError(
+                f"the threshold in {report_path} was calibrated for policy {report['policy']!r} "
+                f"(normalize={report['normalize']}); give a threshold for the policy you asked "
+                f"for (--threshold), or re-run `erde evaluate {run_dir}` with that policy"
+            )
+        return {
+            "threshold": float(report["chosen"]["threshold"]),
+            "policy": report["policy"],
+            "normalize": bool(report["normalize"]),
+            "threshold_source": f"calibrated on val ({report['chosen']['criterion']}), "
+            f"{report_path}",
+        }
+    if policy is None:
+        policy = report["policy"] if report else POLICIES[0]
+    if normalize is None:
+        normalize = bool(report["normalize"]) if report and report["policy"] == policy else False
+    check_policy(policy)
+    exit_thresholds(float(threshold), 2)  # the checks (non-negative, not NaN) and their message
+    return {
+        "threshold": float(threshold),
+        "policy": policy,
+        "normalize": bool(normalize),
+        "threshold_source": "given",
+    }
+
+
+def read_manifest(export_dir: str | Path) -> dict:
+    """The manifest of an erde export; a clear refusal for anything else."""
+    path = Path(export_dir) / MANIFEST
+    if not Path(export_dir).is_dir():
+        raise ErdeError(f"export folder {export_dir} does not exist; create it with `erde export`")
+    if not path.is_file():
+        raise ErdeError(
+            f"{export_dir} holds no {MANIFEST}, so it is not an erde export; create one with "
+            "`erde export RUN --out DIR`"
+        )
+    manifest = ckpt.read_json(path, "export manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ErdeError(f"{path} is not an erde export manifest; re-export with `erde export`")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ErdeError(
+            f"{path} has format version {manifest.get('format_version')}, this erde reads "
+            f"version {FORMAT_VERSION}; re-export the run with this erde version"
+        )
+    return manifest
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ErdeError(f"--out {out_dir} is a file; give a folder path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_export(out_dir) and not overwrite:
+        raise ErdeError(
+            f"{out_dir} is not empty and holds no erde export; choose another --out folder, "
+            "or pass --overwrite to replace its contents"
+        )
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Swap the finished export in, so a failed export leaves the old folder as it was."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    threshold: float | None = None,
+    policy: str | None = None,
+    normalize: bool | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+) -> dict:
+    """Write one ONNX piece per exit, `static.onnx` and `manifest.json` into `out_dir`.
+
+    The threshold defaults to the one `erde evaluate` calibrated on val. An earlier erde export
+    in `out_dir` is replaced; any other non-empty folder only with `overwrite=True`.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, meta = ckpt.load_model(run_dir)
+    point = operating_point(run_dir, threshold, policy, normalize)
+    _check_destination(out_dir, overwrite)
+    data = meta["data"]
+    size, channels = int(data["input_size"]), int(data["in_channels"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
+    try:
+        pieces = []
+        x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
+        n = len(model.segments)
+        with torch.no_grad():
+            for i, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True)):
+                last = i == n - 1
+                piece = _Piece(segment, head, last)
+                entry = export_onnx(
+                    piece,
+                    staging / f"exit{i + 1}.onnx",
+                    x,
+                    "image" if i == 0 else "features",
+                    ["logits"] if last else ["features", "logits"],
+                    opset,
+                )
+                pieces.append({"exit": i + 1, **entry})
+                x = segment(x)
+            static = export_onnx(
+                static_network(model),
+                staging / STATIC,
+                torch.zeros(2, channels, size, size),
+                "image",
+                ["logits"],
+                opset,
+            )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source_run": str(run_dir.resolve()),
+            "weights_sha256": weights_digest(run_dir),
+            "model": meta["arch"]["name"],
+            "arch": meta["arch"],
+            "method": meta.get("method"),
+            "classes": list(data["classes"]),
+            "input_size": size,
+            "in_channels": channels,
+            "mean": list(data["mean"]),
+            "std": list(data["std"]),
+            "data_source": data["source"],
+            **point,
+            "exit_macs": list(meta["exit_macs"]),
+            "static_macs": int(meta.get("backbone_macs", meta["exit_macs"][-1])),
+            "pieces": pieces,
+            "static": static,
+            "opset": opset,
+            "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
+        }
+        ckpt.write_json(staging / MANIFEST, manifest)
+        _replace_dir(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return manifest
