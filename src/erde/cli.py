@@ -1,7 +1,8 @@
 """Command line: parses arguments, calls one library function per command, prints the result.
 
-User mistakes (`ErdeError`) end with one line on stderr and exit status 2; anything else is a bug
-and keeps its traceback.
+User mistakes (`ErdeError`, a bad command line) and a disk that refuses a file (`OSError`: full,
+read-only, missing permission) end with one line on stderr and exit status 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from erde.errors import ErdeError
 
@@ -61,11 +63,12 @@ def _config_show(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from erde.config import load_config
-    from erde.train import fit
 
     cfg = (
         None if (args.resume and args.config is None) else load_config(args.config, args.overrides)
     )
+    from erde.train import fit  # after the config: a typo is reported without loading torch
+
     row = fit(
         cfg,
         args.out,
@@ -129,9 +132,10 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from erde.config import load_reproduce_config
-    from erde.reproduce import reproduce
 
     cfg = load_reproduce_config(args.preset, args.overrides)
+    from erde.reproduce import reproduce  # after the config, as in _train
+
     reproduce(
         cfg,
         args.out,
@@ -154,8 +158,15 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes in the same one-line form as every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="erde",
         description="Early-exit classifiers trained by Entropy-Regularized Distillation",
     )
@@ -262,11 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce_options(p, "runs/reproduce")
 
     p = command(
-        "quickstart", _reproduce, "the protocol on embedded digits: about a minute on 2 CPU cores"
+        "quickstart",
+        _reproduce,
+        "the protocol on embedded digits: about half a minute on 2 CPU cores",
     )
     p.set_defaults(preset="quickstart")
     reproduce_options(p, "runs/quickstart")
+
+    from erde.deploy.commands import add_commands
+
+    add_commands(sub, command)
     return parser
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return (
+            f"{exc.strerror or exc}{where}; check that the path exists, that its folder is "
+            "writable and that the disk has free space"
+        )
+    return " ".join(str(exc).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,8 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = None
     try:
         args.func(args)
-    except ErdeError as exc:
-        print(f"erde {args.command}: error: {exc}", file=sys.stderr)
+    except (ErdeError, OSError) as exc:
+        print(f"erde {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"erde {args.command}: interrupted", file=sys.stderr)

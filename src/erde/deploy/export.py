@@ -39,7 +39,7 @@ BATCH = "batch"  # name of the dynamic batch dimension in every graph
 REPORT = Path("eval") / "report.json"
 
 
-class _Piece(nn.Module):
+class ExitPiece(nn.Module):
     """Segment then head: (features, logits), or logits alone when nothing follows."""
 
     def __init__(self, segment: nn.Module, head: nn.Module, last: bool) -> None:
@@ -50,6 +50,11 @@ class _Piece(nn.Module):
         features = self.segment(x)
         logits = self.head(features)
         return logits if self.last else (features, logits)
+
+
+def exit_piece(model: nn.Module, i: int) -> nn.Module:
+    """Piece i (0-based) of an EarlyExitNet: segment i fused with head i."""
+    return ExitPiece(model.segments[i], model.heads[i], last=i == len(model.segments) - 1).eval()
 
 
 def static_network(model: nn.Module) -> nn.Module:
@@ -80,6 +85,8 @@ def export_onnx(
         # The TorchScript exporter announces its own deprecation; see the module docstring.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        # Stride-2 slices (option-A shortcuts) are not folded; harmless, and said once per graph.
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         torch.onnx.export(
             module.eval(),
             (example,),
@@ -91,8 +98,20 @@ def export_onnx(
             dynamo=False,
             do_constant_folding=True,
         )
+    # Shape inference loses the static sizes behind some ops (the strided slices of option-A
+    # shortcuts); the sizes torch computes are written into the graph so it describes itself,
+    # and the full check's shape inference then confirms them.
+    with torch.no_grad():
+        outputs = module(example)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     proto = onnx.load(str(path))
-    onnx.checker.check_model(proto, full_check=True)
+    for value, tensor in zip(proto.graph.output, outputs, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = BATCH
+        for dim, size in zip(dims[1:], tensor.shape[1:], strict=True):
+            dim.dim_value = size
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
 
     def shapes(values) -> list[dict]:
         return [
@@ -129,7 +148,8 @@ def operating_point(
         if report is None:
             raise ErdeError(
                 f"{run_dir} has no calibrated threshold ({report_path} is missing); run "
-                f"`erde evaluate {run_dir}` first, or give a threshold (--threshold)"
+                f"`erde evaluate {run_dir}` first, or give a threshold (--threshold; "
+                "--thresholds for `erde bench`)"
             )
         if (policy is not None and policy != report["policy"]) or (
             normalize is not None and normalize != report["normalize"]
@@ -238,15 +258,14 @@ def export_run(
         x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
         n = len(model.segments)
         with torch.no_grad():
-            for i, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True)):
+            for i, segment in enumerate(model.segments):
                 last = i == n - 1
-                piece = _Piece(segment, head, last)
                 entry = export_onnx(
-                    piece,
+                    exit_piece(model, i),
                     staging / f"exit{i + 1}.onnx",
                     x,
-                    "image" if i == 0 else "features",
-                    ["logits"] if last else ["features", "logits"],
+                    "image" if i == 0 else f"features{i}",
+                    [f"logits{i + 1}"] if last else [f"features{i + 1}", f"logits{i + 1}"],
                     opset,
                 )
                 pieces.append({"exit": i + 1, **entry})

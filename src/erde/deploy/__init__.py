@@ -1,0 +1,15 @@
+"""Deployment: ONNX export in pieces, a runtime that stops per image, and its latency benchmark."""
+
+from erde.deploy.export import export_run, read_manifest
+from erde.deploy.latency import benchmark, render_benchmark
+from erde.deploy.runtime import EarlyExitRuntime, FileResult, Prediction
+
+__all__ = [
+    "EarlyExitRuntime",
+    "FileResult",
+    "Prediction",
+    "benchmark",
+    "export_run",
+    "read_manifest",
+    "render_benchmark",
+]

@@ -1,0 +1,307 @@
+"""Early exit for real: run piece 1, decide per image, and give piece 2 only the undecided images.
+
+The decision uses the simulator's own score function (`erde.evaluation.policy.confidence_scores`)
+and the same float32 comparison `score < threshold`, so on equal logits the runtime takes exactly
+the exits `simulate` predicts; the last exit always answers. Two backends share this loop: ONNX
+Runtime on an `erde export` folder (the deployment path) and PyTorch eager on a run folder (no
+export needed; also the reference the ONNX pieces are checked against).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erde import checkpoint as ckpt
+from erde.deploy.export import MANIFEST, operating_point, read_manifest
+from erde.deploy.images import check_channels, load_image, normalize_images
+from erde.errors import ErdeError
+from erde.evaluation.policy import check_policy, confidence_scores, exit_thresholds
+
+Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
+
+
+@dataclass
+class Prediction:
+    """Per image: class index, softmax of the answering exit, exit index (0-based), its logits.
+
+    `images_per_piece[i]` is how many images piece i computed: the work really done.
+    """
+
+    classes: np.ndarray  # N, int64
+    probabilities: np.ndarray  # N x K, float32
+    exit_index: np.ndarray  # N, int64
+    logits: np.ndarray  # N x K, float32
+    images_per_piece: list[int]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """Probability of the predicted class."""
+        return self.probabilities.max(axis=1) if len(self.classes) else np.zeros(0, np.float32)
+
+
+@dataclass
+class FileResult:
+    """One row of `classify_files`: a class and exit (1-based), or why the file failed."""
+
+    file: str
+    class_name: str | None = None
+    exit: int | None = None
+    confidence: float | None = None
+    error: str | None = None
+
+
+def _ort_piece(session) -> Piece:
+    name = session.get_inputs()[0].name
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        result = session.run(outputs, {name: x.numpy()})
+        if len(result) == 1:
+            return None, torch.from_numpy(result[0])
+        return torch.from_numpy(result[0]), torch.from_numpy(result[1])
+
+    return run
+
+
+def _torch_piece(segment: torch.nn.Module, head: torch.nn.Module, last: bool) -> Piece:
+    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        with torch.inference_mode():
+            features = segment(x)
+            return (None if last else features), head(features).float()
+
+    return run
+
+
+def ort_session(model: bytes | str, threads: int | None = None):
+    """A CPU ONNX Runtime session; `threads` intra-op threads (None: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 0 if threads is None else int(threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def read_verified(export_dir: Path, entry: dict) -> bytes:
+    """A file of the export, checked against the manifest's SHA-256 (read once, then used)."""
+    path = export_dir / entry["file"]
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise ErdeError(
+            f"{path} is missing from the export; re-create the folder with `erde export`"
+        ) from None
+    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+        raise ErdeError(
+            f"{path} does not match the checksum in {export_dir / MANIFEST} (altered or "
+            "corrupt); re-create the folder with `erde export`"
+        )
+    return blob
+
+
+class EarlyExitRuntime:
+    """Classifies normalised batches, running each image only up to the exit that answers it."""
+
+    def __init__(
+        self,
+        pieces: Sequence[Piece],
+        *,
+        classes: Sequence[str],
+        exit_macs: Sequence[int],
+        static_macs: int,
+        threshold: float | Sequence[float],
+        policy: str,
+        normalize: bool,
+        input_size: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        backend: str,
+    ) -> None:
+        check_policy(policy)
+        if len(pieces) != len(exit_macs):
+            raise ValueError(f"{len(pieces)} pieces but {len(exit_macs)} exit MACs")
+        self.pieces = list(pieces)
+        self.classes = list(classes)
+        self.exit_macs = list(exit_macs)
+        self.static_macs = int(static_macs)
+        self.policy = policy
+        self.normalize = bool(normalize)
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        self.mean, self.std = list(mean), list(std)
+        self.backend = backend
+        self.threshold = threshold
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def threshold(self) -> float | list[float]:
+        """The threshold `predict` uses by default: one value, or one per deciding exit."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float | Sequence[float]) -> None:
+        # Validated and converted once: float32, the precision the simulator compares in.
+        self._cutoffs = exit_thresholds(value, self.num_exits).tolist()
+        self._threshold = float(value) if np.ndim(value) == 0 else [float(v) for v in value]
+
+    def with_threshold(self, threshold: float | Sequence[float]) -> EarlyExitRuntime:
+        """A runtime sharing these pieces with another default threshold."""
+        other = copy.copy(self)
+        other.threshold = threshold
+        return other
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path, *, threads: int | None = None) -> EarlyExitRuntime:
+        """ONNX Runtime on CPU; every file is checked against the manifest before it is used."""
+        export_dir = Path(export_dir)
+        m = read_manifest(export_dir)
+        sessions = [ort_session(read_verified(export_dir, p), threads) for p in m["pieces"]]
+        return cls(
+            [_ort_piece(s) for s in sessions],
+            classes=m["classes"],
+            exit_macs=m["exit_macs"],
+            static_macs=m["static_macs"],
+            threshold=m["threshold"],
+            policy=m["policy"],
+            normalize=m["normalize"],
+            input_size=m["input_size"],
+            in_channels=m["in_channels"],
+            mean=m["mean"],
+            std=m["std"],
+            backend="onnxruntime",
+        )
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        *,
+        threshold: float | None = None,
+        policy: str | None = None,
+        normalize: bool | None = None,
+    ) -> EarlyExitRuntime:
+        """PyTorch eager on the run's checkpoint; threshold as `erde.deploy.export_run` picks it."""
+        model, meta = ckpt.load_model(Path(run_dir))
+        point = operating_point(run_dir, threshold, policy, normalize)
+        n = len(model.segments)
+        pieces = [
+            _torch_piece(s, h, i == n - 1)
+            for i, (s, h) in enumerate(zip(model.segments, model.heads, strict=True))
+        ]
+        data = meta["data"]
+        return cls(
+            pieces,
+            classes=data["classes"],
+            exit_macs=meta["exit_macs"],
+            static_macs=meta.get("backbone_macs", meta["exit_macs"][-1]),
+            threshold=point["threshold"],
+            policy=point["policy"],
+            normalize=point["normalize"],
+            input_size=data["input_size"],
+            in_channels=data["in_channels"],
+            mean=data["mean"],
+            std=data["std"],
+            backend="torch",
+        )
+
+    def _check_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        want = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ErdeError(
+                f"the model takes batches of shape (N, {', '.join(map(str, want))}) "
+                f"(normalised NCHW); got {tuple(x.shape)}. Resize and normalise the images "
+                "first (erde.deploy.images)"
+            )
+        return x.to(torch.float32).contiguous()
+
+    def predict(
+        self, x: np.ndarray | torch.Tensor, threshold: float | Sequence[float] | None = None
+    ) -> Prediction:
+        """Class, probabilities and exit per image of a normalised float32 NCHW batch.
+
+        `threshold` overrides the default (one value, or one per exit as `simulate` takes).
+        """
+        x = self._check_input(x)
+        cutoffs = self._cutoffs if threshold is None else exit_thresholds(threshold, self.num_exits)
+        n, last = len(x), self.num_exits - 1
+        work = [0] * self.num_exits
+        if n == 0:
+            k = len(self.classes)
+            empty = np.zeros((0, k), np.float32)
+            return Prediction(np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, work)
+        answered = []  # (image indices, or None for all n in order; exit; their logits)
+        active = None
+        for i, piece in enumerate(self.pieces):
+            work[i] = len(x)
+            features, out = piece(x)
+            if i == last:
+                answered.append((active, i, out))
+                break
+            scores = confidence_scores(out[:, None, :], self.policy, self.normalize)[:, 0]
+            done = scores < cutoffs[i]
+            n_done = int(done.sum())
+            if n_done == len(out):
+                answered.append((active, i, out))
+                break
+            if n_done:
+                ids = torch.arange(n) if active is None else active
+                stay = ~done
+                answered.append((ids[done], i, out[done]))
+                active, features = ids[stay], features[stay]
+            x = features
+        if len(answered) == 1 and answered[0][0] is None:  # one exit answered the whole batch
+            logits = answered[0][2]
+            exit_index = torch.full((n,), answered[0][1], dtype=torch.int64)
+        else:
+            logits = torch.empty(n, len(self.classes), dtype=torch.float32)
+            exit_index = torch.empty(n, dtype=torch.int64)
+            for ids, i, out in answered:
+                logits[ids] = out
+                exit_index[ids] = i
+        return Prediction(
+            classes=logits.argmax(dim=1).numpy(),
+            probabilities=torch.softmax(logits, dim=1).numpy(),
+            exit_index=exit_index.numpy(),
+            logits=logits.numpy(),
+            images_per_piece=work,
+        )
+
+    def classify_files(
+        self,
+        paths: Sequence[str | Path],
+        threshold: float | None = None,
+        batch_size: int = 64,
+    ) -> list[FileResult]:
+        """One row per file, in order; a file that cannot be read gets a row saying why."""
+        check_channels(self.in_channels)
+        if batch_size < 1:
+            raise ErdeError(f"batch size must be at least 1, got {batch_size}")
+        rows = [FileResult(str(p)) for p in paths]
+        good: list[tuple[int, np.ndarray]] = []
+        for i, path in enumerate(paths):
+            try:
+                good.append((i, load_image(path, self.in_channels, self.input_size)))
+            except ErdeError as exc:
+                rows[i].error = str(exc)
+        for start in range(0, len(good), batch_size):
+            part = good[start : start + batch_size]
+            x = normalize_images(np.stack([img for _, img in part]), self.mean, self.std)
+            pred = self.predict(x, threshold)
+            for j, (i, _) in enumerate(part):
+                rows[i].class_name = self.classes[int(pred.classes[j])]
+                rows[i].exit = int(pred.exit_index[j]) + 1
+                rows[i].confidence = float(pred.confidence[j])
+        return rows

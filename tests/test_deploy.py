@@ -1,0 +1,375 @@
+"""Export, early-exit runtime, image files, `erde infer` and the latency benchmark, on a small
+digits student trained once for the module."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from erde.checkpoint import load_model
+from erde.config import load_config
+from erde.data import DeviceBatches
+from erde.deploy import EarlyExitRuntime, export_run
+from erde.deploy.commands import add_commands
+from erde.deploy.images import load_image, normalize_images
+from erde.deploy.latency import benchmark, render_benchmark
+from erde.errors import ErdeError
+from erde.evaluation.policy import confidence_scores, simulate
+from erde.evaluation.runs import evaluate_run
+from erde.train import fit, prepare_data
+
+TIE = 1e-5  # scores this close to the threshold may fall either way between ORT and PyTorch
+LOGITS_ATOL = 1e-4  # ONNX Runtime vs PyTorch, float32
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("deploy") / "student"
+    cfg = load_config(
+        "digits-student",
+        ["model.name=resnet8", "train.epochs=2", "train.batch_size=128", "data.crop_padding=1"],
+    )
+    fit(cfg, run_dir, progress=False)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def images(run):
+    """Validation and test images of the run (a few hundred), normalised as in evaluation."""
+    split = prepare_data(load_config(str(run / "config.yaml")))
+    data = split.data
+    x = torch.cat([data.train_x[split.val_idx], data.test_x])
+    y = torch.cat([data.train_y[split.val_idx], data.test_y])
+    batches = DeviceBatches(x, y, batch_size=len(y), mean=data.mean, std=data.std)
+    xb, yb = next(iter(batches))
+    return xb, yb, x
+
+
+@pytest.fixture(scope="module")
+def torch_logits(run, images):
+    model, _ = load_model(run)
+    with torch.no_grad():
+        return torch.stack(model(images[0]), dim=1)  # N x E x K
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    manifest = export_run(run, out, threshold=1.5)
+    return out, manifest
+
+
+def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
+    """Thresholds that send some images out at every exit: quantiles of the exit-1 scores."""
+    scores = confidence_scores(logits, policy)[:, 0]
+    return [float(scores.quantile(q)) for q in (0.2, 0.5, 0.8)]
+
+
+def test_export_writes_checked_pieces_and_manifest(run, exported):
+    out, manifest = exported
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    meta = json.loads((run / "model.json").read_text())
+    assert manifest["exit_macs"] == meta["exit_macs"]
+    assert manifest["static_macs"] == meta["backbone_macs"]
+    assert manifest["classes"] == [str(k) for k in range(10)]
+    assert (manifest["input_size"], manifest["in_channels"]) == (8, 1)
+    assert manifest["mean"] == meta["data"]["mean"] and manifest["std"] == meta["data"]["std"]
+    assert (manifest["threshold"], manifest["policy"], manifest["normalize"]) == (
+        1.5,
+        "entropy",
+        False,
+    )
+    pieces = manifest["pieces"]
+    assert [p["file"] for p in pieces] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
+    assert pieces[0]["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8]}]
+    for i, (before, after) in enumerate(itertools.pairwise(pieces), start=1):
+        assert [o["name"] for o in before["outputs"]] == [f"features{i}", f"logits{i}"]
+        assert before["outputs"][0] == after["inputs"][0]
+        assert before["outputs"][1]["shape"] == ["batch", 10]
+    assert pieces[-1]["outputs"] == [{"name": "logits3", "shape": ["batch", 10]}]
+    for entry in [*pieces, manifest["static"]]:
+        path = out / entry["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    # The batch dimension is dynamic: the static graph takes 1 and 5 images.
+    session = ort.InferenceSession(str(out / "static.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        logits = session.run(None, {"image": np.zeros((n, 1, 8, 8), np.float32)})[0]
+        assert logits.shape == (n, 10)
+
+
+def test_static_graph_is_the_final_exit(exported, images, torch_logits):
+    out, _ = exported
+    session = ort.InferenceSession(str(out / "static.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"image": images[0].numpy()})[0]
+    np.testing.assert_allclose(logits, torch_logits[:, -1].numpy(), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_default_threshold_is_the_calibrated_one(run, tmp_path):
+    report = evaluate_run(run, device="cpu")
+    manifest = export_run(run, tmp_path / "calibrated")
+    assert manifest["threshold"] == report["chosen"]["threshold"]
+    assert manifest["policy"] == report["policy"] == "entropy"
+    assert manifest["threshold_source"].startswith("calibrated on val")
+    with pytest.raises(ErdeError, match="calibrated for policy 'entropy'"):
+        export_run(run, tmp_path / "other", policy="maxprob")
+    assert export_run(run, tmp_path / "other", policy="maxprob", threshold=0.1)["policy"] == (
+        "maxprob"
+    )
+
+
+def test_export_never_replaces_a_foreign_folder(run, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ErdeError, match="not empty and holds no erde export"):
+        export_run(run, out, threshold=1.0)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(ErdeError, match="non-negative"):
+        export_run(run, tmp_path / "bad", threshold=-1.0)
+    export_run(run, out, threshold=1.0, overwrite=True)
+    assert not (out / "notes.txt").exists()
+    # An earlier export is replaced without --overwrite.
+    assert export_run(run, out, threshold=2.0)["threshold"] == 2.0
+    assert json.loads((out / "manifest.json").read_text())["threshold"] == 2.0
+
+
+def test_altered_or_missing_files_are_refused(exported, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported[0], copy)
+    blob = bytearray((copy / "exit2.onnx").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (copy / "exit2.onnx").write_bytes(bytes(blob))
+    with pytest.raises(ErdeError, match=r"exit2\.onnx does not match the checksum"):
+        EarlyExitRuntime.from_export(copy)
+    (copy / "exit2.onnx").unlink()
+    with pytest.raises(ErdeError, match=r"exit2\.onnx is missing"):
+        EarlyExitRuntime.from_export(copy)
+    with pytest.raises(ErdeError, match="not an erde export"):
+        EarlyExitRuntime.from_export(tmp_path)
+
+
+@pytest.mark.parametrize("policy", ["entropy", "maxprob"])
+def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, policy):
+    x = images[0]
+    n = len(x)
+    assert n >= 300
+    export_run(run, tmp_path / policy, threshold=0.5, policy=policy)
+    onnx_rt = EarlyExitRuntime.from_export(tmp_path / policy, threads=1)
+    torch_rt = EarlyExitRuntime.from_run(run, threshold=0.5, policy=policy)
+    scores = confidence_scores(torch_logits, policy)
+    # One threshold for all exits, and one per exit (chosen so that every exit answers some).
+    per_exit = [float(scores[:, 0].quantile(0.3)), float(scores[:, 1].quantile(0.5))]
+    assert simulate(torch_logits, per_exit, policy)[0].unique().tolist() == [0, 1, 2]
+    for threshold in [*quantile_thresholds(torch_logits, policy), per_exit]:
+        exit_index, prediction = simulate(torch_logits, threshold, policy)
+        assert len(set(exit_index.tolist())) >= 2
+        # Images whose score at an exit they reach lies within TIE of that exit's threshold.
+        cut = torch.tensor(threshold).expand(2)
+        reached = torch.arange(2)[None, :] <= exit_index[:, None]
+        tie = (((scores[:, :2] - cut).abs() < TIE) & reached).any(dim=1).numpy()
+        assert tie.sum() <= 3
+        for rt in (onnx_rt, torch_rt):
+            pred = rt.predict(x, threshold)
+            same = pred.exit_index == exit_index.numpy()
+            assert np.all(same | tie), f"{rt.backend}: {(~same & ~tie).sum()} images differ"
+            assert np.all((pred.classes == prediction.numpy()) | tie)
+            want = torch_logits[torch.arange(n), exit_index].numpy()
+            np.testing.assert_allclose(pred.logits[same], want[same], atol=LOGITS_ATOL, rtol=0)
+            np.testing.assert_allclose(
+                pred.probabilities, torch.softmax(torch.from_numpy(pred.logits), 1), atol=1e-6
+            )
+
+
+def test_batch_splitting_runs_later_pieces_only_on_undecided_images(exported, images, torch_logits):
+    rt = EarlyExitRuntime.from_export(exported[0], threads=1)
+    x = images[0][:64]
+    seen = [[] for _ in rt.pieces]
+
+    def counting(i, piece):
+        def run(batch):
+            seen[i].append(len(batch))
+            return piece(batch)
+
+        return run
+
+    rt.pieces = [counting(i, p) for i, p in enumerate(rt.pieces)]
+    nothing = rt.predict(x[:0])
+    assert seen == [[], [], []] and nothing.probabilities.shape == (0, 10)
+    huge = rt.predict(x, threshold=1e9)
+    assert seen == [[64], [], []]
+    assert huge.images_per_piece == [64, 0, 0]
+    assert (huge.exit_index == 0).all()
+
+    seen[:] = [[] for _ in rt.pieces]
+    rt.predict(x, threshold=0.0)
+    assert seen == [[64], [64], [64]]
+
+    seen[:] = [[] for _ in rt.pieces]
+    threshold = quantile_thresholds(torch_logits[:64], "entropy")[1]
+    exit_index, _ = simulate(torch_logits[:64], threshold)
+    rt.predict(x, threshold=threshold)
+    assert seen == [[64], [int((exit_index >= 1).sum())], [int((exit_index == 2).sum())]]
+
+
+def test_split_batches_return_results_in_input_order():
+    """Hand-made pieces: image k carries the number k; even images are sure at exit 1, images
+    divisible by 3 (and odd) at exit 2, the rest answer at exit 3. Each exit predicts class
+    (k + exit) % 4, so any mix-up of images or exits shows in the classes."""
+    seen = []
+
+    def piece(i, last):
+        def run(x):
+            k = x[:, 0, 0, 0].round().long()
+            seen.append((i, k.tolist()))
+            sure = (k % 2 == 0) if i == 0 else (k % 3 == 0) if i == 1 else k >= 0
+            logits = torch.zeros(len(k), 4)
+            logits[torch.arange(len(k)), (k + i) % 4] = torch.where(sure, 50.0, 0.1)
+            return (None if last else x), logits
+
+        return run
+
+    rt = EarlyExitRuntime(
+        [piece(0, False), piece(1, False), piece(2, True)],
+        classes=list("abcd"),
+        exit_macs=[1, 2, 3],
+        static_macs=3,
+        threshold=0.1,
+        policy="entropy",
+        normalize=False,
+        input_size=1,
+        in_channels=1,
+        mean=[0.0],
+        std=[1.0],
+        backend="test",
+    )
+    ids = list(range(10))
+    pred = rt.predict(torch.tensor(ids, dtype=torch.float32).view(10, 1, 1, 1))
+    want_exit = [0 if k % 2 == 0 else 1 if k % 3 == 0 else 2 for k in ids]
+    assert pred.exit_index.tolist() == want_exit
+    assert pred.classes.tolist() == [(k + e) % 4 for k, e in zip(ids, want_exit, strict=True)]
+    assert seen == [(0, ids), (1, [1, 3, 5, 7, 9]), (2, [1, 5, 7])]
+    assert pred.images_per_piece == [10, 5, 3]
+
+
+def test_image_files_are_decoded_resized_and_normalised_as_in_training(run, images, tmp_path):
+    _, _, raw = images
+    meta = json.loads((run / "model.json").read_text())["data"]
+    want = DeviceBatches(
+        raw,
+        torch.zeros(len(raw), dtype=torch.int64),
+        batch_size=len(raw),
+        mean=meta["mean"],
+        std=meta["std"],
+    )
+    assert torch.equal(normalize_images(raw, meta["mean"], meta["std"]), next(iter(want))[0])
+
+    Image.fromarray(raw[0, :, :, 0].numpy(), "L").save(tmp_path / "grey.png")
+    assert np.array_equal(load_image(tmp_path / "grey.png", 1, 8), raw[0].numpy())
+    # Colour file, grey model: ITU-R 601-2 luma, 200*.299 + 100*.587 + 50*.114 = 124.2 -> 124.
+    Image.new("RGB", (20, 12), (200, 100, 50)).save(tmp_path / "colour.png")
+    pixels = load_image(tmp_path / "colour.png", 1, 8)
+    assert pixels.shape == (8, 8, 1) and (pixels == 124).all()
+    # Grey file, colour model: the grey value in all three channels.
+    Image.new("L", (8, 8), 77).save(tmp_path / "flat.png")
+    assert (load_image(tmp_path / "flat.png", 3, 8) == 77).all()
+    Image.new("I;16", (8, 8), 300).save(tmp_path / "deep.png")
+    with pytest.raises(ErdeError, match=r"deep\.png: I;16 images"):
+        load_image(tmp_path / "deep.png", 1, 8)
+    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
+    with pytest.raises(ErdeError, match=r"lab\.tif: its LAB pixels cannot be converted to L"):
+        load_image(tmp_path / "lab.tif", 1, 8)
+    with pytest.raises(ErdeError, match=r"nothing\.png: no such file"):
+        load_image(tmp_path / "nothing.png", 1, 8)
+    with pytest.raises(ErdeError, match="4-channel"):
+        load_image(tmp_path / "flat.png", 4, 8)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erde")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        return p
+
+    add_commands(sub, command)
+    return parser
+
+
+def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_path, capsys):
+    x, _, raw = images
+    rt = EarlyExitRuntime.from_export(exported[0], threads=1)
+    files = []
+    for k in range(3):
+        files.append(tmp_path / f"digit{k}.png")
+        Image.fromarray(raw[k, :, :, 0].numpy(), "L").save(files[-1])
+    jpeg = io.BytesIO()
+    Image.fromarray(raw[3, :, :, 0].numpy()).resize((32, 32)).convert("RGB").save(jpeg, "JPEG")
+    (tmp_path / "digit3.jpg").write_bytes(jpeg.getvalue())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 10)
+    paths = [files[0], tmp_path / "broken.png", files[1], files[2], tmp_path / "digit3.jpg"]
+
+    rows = rt.classify_files(paths, batch_size=2)
+    assert [r.file for r in rows] == [str(p) for p in paths]
+    assert rows[1].error is not None and "broken.png" in rows[1].error
+    want = rt.predict(x[:3])  # PNGs are lossless, so they give the same input as the data set
+    good = [rows[0], rows[2], rows[3]]
+    assert [r.class_name for r in good] == [rt.classes[c] for c in want.classes]
+    assert [r.exit for r in good] == (want.exit_index + 1).tolist()
+    np.testing.assert_allclose([r.confidence for r in good], want.confidence, atol=1e-6)
+    assert rows[4].error is None and rows[4].class_name in rt.classes
+
+    args = _parser().parse_args(["infer", str(exported[0]), *map(str, paths), "--threads", "1"])
+    with pytest.raises(ErdeError, match="1 of 5 image"):
+        args.func(args)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 + len(paths)
+    assert f"| {files[0]} | {rows[0].class_name} | {rows[0].exit} |" in out
+    assert "broken.png | error | - |" in out
+
+
+def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
+    # The run as its own reference: the "teacher" row must cost exactly the static student.
+    result = benchmark(
+        run, reference=run, thresholds=[0.0, 1e9], batch_sizes=[1, 8], repeats=4, warmup=1
+    )
+    rows = result["rows"]
+    calibrated = result["export_threshold"]  # the report of an earlier test, if it ran first
+    n_thresholds = len({0.0, 1e9, calibrated})
+    assert len(rows) == 2 * (2 + n_thresholds)
+    exit_macs = result["exit_macs"]
+    for batch in (1, 8):
+        part = {(r.model, r.threshold): r for r in rows if r.batch == batch}
+        static = part[("student resnet8, static", None)]
+        assert static.predicted_speedup == static.realised_speedup == 1.0
+        none = part[("student resnet8, early exit", 0.0)]
+        assert none.expected_macs == exit_macs[-1] and none.exit_share == [0.0, 0.0, 1.0]
+        first = part[("student resnet8, early exit", 1e9)]
+        assert first.expected_macs == exit_macs[0] and first.exit_share == [1.0, 0.0, 0.0]
+        assert first.predicted_speedup == pytest.approx(result["static_macs"] / exit_macs[0])
+        teacher = part[("teacher resnet8, static", None)]
+        assert teacher.predicted_speedup == 1.0
+        assert teacher.accuracy == static.accuracy == none.accuracy
+        for r in part.values():
+            assert 0 < r.median_ms <= r.p90_ms and r.images_per_s > 0
+    args = _parser().parse_args(
+        ["bench", str(run), "--thresholds", "0", "--batch", "2", "--repeats", "2"]
+    )
+    args.func(args)
+    out = capsys.readouterr().out
+    assert out.count("| student resnet8, early exit |") == len({0.0, calibrated})
+    assert render_benchmark(result).count("\n| ") == len(rows) + 1
