@@ -8,6 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -81,7 +82,8 @@ def _train(args: argparse.Namespace) -> None:
         f"exit {i + 1}: {100 * row[f'val/acc/{i}']:.2f}"
         for i in range(sum(k.startswith("val/acc/") for k in row))
     )
-    print(f"finished {args.out}: epoch {row.get('epoch')}, val accuracy (%) {accs}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
+        print(f"finished {args.out}: epoch {row.get('epoch')}, val accuracy (%) {accs}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

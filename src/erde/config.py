@@ -2,10 +2,17 @@
 
 OmegaConf structured configs give type checking and unknown-key errors for free; this module only
 turns their exceptions into messages that name the key and the fix.
+
+A config is data. YAML is read with a safe loader (no `!!python/...` tags), and an interpolation
+may only name another key (`${train.lr}`) or an environment variable (`${oc.env:NAME}` or
+`${oc.env:NAME,default}`); any other resolver is refused, whatever a program has registered
+with OmegaConf, so no config can call code by name. Values are resolved when the config is
+loaded, and a run folder's config.yaml records the resolved values.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -53,6 +60,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     channels_last: bool = False
     compile: bool = False
+    # Under torchrun on CUDA: BatchNorm statistics over the global batch, not each process's share.
+    sync_bn: bool = False
     eval_batch_size: int = 1000
     checkpoint_every: int = 0  # keep a copy every N epochs (0: only `last`)
     tensorboard: bool = False
@@ -117,6 +126,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+RESOLVERS = ("oc.env",)
+_RESOLVER_CALL = re.compile(r"\$\{\s*([^\s:{}]+)\s*:")
+
+
 def preset_names(kind: str = "train") -> list[str]:
     """Presets shipped inside the package, so `erde` works from any install, not only a checkout."""
     folder = resources.files("erde") / "configs" / kind
@@ -146,31 +159,64 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and friends: the file is the user's
-        raise ErdeError(f"config file {path} is not valid YAML ({exc}); fix the file") from None
+        reason = " ".join(str(exc).split())
+        raise ErdeError(f"config file {path} is not valid YAML ({reason}); fix the file") from None
     if not isinstance(loaded, DictConfig):
         raise ErdeError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
     return loaded
 
 
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
-    key = getattr(exc, "full_key", None) or "?"
+    key = getattr(exc, "full_key", None)
+    subject = f"bad config key {key!r}" if key else "bad config value"
     reason = str(exc).splitlines()[0]
     return ErdeError(
-        f"bad config key {key!r} in {where}: {reason}; "
-        "see `erde config show` for every key and its type"
+        f"{subject} in {where}: {reason}; see `erde config` for every key and its type"
     )
 
 
+def _check_resolvers(value: Any, where: str, key: str = "") -> None:
+    """Refuse interpolations that call a resolver other than `RESOLVERS` (see the module doc)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_resolvers(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_resolvers(v, where, f"{key}[{i}]")
+    elif isinstance(value, str):
+        for name in _RESOLVER_CALL.findall(value):
+            if name not in RESOLVERS:
+                raise ErdeError(
+                    f"{key}={value!r} in {where} calls the resolver {name!r}; a config may only "
+                    "name other keys (${section.key}) and environment variables "
+                    "(${oc.env:NAME}), so write the value itself"
+                )
+
+
 def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
-    """Merge (description, DictConfig | dotlist) sources onto `schema`'s defaults, type-checked."""
+    """Merge (description, DictConfig | dotlist) sources onto `schema`'s defaults, type-checked.
+
+    Overrides merge one by one, so a message names the one that is wrong.
+    """
     cfg = OmegaConf.structured(schema)
     for where, source in sources:
-        try:
-            part = OmegaConf.from_dotlist(list(source)) if isinstance(source, list) else source
-            cfg = OmegaConf.merge(cfg, part)
-        except OmegaConfBaseException as exc:
-            raise _explain(exc, where) from None
+        parts = [(f"override {item!r}", [item]) for item in source]
+        for what, part in parts if isinstance(source, list) else [(where, source)]:
+            try:
+                part = OmegaConf.from_dotlist(part) if isinstance(part, list) else part
+                _check_resolvers(OmegaConf.to_container(part, resolve=False), what)
+                cfg = OmegaConf.merge(cfg, part)
+            except OmegaConfBaseException as exc:
+                raise _explain(exc, what) from None
     return cfg
+
+
+def resolved(cfg: Any) -> Any:
+    """The config object with interpolations replaced by their values."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "the config") from None
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -190,7 +236,7 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         path = preset_path(config)
         sources.append((str(path), _read_yaml(path)))
     sources.append(("the command-line overrides", overrides))
-    cfg = OmegaConf.to_object(structured(Config, sources))
+    cfg = resolved(structured(Config, sources))
     validate(cfg)
     return cfg
 
@@ -201,12 +247,25 @@ def load_reproduce_config(preset: str, overrides: list[str] | None = None) -> Re
     check_overrides(overrides)
     path = preset_path(preset, kind="reproduce")
     sources = [(str(path), _read_yaml(path)), ("the command-line overrides", overrides)]
-    cfg = OmegaConf.to_object(structured(ReproduceConfig, sources))
+    cfg = resolved(structured(ReproduceConfig, sources))
     for method in cfg.methods:
         if method not in CHOICES["distill.method"][1:]:
             raise ErdeError(f"methods contains {method!r}; students use ce, kd, kd-masked or erde")
-    if cfg.evaluate.policy not in ("entropy", "maxprob"):
-        raise ErdeError(f"evaluate.policy={cfg.evaluate.policy!r}: use entropy or maxprob")
+    if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
+        raise ErdeError(
+            f"methods={list(cfg.methods)}: list each student method once, at least one of "
+            "ce, kd, kd-masked, erde"
+        )
+    e = cfg.evaluate
+    if e.policy not in ("entropy", "maxprob"):
+        raise ErdeError(f"evaluate.policy={e.policy!r}: use entropy or maxprob")
+    if any(not 0.0 < b <= 1.0 for b in e.budgets):
+        raise ErdeError(
+            f"evaluate.budgets={list(e.budgets)}: budgets are fractions of the student's full "
+            "MACs in (0, 1], e.g. [0.25, 0.5]"
+        )
+    if not e.max_drop >= 0:
+        raise ErdeError(f"evaluate.max_drop={e.max_drop} must be >= 0 accuracy points")
     validate(stage_config(cfg, "teacher", seed=0))
     for method in cfg.methods:
         teacher = None if method == "ce" else "teacher"
