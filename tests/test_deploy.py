@@ -95,9 +95,10 @@ def test_export_writes_checked_pieces_and_manifest(run, exported):
     assert [p["file"] for p in pieces] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
     assert pieces[0]["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8]}]
     for i, (before, after) in enumerate(itertools.pairwise(pieces), start=1):
-        assert [o["name"] for o in before["outputs"]] == [f"features{i}", f"logits{i}"]
+        assert [o["name"] for o in before["outputs"]] == [f"features{i}", f"logits{i}", f"score{i}"]
         assert before["outputs"][0] == after["inputs"][0]
         assert before["outputs"][1]["shape"] == ["batch", 10]
+        assert before["outputs"][2]["shape"] == ["batch"]
     assert pieces[-1]["outputs"] == [{"name": "logits3", "shape": ["batch", 10]}]
     for entry in [*pieces, manifest["static"]]:
         path = out / entry["file"]
@@ -237,7 +238,9 @@ def test_split_batches_return_results_in_input_order():
             sure = (k % 2 == 0) if i == 0 else (k % 3 == 0) if i == 1 else k >= 0
             logits = torch.zeros(len(k), 4)
             logits[torch.arange(len(k)), (k + i) % 4] = torch.where(sure, 50.0, 0.1)
-            return (None if last else x), logits
+            if last:
+                return None, logits, None
+            return x, logits, confidence_scores(logits[:, None, :], "entropy")[:, 0]
 
         return run
 

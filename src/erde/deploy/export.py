@@ -29,7 +29,7 @@ from torch import nn
 from erde import checkpoint as ckpt
 from erde.errors import ErdeError
 from erde.evaluation.cache import weights_digest
-from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
+from erde.evaluation.policy import POLICIES, check_policy, exit_scores, exit_thresholds
 
 FORMAT = "erde-early-exit-onnx"
 FORMAT_VERSION = 1
@@ -40,21 +40,31 @@ REPORT = Path("eval") / "report.json"
 
 
 class ExitPiece(nn.Module):
-    """Segment then head: (features, logits), or logits alone when nothing follows."""
+    """Segment then head: (features, logits, exit score), or logits alone when nothing follows.
 
-    def __init__(self, segment: nn.Module, head: nn.Module, last: bool) -> None:
+    The score is computed in the graph with the simulator's own formula, so the runtime's
+    decision is one comparison: no framework call between pieces, and no PyTorch on the device.
+    """
+
+    def __init__(
+        self, segment: nn.Module, head: nn.Module, last: bool, policy: str, normalize: bool
+    ) -> None:
         super().__init__()
         self.segment, self.head, self.last = segment, head, last
+        self.policy, self.normalize = policy, normalize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         features = self.segment(x)
         logits = self.head(features)
-        return logits if self.last else (features, logits)
+        if self.last:
+            return logits
+        return features, logits, exit_scores(logits, self.policy, self.normalize)
 
 
-def exit_piece(model: nn.Module, i: int) -> nn.Module:
-    """Piece i (0-based) of an EarlyExitNet: segment i fused with head i."""
-    return ExitPiece(model.segments[i], model.heads[i], last=i == len(model.segments) - 1).eval()
+def exit_piece(model: nn.Module, i: int, policy: str, normalize: bool) -> nn.Module:
+    """Piece i (0-based) of an EarlyExitNet: segment i fused with head i and its exit score."""
+    last = i == len(model.segments) - 1
+    return ExitPiece(model.segments[i], model.heads[i], last, policy, normalize).eval()
 
 
 def static_network(model: nn.Module) -> nn.Module:
@@ -261,11 +271,13 @@ def export_run(
             for i, segment in enumerate(model.segments):
                 last = i == n - 1
                 entry = export_onnx(
-                    exit_piece(model, i),
+                    exit_piece(model, i, point["policy"], point["normalize"]),
                     staging / f"exit{i + 1}.onnx",
                     x,
                     "image" if i == 0 else f"features{i}",
-                    [f"logits{i + 1}"] if last else [f"features{i + 1}", f"logits{i + 1}"],
+                    [f"logits{i + 1}"]
+                    if last
+                    else [f"features{i + 1}", f"logits{i + 1}", f"score{i + 1}"],
                     opset,
                 )
                 pieces.append({"exit": i + 1, **entry})

@@ -1,10 +1,12 @@
 """Early exit for real: run piece 1, decide per image, and give piece 2 only the undecided images.
 
-The decision uses the simulator's own score function (`erde.evaluation.policy.confidence_scores`)
-and the same float32 comparison `score < threshold`, so on equal logits the runtime takes exactly
-the exits `simulate` predicts; the last exit always answers. Two backends share this loop: ONNX
-Runtime on an `erde export` folder (the deployment path) and PyTorch eager on a run folder (no
-export needed; also the reference the ONNX pieces are checked against).
+Each piece returns its exit score, computed with the simulator's own formula
+(`erde.evaluation.policy.exit_scores`, traced into the ONNX graph by `erde export`), and the
+runtime applies the same float32 comparison `score < threshold`, so it takes the exits `simulate`
+predicts (up to float rounding between ONNX Runtime and PyTorch); the last exit always answers.
+Two backends share this loop: ONNX Runtime on an `erde export` folder (the deployment path) and
+PyTorch eager on a run folder (no export needed; also the reference the ONNX pieces are checked
+against).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from erde import checkpoint as ckpt
 from erde.deploy.export import MANIFEST, operating_point, read_manifest
 from erde.deploy.images import check_channels, load_image, normalize_images
 from erde.errors import ErdeError
-from erde.evaluation.policy import check_policy, confidence_scores, exit_thresholds
+from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
 
-Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor]]
+# A piece maps its input to (features for the next piece, logits, exit score); the last piece
+# gives (None, logits, None).
+Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass
@@ -61,20 +65,23 @@ def _ort_piece(session) -> Piece:
     name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
 
-    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        result = session.run(outputs, {name: x.numpy()})
-        if len(result) == 1:
-            return None, torch.from_numpy(result[0])
-        return torch.from_numpy(result[0]), torch.from_numpy(result[1])
+    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        result = [torch.from_numpy(r) for r in session.run(outputs, {name: x.numpy()})]
+        return (None, result[0], None) if len(result) == 1 else tuple(result)
 
     return run
 
 
-def _torch_piece(segment: torch.nn.Module, head: torch.nn.Module, last: bool) -> Piece:
-    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _torch_piece(
+    segment: torch.nn.Module, head: torch.nn.Module, last: bool, policy: str, normalize: bool
+) -> Piece:
+    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         with torch.inference_mode():
             features = segment(x)
-            return (None if last else features), head(features).float()
+            logits = head(features).float()
+            if last:
+                return None, logits, None
+            return features, logits, exit_scores(logits, policy, normalize)
 
     return run
 
@@ -197,7 +204,7 @@ class EarlyExitRuntime:
         point = operating_point(run_dir, threshold, policy, normalize)
         n = len(model.segments)
         pieces = [
-            _torch_piece(s, h, i == n - 1)
+            _torch_piece(s, h, i == n - 1, point["policy"], point["normalize"])
             for i, (s, h) in enumerate(zip(model.segments, model.heads, strict=True))
         ]
         data = meta["data"]
@@ -246,11 +253,10 @@ class EarlyExitRuntime:
         active = None
         for i, piece in enumerate(self.pieces):
             work[i] = len(x)
-            features, out = piece(x)
+            features, out, scores = piece(x)
             if i == last:
                 answered.append((active, i, out))
                 break
-            scores = confidence_scores(out[:, None, :], self.policy, self.normalize)[:, 0]
             done = scores < cutoffs[i]
             n_done = int(done.sum())
             if n_done == len(out):

@@ -54,16 +54,14 @@ def maxprob_threshold(p: float) -> float:
     return 1.0 - p
 
 
-def confidence_scores(
-    logits: torch.Tensor, policy: str = "entropy", normalize: bool = False
-) -> torch.Tensor:
-    """Per-image, per-exit scores (N x E, float32, >= 0); lower means more confident.
+def exit_scores(logits: torch.Tensor, policy: str, normalize: bool) -> torch.Tensor:
+    """Scores over the last (class) dimension, with plain tensor ops only.
 
-    Computed from log-softmax in float32 so half-precision caches and logits of +/-1e4 give
-    finite, accurate scores.
+    This is the one formula: the simulator uses it through `confidence_scores`, and `erde
+    export` traces it into every exit's ONNX piece, so a deployed model decides exactly as the
+    evaluation predicted. Computed from log-softmax in float32 so half-precision inputs and
+    logits of +/-1e4 give finite, accurate scores.
     """
-    check_logits(logits)
-    check_policy(policy)
     logp = torch.log_softmax(logits.float(), dim=-1)
     if policy == "entropy":
         scores = -(logp.exp() * logp).sum(dim=-1)
@@ -74,12 +72,22 @@ def confidence_scores(
         # float32 rounding of 1, where the subtraction would give 0.
         top = logp.argmax(dim=-1, keepdim=True)
         scores = logp.exp().scatter(-1, top, 0.0).sum(dim=-1)
+    return scores.clamp_min(0.0)
+
+
+def confidence_scores(
+    logits: torch.Tensor, policy: str = "entropy", normalize: bool = False
+) -> torch.Tensor:
+    """Per-image, per-exit scores (N x E, float32, >= 0); lower means more confident."""
+    check_logits(logits)
+    check_policy(policy)
+    scores = exit_scores(logits, policy, normalize)
     if not torch.isfinite(scores).all():
         raise ErdeError(
             "per-exit logits contain NaN or infinite values (the model diverged or the cache is "
             "corrupt); retrain with a lower learning rate or re-create the logits cache."
         )
-    return scores.clamp_min(0.0)
+    return scores
 
 
 def exit_thresholds(
