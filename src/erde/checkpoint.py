@@ -1,21 +1,27 @@
 """Run-folder files: weights (safetensors + JSON sidecar), resumable training state, atomic writes.
 
 Nothing here unpickles arbitrary objects: weights are safetensors, the training state is read with
-`torch.load(weights_only=True)`, metadata is JSON.
+`torch.load(weights_only=True)`, metadata is JSON. Files are serialised in memory and then written
+by `atomic_write`, so a full disk or a read-only folder surfaces as one `OSError` from our own
+write, turned into a clear message, and never as a half-written file under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from erde.errors import ErdeError
 
@@ -24,31 +30,66 @@ SIDECAR = "model.json"
 STATE = "state.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+# What `fit` stores in STATE and needs back to resume (a multi-process run adds per-rank streams).
+STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng_cpu")
+SIDECAR_KEYS = ("arch", "exit_macs", "data")
+
+
+def _write_failed(path: Path, exc: OSError) -> ErdeError:
+    """The message for a write the disk refused; the previous file, if any, is still in place."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free disk space (or raise the quota) and run the command again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {path.parent} writable, or write to another folder (--out)"
+    else:
+        fix = "check the folder and the disk, then run the command again"
+    return ErdeError(
+        f"could not write {path} ({exc.strerror or exc}); its previous version, if any, is "
+        f"unchanged: {fix}"
+    )
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write a temporary file in the same folder, then rename: readers never see half a file.
+
+    The temporary is created with mode 0o666 minus the umask, like any file the user writes
+    (mkstemp's 0o600 would hide results from the user's group). After the rename the folder is
+    synced too, so the new name survives a power cut, not only a killed process.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            write(str(tmp))
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        if os.name == "posix":
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+    except OSError as exc:
+        raise _write_failed(path, exc) from exc
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+    atomic_write(path, write)
 
 
 def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,7 +109,7 @@ def read_json(path: Path, what: str) -> dict:
 def save_weights(run_dir: Path, model: torch.nn.Module, meta: dict, name: str = WEIGHTS) -> None:
     """Weights plus the sidecar that says how to rebuild the model and what data it expects."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / name, lambda tmp: save_file(state, tmp))
+    write_bytes(run_dir / name, safetensors_bytes(state))
     write_json(run_dir / (Path(name).stem + ".json"), meta)
 
 
@@ -94,23 +135,33 @@ def load_weights(run_dir: Path, name: str = WEIGHTS) -> tuple[dict[str, torch.Te
 
 
 def save_state(run_dir: Path, state: dict) -> None:
-    atomic_write(run_dir / STATE, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(run_dir / STATE, buffer.getvalue())
 
 
 def load_state(run_dir: Path) -> dict:
+    """The training state to resume from, refused unless it holds only tensors and plain values."""
     path = Path(run_dir) / STATE
     if not path.is_file():
         raise ErdeError(
-            f"{path} is missing, so there is nothing to resume; start the run without --resume"
+            f"{path} is missing: the run stopped before its first epoch ended, so there is "
+            "nothing to resume; start it again with --overwrite"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of every kind end here: the file is refused
         raise ErdeError(
-            f"{path} cannot be loaded safely ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); it is corrupt or not "
-            "an erde training state — start again with --overwrite"
+            f"{path} is not a safe erde training state ({type(exc).__name__}): it is corrupt, "
+            "or it holds objects that erde never unpickles; start the run again with --overwrite"
         ) from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ErdeError(
+            f"{path} lacks {', '.join(missing)}, so it was not written by `erde train`; "
+            "start the run again with --overwrite"
+        )
+    return state
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -125,9 +176,11 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch
     from erde.models import create_model
 
     state, meta = load_weights(Path(run_dir))
-    if "arch" not in meta:
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
         raise ErdeError(
-            f"{Path(run_dir) / SIDECAR} has no 'arch' entry; it was not written by erde"
+            f"{Path(run_dir) / SIDECAR} has no {', '.join(repr(k) for k in missing)} entry; "
+            "it was not written by erde"
         )
     model = create_model(**meta["arch"])
     try:

@@ -289,11 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: Exception) -> str:
-    if isinstance(exc, OSError):
-        where = f": {exc.filename}" if exc.filename else ""
+    if isinstance(exc, OSError) and exc.filename:
         return (
-            f"{exc.strerror or exc}{where}; check that the path exists, that its folder is "
-            "writable and that the disk has free space"
+            f"{exc.strerror or exc}: {exc.filename}; check that the path exists, that its "
+            "folder is writable and that the disk has free space"
         )
     return " ".join(str(exc).split())
 

@@ -1,0 +1,304 @@
+"""Every user mistake in docs/errors.md, fed to the real command line.
+
+The catalogue is the documentation: each table row of docs/errors.md holds a command and the
+message it prints, whose **bold** part must appear. A row's command runs in its own process with
+`$NAME` placeholders replaced by folders built once for the module (the table at the end of the
+document says what each holds). Each must exit with status 2 and one line on stderr, print no
+traceback, and leave every file that existed before unchanged.
+
+Starting Python and importing torch costs seconds per process, so the commands run in processes
+forked from one server that imported erde once; each runs `python -m erde`'s `__main__` with its
+own argv, stdout and stderr. `test_fork_server_behaves_like_python_m_erde` checks that this is the
+same program as a fresh `python -m erde`.
+"""
+
+import hashlib
+import html
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erde.config import load_config
+from erde.evaluation.cache import load_cache
+from erde.train import fit
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PLACEHOLDER = re.compile(r"\$([A-Z][A-Z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Mistake:
+    id: str
+    command: str  # as documented: erde ... with $PLACEHOLDERS
+    message: str  # the bold part of the documented message
+
+
+def read_catalogue(text: str) -> list[Mistake]:
+    """Rows `| mistake | `erde ...` | message with **stable part** |` of every table."""
+    mistakes = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) != 3 or not cells[1].startswith("`erde "):
+            continue
+        bold = re.findall(r"\*\*(.+?)\*\*", cells[2])
+        assert len(bold) == 1, f"{cells[0]}: mark exactly one stable part in **bold**"
+        slug = re.sub(r"[^a-z0-9]+", "-", cells[0].lower()).strip("-")
+        mistakes.append(Mistake(slug, cells[1][1:-1], html.unescape(bold[0].replace("\\|", "|"))))
+    return mistakes
+
+
+CATALOGUE = read_catalogue(DOC.read_text(encoding="utf-8"))
+
+FORK_SERVER = r"""
+import json, os, runpy, signal, sys, traceback
+import erde.cli, erde.evaluation.runs, erde.macs, erde.reproduce, erde.train  # the slow imports
+erde.cli.build_parser()  # and those the parser makes
+for line in sys.stdin:
+    argv, out, err = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(300)  # a hanging command dies instead of blocking the test
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        sys.argv = [sys.argv[0], *argv]
+        code = 0
+        try:
+            runpy.run_module("erde", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:  # what the interpreter does with it
+            if isinstance(exc.code, int) or exc.code is None:
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class ForkServer:
+    def __init__(self, cwd: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=ENV,
+        )
+
+    def run(self, argv: list[str], scratch: Path) -> tuple[int, str, str]:
+        out, err = scratch / "stdout", scratch / "stderr"
+        self.proc.stdin.write(json.dumps([argv, str(out), str(err)]) + "\n")
+        self.proc.stdin.flush()
+        code = int(self.proc.stdout.readline())
+        return code, out.read_text(), err.read_text()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def write_npz(root: Path, x=None, y=None) -> None:
+    """A small valid npz data set (40 + 10 8x8 grey images, 4 classes), x or y replaced if given."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("test", 10)):
+        arrays = {
+            "x": rng.integers(0, 255, (count, 8, 8, 1), dtype=np.uint8) if x is None else x(count),
+            "y": np.arange(count) % 4 if y is None else y(count),
+        }
+        np.savez(root / f"{split}.npz", **{k: v for k, v in arrays.items() if v is not None})
+
+
+def write_images(root: Path, empty_class: str | None = None) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(0 if cls == empty_class else 3):
+                Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+                    folder / f"{i}.png"
+                )
+
+
+def copy_run(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(src, dst, ignore=lambda _, names: [n for n in names if n in drop])
+    return dst
+
+
+def build_workspace(root: Path) -> dict[str, Path]:
+    """Every folder and file a documented command names, keyed by placeholder."""
+    fast = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
+    teacher = load_config("digits-teacher", [*fast, "train.epochs=1", "train.seed=1"])
+    fit(teacher, root / "teacher", progress=False)  # seed 1: other weights than the student's
+    fit(load_config("digits-student", [*fast, "train.epochs=1"]), root / "run", progress=False)
+    unfinished = root / "unfinished"
+    two_epochs = load_config("digits-student", [*fast, "train.epochs=2"])
+    fit(two_epochs, unfinished, stop_after=1, progress=False)
+    load_cache(root / "teacher", device="cpu")
+    p = {
+        "TEACHER": root / "teacher",
+        "RUN": root / "run",
+        "UNFINISHED": unfinished,
+        "MISSING": root / "missing",
+        "EMPTY": root / "empty",
+        "NOT_RUN": root / "notes",
+        "FILE": root / "file.txt",
+    }
+    p["EMPTY"].mkdir()
+    p["NOT_RUN"].mkdir()
+    (p["NOT_RUN"] / "notes.txt").write_text("my notes\n")
+    p["FILE"].write_text("a file, not a folder\n")
+
+    p["NO_STATE"] = root / "no-state"  # killed before the first epoch ended
+    p["NO_STATE"].mkdir()
+    for name in ("config.yaml", "train.log"):
+        shutil.copy(unfinished / name, p["NO_STATE"] / name)
+    p["BAD_STATE"] = copy_run(unfinished, root / "bad-state")
+    (p["BAD_STATE"] / "state.pt").write_bytes(b"garbage")
+    p["FOREIGN_STATE"] = copy_run(unfinished, root / "foreign-state")
+    torch.save({"weights": torch.zeros(2)}, p["FOREIGN_STATE"] / "state.pt")
+
+    run = p["RUN"]
+    p["TRUNCATED"] = copy_run(run, root / "truncated")
+    (p["TRUNCATED"] / "model.safetensors").write_bytes(
+        (run / "model.safetensors").read_bytes()[:1000]
+    )
+    p["BAD_SIDECAR"] = copy_run(run, root / "bad-sidecar")
+    (p["BAD_SIDECAR"] / "model.json").write_text("{")
+    p["NO_SIDECAR"] = copy_run(run, root / "no-sidecar", drop=("model.json",))
+    p["MIXED"] = copy_run(run, root / "mixed")
+    meta = json.loads((run / "model.json").read_text())
+    meta["arch"]["exits"] = [1]  # the sidecar of a two-exit model beside three-exit weights
+    (p["MIXED"] / "model.json").write_text(json.dumps(meta))
+    p["STALE_CACHE"] = copy_run(run, root / "stale-cache")
+    shutil.copy(p["TEACHER"] / "logits.safetensors", p["STALE_CACHE"] / "logits.safetensors")
+    p["BAD_CACHE"] = copy_run(run, root / "bad-cache")
+    (p["BAD_CACHE"] / "logits.safetensors").write_bytes(b"x")
+
+    npz = {
+        "NPZ_FLOAT": {"x": lambda n: np.zeros((n, 8, 8, 1), np.float32)},
+        "NPZ_CHANNELS_FIRST": {"x": lambda n: np.zeros((n, 1, 8, 8), np.uint8)},
+        "NPZ_NO_LABELS": {"y": lambda n: None},
+        "NPZ_NEGATIVE": {"y": lambda n: np.full(n, -1)},
+        "NPZ_COUNTS": {"y": lambda n: np.arange(n - 1) % 4},
+        "NPZ_NOT_SQUARE": {"x": lambda n: np.zeros((n, 8, 6, 1), np.uint8)},
+        "NPZ_OBJECTS": {"x": lambda n: np.array([{"pixels": 0}] * n, dtype=object)},
+        "NPZ_3_CLASSES": {"y": lambda n: np.arange(n) % 3},
+    }
+    for name, replaced in npz.items():
+        p[name] = root / name.lower()
+        write_npz(p[name], **replaced)
+    p["NPZ_CORRUPT"] = root / "npz_corrupt"
+    p["NPZ_CORRUPT"].mkdir()
+    for split in ("train", "test"):
+        (p["NPZ_CORRUPT"] / f"{split}.npz").write_bytes(b"not a zip archive")
+
+    p["IMAGES_NO_TRAIN"] = root / "images-no-train"
+    (p["IMAGES_NO_TRAIN"] / "test" / "a").mkdir(parents=True)
+    p["IMAGES_EMPTY_CLASS"] = root / "images-empty-class"
+    write_images(p["IMAGES_EMPTY_CLASS"], empty_class="b")
+    p["IMAGES_BROKEN"] = root / "images-broken"
+    write_images(p["IMAGES_BROKEN"])
+    (p["IMAGES_BROKEN"] / "train" / "a" / "broken.png").write_bytes(b"not a png")
+
+    yaml = {
+        "YAML_BROKEN": "data: [\n",
+        "YAML_LIST": "- data\n- model\n",
+        "YAML_UNKNOWN_SECTION": "foo: 1\n",
+        "YAML_PYTHON_TAG": "train:\n  lr: !!python/object/apply:os.getcwd []\n",
+    }
+    for name, text in yaml.items():
+        p[name] = root / f"{name.lower()}.yaml"
+        p[name].write_text(text)
+    return p
+
+
+@dataclass
+class Workspace:
+    root: Path
+    paths: dict[str, Path]
+    digests: dict[Path, str]  # of every file, as the last command left it
+
+
+def digests(root: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mistakes")
+    paths = build_workspace(root)
+    return Workspace(root, paths, digests(root))
+
+
+@pytest.fixture(scope="module")
+def fork_server(workspace):
+    server = ForkServer(workspace.root)
+    yield server
+    server.close()
+
+
+def expand(text: str, paths: dict[str, Path], out: Path) -> str:
+    def path(match: re.Match) -> str:
+        name = match.group(1)
+        if name == "OUT":
+            return str(out)
+        assert name in paths, f"${name} is not built by build_workspace"
+        return str(paths[name])
+
+    return PLACEHOLDER.sub(path, text)
+
+
+def test_the_catalogue_is_complete():
+    assert len(CATALOGUE) >= 30
+    assert len({m.id for m in CATALOGUE}) == len(CATALOGUE), "give every mistake its own name"
+    commands = {m.command.split()[1] for m in CATALOGUE}
+    assert {"config", "train", "macs", "evaluate", "compare", "reproduce"} <= commands
+
+
+@pytest.mark.parametrize("mistake", CATALOGUE, ids=[m.id for m in CATALOGUE])
+def test_mistake_exits_2_with_its_message(mistake, workspace, fork_server, tmp_path):
+    out = workspace.root / "out" / mistake.id
+    argv = [expand(a, workspace.paths, out) for a in shlex.split(mistake.command)[1:]]
+    code, _, err = fork_server.run(argv, tmp_path)
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"erde {argv[0]}: error: ")
+    assert expand(mistake.message, workspace.paths, out) in lines[0]
+    before, workspace.digests = workspace.digests, digests(workspace.root)
+    assert [p for p, digest in before.items() if workspace.digests.get(p) != digest] == []
+
+
+def test_fork_server_behaves_like_python_m_erde(workspace, fork_server, tmp_path):
+    argv = ["evaluate", str(workspace.paths["MISSING"])]
+    fresh = subprocess.run(
+        [sys.executable, "-m", "erde", *argv],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=workspace.root,
+    )
+    assert fresh.returncode == 2
+    assert fork_server.run(argv, tmp_path) == (fresh.returncode, fresh.stdout, fresh.stderr)

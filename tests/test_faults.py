@@ -1,0 +1,291 @@
+"""Real `erde` processes killed with SIGKILL, starved of disk or denied a folder: a resumed run
+ends with exactly the weights of an uninterrupted one, and no fault leaves a checkpoint that
+cannot be read.
+
+A kill "inside a checkpoint write" is aimed, not hoped for: the test polls the run folder for the
+temporary file of that write, freezes the process with SIGSTOP, checks that the temporary is still
+there (the write is in progress), and only then sends SIGKILL. A kill "during an epoch" comes at a
+random moment (fixed seed) after the previous epoch's checkpoint; afterwards the test checks that
+it landed before the next checkpoint started.
+"""
+
+import ctypes
+import hashlib
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from erde.checkpoint import (
+    METRICS,
+    SIDECAR,
+    STATE,
+    WEIGHTS,
+    load_state,
+    load_weights,
+    read_json,
+    read_jsonl,
+)
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one thread: reproducible
+TRAIN = [
+    "train",
+    "digits-student",
+    "model.name=resnet8",
+    "train.batch_size=128",
+    "data.crop_padding=1",
+    "train.epochs=3",
+]
+TIMEOUT = 180
+
+
+def erde(*argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "erde", *map(str, argv), "--no-progress"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
+def erde_run(*argv, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "erde", *map(str, argv), "--no-progress"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        **kwargs,
+    )
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str, interval: float = 0.002) -> None:
+    """Poll every `interval` seconds; 0 spins, for windows that last milliseconds."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the process ended (status {proc.returncode}) before {what}")
+        time.sleep(interval)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def temporaries(run: Path) -> set[str]:
+    return {p.name for p in run.glob(".*.tmp")}
+
+
+def assert_readable(run: Path) -> dict:
+    """Every checkpoint file present loads with erde's own readers; returns the epochs."""
+    epochs = {}
+    if (run / WEIGHTS).exists():
+        _, meta = load_weights(run)
+        epochs["weights"] = meta["epoch"]
+    if (run / STATE).exists():
+        epochs["state"] = int(load_state(run)["epoch"])
+    epochs["metrics"] = len(read_jsonl(run / METRICS))
+    return epochs
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_weights(run)[0]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def digests(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.iterdir()}
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """The run nobody interrupted."""
+    result = erde_run(*TRAIN, "--out", root / "reference")
+    assert result.returncode == 0, result.stderr
+    return root / "reference"
+
+
+@pytest.fixture(scope="module")
+def killed_in_epoch_2(root):
+    """A fresh run killed at a random moment of its second epoch (seeded; retried if the moment
+    fell outside the epoch). Tests copy it."""
+    rng = random.Random(8)
+    for attempt in range(3):
+        run = root / f"killed-in-epoch-2-{attempt}"
+        proc = erde(*TRAIN, "--out", run)
+        wait_for(proc, (run / STATE).exists, "the first checkpoint")
+        epoch_s = read_jsonl(run / METRICS)[0]["epoch_s"]
+        time.sleep(rng.uniform(0.05, 0.6) * epoch_s)
+        os.kill(proc.pid, signal.SIGSTOP)
+        in_write = temporaries(run)
+        kill(proc)
+        epochs = assert_readable(run)
+        if not in_write and epochs == {"weights": 1, "state": 1, "metrics": 1}:
+            return run  # killed after checkpoint 1 and before checkpoint 2 began
+    pytest.fail("three random kills all missed the second epoch")
+
+
+def kill_inside_write(run: Path, name: str) -> None:
+    """Resume `run` and kill it while it writes `name` (its temporary exists and is open)."""
+    log = run / "train.log"
+    logged = log.stat().st_size
+    # Lowest priority: the polling test runs whenever it wants to, so short writes are seen.
+    proc = erde("train", "--resume", "--out", run, preexec_fn=lambda: os.nice(19))
+    wait_for(proc, lambda: log.stat().st_size > logged, "training started")
+    pattern = f".{name}.*.tmp"
+    while True:
+        wait_for(proc, lambda: any(run.glob(pattern)), f"a write of {name}", interval=0)
+        os.kill(proc.pid, signal.SIGSTOP)
+        if any(run.glob(pattern)):
+            kill(proc)
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # the write ended in between: aim at the next one
+
+
+def test_killed_training_resumes_to_the_uninterrupted_weights(reference, killed_in_epoch_2, root):
+    run = copy_run(killed_in_epoch_2, root / "killed")
+
+    kill_inside_write(run, WEIGHTS)
+    assert any(n.startswith(f".{WEIGHTS}.") for n in temporaries(run))  # the half-written file
+    epochs = assert_readable(run)
+    assert epochs["weights"] == epochs["state"] == epochs["metrics"] < 3
+
+    kill_inside_write(run, STATE)
+    assert any(n.startswith(f".{STATE}.") for n in temporaries(run))
+    # The weights of the epoch are in place, the state that declares the epoch done is not.
+    epochs = assert_readable(run)
+    assert epochs["weights"] == epochs["metrics"] == epochs["state"] + 1
+
+    result = erde_run("train", "--resume", "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert_same_weights(run, reference)
+    assert read_json(run / SIDECAR, "sidecar")["finished"]
+    timing = ("epoch_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run / METRICS)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in read_jsonl(reference / METRICS)
+    ]
+
+
+def _drop_root_override() -> None:
+    """Run in the child before exec: without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH in the
+    bounding set, an exec'd root process obeys permission bits like any user."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def as_ordinary_user() -> dict:
+    """subprocess options under which permission bits bind, also when the tests run as root."""
+    if os.geteuid() != 0:
+        return {}
+    try:
+        subprocess.run([sys.executable, "-c", ""], preexec_fn=_drop_root_override, check=True)
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"running as root without the right to drop capabilities ({exc})")
+    return {"preexec_fn": _drop_root_override}
+
+
+def test_read_only_run_folder_fails_cleanly_and_keeps_the_checkpoint(killed_in_epoch_2, root):
+    run = copy_run(killed_in_epoch_2, root / "read-only")
+    before = digests(run)
+    os.chmod(run, 0o555)
+    try:
+        result = erde_run("train", "--resume", "--out", run, **as_ordinary_user())
+    finally:
+        os.chmod(run, 0o755)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"could not write {run / WEIGHTS}" in err and "writable" in err
+    after = digests(run)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"
+    }
+    assert assert_readable(run) == {"weights": 1, "state": 1, "metrics": 1}
+
+
+def _limit_file_size() -> None:
+    """A quota in the child: the kernel refuses to grow any file past 64 KiB (EFBIG), in the
+    middle of the write, as a full disk does (ENOSPC). Python ignores SIGXFSZ, so the write
+    fails with an OSError instead of killing the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_checkpoint(killed_in_epoch_2, root):
+    run = copy_run(killed_in_epoch_2, root / "full")
+    assert (run / WEIGHTS).stat().st_size > 64 * 1024  # the first write of epoch 2 cannot fit
+    before = digests(run)
+    result = erde_run("train", "--resume", "--out", run, preexec_fn=_limit_file_size)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"could not write {run / WEIGHTS}" in err and "free disk space" in err
+    assert not temporaries(run)  # the half-written temporary was removed
+    after = digests(run)
+    assert {k: v for k, v in after.items() if k != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"
+    }
+    # Byte for byte the checkpoint that test_killed_training_... resumes to the reference weights.
+    assert assert_readable(run) == {"weights": 1, "state": 1, "metrics": 1}
+
+
+def test_killed_reproduction_keeps_finished_stages(tmp_path):
+    out = tmp_path / "quickstart"
+    argv = [
+        "reproduce",
+        "--preset",
+        "quickstart",
+        "teacher.train.epochs=1",
+        "teacher.train.warmup_epochs=0",
+        "student.train.epochs=1",
+        "student.train.warmup_epochs=0",
+        "methods=[ce,erde]",  # a student without and one with the teacher: enough, and faster
+        "--out",
+        out,
+    ]
+    proc = erde(*argv)
+    # The teacher is finished and the first student's run folder is set up: kill there.
+    wait_for(proc, (out / "ce-s0" / "config.yaml").exists, "the first student started")
+    kill(proc)
+    teacher = out / "teacher" / WEIGHTS
+    assert read_json(out / "teacher" / SIDECAR, "sidecar")["finished"]
+    stamp, content = teacher.stat().st_mtime_ns, teacher.read_bytes()
+
+    result = erde_run(*argv)
+    assert result.returncode == 0, result.stderr
+    assert teacher.stat().st_mtime_ns == stamp and teacher.read_bytes() == content
+    for method in ("ce", "erde"):
+        meta = read_json(out / f"{method}-s0" / SIDECAR, "sidecar")
+        assert meta["finished"] and meta["epoch"] == 1
+    assert "| erde (resnet8) | 1 |" in (out / "comparison.md").read_text()
