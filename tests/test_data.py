@@ -3,6 +3,8 @@
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,9 +38,16 @@ class Py2Pickler(pickle._Pickler):
     dispatch[Py2Str] = save_py2str
 
 
-def dump_py2(path, obj):
+class Py2NumpyPickler(Py2Pickler):
+    """Also writes bytes (an array's raw pixels) as Python 2 strings, as Python 2 numpy did."""
+
+    dispatch = Py2Pickler.dispatch.copy()
+    dispatch[bytes] = Py2Pickler.save_py2str
+
+
+def dump_py2(path, obj, pickler=Py2Pickler):
     with open(path, "wb") as f:
-        Py2Pickler(f, protocol=2).dump(obj)
+        pickler(f, protocol=2).dump(obj)
 
 
 def k(name):
@@ -54,7 +63,7 @@ def chw_rows(images):
     return images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
 
 
-def write_cifar10(root, per_batch=4):
+def write_cifar10(root, per_batch=4, pickler=Py2Pickler):
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
     images, labels = random_images(5 * per_batch + 3, 1), []
@@ -69,10 +78,10 @@ def write_cifar10(root, per_batch=4):
             k("data"): chw_rows(images[part]),
             k("filenames"): [k(f"img{i}.png") for i in range(len(images[part]))],
         }
-        dump_py2(folder / name, batch)
+        dump_py2(folder / name, batch, pickler)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship"]
     meta = {k("label_names"): [k(n) for n in [*names, "truck"]], k("num_vis"): 3072}
-    dump_py2(folder / "batches.meta", meta)
+    dump_py2(folder / "batches.meta", meta, pickler)
     return images, np.array(labels)
 
 
@@ -100,6 +109,20 @@ def test_cifar10_loads_pixel_exact(tmp_path):
     # The data folder itself is accepted as root too.
     again = load_source("cifar10", str(tmp_path / "cifar-10-batches-py"), verify=False)
     assert torch.equal(again.train_x, data.train_x)
+
+
+def test_cifar10_reads_arrays_pickled_by_python2_numpy(tmp_path):
+    """The official files: raw pixels as a Python 2 string, numpy.core's reconstructor."""
+    images, _ = write_cifar10(tmp_path, pickler=Py2NumpyPickler)
+    for path in (tmp_path / "cifar-10-batches-py").iterdir():
+        raw = path.read_bytes()
+        assert b"_codecs" not in raw
+        path.write_bytes(raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    raw = (tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes()
+    assert b"cnumpy.core.multiarray\n_reconstruct\n" in raw
+    data = load_source("cifar10", str(tmp_path), verify=False)
+    assert torch.equal(data.train_x, torch.from_numpy(images[:20]))
+    assert torch.equal(data.test_x, torch.from_numpy(images[20:]))
 
 
 def test_cifar10_verify_rejects_non_official_files(tmp_path):
@@ -176,6 +199,13 @@ def test_svhn_mat_loads_pixel_exact_with_zero_as_label_10(tmp_path):
         load_source("svhn", str(tmp_path))
 
 
+def test_importing_erde_data_imports_neither_torchvision_nor_sklearn():
+    # Both take seconds to import; they load when a source that needs them is read.
+    code = "import sys, erde.data; print(sorted({'torchvision', 'sklearn'} & set(sys.modules)))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
 # ---------------------------------------------------------------- digits, npz, real CIFAR-10
 
 
@@ -250,6 +280,17 @@ def test_npz_bad_input(tmp_path, overrides, message):
     write_npz(tmp_path, **overrides)
     with pytest.raises(ErdeError, match=message):
         load_source("npz", str(tmp_path))
+
+
+def test_npz_that_is_no_archive_is_named_without_pickle_advice(tmp_path):
+    write_npz(tmp_path)
+    (tmp_path / "test.npz").write_bytes(pickle.dumps({"x": 1}, protocol=2))
+    with pytest.raises(ErdeError) as info:
+        load_source("npz", str(tmp_path))
+    message = str(info.value)
+    assert f"{tmp_path / 'test.npz'} is not an .npz archive" in message
+    assert "numpy.savez" in message and "non-object" in message
+    assert "allow_pickle" not in message and "pickle.load" not in message
 
 
 def test_npz_missing_file_and_missing_root(tmp_path):

@@ -169,10 +169,6 @@ def build_workspace(root: Path) -> dict[str, Path]:
     (p["NOT_RUN"] / "notes.txt").write_text("my notes\n")
     p["FILE"].write_text("a file, not a folder\n")
 
-    p["NO_STATE"] = root / "no-state"  # killed before the first epoch ended
-    p["NO_STATE"].mkdir()
-    for name in ("config.yaml", "train.log"):
-        shutil.copy(unfinished / name, p["NO_STATE"] / name)
     p["BAD_STATE"] = copy_run(unfinished, root / "bad-state")
     (p["BAD_STATE"] / "state.pt").write_bytes(b"garbage")
     p["FOREIGN_STATE"] = copy_run(unfinished, root / "foreign-state")

@@ -187,6 +187,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(reference, killed_
 
     result = erde_run("train", "--resume", "--out", run)
     assert result.returncode == 0, result.stderr
+    assert not temporaries(run)  # the two half-written files were deleted
     assert_same_weights(run, reference)
     assert read_json(run / SIDECAR, "sidecar")["finished"]
     timing = ("epoch_s", "images_per_s")

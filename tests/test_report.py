@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import os
 import struct
 
 import numpy as np
@@ -99,6 +100,17 @@ def test_json_failure_keeps_the_old_file(tmp_path):
         write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"kept": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_reports_are_readable_by_the_group_like_any_file_the_user_writes(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "report.json", {"a": 1})
+        write_curve_csv(tmp_path / "curve.csv", curve([10.0, 40.0], [0.5, 0.9]))
+    finally:
+        os.umask(previous)
+    for name in ("report.json", "curve.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
 def test_markdown_table():

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import resource
 import shutil
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from erde.cli import main
 from erde.config import load_reproduce_config, preset_names, stage_config
 from erde.data import ImageData
-from erde.evaluation.cache import load_cache
+from erde.errors import ErdeError
+from erde.evaluation.cache import CACHE, LogitsCache, load_cache, read_cache, save_cache
 from erde.evaluation.policy import simulate
 from erde.train import build_model
 
@@ -114,6 +116,66 @@ def test_evaluate_bad_operating_points(quick, capsys, argv, message):
     code = main(["evaluate", str(quick / "kd-s0"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_a_bad_budget_is_refused_before_the_model_runs(quick, tmp_path, capsys, refresh):
+    run = tmp_path / "kd"
+    shutil.copytree(quick / "kd-s0", run, ignore=shutil.ignore_patterns(CACHE))
+    if refresh:
+        load_cache(run)
+        before, stamp = (run / CACHE).read_bytes(), (run / CACHE).stat().st_mtime_ns
+    argv = ["evaluate", str(run), "--budget", "0.01", *(["--refresh"] if refresh else [])]
+    assert main(argv) == 2
+    assert "outside what this model can spend" in capsys.readouterr().err
+    if refresh:  # not recomputed
+        assert (run / CACHE).stat().st_mtime_ns == stamp and (run / CACHE).read_bytes() == before
+    else:
+        assert not (run / CACHE).exists()
+
+
+def test_logits_cache_round_trip_and_full_disk(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    cache = LogitsCache(
+        {s: torch.randn(300, 3, 10, generator=gen) for s in ("val", "test")},
+        {s: torch.randint(0, 10, (300,), generator=gen) for s in ("val", "test")},
+        [10, 20, 30],
+        "ab" * 32,
+    )
+    save_cache(tmp_path / CACHE, cache)
+    back = read_cache(tmp_path / CACHE)
+    assert (back.exit_macs, back.weights_sha256) == ([10, 20, 30], "ab" * 32)
+    for s in ("val", "test"):
+        assert torch.equal(back.logits[s], cache.logits[s])
+        assert torch.equal(back.labels[s], cache.labels[s])
+    # A file-size limit fails the write midway, as a full disk does (Python ignores SIGXFSZ).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(ErdeError, match=r"could not write .*logits.*free disk space"):
+            save_cache(tmp_path / "full" / CACHE, cache)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list((tmp_path / "full").iterdir()) == []  # no half-written temporary
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"finished": False}, "has not finished training"), ({"source": "npz"}, "same data source")],
+)
+def test_a_reused_teacher_is_checked_before_any_student_trains(
+    quick, tmp_path, capsys, change, message
+):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(quick / "teacher", teacher)
+    meta = json.loads((teacher / "model.json").read_text())
+    meta.update({k: v for k, v in change.items() if k != "source"})
+    meta["data"].update({k: v for k, v in change.items() if k == "source"})
+    (teacher / "model.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code = main(["quickstart", *SHORT, "--teacher", str(teacher), "--out", str(out)])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_run_folder_without_checkpoint(quick, tmp_path, capsys):

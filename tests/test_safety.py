@@ -146,6 +146,38 @@ def test_npz_with_pickled_objects_is_refused(tmp_path, capsys):
     assert marker.exists()
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_cifar_batch_with_pickled_objects_is_refused(tmp_path, capsys, verify):
+    marker = tmp_path / "marker"
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    for name in names:
+        batch = {
+            "data": np.zeros((2, 3072), np.uint8),
+            "labels": [0, 1],
+            "filenames": [Bomb(marker), "b.png"],  # a key erde does not even use
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    code, err = run_cli(
+        capsys,
+        "train",
+        "digits-student",
+        "data.source=cifar10",
+        f"data.root={tmp_path / 'cifar'}",
+        f"data.verify={str(verify).lower()}",
+        "--out",
+        tmp_path / "run",
+    )
+    # Not the official files: verify=true stops at the md5 sums, verify=false reads them safely.
+    message = "md5 mismatch" if verify else "erde never unpickles it"
+    assert code == 2 and message in err
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    with open(folder / "data_batch_1", "rb") as fh:
+        pickle.load(fh, encoding="latin1")  # the unsafe way (torchvision's): the payload fires
+    assert marker.exists()
+
+
 def test_yaml_python_tags_are_refused(tmp_path):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.yaml"

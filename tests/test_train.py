@@ -80,6 +80,48 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     ]
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
+    one_epoch = cfg("train.epochs=1", "train.warmup_epochs=0")
+    fit(one_epoch, tmp_path / "straight", progress=False)
+    # Killed in epoch 1, inside its first weights write: the config and a half-written temporary.
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "config.yaml").write_bytes((tmp_path / "straight" / "config.yaml").read_bytes())
+    leftover = run / ".model.safetensors.0a1b2c3d.tmp"
+    leftover.write_bytes(b"\0" * 4096)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".epoch0001.safetensors.9f8e7d6c.tmp").write_bytes(b"\0")
+    mine = run / ".notes.tmp"  # not erde's: kept
+    mine.write_text("mine")
+
+    code, _, err = run_cli(capsys, "train", "--resume", "--out", str(run), "--no-progress")
+    assert code == 0, err
+    a, b = weights(tmp_path / "straight"), weights(run)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert json.loads((run / "model.json").read_text())["finished"]
+    assert not leftover.exists() and list((run / "checkpoints").iterdir()) == []
+    assert mine.read_text() == "mine"
+
+
+def test_resume_removes_the_temporaries_of_interrupted_writes(tmp_path):
+    run = tmp_path / "r"
+    fit(cfg("train.epochs=2"), run, progress=False, stop_after=1)
+    leftover = run / ".state.pt.00ff00ff.tmp"  # as large as a state: worth deleting
+    leftover.write_bytes((run / "state.pt").read_bytes())
+    fit(None, run, resume=True, progress=False)
+    assert not leftover.exists()
+    assert json.loads((run / "model.json").read_text())["epoch"] == 2
+
+
+def test_a_folder_killed_while_writing_its_config_takes_a_new_run(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".config.yaml.12345678.tmp").write_text("data:\n  sour")
+    fit(cfg("train.epochs=1", "train.warmup_epochs=0"), run, progress=False)
+    assert json.loads((run / "model.json").read_text())["finished"]
+    assert not list(run.glob(".*.tmp"))
+
+
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     rows = [
         fit(

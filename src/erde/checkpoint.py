@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ METRICS = "metrics.jsonl"
 # What `fit` stores in STATE and needs back to resume (a multi-process run adds per-rank streams).
 STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng_cpu")
 SIDECAR_KEYS = ("arch", "exit_macs", "data")
+# The temporary of `atomic_write`: `.NAME.` + 8 hex digits + `.tmp`.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
 def _write_failed(path: Path, exc: OSError) -> ErdeError:
@@ -78,6 +81,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
                 os.close(folder)
     except OSError as exc:
         raise _write_failed(path, exc) from exc
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """What `atomic_write`s that were killed midway left in `folder` (none if it is missing)."""
+    return [p for p in Path(folder).glob(".*.tmp") if _TEMPORARY.fullmatch(p.name)]
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -140,14 +148,12 @@ def save_state(run_dir: Path, state: dict) -> None:
     write_bytes(run_dir / STATE, buffer.getvalue())
 
 
-def load_state(run_dir: Path) -> dict:
-    """The training state to resume from, refused unless it holds only tensors and plain values."""
+def load_state(run_dir: Path) -> dict | None:
+    """The training state to resume from, refused unless it holds only tensors and plain values;
+    None when the run stopped before its first epoch ended (it resumes from the start)."""
     path = Path(run_dir) / STATE
     if not path.is_file():
-        raise ErdeError(
-            f"{path} is missing: the run stopped before its first epoch ended, so there is "
-            "nothing to resume; start it again with --overwrite"
-        )
+        return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors of every kind end here: the file is refused

@@ -1,21 +1,20 @@
 """Reusable report writers: CSV, JSON, markdown tables and PNG plots.
 
 Units in, units out: curves carry accuracy as a fraction and MACs per image; the plots show
-accuracy in % and MACs in millions (M). Every file is written to a temporary name in the same
-folder and renamed, so an interrupted run never leaves a half-written report. Plots render on
-matplotlib's Agg canvas without pyplot, so no display is needed and no global state changes.
+accuracy in % and MACs in millions (M). Every file goes through the project's one atomic writer
+(`erde.checkpoint.write_bytes`), so an interrupted run never leaves a half-written report and a
+full disk is a clear message. Plots render on matplotlib's Agg canvas without pyplot, so no
+display is needed and no global state changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,24 +23,11 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from erde.checkpoint import write_bytes
 from erde.errors import ErdeError
 from erde.evaluation.sweep import Curve
 
 DPI = 150
-
-
-def _write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_curve_csv(path: str | os.PathLike, curve: Curve) -> None:
@@ -51,7 +37,7 @@ def write_curve_csv(path: str | os.PathLike, curve: Curve) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue().encode())
+    write_bytes(Path(path), buf.getvalue().encode())
 
 
 def _jsonable(obj: Any) -> Any:
@@ -74,7 +60,7 @@ def _jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Indented JSON that accepts numpy/torch values and dataclasses."""
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    _write_atomic(path, text.encode())
+    write_bytes(Path(path), text.encode())
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -103,7 +89,7 @@ def _figure(size: tuple[float, float]) -> tuple[Figure, Any]:
 def _save(fig: Figure, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    _write_atomic(path, buf.getvalue())
+    write_bytes(Path(path), buf.getvalue())
 
 
 def plot_tradeoff(

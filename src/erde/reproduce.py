@@ -14,30 +14,21 @@ from erde import checkpoint as ckpt
 from erde.config import ReproduceConfig, stage_config, to_yaml
 from erde.errors import ErdeError
 from erde.evaluation.runs import compare_runs
-from erde.train import fit
+from erde.train import check_teacher, fit, prepare_data
 
 log = logging.getLogger("erde.reproduce")
 
 
-def run_state(run_dir: Path) -> str:
-    """'finished', 'resumable', or 'new' (also for a run that died before its first checkpoint)."""
+def ensure_run(cfg, run_dir: Path, progress: bool) -> None:
+    """Keep a finished run, resume a started one (from its start if it has no checkpoint yet),
+    train a missing one."""
     side = run_dir / ckpt.SIDECAR
     if side.is_file() and ckpt.read_json(side, "sidecar").get("finished"):
-        return "finished"
-    if (run_dir / ckpt.STATE).is_file():
-        return "resumable"
-    return "new"
-
-
-def ensure_run(cfg, run_dir: Path, progress: bool) -> None:
-    state = run_state(run_dir)
-    if state == "finished":
         log.info("%s: finished earlier, kept", run_dir)
-        return
-    if state == "resumable":
+    elif (run_dir / ckpt.CONFIG).is_file():
         fit(None, run_dir, resume=True, progress=progress)
-        return
-    fit(cfg, run_dir, overwrite=(run_dir / ckpt.CONFIG).exists(), progress=progress)
+    else:
+        fit(cfg, run_dir, progress=progress)
 
 
 def reproduce(
@@ -59,6 +50,8 @@ def reproduce(
         raise ErdeError("--seeds needs at least one seed, e.g. --seeds 0,1")
     if teacher is not None and teacher_per_seed:
         raise ErdeError("--teacher and --teacher-per-seed exclude each other; drop one")
+    if teacher is not None:  # now, not after the first student trained without it
+        check_teacher(teacher, prepare_data(stage_config(cfg, "teacher", seed=seeds[0])).data)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.write_text(out / "reproduce.yaml", to_yaml(cfg))
     teachers: dict[int, Path] = {}

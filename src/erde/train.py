@@ -29,6 +29,7 @@ from erde.models import create_model
 
 log = logging.getLogger("erde.train")
 SINGLE = World()
+CHECKPOINTS = "checkpoints"  # the run's subfolder for train.checkpoint_every
 
 
 @dataclass
@@ -108,24 +109,32 @@ def lr_factor(cfg: Config, step: int, steps_per_epoch: int) -> float:
     return 1.0
 
 
+def check_teacher(run_dir: str | Path, data: ImageData) -> tuple[nn.Module, dict]:
+    """A finished run trained on the student's data: its model (CPU, eval mode) and sidecar.
+    `erde reproduce` calls it before training any student, `Teacher` when distillation starts."""
+    model, meta = ckpt.load_model(Path(run_dir))
+    if not meta.get("finished"):
+        raise ErdeError(
+            f"teacher run {run_dir} has not finished training; finish it "
+            f"(`erde train --resume --out {run_dir}`) before distilling from it"
+        )
+    theirs, ours = meta["data"], data_meta(data)
+    for key in ("source", "classes", "input_size", "in_channels"):
+        if theirs[key] != ours[key]:
+            raise ErdeError(
+                f"teacher {run_dir} was trained on data with {key}={theirs[key]!r} "
+                f"but the student's data has {key}={ours[key]!r}; train both on "
+                "the same data source"
+            )
+    return model, meta
+
+
 class Teacher:
     """A finished run, frozen: eval mode, no gradients, checked against the student's data."""
 
     def __init__(self, run_dir: str, data: ImageData, device: torch.device, cfg: Config):
-        model, meta = ckpt.load_model(Path(run_dir), device)
-        if not meta.get("finished"):
-            raise ErdeError(
-                f"teacher run {run_dir} has not finished training; finish it "
-                f"(`erde train --resume --out {run_dir}`) before distilling from it"
-            )
-        theirs, ours = meta["data"], data_meta(data)
-        for key in ("source", "classes", "input_size", "in_channels"):
-            if theirs[key] != ours[key]:
-                raise ErdeError(
-                    f"teacher {run_dir} was trained on data with {key}={theirs[key]!r} "
-                    f"but the student's data has {key}={ours[key]!r}; train both on "
-                    "the same data source"
-                )
+        model, meta = check_teacher(run_dir, data)
+        model = model.to(device)
         for p in model.parameters():
             p.requires_grad_(False)
         if cfg.train.channels_last:
@@ -170,7 +179,8 @@ def prepare_run_dir(run_dir: Path, cfg: Config, *, resume: bool, overwrite: bool
             f"{run_dir} already holds {state}; pass --overwrite to replace it or "
             "choose another --out"
         )
-    if run_dir.exists() and any(run_dir.iterdir()) and not has_run:
+    leftovers = set(ckpt.temporaries(run_dir))  # of a run killed while writing its config
+    if run_dir.exists() and set(run_dir.iterdir()) - leftovers and not has_run:
         raise ErdeError(
             f"{run_dir} is not empty and is not an erde run folder; choose a new or "
             "empty folder for --out"
@@ -182,8 +192,17 @@ def start_run_dir(run_dir: Path, cfg: Config) -> None:
     """A fresh run folder holding the resolved config (a checked, replaceable run is removed)."""
     if (run_dir / ckpt.CONFIG).is_file():
         shutil.rmtree(run_dir)
+    remove_temporaries(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text(run_dir / ckpt.CONFIG, to_yaml(cfg))
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """The half-written files of checkpoint writes a kill interrupted: each is as large as its
+    checkpoint, and none will ever be completed."""
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        for tmp in ckpt.temporaries(folder):
+            tmp.unlink(missing_ok=True)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -391,6 +410,8 @@ def _fit(
     with distributed.agreed(world):  # a write refused on rank 0 stops every rank
         if world.main and not resume:
             start_run_dir(run_dir, cfg)
+        elif world.main:
+            remove_temporaries(run_dir)
     handler = writer = None
     if world.main:
         handler = logging.FileHandler(run_dir / "train.log")
@@ -468,7 +489,7 @@ def _fit(
                     every = t.checkpoint_every
                     if every and (epoch + 1) % every == 0 and not finished:
                         ckpt.save_weights(
-                            run_dir / "checkpoints",
+                            run_dir / CHECKPOINTS,
                             net,
                             {**meta, "epoch": epoch + 1},
                             name=f"epoch{epoch + 1:04d}.safetensors",

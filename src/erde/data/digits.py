@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits
 
 from erde.data.image_data import ImageData, build_image_data
 from erde.data.split import stratified_split
@@ -16,6 +15,8 @@ TEST_SPLIT_SEED = 0
 
 def load_digits_data() -> ImageData:
     """1,797 grayscale 8x8 images; values 0..16 rescaled to 0..255 (rounded)."""
+    from sklearn.datasets import load_digits  # here: importing scikit-learn takes a second
+
     bunch = load_digits()
     x = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().to(torch.uint8).unsqueeze(-1)
     y = torch.from_numpy(bunch.target).to(torch.int64)

@@ -1,4 +1,8 @@
-"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays."""
+"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays.
+
+torchvision's folder helpers are imported where they are used: importing torchvision takes
+seconds, which commands that read no image folder should not pay.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import os
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from erde.data.image_data import ImageData, build_image_data
 from erde.errors import ErdeError
@@ -15,6 +18,8 @@ LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ..
 
 
 def _classes(split_dir: str) -> list[str]:
+    from torchvision.datasets.folder import find_classes
+
     if not os.path.isdir(split_dir):
         raise ErdeError(f"imagefolder: {split_dir} is not a folder; expected the layout {LAYOUT}.")
     try:
@@ -26,6 +31,8 @@ def _classes(split_dir: str) -> list[str]:
 
 
 def _samples(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     found = {label for _, label in samples}
     empty = [c for c, k in class_to_idx.items() if k not in found]

@@ -22,6 +22,12 @@ def _read(path: str) -> dict[str, np.ndarray]:
             f"npz: {path} does not exist. The npz source needs a folder with train.npz and "
             f"test.npz; {FORMAT}. Point data.root at that folder."
         )
+    if not zipfile.is_zipfile(path):
+        # np.load would try it as a pickle and suggest allow_pickle=True: advice never to follow.
+        raise ErdeError(
+            f"npz: {path} is not an .npz archive; write it with numpy.savez (or savez_compressed) "
+            f"using plain (non-object) arrays: {FORMAT}."
+        )
     try:
         # allow_pickle=False: an .npz must never run code while being read.
         with np.load(path, allow_pickle=False) as f:

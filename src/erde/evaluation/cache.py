@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from erde import checkpoint as ckpt
 from erde.config import load_config
@@ -85,7 +86,8 @@ def save_cache(path: Path, cache: LogitsCache) -> None:
     tensors = {f"{s}/logits": cache.logits[s].contiguous() for s in SPLITS}
     tensors.update({f"{s}/labels": cache.labels[s].contiguous() for s in SPLITS})
     metadata = {"weights_sha256": cache.weights_sha256, "exit_macs": json.dumps(cache.exit_macs)}
-    ckpt.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    # Serialised in memory, written by erde: a full disk is a clear message, not a traceback.
+    ckpt.write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_cache(path: Path) -> LogitsCache:

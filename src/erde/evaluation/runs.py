@@ -10,7 +10,10 @@ import numpy as np
 from erde import checkpoint as ckpt
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
+from erde.evaluation.calibrate import resolve_budget
+from erde.evaluation.metrics import check_budget
 from erde.evaluation.summary import Reference, reference_from_cache, summarize
+from erde.evaluation.sweep import Curve
 from erde.report import (
     markdown_table,
     mean_std_curves,
@@ -31,6 +34,17 @@ def run_reference(run_dir: str | Path, *, refresh: bool = False, device: str = "
     _, meta = ckpt.load_weights(Path(run_dir))
     label = f"{meta.get('method', 'reference')} {meta['arch']['name']} (final exit)"
     return reference_from_cache(cache, label, meta.get("backbone_macs", cache.exit_macs[-1]))
+
+
+def check_budget_fits(budget: float, exit_macs: Sequence[float]) -> None:
+    """A `--budget` (fraction of the full model or MACs per image) checked against the exits'
+    costs alone, before any logits exist."""
+    macs = np.asarray(exit_macs, dtype=float)
+    nothing = np.empty(0)
+    check_budget(
+        Curve(nothing, nothing, nothing, np.empty((0, len(macs))), macs),  # costs, no thresholds
+        resolve_budget(budget, float(macs[-1])),
+    )
 
 
 def _pct(x: float | None) -> str:
@@ -66,8 +80,10 @@ def evaluate_run(
     """Cache logits, sweep thresholds, calibrate on val, report on test; returns report.json."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "eval"
-    cache = load_cache(run_dir, refresh=refresh, device=device)
     _, meta = ckpt.load_weights(run_dir)
+    if budget is not None and "exit_macs" in meta:
+        check_budget_fits(budget, meta["exit_macs"])  # before the model runs to fill the cache
+    cache = load_cache(run_dir, refresh=refresh, device=device)
     ref = run_reference(reference, device=device) if reference else None
     result = summarize(
         cache,
@@ -121,7 +137,7 @@ def evaluate_run(
         [f"exit {i + 1}" for i in range(len(cache.exit_macs))],
         title=f"test split: where images exit at threshold {s['chosen']['threshold']:.3g}",
     )
-    (out / "report.md").write_text(render_report(s), encoding="utf-8")
+    ckpt.write_text(out / "report.md", render_report(s))
     return s
 
 
@@ -314,7 +330,7 @@ def compare_runs(
             "",
         ]
     )
-    (out / "comparison.md").write_text(md, encoding="utf-8")
+    ckpt.write_text(out / "comparison.md", md)
     result = {
         "reference": reference_info,
         "policy": policy,
