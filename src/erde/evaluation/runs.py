@@ -12,7 +12,7 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import resolve_budget
 from erde.evaluation.metrics import check_budget
-from erde.evaluation.summary import Reference, reference_from_cache, summarize
+from erde.evaluation.summary import Reference, check_max_drop, reference_from_cache, summarize
 from erde.evaluation.sweep import Curve
 from erde.report import (
     markdown_table,
@@ -81,10 +81,12 @@ def evaluate_run(
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "eval"
     _, meta = ckpt.load_weights(run_dir)
+    # Every mistake is reported before the model runs to fill a cache.
+    check_max_drop(max_drop)
     if budget is not None and "exit_macs" in meta:
-        check_budget_fits(budget, meta["exit_macs"])  # before the model runs to fill the cache
-    cache = load_cache(run_dir, refresh=refresh, device=device)
+        check_budget_fits(budget, meta["exit_macs"])
     ref = run_reference(reference, device=device) if reference else None
+    cache = load_cache(run_dir, refresh=refresh, device=device)
     result = summarize(
         cache,
         policy=policy,

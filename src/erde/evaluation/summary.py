@@ -47,6 +47,11 @@ def reference_from_cache(cache: LogitsCache, label: str, static_macs: float) -> 
     )
 
 
+def check_max_drop(max_drop: float) -> None:
+    if not max_drop >= 0:
+        raise ErdeError(f"--max-drop {max_drop} must be >= 0 accuracy points")
+
+
 def summarize(
     cache: LogitsCache,
     *,
@@ -62,8 +67,7 @@ def summarize(
     `max_drop` is in accuracy points below the reference; `budgets` are default operating points
     (skipped when outside the model's range); `budget` is the user's own one and must fit.
     """
-    if max_drop < 0:
-        raise ErdeError(f"--max-drop {max_drop} must be >= 0 accuracy points")
+    check_max_drop(max_drop)
     macs = cache.exit_macs
     full = float(macs[-1])
     curves = {

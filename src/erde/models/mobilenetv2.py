@@ -13,8 +13,6 @@ Stages (for `exits="stages"`) are the paper's seven bottleneck sequences (ends a
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
-from torchvision.ops import Conv2dNormActivation
 
 from erde.errors import ErdeError
 from erde.models.early_exit import Backbone
@@ -43,6 +41,10 @@ def mobilenetv2(*, num_classes: int, in_channels: int, width_mult: float = 1.0) 
     """MobileNetV2, CIFAR variant: 17 blocks; default exits after blocks 3, 6, 13."""
     if not width_mult > 0:
         raise ErdeError(f"mobilenetv2 width_mult must be > 0, got {width_mult!r}")
+    # Imported here: torchvision takes seconds to import and most commands never build this model.
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.ops import Conv2dNormActivation
+
     channels = _round_to_8(32 * width_mult)
     stem = Conv2dNormActivation(in_channels, channels, stride=1, activation_layer=nn.ReLU6)
     blocks: list[nn.Module] = []

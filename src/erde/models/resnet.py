@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from erde.models.early_exit import Backbone, pooled_classifier
 from erde.models.registry import register_model
@@ -41,6 +40,8 @@ def basic_block_stages(
     `shortcut(in_channels, out_channels, stride)` builds the residual branch wherever the shape
     changes. Returns the blocks and the 1-based block index that ends each stage.
     """
+    from torchvision.models.resnet import BasicBlock  # here: importing torchvision takes seconds
+
     blocks: list[nn.Module] = []
     stage_ends = []
     channels = in_channels
