@@ -82,7 +82,9 @@ def summarize(
             "the run's own final exit", per_exit["val"][-1], per_exit["test"][-1], full
         )
 
-    def operating_point(calibration) -> dict:
+    def operating_point(calibration, target: float | None = None) -> dict:
+        """`target`: the val accuracy the point had to keep; `reached` says whether it did
+        (else the calibration fell back to the full model and the point is not a saving)."""
         test = apply(
             cache.logits["test"], cache.labels["test"], macs, calibration, policy, normalize
         )
@@ -95,10 +97,16 @@ def summarize(
             "test_expected_macs": test["expected_macs"],
             "test_exit_share": test["exit_share"],
             "reduction_vs_reference": reference.macs / test["expected_macs"],
+            "reduction_vs_own_full": full / test["expected_macs"],
+            "reached": target is None or calibration.val_accuracy >= target,
         }
 
-    target = reference.val_accuracy - max_drop / 100.0
-    at_reference = operating_point(calibrate_for_accuracy(curves["val"], target))
+    def keep(accuracy: float) -> dict:
+        target = accuracy - max_drop / 100.0
+        return operating_point(calibrate_for_accuracy(curves["val"], target), target)
+
+    at_reference = keep(reference.val_accuracy)
+    at_own = keep(per_exit["val"][-1])
     at_budgets = {}
     for fraction in budgets:
         try:
@@ -118,6 +126,7 @@ def summarize(
         "reference": vars(reference),
         "max_drop_points": max_drop,
         "at_reference_accuracy": at_reference,
+        "at_own_full_accuracy": at_own,
         "at_budget_fraction": at_budgets,
         "chosen": chosen,
     }
