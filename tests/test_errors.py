@@ -30,7 +30,9 @@ import torch
 from PIL import Image
 
 from erde.config import load_config
+from erde.deploy import export_run
 from erde.evaluation.cache import load_cache
+from erde.evaluation.runs import evaluate_run
 from erde.train import fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -190,6 +192,32 @@ def build_workspace(root: Path) -> dict[str, Path]:
     shutil.copy(p["TEACHER"] / "logits.safetensors", p["STALE_CACHE"] / "logits.safetensors")
     p["BAD_CACHE"] = copy_run(run, root / "bad-cache")
     (p["BAD_CACHE"] / "logits.safetensors").write_bytes(b"x")
+    p["EVALUATED"] = copy_run(run, root / "evaluated")
+    evaluate_run(p["EVALUATED"], device="cpu")  # calibrates an entropy threshold on val
+
+    p["EXPORT"] = root / "export"
+    export_run(run, p["EXPORT"], threshold=1.0)
+    manifest = json.loads((p["EXPORT"] / "manifest.json").read_text())
+    p["EXPORT_TAMPERED"] = copy_run(p["EXPORT"], root / "export-tampered")
+    piece = p["EXPORT_TAMPERED"] / "exit2.onnx"
+    tampered = bytearray(piece.read_bytes())
+    tampered[-1] ^= 1  # one bit of the last byte
+    piece.write_bytes(bytes(tampered))
+    p["EXPORT_NO_PIECE"] = copy_run(p["EXPORT"], root / "export-no-piece", drop=("exit3.onnx",))
+    edited = {
+        "EXPORT_V2": {**manifest, "format_version": 2},
+        "EXPORT_NO_KEYS": {k: v for k, v in manifest.items() if k != "pieces"},
+        "EXPORT_ORPHAN": {**manifest, "source_run": str(p["MISSING"])},
+    }
+    for name, edited_manifest in edited.items():
+        p[name] = copy_run(p["EXPORT"], root / name.lower())
+        (p[name] / "manifest.json").write_text(json.dumps(edited_manifest))
+    p["PNG"] = root / "digit.png"
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(p["PNG"])
+    p["PNG_BROKEN"] = root / "broken.png"
+    p["PNG_BROKEN"].write_bytes(b"not a png")
+    p["PNG_16BIT"] = root / "deep.png"
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(p["PNG_16BIT"])
 
     npz = {
         "NPZ_FLOAT": {"x": lambda n: np.zeros((n, 8, 8, 1), np.float32)},

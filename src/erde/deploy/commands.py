@@ -53,11 +53,12 @@ def infer_command(args: argparse.Namespace) -> None:
         ),
         end="",
     )
-    failed = sum(r.error is not None for r in rows)
-    if failed:
+    failures = [r for r in rows if r.error is not None]
+    if failures:
+        first = failures[0]
         raise ErdeError(
-            f"{failed} of {len(rows)} image(s) could not be classified (their rows say why); "
-            "fix or remove those files"
+            f"{len(failures)} of {len(rows)} image(s) could not be classified (their rows say "
+            f"why; the first, {first.file}: {first.error}); fix or remove those files"
         )
 
 

@@ -37,6 +37,29 @@ MANIFEST = "manifest.json"
 STATIC = "static.onnx"
 BATCH = "batch"  # name of the dynamic batch dimension in every graph
 REPORT = Path("eval") / "report.json"
+# Opsets every backbone exports at: Slice with steps (option-A shortcuts) needs 10, and 20 is the
+# highest the TorchScript exporter writes.
+OPSETS = range(10, 21)
+# What `erde infer` and `erde bench` read from a manifest besides its format.
+MANIFEST_KEYS = (
+    "source_run",
+    "model",
+    "classes",
+    "input_size",
+    "in_channels",
+    "mean",
+    "std",
+    "data_source",
+    "threshold",
+    "policy",
+    "normalize",
+    "threshold_source",
+    "exit_macs",
+    "static_macs",
+    "pieces",
+    "static",
+    "opset",
+)
 
 
 class ExitPiece(nn.Module):
@@ -208,6 +231,12 @@ def read_manifest(export_dir: str | Path) -> dict:
             f"{path} has format version {manifest.get('format_version')}, this erde reads "
             f"version {FORMAT_VERSION}; re-export the run with this erde version"
         )
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ErdeError(
+            f"{path} lacks {', '.join(missing)} (edited or damaged); re-create the folder with "
+            "`erde export`"
+        )
     return manifest
 
 
@@ -254,6 +283,11 @@ def export_run(
     The threshold defaults to the one `erde evaluate` calibrated on val. An earlier erde export
     in `out_dir` is replaced; any other non-empty folder only with `overwrite=True`.
     """
+    if opset not in OPSETS:
+        raise ErdeError(
+            f"ONNX opset {opset} is not supported; choose one from {OPSETS[0]} to {OPSETS[-1]} "
+            "(--opset, default 17)"
+        )
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, meta = ckpt.load_model(run_dir)
     point = operating_point(run_dir, threshold, policy, normalize)
