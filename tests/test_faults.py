@@ -46,7 +46,7 @@ TRAIN = [
     "data.crop_padding=1",
     "train.epochs=3",
 ]
-TIMEOUT = 180
+TIMEOUT = 600  # generous: a loaded machine can take minutes to start a run
 
 
 def erde(*argv, **kwargs) -> subprocess.Popen:
