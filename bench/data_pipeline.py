@@ -15,26 +15,12 @@ import statistics
 import time
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchvision import transforms
+from pil_baseline import cifar_images
+from torch.utils.data import DataLoader, RandomSampler
 
 from erde.data import DeviceBatches, load_source
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
-
-
-class PILImages(Dataset):
-    """The usual torchvision setup: one PIL image per item, transformed on its own."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: transforms.Compose) -> None:
-        self.x, self.y, self.transform = x.numpy(), y.numpy(), transform
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
 def time_device_batches(data, images: int, batch_size: int, device: str) -> float:
@@ -65,15 +51,7 @@ def time_device_batches(data, images: int, batch_size: int, device: str) -> floa
 
 
 def time_torchvision(data, images: int, batch_size: int, workers: int) -> float:
-    transform = transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(data.mean, data.std),
-        ]
-    )
-    dataset = PILImages(data.train_x, data.train_y, transform)
+    dataset = cifar_images(data.train_x, data.train_y, data.mean, data.std)
     sampler = RandomSampler(dataset, num_samples=images)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
     start = time.perf_counter()  # worker start-up included: it is paid every epoch by default

@@ -32,9 +32,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from torchvision import transforms
+from pil_baseline import cifar_images
+from torch.utils.data import DataLoader, RandomSampler
 
 from erde import checkpoint as ckpt
 from erde.config import load_config
@@ -68,19 +67,6 @@ class FirstSteps:
 
     def __iter__(self) -> Iterator:
         return itertools.islice(iter(self.batches), self.steps)
-
-
-class PILImages(Dataset):
-    """The usual torchvision setup: one PIL image per item, transformed on its own."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: transforms.Compose) -> None:
-        self.x, self.y, self.transform = x.numpy(), y.numpy(), transform
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self.x[i])), int(self.y[i])
 
 
 def random_teacher(data, folder: str) -> None:
@@ -174,15 +160,9 @@ def main() -> None:
         for x, y in prebuilt[:steps]:
             step(x, y)
 
-    transform = transforms.Compose(
-        [
-            transforms.RandomCrop(32, padding=4),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(data.mean, data.std),
-        ]
+    pil = cifar_images(
+        data.train_x[split.train_idx], data.train_y[split.train_idx], data.mean, data.std
     )
-    pil = PILImages(data.train_x[split.train_idx], data.train_y[split.train_idx], transform)
 
     def torchvision_pil(steps: int) -> None:
         sampler = RandomSampler(pil, num_samples=steps * cfg.train.batch_size)
