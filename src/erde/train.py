@@ -580,7 +580,7 @@ def train_epoch(
         batches,
         total=len(batches),
         desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-        disable=not progress,
+        disable=None if progress else True,  # None: only on a terminal, not in CI logs
         leave=False,
         dynamic_ncols=True,
     )
