@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,18 +38,11 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from erde import checkpoint as ckpt
 from erde.config import load_config
-from erde.macs import exit_macs
+from erde.data.prepare import data_info, prepare_data
+from erde.macs import exit_macs, static_macs
+from erde.model_info import ModelInfo
 from erde.models import create_model
-from erde.train import (
-    Teacher,
-    build_loss,
-    build_model,
-    build_optimizer,
-    data_meta,
-    prepare_data,
-    train_batches_for,
-    train_epoch,
-)
+from erde.train import setup, train_epoch
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 
@@ -73,8 +67,14 @@ def random_teacher(data, folder: str) -> None:
     """A ResNet-20 teacher run folder with untrained weights, readable by `erde.train.Teacher`."""
     torch.manual_seed(0)
     net = create_model("resnet20", num_classes=data.num_classes, input_size=32)
-    meta = {"arch": net.arch, "exit_macs": exit_macs(net), "data": data_meta(data)}
-    ckpt.save_weights(Path(folder), net, {**meta, "finished": True})
+    info = ModelInfo(
+        arch=net.arch,
+        exit_macs=exit_macs(net),
+        static_macs=static_macs(net),
+        data=data_info(data),
+        finished=True,
+    )
+    ckpt.save_weights(Path(folder) / "model.safetensors", net, info)
 
 
 def sync(device: torch.device) -> None:
@@ -108,49 +108,30 @@ def main() -> None:
         f"train.precision={args.precision}",
         "distill.method=erde",
         f"distill.teacher={folder}",
+        "distill.teacher_cache=false",
     ]
     cfg = load_config(None, overrides)
     split = prepare_data(cfg)
     data = split.data
     random_teacher(data, folder)
-    teacher = Teacher(folder, data, device, cfg)
     torch.manual_seed(0)
-    net = build_model(cfg, data).to(device).to(memory_format=torch.channels_last)
-    loss_fn, _ = build_loss(cfg, exit_macs(net), teacher)
-    batches = train_batches_for(cfg, split, device)
-    optimizer, scheduler = build_optimizer(cfg, net, len(batches))
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-
-    amp_dtype = {"bf16": torch.bfloat16}.get(args.precision)
-
-    def autocast():  # what the engine enters for train.precision
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    parts = setup(cfg, device, progress=False).parts  # the engine's own model, loss, optimiser
+    net, loss_fn, batches = parts.model, parts.loss_fn, parts.batches
+    teacher = parts.teacher.teacher  # the bare forward pass (the cache is off for this bench)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast():  # teacher first, as in the engine
+        with parts.autocast():  # teacher first, as in the engine
             teacher_logits = teacher(x)
             result = loss_fn(net(x), y, teacher_logits)
-        optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
         result.total.backward()
-        optimizer.step()
-        scheduler.step()
+        parts.optimizer.step()
+        parts.scheduler.step()
 
     epochs = itertools.count()
 
     def engine(steps: int) -> None:
-        train_epoch(
-            net,
-            teacher,
-            loss_fn,
-            FirstSteps(batches, steps),
-            optimizer,
-            scheduler,
-            scaler,
-            autocast,
-            next(epochs),
-            cfg,
-            False,
-        )
+        train_epoch(replace(parts, batches=FirstSteps(batches, steps)), next(epochs))
 
     batches.set_epoch(10_000)
     prebuilt = list(itertools.islice(iter(batches), args.steps))

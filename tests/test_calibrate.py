@@ -1,4 +1,3 @@
-import inspect
 import math
 
 import numpy as np
@@ -6,16 +5,19 @@ import pytest
 import torch
 
 from erde.errors import ErdeError
+from erde.evaluation.cache import LogitsCache
 from erde.evaluation.calibrate import (
     apply,
     calibrate_for_accuracy,
     calibrate_for_budget,
     resolve_budget,
 )
+from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, sweep
+from erde.model_info import DataInfo, ModelInfo
 
 K = 4
-CUM_MACS = [10.0, 20.0, 40.0]
+EXIT_MACS = [10.0, 20.0, 40.0]
 LABELS = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1])
 GRID = [0.0, 0.5, 100.0]  # full model / the known middle point / always the first exit
 
@@ -46,7 +48,7 @@ def hand_curve(thresholds, macs, accuracy) -> Curve:
         accuracy=np.asarray(accuracy, dtype=float),
         expected_macs=macs,
         exit_share=np.stack([1 - late, late], axis=1),
-        cum_macs=np.array([10.0, 40.0]),
+        exit_macs=np.array([10.0, 40.0]),
     )
 
 
@@ -85,6 +87,7 @@ def test_unreachable_accuracy_falls_back_to_full_model():
     chosen = calibrate_for_accuracy(VAL, 0.95)
     assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.0, 0.90, 40.0)
     assert "not reached" in chosen.criterion and "full model" in chosen.criterion
+    assert not chosen.reached and calibrate_for_accuracy(VAL, 0.9).reached
     no_full_point = hand_curve([0.5, 0.8], [25, 10], [0.88, 0.60])
     with pytest.raises(ErdeError, match="threshold 0"):
         calibrate_for_accuracy(no_full_point, 0.95)
@@ -96,51 +99,75 @@ def test_bad_accuracy_target(target, match):
         calibrate_for_accuracy(VAL, target)
 
 
-def test_choosing_takes_only_validation_data():
-    for fn in (calibrate_for_budget, calibrate_for_accuracy):
-        params = list(inspect.signature(fn).parameters)
-        assert params[0] == "val_curve"
-        assert not any("test" in p for p in params)
+def test_test_data_never_moves_a_chosen_threshold():
+    """Through the whole summary: other test logits and labels change the reported test numbers,
+    never a threshold, because every threshold is chosen on the validation split alone."""
+    val = known_logits()
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, [10, 20, 40], 40, data)
+    g = torch.Generator().manual_seed(0)
+    tests = [(val, LABELS), (torch.randn(30, 3, K, generator=g) * 5, torch.arange(30) % K)]
+    reports = [
+        summarize(
+            LogitsCache({"val": val, "test": x}, {"val": LABELS, "test": y}, EXIT_MACS, ""),
+            info,
+            "run",
+            budget=0.5,
+        ).report
+        for x, y in tests
+    ]
+
+    def thresholds(r):
+        budgets = [p.threshold for p in r.at_budget_fraction.values() if p is not None]
+        own = [r.at_reference_accuracy, r.at_own_full_accuracy, r.chosen]
+        return [p.threshold for p in own] + budgets
+
+    assert thresholds(reports[0]) == thresholds(reports[1])
+    assert min(thresholds(reports[0])) == 0.0 < max(thresholds(reports[0]))  # full model, early
+    assert reports[0].chosen.test_accuracy != reports[1].chosen.test_accuracy
 
 
 def test_test_labels_never_move_the_threshold_but_val_labels_can():
     logits = known_logits()
-    val_curve = sweep(logits, LABELS, CUM_MACS, GRID)
+    val_curve = sweep(logits, LABELS, EXIT_MACS, GRID)
     chosen = calibrate_for_accuracy(val_curve, 0.85)
     assert chosen.threshold == 0.5  # 7/8 >= 0.85 at 17.5 MACs
 
     other_test_labels = LABELS.clone()
     other_test_labels[:4] = (other_test_labels[:4] + 1) % K
-    first = apply(logits, LABELS, CUM_MACS, chosen)
-    second = apply(logits, other_test_labels, CUM_MACS, chosen)
-    assert first["threshold"] == second["threshold"] == 0.5
-    assert (first["accuracy"], second["accuracy"]) == (7 / 8, 3 / 8)
+    first = apply(logits, LABELS, EXIT_MACS, chosen)
+    second = apply(logits, other_test_labels, EXIT_MACS, chosen)
+    assert first.threshold == second.threshold == 0.5
+    assert (first.test_accuracy, second.test_accuracy) == (7 / 8, 3 / 8)
 
     # image 0 relabelled: the early exit is now wrong there (6/8 < 0.85), the full model is not
     # (its last exit still says 0, so 7/8): the choice moves to threshold 0
     other_val_labels = LABELS.clone()
     other_val_labels[0] = 1
-    moved = calibrate_for_accuracy(sweep(logits, other_val_labels, CUM_MACS, GRID), 0.85)
+    moved = calibrate_for_accuracy(sweep(logits, other_val_labels, EXIT_MACS, GRID), 0.85)
     assert (moved.threshold, moved.val_accuracy, moved.val_expected_macs) == (0.0, 7 / 8, 40.0)
 
 
 def test_apply_reports_the_test_split():
-    val_curve = sweep(known_logits(), LABELS, CUM_MACS, GRID)
-    result = apply(known_logits(), LABELS, CUM_MACS, calibrate_for_budget(val_curve, 20.0))
-    assert result["split"] == "test"
-    assert result["threshold"] == 0.5
-    assert result["accuracy"] == 7 / 8
-    assert result["expected_macs"] == pytest.approx(17.5)
-    assert result["exit_share"] == [0.5, 0.375, 0.125]
+    val_curve = sweep(known_logits(), LABELS, EXIT_MACS, GRID)
+    chosen = calibrate_for_budget(val_curve, 20.0)
+    result = apply(known_logits(), LABELS, EXIT_MACS, chosen)
+    assert result.threshold == 0.5
+    assert result.test_accuracy == 7 / 8
+    assert result.test_expected_macs == pytest.approx(17.5)
+    assert result.test_exit_share == [0.5, 0.375, 0.125]
+    assert result.reduction_vs_own_full == result.reduction_vs_reference == pytest.approx(40 / 17.5)
+    against = apply(known_logits(), LABELS, EXIT_MACS, chosen, reference_macs=70.0)
+    assert against.reduction_vs_reference == pytest.approx(4.0)
 
 
 def test_apply_with_maxprob_policy():
     # 1 - p_max is ~6e-9 on confident exits and 0.75 on flat ones
-    val_curve = sweep(known_logits(), LABELS, CUM_MACS, [0.0, 0.1, 1.0], policy="maxprob")
+    val_curve = sweep(known_logits(), LABELS, EXIT_MACS, [0.0, 0.1, 1.0], policy="maxprob")
     chosen = calibrate_for_budget(val_curve, 20.0)
-    result = apply(known_logits(), LABELS, CUM_MACS, chosen, policy="maxprob")
+    result = apply(known_logits(), LABELS, EXIT_MACS, chosen, policy="maxprob")
     assert chosen.threshold == pytest.approx(0.1)
-    assert result["exit_share"] == [0.5, 0.375, 0.125]
+    assert result.test_exit_share == [0.5, 0.375, 0.125]
 
 
 def test_resolve_budget():

@@ -17,6 +17,7 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_console_script_entry_point_runs():
     # The installed `erde` and `python -m erde` are the same program.
     out = subprocess.run(

@@ -5,6 +5,7 @@ import pickle
 import struct
 import subprocess
 import sys
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from erde.data import SOURCES, DeviceBatches, load_source, stratified_split
+from erde.data.pixels import Normalize, decode_image, normalize_images
 from erde.errors import ErdeError
 
 # ---------------------------------------------------------------- official formats, hand-written
@@ -199,6 +201,7 @@ def test_svhn_mat_loads_pixel_exact_with_zero_as_label_10(tmp_path):
         load_source("svhn", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_importing_erde_data_imports_neither_torchvision_nor_sklearn():
     # Both take seconds to import; they load when a source that needs them is read.
     code = "import sys, erde.data; print(sorted({'torchvision', 'sklearn'} & set(sys.modules)))"
@@ -358,7 +361,7 @@ def test_imagefolder_bad_input(tmp_path):
     with pytest.raises(ErdeError, match=r"zebra .*hold no images"):
         load_source("imagefolder", str(tmp_path))
     (odd / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ErdeError, match=r"cannot decode .*zebra/broken\.png"):
+    with pytest.raises(ErdeError, match=r"imagefolder: .*zebra/broken\.png: cannot decode"):
         load_source("imagefolder", str(tmp_path))
     Image.new("RGB", (7, 5)).save(odd / "broken.png")
     with pytest.raises(ErdeError, match=r"broken\.png is 7x5 .*0\.png is 6x5.*one size"):
@@ -371,6 +374,147 @@ def test_imagefolder_bad_input(tmp_path):
         load_source("imagefolder", str(tmp_path))
     with pytest.raises(ErdeError, match="missing/train is not a folder"):
         load_source("imagefolder", str(tmp_path / "missing"))
+
+
+def test_imagefolder_mixes_grey_and_colour_into_rgb_and_scales_16_bit(tmp_path):
+    # One 8-bit colour file and one 16-bit grey file: a colour set, grey repeated into R, G, B.
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (3, 2), (200, 100, 50)).save(tmp_path / split / "a" / "rgb.png")
+    deep = np.array([[0, 257, 65535], [128, 129, 40000]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "train" / "a" / "deep.png")
+    data = load_source("imagefolder", str(tmp_path))
+    assert data.train_x.shape == (2, 2, 3, 3)
+    grey = np.rint(deep / 257.0).astype(np.uint8)  # [[0, 1, 255], [0, 1, 156]]
+    assert np.array_equal(data.train_x[0].numpy(), np.repeat(grey[..., None], 3, axis=2))
+    assert (data.train_x[1].numpy() == [200, 100, 50]).all()
+
+
+# ---------------------------------------------------------------- one decoder for every command
+
+
+def luma(rgb):
+    """ITU-R 601-2 luma, L = R 299/1000 + G 587/1000 + B 114/1000, rounded."""
+    return np.rint(rgb.astype(np.float64) @ [0.299, 0.587, 0.114]).astype(np.int64)
+
+
+def test_decode_16_bit_grey_scales_to_8_bits(tmp_path):
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    deep[0, :4] = [0, 128, 129, 65535]  # the rounding edges: 128/257 < 0.5 < 129/257
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    want = np.floor(deep.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    got = decode_image(tmp_path / "deep.png")
+    assert got.shape == (5, 7, 1) and np.array_equal(got[..., 0], want)
+    assert got[0, :4, 0].tolist() == [0, 0, 1, 255]
+    assert np.array_equal(decode_image(tmp_path / "deep.png", 3), np.repeat(got, 3, axis=2))
+    # Big-endian 16-bit TIFF and 32-bit "I" holding 16-bit values read the same way.
+    big_endian = Image.frombytes("I;16B", (7, 5), deep.astype(">u2").tobytes())
+    big_endian.save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == "I;16B"
+    assert np.array_equal(decode_image(tmp_path / "deep.tif"), got)
+    Image.fromarray(deep.astype(np.int32)).save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    assert np.array_equal(decode_image(tmp_path / "wide.tif"), got)
+    Image.fromarray(np.full((2, 2), 70000, dtype=np.int32)).save(tmp_path / "wider.tif")
+    with pytest.raises(ErdeError, match=r"wider\.tif: .*70000\.\.70000, beyond the 16-bit"):
+        decode_image(tmp_path / "wider.tif")
+    Image.fromarray(np.full((2, 2), 0.5, dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ErdeError, match=r"float\.tif: floating-point images"):
+        decode_image(tmp_path / "float.tif", 1)
+
+
+def test_decode_palette_expands_to_the_palette_colours(tmp_path):
+    rng = np.random.default_rng(1)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (6, 4), dtype=np.uint8)
+    img = Image.fromarray(index, "P")
+    img.putpalette(palette.tobytes())
+    img.info["transparency"] = 3  # transparency is dropped, not composited
+    img.save(tmp_path / "palette.png")
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    assert np.array_equal(decode_image(tmp_path / "palette.png"), palette[index])
+    grey = decode_image(tmp_path / "palette.png", 1)[..., 0]
+    assert np.abs(grey - luma(palette[index])).max() <= 1
+
+
+def test_decode_drops_alpha(tmp_path):
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (4, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert np.array_equal(decode_image(tmp_path / "rgba.png"), rgba[..., :3])
+    assert np.array_equal(decode_image(tmp_path / "rgba.png", 3), rgba[..., :3])
+    Image.fromarray(rgba[..., :2], "LA").save(tmp_path / "la.png")
+    assert np.array_equal(decode_image(tmp_path / "la.png"), rgba[..., :1])
+    assert np.array_equal(decode_image(tmp_path / "la.png", 3), np.repeat(rgba[..., :1], 3, 2))
+
+
+def test_decode_cmyk_jpeg_to_rgb(tmp_path):
+    rng = np.random.default_rng(3)
+    cmyk = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    stored = np.asarray(Image.open(tmp_path / "cmyk.jpg"))  # the JPEG's CMYK after compression
+    assert stored.shape == (8, 8, 4)
+    c, k = stored[..., :3].astype(np.float64), stored[..., 3:].astype(np.float64)
+    want = (255 - c) * (255 - k) / 255  # naive CMYK -> RGB: each ink and black subtract light
+    got = decode_image(tmp_path / "cmyk.jpg")
+    assert got.shape == (8, 8, 3) and np.abs(got - want).max() <= 1
+    assert np.abs(decode_image(tmp_path / "cmyk.jpg", 1)[..., 0] - luma(got)).max() <= 1
+
+
+def test_decode_grey_colour_and_size(tmp_path):
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert np.array_equal(decode_image(tmp_path / "rgb.png"), rgb)
+    assert np.abs(decode_image(tmp_path / "rgb.png", 1)[..., 0] - luma(rgb)).max() <= 1
+    Image.fromarray(rgb[..., 0] > 127).save(tmp_path / "bits.png")  # mode "1": 0 or 255
+    assert np.array_equal(decode_image(tmp_path / "bits.png")[..., 0], (rgb[..., 0] > 127) * 255)
+    # Other colour spaces go through Pillow's conversion to RGB, then to the model's channels.
+    Image.new("LAB", (3, 3), (50, 128, 200)).save(tmp_path / "lab.tif")
+    lab_rgb = np.asarray(Image.open(tmp_path / "lab.tif").convert("RGB"))
+    assert np.array_equal(decode_image(tmp_path / "lab.tif"), lab_rgb)
+    assert np.abs(decode_image(tmp_path / "lab.tif", 1)[..., 0] - luma(lab_rgb)).max() <= 1
+    Image.new("L", (12, 20), 77).save(tmp_path / "flat.png")
+    resized = decode_image(tmp_path / "flat.png", 3, size=8)
+    assert resized.shape == (8, 8, 3) and (resized == 77).all()
+
+
+def test_decode_mistakes_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
+    with pytest.raises(ErdeError, match=r"nothing\.png: no such file"):
+        decode_image(tmp_path / "nothing.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ErdeError, match=r"broken\.png: cannot decode the image"):
+        decode_image(tmp_path / "broken.png")
+    Image.new("L", (4, 4)).save(tmp_path / "grey.png")
+    with pytest.raises(ErdeError, match="4-channel"):
+        decode_image(tmp_path / "grey.png", 4)
+    Image.new("CMYK", (4, 4)).save(tmp_path / "cmyk.tif")
+    with monkeypatch.context() as m:  # a mode this Pillow build cannot convert
+        m.setattr(Image.Image, "convert", Mock(side_effect=ValueError("not supported")))
+        with pytest.raises(ErdeError, match=r"cmyk\.tif: its CMYK pixels cannot be converted"):
+            decode_image(tmp_path / "cmyk.tif")
+    Image.new("L", (20, 10)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 150)  # 200 pixels: over the limit (warning)
+    with pytest.raises(ErdeError, match=r"big\.png: refused as a possible decompression bomb"):
+        decode_image(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # over twice the limit (Pillow's error)
+    with pytest.raises(ErdeError, match=r"big\.png: refused as a possible decompression bomb"):
+        decode_image(tmp_path / "big.png")
+
+
+def test_normalize_images_matches_numpy_and_device_batches():
+    x = random_images(6, 5, 4, 3)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.05)
+    out = normalize_images(x, mean, std)
+    want = ((x / 255.0 - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-5)
+    batches = DeviceBatches(torch.from_numpy(x), torch.arange(6), batch_size=6, mean=mean, std=std)
+    assert torch.equal(next(iter(batches))[0], out)  # bit-identical: one function
+    with pytest.raises(ValueError, match="uint8"):
+        Normalize(mean, std)(out)
 
 
 # ---------------------------------------------------------------- splits

@@ -20,14 +20,17 @@ from PIL import Image
 from erde.checkpoint import load_model
 from erde.config import load_config
 from erde.data import DeviceBatches
+from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
 from erde.deploy.commands import add_commands
 from erde.deploy.images import load_image, normalize_images
 from erde.deploy.latency import benchmark, render_benchmark
+from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.runs import evaluate_run
-from erde.train import fit, prepare_data
+from erde.model_info import DataInfo, ModelInfo
+from erde.train import fit
 
 TIE = 1e-5  # scores this close to the threshold may fall either way between ORT and PyTorch
 LOGITS_ATOL = 1e-4  # ONNX Runtime vs PyTorch, float32
@@ -76,13 +79,14 @@ def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
     return [float(scores.quantile(q)) for q in (0.2, 0.5, 0.8)]
 
 
+@pytest.mark.slow
 def test_export_writes_checked_pieces_and_manifest(run, exported):
     out, manifest = exported
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest
     meta = json.loads((run / "model.json").read_text())
     assert manifest["exit_macs"] == meta["exit_macs"]
-    assert manifest["static_macs"] == meta["backbone_macs"]
+    assert manifest["static_macs"] == meta["static_macs"]
     assert manifest["classes"] == [str(k) for k in range(10)]
     assert (manifest["input_size"], manifest["in_channels"]) == (8, 1)
     assert manifest["mean"] == meta["data"]["mean"] and manifest["std"] == meta["data"]["std"]
@@ -111,6 +115,7 @@ def test_export_writes_checked_pieces_and_manifest(run, exported):
         assert logits.shape == (n, 10)
 
 
+@pytest.mark.slow
 def test_static_graph_is_the_final_exit(exported, images, torch_logits):
     out, _ = exported
     session = ort.InferenceSession(str(out / "static.onnx"), providers=["CPUExecutionProvider"])
@@ -118,11 +123,12 @@ def test_static_graph_is_the_final_exit(exported, images, torch_logits):
     np.testing.assert_allclose(logits, torch_logits[:, -1].numpy(), atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_default_threshold_is_the_calibrated_one(run, tmp_path):
     report = evaluate_run(run, device="cpu")
     manifest = export_run(run, tmp_path / "calibrated")
-    assert manifest["threshold"] == report["chosen"]["threshold"]
-    assert manifest["policy"] == report["policy"] == "entropy"
+    assert manifest["threshold"] == report.chosen.threshold
+    assert manifest["policy"] == report.policy == "entropy"
     assert manifest["threshold_source"].startswith("calibrated on val")
     with pytest.raises(ErdeError, match="calibrated for policy 'entropy'"):
         export_run(run, tmp_path / "other", policy="maxprob")
@@ -131,6 +137,7 @@ def test_default_threshold_is_the_calibrated_one(run, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
@@ -147,6 +154,7 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["threshold"] == 2.0
 
 
+@pytest.mark.slow
 def test_altered_or_missing_files_are_refused(exported, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(exported[0], copy)
@@ -162,6 +170,7 @@ def test_altered_or_missing_files_are_refused(exported, tmp_path):
         EarlyExitRuntime.from_export(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["entropy", "maxprob"])
 def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, policy):
     x = images[0]
@@ -194,6 +203,7 @@ def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, 
             )
 
 
+@pytest.mark.slow
 def test_batch_splitting_runs_later_pieces_only_on_undecided_images(exported, images, torch_logits):
     rt = EarlyExitRuntime.from_export(exported[0], threads=1)
     x = images[0][:64]
@@ -244,18 +254,16 @@ def test_split_batches_return_results_in_input_order():
 
         return run
 
-    rt = EarlyExitRuntime(
-        [piece(0, False), piece(1, False), piece(2, True)],
-        classes=list("abcd"),
+    info = ModelInfo(
+        arch={"name": "test"},
         exit_macs=[1, 2, 3],
         static_macs=3,
-        threshold=0.1,
-        policy="entropy",
-        normalize=False,
-        input_size=1,
-        in_channels=1,
-        mean=[0.0],
-        std=[1.0],
+        data=DataInfo("test", list("abcd"), [0.0], [1.0], input_size=1, in_channels=1),
+    )
+    rt = EarlyExitRuntime(
+        [piece(0, False), piece(1, False), piece(2, True)],
+        info,
+        Deployment(0.1, "entropy", False, "given"),
         backend="test",
     )
     ids = list(range(10))
@@ -267,6 +275,7 @@ def test_split_batches_return_results_in_input_order():
     assert pred.images_per_piece == [10, 5, 3]
 
 
+@pytest.mark.slow
 def test_image_files_are_decoded_resized_and_normalised_as_in_training(run, images, tmp_path):
     _, _, raw = images
     meta = json.loads((run / "model.json").read_text())["data"]
@@ -288,12 +297,9 @@ def test_image_files_are_decoded_resized_and_normalised_as_in_training(run, imag
     # Grey file, colour model: the grey value in all three channels.
     Image.new("L", (8, 8), 77).save(tmp_path / "flat.png")
     assert (load_image(tmp_path / "flat.png", 3, 8) == 77).all()
+    # 16-bit grey is scaled to 8 bits as in training: round(300 * 255 / 65535) = 1.
     Image.new("I;16", (8, 8), 300).save(tmp_path / "deep.png")
-    with pytest.raises(ErdeError, match=r"deep\.png: I;16 images"):
-        load_image(tmp_path / "deep.png", 1, 8)
-    Image.new("LAB", (8, 8)).save(tmp_path / "lab.tif")
-    with pytest.raises(ErdeError, match=r"lab\.tif: its LAB pixels cannot be converted to L"):
-        load_image(tmp_path / "lab.tif", 1, 8)
+    assert (load_image(tmp_path / "deep.png", 1, 8) == 1).all()
     with pytest.raises(ErdeError, match=r"nothing\.png: no such file"):
         load_image(tmp_path / "nothing.png", 1, 8)
     with pytest.raises(ErdeError, match="4-channel"):
@@ -313,6 +319,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@pytest.mark.slow
 def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_path, capsys):
     x, _, raw = images
     rt = EarlyExitRuntime.from_export(exported[0], threads=1)
@@ -345,6 +352,7 @@ def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_
     assert "broken.png | error | - |" in out
 
 
+@pytest.mark.slow
 def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     # The run as its own reference: the "teacher" row must cost exactly the static student.
     result = benchmark(

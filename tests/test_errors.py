@@ -216,8 +216,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(p["PNG"])
     p["PNG_BROKEN"] = root / "broken.png"
     p["PNG_BROKEN"].write_bytes(b"not a png")
-    p["PNG_16BIT"] = root / "deep.png"
-    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(p["PNG_16BIT"])
+    p["TIFF_FLOAT"] = root / "float.tif"
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(p["TIFF_FLOAT"])
 
     npz = {
         "NPZ_FLOAT": {"x": lambda n: np.zeros((n, 8, 8, 1), np.float32)},
@@ -300,6 +300,7 @@ def test_the_catalogue_is_complete():
     assert {"config", "train", "macs", "evaluate", "compare", "reproduce"} <= commands
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mistake", CATALOGUE, ids=[m.id for m in CATALOGUE])
 def test_mistake_exits_2_with_its_message(mistake, workspace, fork_server, tmp_path):
     out = workspace.root / "out" / mistake.id
@@ -315,6 +316,7 @@ def test_mistake_exits_2_with_its_message(mistake, workspace, fork_server, tmp_p
     assert [p for p, digest in before.items() if workspace.digests.get(p) != digest] == []
 
 
+@pytest.mark.slow
 def test_fork_server_behaves_like_python_m_erde(workspace, fork_server, tmp_path):
     argv = ["evaluate", str(workspace.paths["MISSING"])]
     fresh = subprocess.run(

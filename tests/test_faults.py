@@ -24,16 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from erde.checkpoint import (
-    METRICS,
-    SIDECAR,
-    STATE,
-    WEIGHTS,
-    load_state,
-    load_weights,
-    read_json,
-    read_jsonl,
-)
+from erde.checkpoint import load_state, load_weights
+from erde.files import read_json, read_jsonl
+
+# The run-folder layout, spelled out here so that these tests check it independently of the code.
+WEIGHTS, SIDECAR, STATE, METRICS = "model.safetensors", "model.json", "state.pt", "metrics.jsonl"
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +89,7 @@ def assert_readable(run: Path) -> dict:
     epochs = {}
     if (run / WEIGHTS).exists():
         _, meta = load_weights(run)
-        epochs["weights"] = meta["epoch"]
+        epochs["weights"] = meta.epoch
     if (run / STATE).exists():
         epochs["state"] = int(load_state(run)["epoch"])
     epochs["metrics"] = len(read_jsonl(run / METRICS))

@@ -69,7 +69,7 @@ def reference(
     entropy_term="uniform-ce",
     entropy_exits="all",
 ):
-    """Second, independent implementation of DESIGN.md section 1, per sample and per exit."""
+    """Second, independent implementation of docs/method.md ("Losses"), per sample and per exit."""
     n_exits = len(student)
     weights = weights or [1.0] * n_exits
     pairing = pairing or list(range(n_exits))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from erde.macs import backbone_macs, exit_macs, macs_table
+from erde.macs import exit_macs, macs_table, static_macs
 from erde.models import create_model, list_models
 
 # Hand counts: one MAC per multiply-accumulate of a conv or linear layer, nothing else.
@@ -22,7 +22,8 @@ RESNET20_STAGE2 = conv(3, 16, 32, 16) + 5 * conv(3, 32, 32, 16)
 RESNET20_STAGE3 = conv(3, 32, 64, 8) + 5 * conv(3, 64, 64, 8)
 RESNET20_FC = 64 * 10
 RESNET20 = RESNET20_STAGE1 + RESNET20_STAGE2 + RESNET20_STAGE3 + RESNET20_FC
-# The paper's exit heads after stages 1 and 2: 2x2 average pool, then one linear layer.
+# The exit heads after stages 1 and 2 (docs/method.md, "Early-exit networks"): 2x2 average pool,
+# then one linear layer.
 RESNET20_HEADS = [16 * 16 * 16 * 10, 32 * 8 * 8 * 10]
 
 
@@ -104,7 +105,7 @@ def build(name, **kwargs):
 
 def test_resnet20_by_hand():
     model = build("resnet20")
-    assert backbone_macs(model) == RESNET20 == 40_551_040
+    assert static_macs(model) == RESNET20 == 40_551_040
     rows = macs_table(model)
     assert [r["segment_macs"] for r in rows] == [RESNET20_STAGE1, RESNET20_STAGE2, RESNET20_STAGE3]
     assert [r["head_macs"] for r in rows] == [*RESNET20_HEADS, RESNET20_FC]
@@ -120,7 +121,7 @@ def test_resnet20_by_hand():
 
 def test_counts_follow_input_size_and_channels():
     model = build("resnet20", in_channels=1, input_size=8)
-    assert backbone_macs(model) == cifar_resnet(3, in_channels=1, size=8)
+    assert static_macs(model) == cifar_resnet(3, in_channels=1, size=8)
     # 8x8 input: the stage-1 map is 8x8, pooled to 4x4 in the first head.
     assert macs_table(model)[0]["head_macs"] == 16 * 4 * 4 * 10
 
@@ -156,24 +157,37 @@ OPTION_B_EXTRA = conv(1, 16, 32, 16) + conv(1, 32, 64, 8)
     ],
 )
 def test_backbone_macs_match_hand_count_and_literature(name, hand, published_m, digits):
-    macs = backbone_macs(build(name))
+    macs = static_macs(build(name))
     assert macs == hand
     if name == "resnet20":
         macs += OPTION_B_EXTRA  # the published figure is for option B
     assert round(macs / 1e6, digits) == published_m
 
 
-def test_resnet56_option_b_figure():
-    assert round((cifar_resnet(9) + OPTION_B_EXTRA) / 1e6, 2) == 125.75
+def test_resnet56_with_projection_shortcuts_matches_option_b_figure():
+    # erde's ResNet-56 with its two zero-padding shortcuts swapped for the 1x1 conv + BN
+    # projections of option-B ports: erde.macs must count them and reach that published figure.
+    model = create_model("resnet56")
+    blocks = [m for m in model.modules() if getattr(m, "downsample", None) is not None]
+    assert len(blocks) == 2
+    for block in blocks:
+        cin, cout = block.conv1.in_channels, block.conv1.out_channels
+        block.downsample = torch.nn.Sequential(
+            torch.nn.Conv2d(cin, cout, 1, stride=block.conv1.stride, bias=False),
+            torch.nn.BatchNorm2d(cout),
+        )
+    macs = static_macs(model)
+    assert macs == cifar_resnet(9) + OPTION_B_EXTRA
+    assert round(macs / 1e6, 2) == 125.75
 
 
 @pytest.mark.parametrize(("name", "depth", "k"), [("wrn16_4", 16, 4), ("wrn40_2", 40, 2)])
 def test_small_wrn_by_hand(name, depth, k):
-    assert backbone_macs(build(name)) == wide_resnet(depth, k)
+    assert static_macs(build(name)) == wide_resnet(depth, k)
 
 
 def test_wrn28_10_by_hand_and_literature():
-    macs = backbone_macs(build("wrn28_10"))
+    macs = static_macs(build("wrn28_10"))
     assert macs == wide_resnet(28, 10) == 5_243_328_768
     assert abs(macs / 5_246.98e6 - 1) < 1e-3
 
@@ -185,7 +199,7 @@ def test_cumulative_macs_add_up(name):
     cumulative = [r["cumulative_macs"] for r in rows]
     assert all(b > a for a, b in itertools.pairwise(cumulative))
     intermediate_heads = sum(r["head_macs"] for r in rows[:-1])
-    assert cumulative[-1] == backbone_macs(model) + intermediate_heads
+    assert cumulative[-1] == static_macs(model) + intermediate_heads
     assert all(r["segment_macs"] > 0 and r["head_macs"] > 0 for r in rows)
     assert rows[-1]["percent_of_full"] == 100.0
 
@@ -197,7 +211,7 @@ def test_counting_leaves_modes_and_weights_alone():
     modes = {name: m.training for name, m in model.named_modules()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exit_macs(model)
-    backbone_macs(model)
+    static_macs(model)
     assert {name: m.training for name, m in model.named_modules()} == modes
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -131,6 +131,7 @@ def test_other_input_sizes(name, size):
 
 
 def test_exit_head_is_the_papers():
+    """The intermediate head docs/method.md defines under "Early-exit networks"."""
     model = build("resnet20")
     # Exit 1 sees 16 x 32 x 32 (stage 1), exit 2 sees 32 x 16 x 16; the 2x2 pool halves both.
     for head, (channels, size) in zip(model.heads[:2], [(16, 32), (32, 16)], strict=True):
@@ -385,7 +386,13 @@ def test_backbone_parameter_counts(name):
     assert round(count / 1e6, digits) == PUBLISHED_M[name]
 
 
-def test_mobilenetv2_parameters_match_torchvision_body():
-    # torchvision's ImageNet MobileNetV2 has 3,504,872 parameters, 1,281,000 of them in its
-    # 1000-class linear layer; strides do not change parameters, so 10 classes add 12,810.
-    assert PARAMS["mobilenetv2"] == 3_504_872 - 1_281_000 + 12_810
+@pytest.mark.parametrize("width_mult", [0.5, 1.0, 1.4])
+def test_mobilenetv2_parameters_match_torchvision(width_mult):
+    # Strides do not change parameters, so erde's CIFAR variant (exit heads aside) must hold
+    # exactly torchvision's ImageNet MobileNetV2's parameter tensors, in the same order.
+    from torchvision.models import mobilenet_v2
+
+    model = create_model("mobilenetv2", width_mult=width_mult)
+    ours = [*model.segments.parameters(), *model.heads[-1].parameters()]
+    reference = list(mobilenet_v2(num_classes=10, width_mult=width_mult).parameters())
+    assert [p.shape for p in ours] == [p.shape for p in reference]

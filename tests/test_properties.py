@@ -17,7 +17,8 @@ from hypothesis.extra import numpy as hnp
 
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.sweep import sweep
-from erde.losses import ENTROPY_TERMS, METHODS, make_loss
+from erde.losses import make_loss
+from erde.methods import ENTROPY_TERMS, METHODS
 
 POLICIES = [("entropy", False), ("entropy", True), ("maxprob", False)]
 

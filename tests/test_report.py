@@ -9,29 +9,29 @@ import pytest
 import torch
 
 from erde.errors import ErdeError
+from erde.evaluation.cache import LogitsCache
 from erde.evaluation.calibrate import Calibration
-from erde.evaluation.sweep import Curve
-from erde.report import (
-    markdown_table,
-    mean_std_curves,
-    plot_exit_distribution,
-    plot_tradeoff,
-    write_curve_csv,
-    write_json,
-)
+from erde.evaluation.compare import aggregate, mean_std_curves
+from erde.evaluation.plots import plot_exit_distribution, plot_tradeoff
+from erde.evaluation.render import render_comparison, render_report
+from erde.evaluation.summary import summarize
+from erde.evaluation.sweep import Curve, write_curve_csv
+from erde.files import write_json
+from erde.model_info import DataInfo, ModelInfo
+from erde.report import markdown_table, read_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def curve(macs, accuracy, cum_macs=(10.0, 40.0)) -> Curve:
+def curve(macs, accuracy, exit_macs=(10.0, 40.0)) -> Curve:
     macs = np.asarray(macs, dtype=float)
-    late = (macs - cum_macs[0]) / (cum_macs[-1] - cum_macs[0])
+    late = (macs - exit_macs[0]) / (exit_macs[-1] - exit_macs[0])
     return Curve(
         thresholds=np.linspace(1.0, 0.0, len(macs)),
         accuracy=np.asarray(accuracy, dtype=float),
         expected_macs=macs,
         exit_share=np.stack([1 - late, late], axis=1),
-        cum_macs=np.asarray(cum_macs, dtype=float),
+        exit_macs=np.asarray(exit_macs, dtype=float),
     )
 
 
@@ -87,6 +87,7 @@ def test_json_is_numpy_safe_strict_and_atomic(tmp_path):
             "val_accuracy": 0.875,
             "val_expected_macs": 17.5,
             "criterion": "budget",
+            "reached": True,
         },
         "3": [1, 2],
     }
@@ -166,7 +167,7 @@ def test_mean_std_of_two_known_curves():
 
 def test_mean_std_uses_the_shared_range_and_averages_equal_macs():
     a = curve([10, 20, 20, 40], [0.5, 0.6, 0.8, 0.9])  # 0.7 at 20 MACs after averaging
-    b = curve([20, 30], [0.7, 0.7], cum_macs=(10.0, 40.0))
+    b = curve([20, 30], [0.7, 0.7], exit_macs=(10.0, 40.0))
     grid, mean, std = mean_std_curves([a, b], n_points=3)
     np.testing.assert_allclose(grid, [20, 25, 30])
     np.testing.assert_allclose(mean, [0.7, (0.75 + 0.7) / 2, (0.8 + 0.7) / 2])
@@ -174,3 +175,91 @@ def test_mean_std_uses_the_shared_range_and_averages_equal_macs():
     np.testing.assert_allclose(std, 0.0)
     with pytest.raises(ErdeError, match="share no MACs range"):
         mean_std_curves([curve([10, 15], [0.5, 0.6]), curve([30, 40], [0.7, 0.8])])
+
+
+def summary(method: str = "erde", seed: int = 0, budgets=(0.1, 0.5), shift: float = 0.0):
+    """A run's summary from random per-exit logits (3 exits, 4 classes), val and test alike."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (64,), generator=g)
+    logits = torch.randn(64, 3, 4, generator=g) + shift
+    logits[torch.arange(64), :, labels] += torch.tensor([1.0, 2.0, 4.0])  # later exits surer
+    cache = LogitsCache(
+        {"val": logits, "test": logits}, {"val": labels, "test": labels}, [10, 20, 40], ""
+    )
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, [10, 20, 40], 35, data, method=method, seed=seed)
+    return summarize(cache, info, f"runs/{method}-s{seed}", budgets=budgets)
+
+
+def test_report_json_round_trip_keeps_its_keys(tmp_path):
+    report = summary().report
+    report.write(tmp_path / "report.json")
+    assert read_report(tmp_path / "report.json") == report
+    raw = json.loads((tmp_path / "report.json").read_text())
+    assert {"chosen", "at_reference_accuracy", "at_own_full_accuracy", "at_budget_fraction"} < set(
+        raw
+    )
+    assert raw["at_budget_fraction"]["0.1"] is None  # below the first exit's 25 %
+    assert set(raw["chosen"]) == {
+        "threshold",
+        "criterion",
+        "val_accuracy",
+        "val_expected_macs",
+        "test_accuracy",
+        "test_expected_macs",
+        "test_exit_share",
+        "reduction_vs_reference",
+        "reduction_vs_own_full",
+        "reached",
+    }
+    assert raw["reference"]["macs"] == 40  # the run's own final exit: no reference run given
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda raw: raw.pop("chosen"), "no 'chosen' entry"),
+        (lambda raw: raw["chosen"].update(threshold="high"), "'chosen.threshold' must be a number"),
+        (lambda raw: raw["at_budget_fraction"].update({"0.5": [1]}), "is not a JSON object"),
+        (lambda raw: raw.update(normalize="no"), "'normalize' must be a bool"),
+        (lambda raw: raw["reference"].pop("macs"), "'reference' has no 'macs' entry"),
+    ],
+)
+def test_read_report_names_what_is_damaged(tmp_path, damage, match):
+    path = tmp_path / "report.json"
+    summary().report.write(path)
+    raw = json.loads(path.read_text())
+    damage(raw)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ErdeError, match=match) as err:
+        read_report(path)
+    assert "erde evaluate" in str(err.value)
+
+
+def test_read_report_of_a_missing_or_corrupt_file(tmp_path):
+    with pytest.raises(ErdeError, match="missing"):
+        read_report(tmp_path / "report.json")
+    (tmp_path / "report.json").write_text("{")
+    with pytest.raises(ErdeError, match="corrupt"):
+        read_report(tmp_path / "report.json")
+
+
+def test_report_markdown_states_every_operating_point():
+    md = render_report(summary().report)
+    assert "# resnet8 — erde (seed 0)" in md
+    assert "| budget 10% of full MACs | below the first exit's cost |" in md
+    for name in ("keep the run's own final-exit", "budget 50% of full MACs", "chosen (exits.png)"):
+        assert f"| {name}" in md
+
+
+def test_aggregate_groups_seeds_by_method_and_model():
+    runs = [summary("kd", 0), summary("erde", 0), summary("kd", 1, shift=0.3)]
+    comparison = aggregate(runs, max_drop=1.0)
+    assert list(comparison.groups) == ["kd (resnet8)", "erde (resnet8)"]
+    assert [s.report.seed for s in comparison.groups["kd (resnet8)"]] == [0, 1]
+    assert comparison.reference == runs[0].report.reference
+    raw = comparison.to_json()
+    assert raw["groups"]["kd (resnet8)"]["runs"] == ["runs/kd-s0", "runs/kd-s1"]
+    md = render_comparison(comparison)
+    assert "| kd (resnet8) | 2 |" in md and "| erde (resnet8) | 1 |" in md
+    assert "reference val accuracy - 1 pt" in md

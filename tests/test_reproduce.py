@@ -11,11 +11,13 @@ import torch
 from erde.cli import main
 from erde.config import load_reproduce_config, preset_names, stage_config
 from erde.data import ImageData
+from erde.data.prepare import data_info
 from erde.errors import ErdeError
-from erde.evaluation.cache import CACHE, LogitsCache, load_cache, read_cache, save_cache
+from erde.evaluation.cache import LogitsCache, load_cache, read_cache, save_cache
 from erde.evaluation.policy import simulate
-from erde.train import build_model
+from erde.models.build import build_model
 
+CACHE = "logits.safetensors"  # the run-folder layout, spelled out independently of the code
 SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -27,6 +29,7 @@ def quick(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_whole_protocol(quick, capsys):
     for run in ("teacher", "ce-s0", "kd-s0", "kd-masked-s0", "erde-s0"):
         meta = json.loads((quick / run / "model.json").read_text())
@@ -56,12 +59,14 @@ def test_quickstart_runs_the_whole_protocol(quick, capsys):
     assert json.loads((quick / "ce-s0" / "model.json").read_text())["teacher"] is None
 
 
+@pytest.mark.slow
 def test_quickstart_again_keeps_finished_runs(quick, capsys):
     before = {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")}
     assert main(["quickstart", *SHORT, "--out", str(quick), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")} == before
 
 
+@pytest.mark.slow
 def test_interrupted_reproduction_trains_only_what_is_missing(quick, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(quick, out)
@@ -72,6 +77,7 @@ def test_interrupted_reproduction_trains_only_what_is_missing(quick, tmp_path, c
     assert (out / "erde-s0" / "model.safetensors").stat().st_mtime_ns == kept
 
 
+@pytest.mark.slow
 def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
     run = quick / "erde-s0"
     code = main(["evaluate", str(run), "--reference", str(quick / "teacher"), "--max-drop", "1"])
@@ -93,6 +99,7 @@ def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
     assert report["reference"]["label"].startswith("teacher resnet20")
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_cache_of_another_model(quick, tmp_path, capsys):
     run = tmp_path / "kd"
     shutil.copytree(quick / "kd-s0", run)
@@ -104,6 +111,7 @@ def test_evaluate_refuses_a_cache_of_another_model(quick, tmp_path, capsys):
     assert main(["evaluate", str(run), "--refresh"]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -118,6 +126,7 @@ def test_evaluate_bad_operating_points(quick, capsys, argv, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("refresh", [False, True])
 def test_a_bad_budget_is_refused_before_the_model_runs(quick, tmp_path, capsys, refresh):
     run = tmp_path / "kd"
@@ -159,6 +168,7 @@ def test_logits_cache_round_trip_and_full_disk(tmp_path):
     assert list((tmp_path / "full").iterdir()) == []  # no half-written temporary
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change, message",
     [({"finished": False}, "has not finished training"), ({"source": "npz"}, "same data source")],
@@ -178,6 +188,7 @@ def test_a_reused_teacher_is_checked_before_any_student_trains(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_run_folder_without_checkpoint(quick, tmp_path, capsys):
     run = tmp_path / "half"
     run.mkdir()
@@ -186,6 +197,7 @@ def test_run_folder_without_checkpoint(quick, tmp_path, capsys):
     assert "no trained model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_groups_seeds_and_draws_one_plot(quick, tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(
@@ -219,8 +231,11 @@ def test_paper_scale_presets_load_and_build(preset):
         (0.25,) * 3,
         True,
     )
-    teacher = build_model(stage_config(cfg, "teacher", seed=0), data)
-    student = build_model(stage_config(cfg, "student", seed=0, method="erde", teacher="t"), data)
+    info = data_info(data)
+    teacher = build_model(stage_config(cfg, "teacher", seed=0).model, info)
+    student = build_model(
+        stage_config(cfg, "student", seed=0, method="erde", teacher="t").model, info
+    )
     x = torch.zeros(2, 3, 32, 32)
     assert [o.shape for o in student.eval()(x)][-1] == (2, classes)
     assert teacher.num_exits >= 2 and student.num_exits >= 2

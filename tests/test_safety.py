@@ -17,8 +17,9 @@ from omegaconf import OmegaConf
 from erde.cli import main
 from erde.config import load_config, load_reproduce_config
 from erde.errors import ErdeError
-from erde.evaluation.cache import CACHE
 from erde.train import fit
+
+CACHE = "logits.safetensors"  # the run-folder layout, spelled out independently of the code
 
 FAST = ["model.name=resnet8", "train.batch_size=128", "data.crop_padding=1"]
 
@@ -58,6 +59,7 @@ def copy_run(src, dst):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
 def test_pickle_bomb_state_is_refused_on_resume(runs, tmp_path, capsys, container):
     run = copy_run(runs / "unfinished", tmp_path / "run")
@@ -106,6 +108,7 @@ BOGUS_HEADERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("blob", BOGUS_HEADERS.values(), ids=BOGUS_HEADERS.keys())
 def test_forged_safetensors_header_is_refused(runs, tmp_path, capsys, blob):
     run = copy_run(runs / "finished", tmp_path / "run")
@@ -115,6 +118,7 @@ def test_forged_safetensors_header_is_refused(runs, tmp_path, capsys, blob):
     assert not (run / CACHE).exists() and not (run / "eval").exists()
 
 
+@pytest.mark.slow
 def test_forged_logits_cache_header_is_refused(runs, tmp_path, capsys):
     run = copy_run(runs / "finished", tmp_path / "run")
     (run / CACHE).write_bytes(BOGUS_HEADERS["offsets beyond the data"])

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 from erde.errors import ErdeError
-from erde.evaluation.metrics import (
-    accuracy_at_budget,
-    auc,
-    macs_at_accuracy,
-    per_exit_accuracy,
-    reduction_factor,
-)
+from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.sweep import Curve, default_thresholds, sweep
 
 K = 4
-CUM_MACS = [10.0, 20.0, 40.0]
+EXIT_MACS = [10.0, 20.0, 40.0]
 LABELS = torch.tensor([0, 1, 2, 3, 1, 2, 3, 1])
 
 
@@ -42,22 +36,22 @@ def random_logits(n: int, e: int, k: int, seed: int) -> torch.Tensor:
     return torch.randn(n, e, k, generator=g) * torch.rand(n, e, 1, generator=g) * 6
 
 
-def reference_point(logits, labels, cum_macs, theta, policy="entropy", normalize=False):
+def reference_point(logits, labels, exit_macs, theta, policy="entropy", normalize=False):
     """A point computed the slow, obvious way: simulate, then count."""
     exit_index, prediction = simulate(logits, float(theta), policy, normalize)
     e = logits.shape[1]
     share = np.bincount(exit_index.numpy(), minlength=e) / len(labels)
     accuracy = (prediction == labels).double().mean().item()
-    macs = np.asarray(cum_macs)[exit_index.numpy()].mean()
+    macs = np.asarray(exit_macs)[exit_index.numpy()].mean()
     return accuracy, macs, share
 
 
 def test_sweep_known_points():
-    curve = sweep(known_logits(), LABELS, CUM_MACS, thresholds=[0.0, 0.5, 100.0])
+    curve = sweep(known_logits(), LABELS, EXIT_MACS, thresholds=[0.0, 0.5, 100.0])
     np.testing.assert_array_equal(curve.accuracy, [1.0, 7 / 8, 0.5])
     np.testing.assert_allclose(curve.expected_macs, [40.0, 17.5, 10.0], rtol=1e-12)
     np.testing.assert_array_equal(curve.exit_share, [[0, 0, 1], [4 / 8, 3 / 8, 1 / 8], [1, 0, 0]])
-    np.testing.assert_array_equal(curve.cum_macs, CUM_MACS)
+    np.testing.assert_array_equal(curve.exit_macs, EXIT_MACS)
 
 
 def test_per_exit_accuracy_known():
@@ -76,10 +70,10 @@ def test_sweep_equals_simulate_at_every_threshold(policy, normalize):
     thresholds = np.concatenate(
         [default_thresholds(logits, policy, normalize, n=100), scores[:60, :3].reshape(-1)]
     )
-    cum_macs = [1, 2, 3, 5]
-    curve = sweep(logits, labels, cum_macs, thresholds, policy, normalize)
+    exit_macs = [1, 2, 3, 5]
+    curve = sweep(logits, labels, exit_macs, thresholds, policy, normalize)
     for t, theta in enumerate(curve.thresholds):
-        accuracy, macs, share = reference_point(logits, labels, cum_macs, theta, policy, normalize)
+        accuracy, macs, share = reference_point(logits, labels, exit_macs, theta, policy, normalize)
         assert curve.accuracy[t] == accuracy
         np.testing.assert_array_equal(curve.exit_share[t], share)
         assert curve.expected_macs[t] == pytest.approx(macs, rel=1e-12)
@@ -88,9 +82,9 @@ def test_sweep_equals_simulate_at_every_threshold(policy, normalize):
 def test_sweep_with_1000_thresholds():
     logits = random_logits(2000, 4, 10, seed=2)
     labels = torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(3))
-    cum_macs = [1e6, 2e6, 3e6, 4e6]
+    exit_macs = [1e6, 2e6, 3e6, 4e6]
     thresholds = np.linspace(0.0, 1.1 * math.log(10), 1000)
-    curve = sweep(logits, labels, cum_macs, thresholds)
+    curve = sweep(logits, labels, exit_macs, thresholds)
     assert curve.accuracy.shape == curve.expected_macs.shape == (1000,)
     assert curve.exit_share.shape == (1000, 4)
     np.testing.assert_allclose(curve.exit_share.sum(axis=1), 1.0, rtol=1e-12)
@@ -98,7 +92,7 @@ def test_sweep_with_1000_thresholds():
     assert np.all(np.diff(curve.expected_macs) <= 1e-6)
     assert curve.expected_macs[0] == 4e6 and curve.expected_macs[-1] == 1e6
     for t in range(0, 1000, 111):
-        accuracy, macs, share = reference_point(logits, labels, cum_macs, thresholds[t])
+        accuracy, macs, share = reference_point(logits, labels, exit_macs, thresholds[t])
         assert curve.accuracy[t] == accuracy
         np.testing.assert_array_equal(curve.exit_share[t], share)
         assert curve.expected_macs[t] == pytest.approx(macs, rel=1e-12)
@@ -123,7 +117,7 @@ def test_single_exit_sweep():
 
 
 def test_to_rows():
-    rows = sweep(known_logits(), LABELS, CUM_MACS, thresholds=[0.5]).to_rows()
+    rows = sweep(known_logits(), LABELS, EXIT_MACS, thresholds=[0.5]).to_rows()
     assert rows == [
         {
             "threshold": 0.5,
@@ -137,32 +131,32 @@ def test_to_rows():
 
 
 @pytest.mark.parametrize(
-    ("labels", "cum_macs", "thresholds", "match"),
+    ("labels", "exit_macs", "thresholds", "match"),
     [
-        (LABELS[:5], CUM_MACS, None, "8 integer class indices"),
-        (LABELS.float(), CUM_MACS, None, "integer"),
-        (LABELS + 1, CUM_MACS, None, r"\[0, 3\]"),
+        (LABELS[:5], EXIT_MACS, None, "8 integer class indices"),
+        (LABELS.float(), EXIT_MACS, None, "integer"),
+        (LABELS + 1, EXIT_MACS, None, r"\[0, 3\]"),
         (LABELS, [10.0, 20.0], None, "one per exit"),
         (LABELS, [10.0, 40.0, 20.0], None, "increase"),
-        (LABELS, CUM_MACS, [0.1, math.nan], "non-negative"),
-        (LABELS, CUM_MACS, [], "non-empty"),
+        (LABELS, EXIT_MACS, [0.1, math.nan], "non-negative"),
+        (LABELS, EXIT_MACS, [], "non-empty"),
     ],
 )
-def test_sweep_input_errors(labels, cum_macs, thresholds, match):
+def test_sweep_input_errors(labels, exit_macs, thresholds, match):
     with pytest.raises(ErdeError, match=match):
-        sweep(known_logits(), labels, cum_macs, thresholds)
+        sweep(known_logits(), labels, exit_macs, thresholds)
 
 
-def hand_curve(macs, accuracy, cum_macs=(10.0, 40.0)) -> Curve:
+def hand_curve(macs, accuracy, exit_macs=(10.0, 40.0)) -> Curve:
     """A two-exit curve whose exit shares agree with its expected MACs."""
     macs = np.asarray(macs, dtype=float)
-    late = (macs - cum_macs[0]) / (cum_macs[1] - cum_macs[0])
+    late = (macs - exit_macs[0]) / (exit_macs[1] - exit_macs[0])
     return Curve(
         thresholds=np.linspace(1.0, 0.0, len(macs)),
         accuracy=np.asarray(accuracy, dtype=float),
         expected_macs=macs,
         exit_share=np.stack([1 - late, late], axis=1),
-        cum_macs=np.asarray(cum_macs, dtype=float),
+        exit_macs=np.asarray(exit_macs, dtype=float),
     )
 
 
@@ -182,24 +176,3 @@ def test_auc_hand_values():
     assert auc(hand_curve([10, 25, 40], [0.6, 0.6, 0.9]), 80.0) == pytest.approx(expected)
     with pytest.raises(ErdeError, match="last-exit cost"):
         auc(hand_curve([10, 40], [0.5, 0.9]), 20.0)
-
-
-def test_macs_at_accuracy_and_reduction():
-    curve = hand_curve([40, 30, 20, 10], [0.90, 0.89, 0.85, 0.60])
-    assert macs_at_accuracy(curve, 0.89) == 30.0
-    assert macs_at_accuracy(curve, 0.90, tolerance=0.011) == 30.0
-    assert macs_at_accuracy(curve, 0.90, tolerance=0.05) == 20.0
-    assert macs_at_accuracy(curve, 0.95) is None
-    assert reduction_factor(40.0, 4.0) == 10.0
-    with pytest.raises(ErdeError, match="positive"):
-        reduction_factor(40.0, 0.0)
-
-
-def test_accuracy_at_budget():
-    curve = hand_curve([40, 30, 20, 10], [0.90, 0.91, 0.85, 0.60])
-    assert accuracy_at_budget(curve, 40.0) == 0.91
-    assert accuracy_at_budget(curve, 25.0) == 0.85
-    assert accuracy_at_budget(curve, 10.0) == 0.60
-    for budget in (9.9, 40.1, math.nan):
-        with pytest.raises(ErdeError, match=r"\[10, 40\] MACs"):
-            accuracy_at_budget(curve, budget)

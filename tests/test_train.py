@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erde.checkpoint import read_jsonl
 from erde.cli import main
 from erde.config import load_config
-from erde.train import fit, lr_factor
+from erde.files import read_jsonl
+from erde.optim import lr_factor
+from erde.train import fit
 
 FAST = ["model.name=resnet8", "train.batch_size=128", "train.lr=0.1", "data.crop_padding=1"]
 
@@ -36,6 +37,7 @@ def teacher(tmp_path_factory):
     return run, row
 
 
+@pytest.mark.slow
 def test_teacher_and_erde_student_learn_every_exit(teacher, tmp_path):
     run, trow = teacher
     srow = fit(
@@ -58,6 +60,7 @@ def test_teacher_and_erde_student_learn_every_exit(teacher, tmp_path):
     assert meta["exit_macs"] == sorted(meta["exit_macs"]) and len(meta["pairing"]) == 3
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     fit(cfg("train.epochs=2"), tmp_path / "straight", progress=False)
     # Same run, stopped after epoch 1: a 1-epoch run's state is not the same (its schedule ends
@@ -80,6 +83,7 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
     one_epoch = cfg("train.epochs=1", "train.warmup_epochs=0")
     fit(one_epoch, tmp_path / "straight", progress=False)
@@ -103,6 +107,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path
     assert mine.read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_resume_removes_the_temporaries_of_interrupted_writes(tmp_path):
     run = tmp_path / "r"
     fit(cfg("train.epochs=2"), run, progress=False, stop_after=1)
@@ -113,6 +118,7 @@ def test_resume_removes_the_temporaries_of_interrupted_writes(tmp_path):
     assert json.loads((run / "model.json").read_text())["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_a_folder_killed_while_writing_its_config_takes_a_new_run(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
@@ -122,6 +128,7 @@ def test_a_folder_killed_while_writing_its_config_takes_a_new_run(tmp_path):
     assert not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     rows = [
         fit(
@@ -140,21 +147,22 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 def test_lr_schedule_warmup_cosine_multistep():
     c = cfg("train.epochs=4", "train.warmup_epochs=1")
     steps = 10
-    assert lr_factor(c, 0, steps) == pytest.approx(0.1)
-    assert lr_factor(c, 9, steps) == pytest.approx(1.0)
-    assert lr_factor(c, 10, steps) == pytest.approx(1.0)
-    assert lr_factor(c, 25, steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    assert lr_factor(c.train, 0, steps) == pytest.approx(0.1)
+    assert lr_factor(c.train, 9, steps) == pytest.approx(1.0)
+    assert lr_factor(c.train, 10, steps) == pytest.approx(1.0)
+    assert lr_factor(c.train, 25, steps) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
     m = cfg(
         "train.epochs=4",
         "train.schedule=multistep",
         "train.milestones=[0.5,0.75]",
         "train.gamma=0.1",
     )
-    assert [lr_factor(m, s, steps) for s in (19, 20, 29, 30)] == pytest.approx(
+    assert [lr_factor(m.train, s, steps) for s in (19, 20, 29, 30)] == pytest.approx(
         [1.0, 0.1, 0.1, 0.01]
     )
 
 
+@pytest.mark.slow
 def test_finished_run_is_not_replaced_without_overwrite(teacher, capsys):
     run, _ = teacher
     before = (run / "model.safetensors").read_bytes()
@@ -165,6 +173,7 @@ def test_finished_run_is_not_replaced_without_overwrite(teacher, capsys):
     assert (run / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "teacher_arg, message",
     [
@@ -193,6 +202,7 @@ def test_bad_teacher_is_refused(tmp_path, capsys, teacher, teacher_arg, message)
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_teacher_trained_on_other_data_is_refused(teacher, tmp_path, capsys):
     import numpy as np
 
@@ -222,6 +232,7 @@ def test_teacher_trained_on_other_data_is_refused(teacher, tmp_path, capsys):
     assert code == 2 and "same data source" in err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     run = tmp_path / "blowup"
     # Epoch 1 trains normally; from epoch 2 the learning rate is multiplied by 1e12.
@@ -262,6 +273,7 @@ def test_config_mistakes_name_the_key(tmp_path, capsys, argv, message):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     fit(cfg("train.epochs=2"), run, progress=False, stop_after=1)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from erde.errors import ErdeError
+from erde.logs import log_to_stdout
+from erde.methods import STUDENT_METHODS
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -88,11 +90,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import evaluate_run
+    from erde.rundir import ReportDir, RunDir
 
-    out = args.out or f"{args.run}/eval"
-    s = evaluate_run(
+    out = ReportDir(args.out) if args.out else RunDir(args.run).eval
+    r = evaluate_run(
         args.run,
-        out=out,
+        out=out.path,
         reference=args.reference,
         policy=args.policy,
         normalize=args.normalize,
@@ -101,23 +104,23 @@ def _evaluate(args: argparse.Namespace) -> None:
         refresh=args.refresh,
         device=args.device,
     )
-    c = s["chosen"]
+    c = r.chosen
     print(
-        f"{s['model']} ({s['method']}): test accuracy per exit (%) "
-        + ", ".join(f"{100 * a:.2f}" for a in s["per_exit_accuracy"]["test"])
+        f"{r.model} ({r.method}): test accuracy per exit (%) "
+        + ", ".join(f"{100 * a:.2f}" for a in r.per_exit_accuracy["test"])
     )
     print(
-        f"threshold {c['threshold']:.4g} chosen on val ({c['criterion']}): "
-        f"val accuracy {100 * c['val_accuracy']:.2f} %, test accuracy "
-        f"{100 * c['test_accuracy']:.2f} % at {c['test_expected_macs'] / 1e6:.3f} M MACs "
-        f"per test image ({c['reduction_vs_reference']:.2f}x fewer than "
-        f"{s['reference']['label']})"
+        f"threshold {c.threshold:.4g} chosen on val ({c.criterion}): "
+        f"val accuracy {100 * c.val_accuracy:.2f} %, test accuracy "
+        f"{100 * c.test_accuracy:.2f} % at {c.test_expected_macs / 1e6:.3f} M MACs "
+        f"per test image ({c.reduction_vs_reference:.2f}x fewer than {r.reference.label})"
     )
-    print(f"report: {out}/report.md")
+    print(f"report: {out.report_md}")
 
 
 def _compare(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import compare_runs
+    from erde.rundir import ComparisonDir
 
     compare_runs(
         args.runs,
@@ -128,8 +131,9 @@ def _compare(args: argparse.Namespace) -> None:
         max_drop=args.max_drop,
         device=args.device,
     )
-    print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
-    print(f"plot: {Path(args.out) / 'comparison.png'}")
+    files = ComparisonDir(args.out)
+    print(files.comparison_md.read_text(encoding="utf-8"))
+    print(f"plot: {files.comparison_png}")
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -145,17 +149,18 @@ def _reproduce(args: argparse.Namespace) -> None:
         teacher=args.teacher,
         teacher_per_seed=args.teacher_per_seed,
         progress=not args.no_progress,
+        jobs=args.jobs,
     )
     print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out) / 'comparison.png'}; every run folder is in {args.out}")
 
 
 def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    """`--seeds 0,1,2`: distinct seeds, since a repeated seed would train the same run twice."""
+    from erde.comma_list import comma_list_type
+
+    seeds = comma_list_type(int)(text)
+    if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds such as 0,1,2")
     return seeds
 
@@ -265,11 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="train one teacher per seed instead of one for all",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--jobs",
+            type=int,
+            default=1,
+            metavar="N",
+            help="train N students at once in separate processes that share the cores (default 1)",
+        )
 
     p = command(
         "reproduce",
         _reproduce,
-        "the paper's protocol: teacher, students (ce, kd, kd-masked, erde), comparison",
+        f"the paper's protocol: teacher, students ({', '.join(STUDENT_METHODS)}), comparison",
     )
     p.add_argument("--preset", required=True, help="reproduce preset name or YAML file")
     reproduce_options(p, "runs/reproduce")
@@ -299,10 +311,20 @@ def _one_line(exc: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`--out runs/x train.epochs=5`).
+    if (
+        extra
+        and hasattr(args, "overrides")
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("config", "train") and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
+    log_to_stdout()
     try:
         args.func(args)
     except (ErdeError, OSError) as exc:

@@ -1,7 +1,11 @@
 """Typed run configuration: defaults, preset files, `key=value` overrides and validation.
 
-OmegaConf structured configs give type checking and unknown-key errors for free; this module only
-turns their exceptions into messages that name the key and the fix.
+OmegaConf structured configs give type checking and unknown-key errors for free; this module
+turns their exceptions into messages that name the key and the fix, and checks what types cannot
+express against one table next to the schema: `CHOICES` (the allowed strings; the methods and
+loss options come from `erde.methods`) and `RANGES`. Enum-typed fields would do the choices too,
+but OmegaConf writes an Enum's *name* to YAML (`KD_MASKED`, not `kd-masked`) and hands code Enum
+objects, so the keys stay plain strings and the table checks them.
 
 A config is data. YAML is read with a safe loader (no `!!python/...` tags), and an interpolation
 may only name another key (`${train.lr}`) or an environment variable (`${oc.env:NAME}` or
@@ -12,7 +16,9 @@ loaded, and a run folder's config.yaml records the resolved values.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -22,6 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from erde.errors import ErdeError
+from erde.methods import (
+    ENTROPY_EXITS,
+    ENTROPY_TERMS,
+    METHOD_TABLE,
+    METHODS,
+    PAIRINGS,
+    STUDENT_METHODS,
+    TEACHER_METHODS,
+    or_list,
+)
 
 
 @dataclass
@@ -51,13 +67,13 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | multistep | constant
+    schedule: str = "cosine"  # one of CHOICES[key]; likewise every choice below
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
     # Under torchrun on CUDA: BatchNorm statistics over the global batch, not each process's share.
@@ -69,15 +85,19 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "teacher"  # teacher | ce | kd | kd-masked | erde
+    method: str = "teacher"  # a name in erde.methods.METHOD_TABLE
     teacher: str | None = None  # run folder of a finished teacher
     alpha: float = 0.5
     beta: float = 1.0
     temperature: float = 4.0
-    pairing: str = "depth"  # same | depth | final
-    entropy_term: str = "uniform-ce"  # uniform-ce | neg-entropy
-    entropy_exits: str = "all"  # all | intermediate
+    pairing: str = "depth"
+    entropy_term: str = "uniform-ce"
+    entropy_exits: str = "all"
     exit_weights: list[float] | None = None
+    # Reuse the teacher's outputs on the augmented training batches across students (exact; see
+    # erde.teacher_cache). Stored in teacher_cache_dir, by default TEACHER_RUN/teacher-cache.
+    teacher_cache: bool = True
+    teacher_cache_dir: str | None = None
 
 
 @dataclass
@@ -98,7 +118,7 @@ class StageConfig:
 
 @dataclass
 class EvalConfig:
-    policy: str = "entropy"  # entropy | maxprob
+    policy: str = "entropy"
     normalize: bool = False
     max_drop: float = 0.0  # accuracy points below the teacher allowed when calibrating on val
     budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions of full MACs
@@ -112,18 +132,90 @@ class ReproduceConfig:
     teacher: StageConfig = field(default_factory=StageConfig)
     student: StageConfig = field(default_factory=StageConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    methods: list[str] = field(default_factory=lambda: ["ce", "kd", "kd-masked", "erde"])
+    methods: list[str] = field(default_factory=lambda: list(STUDENT_METHODS))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "multistep", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "distill.method": ("teacher", "ce", "kd", "kd-masked", "erde"),
-    "distill.pairing": ("same", "depth", "final"),
-    "distill.entropy_term": ("uniform-ce", "neg-entropy"),
-    "distill.entropy_exits": ("all", "intermediate"),
+    # auto: bf16 where the device computes it natively, else fp32 (erde.device.resolve_precision).
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
+    "distill.method": tuple(METHODS),
+    "distill.pairing": PAIRINGS,
+    "distill.entropy_term": ENTROPY_TERMS,
+    "distill.entropy_exits": ENTROPY_EXITS,
+    # The exit policies (erde.evaluation.policy implements each one).
+    "evaluate.policy": ("entropy", "maxprob"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a key (or each item of a list key) accepts: low <= x (< x if
+    `low_open`), and x <= high where `high` is set. `items` names what a list holds."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    items: str = "values"
+
+    def holds(self, x: float) -> bool:
+        """Whether `x` is allowed (NaN and infinities never are)."""
+        above = x > self.low if self.low_open else x >= self.low
+        return math.isfinite(x) and above and (self.high is None or x <= self.high)
+
+    def rule(self) -> str:
+        """The rule as messages state it: '> 0', '>= 0' or 'in (0, 1]'."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+_POSITIVE, _NON_NEGATIVE = Range(0, low_open=True), Range(0)
+RANGES: dict[str, Range] = {
+    "train.epochs": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.eval_batch_size": _POSITIVE,
+    "distill.temperature": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.momentum": _NON_NEGATIVE,
+    "train.warmup_epochs": _NON_NEGATIVE,
+    "distill.beta": _NON_NEGATIVE,
+    "train.checkpoint_every": _NON_NEGATIVE,
+    "data.val_size": _NON_NEGATIVE,
+    "data.crop_padding": _NON_NEGATIVE,
+    "distill.alpha": Range(0, 1),
+    "distill.exit_weights": Range(0, items="weights"),
+    "train.milestones": Range(0, 1, low_open=True, items="fractions of the run"),
+    "evaluate.budgets": Range(0, 1, low_open=True, items="fractions of the student's full MACs"),
+    "evaluate.max_drop": Range(0),
+}
+
+
+def check_value(key: str, value: Any) -> None:
+    """Check one value against `CHOICES` or `RANGES`; ErdeError with the key and the fix.
+
+    `validate` runs it on every key of a config; library code that takes these values without a
+    config (`erde.losses`) runs it too, so both refuse the same values with the same words.
+    """
+    if key in CHOICES:
+        choices = CHOICES[key]
+        if value not in choices:
+            raise ErdeError(f"{key}={value!r} is not allowed; choose one of {', '.join(choices)}")
+    elif key in RANGES:
+        r = RANGES[key]
+        if value is None:
+            return
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if not all(r.holds(float(x)) for x in value):
+                raise ErdeError(f"{key}={list(value)} must be {r.items} {r.rule()}")
+        elif not r.holds(float(value)):
+            finite = "" if math.isfinite(value) else "a finite number "
+            verb = "be" if r.high is None or finite else "lie"
+            raise ErdeError(f"{key}={value} must {verb} {finite}{r.rule()}")
+    else:
+        raise KeyError(f"{key} has no entry in erde.config.CHOICES or RANGES")
 
 
 RESOLVERS = ("oc.env",)
@@ -220,6 +312,7 @@ def resolved(cfg: Any) -> Any:
 
 
 def check_overrides(overrides: list[str]) -> None:
+    """Refuse an override without `=` before OmegaConf gives a less clear message for it."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ErdeError(
@@ -249,26 +342,18 @@ def load_reproduce_config(preset: str, overrides: list[str] | None = None) -> Re
     sources = [(str(path), _read_yaml(path)), ("the command-line overrides", overrides)]
     cfg = resolved(structured(ReproduceConfig, sources))
     for method in cfg.methods:
-        if method not in CHOICES["distill.method"][1:]:
-            raise ErdeError(f"methods contains {method!r}; students use ce, kd, kd-masked or erde")
+        if method not in STUDENT_METHODS:
+            raise ErdeError(f"methods contains {method!r}; students use {or_list(STUDENT_METHODS)}")
     if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise ErdeError(
             f"methods={list(cfg.methods)}: list each student method once, at least one of "
-            "ce, kd, kd-masked, erde"
+            f"{', '.join(STUDENT_METHODS)}"
         )
-    e = cfg.evaluate
-    if e.policy not in ("entropy", "maxprob"):
-        raise ErdeError(f"evaluate.policy={e.policy!r}: use entropy or maxprob")
-    if any(not 0.0 < b <= 1.0 for b in e.budgets):
-        raise ErdeError(
-            f"evaluate.budgets={list(e.budgets)}: budgets are fractions of the student's full "
-            "MACs in (0, 1], e.g. [0.25, 0.5]"
-        )
-    if not e.max_drop >= 0:
-        raise ErdeError(f"evaluate.max_drop={e.max_drop} must be >= 0 accuracy points")
+    for key in ("evaluate.policy", "evaluate.budgets", "evaluate.max_drop"):
+        check_value(key, getattr(cfg.evaluate, key.split(".")[1]))
     validate(stage_config(cfg, "teacher", seed=0))
     for method in cfg.methods:
-        teacher = None if method == "ce" else "teacher"
+        teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
         validate(stage_config(cfg, "student", seed=0, method=method, teacher=teacher))
     return cfg
 
@@ -292,46 +377,17 @@ def stage_config(
 
 
 def validate(cfg: Config) -> None:
-    """Ranges and choices that types alone cannot express."""
-    for key, choices in CHOICES.items():
+    """Ranges and choices that types alone cannot express: the table, then rules across keys."""
+    for key in (*CHOICES, *RANGES):
         section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ErdeError(f"{key}={value!r} is not allowed; choose one of {', '.join(choices)}")
+        if hasattr(cfg, section):
+            check_value(key, getattr(getattr(cfg, section), name))
     t, d = cfg.train, cfg.distill
-    positive = {
-        "train.epochs": t.epochs,
-        "train.batch_size": t.batch_size,
-        "train.lr": t.lr,
-        "train.eval_batch_size": t.eval_batch_size,
-        "distill.temperature": d.temperature,
-    }
-    for key, value in positive.items():
-        if not value > 0:
-            raise ErdeError(f"{key}={value} must be > 0")
-    non_negative = {
-        "train.weight_decay": t.weight_decay,
-        "train.momentum": t.momentum,
-        "train.warmup_epochs": t.warmup_epochs,
-        "distill.beta": d.beta,
-        "train.checkpoint_every": t.checkpoint_every,
-        "data.val_size": cfg.data.val_size,
-        "data.crop_padding": cfg.data.crop_padding,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ErdeError(f"{key}={value} must be >= 0")
-    if not 0.0 <= d.alpha <= 1.0:
-        raise ErdeError(f"distill.alpha={d.alpha} must lie in [0, 1]")
     if t.warmup_epochs >= t.epochs:
         raise ErdeError(
             f"train.warmup_epochs={t.warmup_epochs} must be below train.epochs={t.epochs}"
         )
-    if any(not 0.0 < m <= 1.0 for m in t.milestones):
-        raise ErdeError(
-            f"train.milestones={list(t.milestones)} must be fractions of the run in (0, 1]"
-        )
-    needs_teacher = d.method in ("kd", "kd-masked", "erde")
+    needs_teacher = METHOD_TABLE[d.method].needs_teacher
     if needs_teacher and not d.teacher:
         raise ErdeError(
             f"distill.method={d.method} needs a teacher: set distill.teacher=RUN_DIR "
@@ -340,19 +396,23 @@ def validate(cfg: Config) -> None:
     if not needs_teacher and d.teacher:
         raise ErdeError(
             f"distill.teacher is set but distill.method={d.method} uses no teacher; "
-            "drop distill.teacher or pick kd, kd-masked or erde"
+            f"drop distill.teacher or pick {or_list(TEACHER_METHODS)}"
         )
 
 
 def to_yaml(cfg: Any) -> str:
+    """The config as the YAML a run folder records (plain strings and numbers)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists, for JSON sidecars and comparisons."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 __all__ = [
+    "CHOICES",
+    "RANGES",
     "Config",
     "DataConfig",
     "DistillConfig",
@@ -361,6 +421,7 @@ __all__ = [
     "ReproduceConfig",
     "StageConfig",
     "TrainConfig",
+    "check_value",
     "load_config",
     "load_reproduce_config",
     "preset_names",

@@ -1,7 +1,9 @@
-"""Training losses: teacher, ce, kd, kd-masked and ERDE (DESIGN.md section 1).
+"""Training losses: teacher, ce, kd, kd-masked and ERDE (docs/method.md, "Losses").
 
-One engine trains every method; the method only chooses which per-exit terms enter the total, so a
-comparison between methods changes nothing but the loss.
+One engine trains every method; the method only chooses which per-exit terms enter the total (its
+row in `erde.methods.METHOD_TABLE`), so a comparison between methods changes nothing but the loss.
+Arguments are checked with the config schema's own table (`erde.config.check_value`), so a direct
+Python caller gets the message `erde train` gives for the same value.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from erde.config import DistillConfig, check_value
 from erde.errors import ErdeError
+from erde.methods import ENTROPY_EXITS, ENTROPY_TERMS, METHOD_TABLE, METHODS, PAIRINGS
 
-METHODS = ("teacher", "ce", "kd", "kd-masked", "erde")
-PAIRING_MODES = ("same", "depth", "final")
-ENTROPY_TERMS = ("uniform-ce", "neg-entropy")
-ENTROPY_EXITS = ("all", "intermediate")
-_TEACHER_METHODS = ("kd", "kd-masked", "erde")
+__all__ = [
+    "ENTROPY_EXITS",
+    "ENTROPY_TERMS",
+    "METHODS",
+    "PAIRINGS",
+    "DistillLoss",
+    "LossResult",
+    "make_loss",
+    "pair_exits",
+]
+_DEFAULTS = DistillConfig()
 # Exit fractions are ratios of MAC counts; two distances this close are the same distance.
 _TIE_TOLERANCE = 1e-9
 
@@ -37,8 +47,7 @@ def pair_exits(
     teacher exit, and the student's last exit always learns from the teacher's last, the best
     prediction there is.
     """
-    if mode not in PAIRING_MODES:
-        raise ErdeError(f"unknown exit pairing {mode!r}; use one of {', '.join(PAIRING_MODES)}")
+    check_value("distill.pairing", mode)
     if not student_fractions or not teacher_fractions:
         raise ErdeError(
             "exit pairing needs at least one student exit and one teacher exit; "
@@ -76,42 +85,43 @@ class LossResult:
 
 
 class DistillLoss:
-    """One method's loss; it holds only constants, so there is nothing to checkpoint."""
+    """One method's loss; it holds only constants, so there is nothing to checkpoint.
+
+    Options left out take the config's defaults (`erde.config.DistillConfig`, docs/method.md).
+    """
 
     def __init__(
         self,
         method: str,
         *,
-        alpha: float,
-        beta: float,
-        temperature: float,
-        exit_weights: Sequence[float] | None,
-        entropy_term: str,
-        entropy_exits: str,
-        pairing: Sequence[int] | None,
         num_exits: int,
+        pairing: Sequence[int] | None = None,
+        alpha: float = _DEFAULTS.alpha,
+        beta: float = _DEFAULTS.beta,
+        temperature: float = _DEFAULTS.temperature,
+        exit_weights: Sequence[float] | None = _DEFAULTS.exit_weights,
+        entropy_term: str = _DEFAULTS.entropy_term,
+        entropy_exits: str = _DEFAULTS.entropy_exits,
     ) -> None:
-        _check_choice("method", method, METHODS)
-        _check_choice("entropy_term", entropy_term, ENTROPY_TERMS)
-        _check_choice("entropy_exits", entropy_exits, ENTROPY_EXITS)
+        given = {
+            "method": method,
+            "alpha": alpha,
+            "beta": beta,
+            "temperature": temperature,
+            "exit_weights": exit_weights,
+            "entropy_term": entropy_term,
+            "entropy_exits": entropy_exits,
+        }
+        for key, value in given.items():
+            check_value(f"distill.{key}", value)
         if not (isinstance(num_exits, int) and num_exits >= 1):
             raise ErdeError(f"num_exits must be a positive integer, got {num_exits!r}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ErdeError(f"alpha must lie in [0, 1], got {alpha}; set loss alpha to e.g. 0.5")
-        if not (beta >= 0.0 and math.isfinite(beta)):
-            raise ErdeError(f"beta must be a finite number >= 0, got {beta}; set e.g. beta=1.0")
-        if not (temperature > 0.0 and math.isfinite(temperature)):
-            raise ErdeError(
-                f"temperature must be a finite number > 0, got {temperature}; set e.g. 4.0"
-            )
         weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
         if len(weights) != num_exits:
             raise ErdeError(
                 f"exit_weights has {len(weights)} values but the model has {num_exits} exits; "
                 "give one weight per exit or leave exit_weights unset (all 1)"
             )
-        if not all(w >= 0.0 and math.isfinite(w) for w in weights):
-            raise ErdeError(f"exit_weights must be finite and >= 0, got {weights}")
         if pairing is not None:
             pairing = list(pairing)
             if len(pairing) != num_exits or not all(isinstance(j, int) and j >= 0 for j in pairing):
@@ -120,9 +130,10 @@ class DistillLoss:
                     f"({num_exits}), got {pairing}; build it with erde.losses.pair_exits"
                 )
         self.method = method
-        # `teacher` and `ce` learn from labels only; `kd` and `kd-masked` have no entropy term.
-        self.alpha = 1.0 if method in ("teacher", "ce") else float(alpha)
-        self.beta = float(beta) if method == "erde" else 0.0
+        self.spec = METHOD_TABLE[method]
+        # Without a teacher only labels teach; without the entropy term beta weighs nothing.
+        self.alpha = float(alpha) if self.spec.needs_teacher else 1.0
+        self.beta = float(beta) if self.spec.entropy else 0.0
         self.temperature = float(temperature)
         self.exit_weights = weights
         self.entropy_term = entropy_term
@@ -133,7 +144,7 @@ class DistillLoss:
     @property
     def needs_teacher(self) -> bool:
         """Whether calls need teacher logits (so the engine knows to run the teacher)."""
-        return self.method in _TEACHER_METHODS
+        return self.spec.needs_teacher
 
     def __call__(
         self,
@@ -165,8 +176,8 @@ class DistillLoss:
                 right = (t.argmax(dim=1) == labels).to(s.dtype)
                 wrong = 1.0 - right
                 kl = self._kl(s, t)
-                terms["kl"] = kl if self.method == "kd" else right * kl
-                if self.method == "erde" and self._entropy_on(i):
+                terms["kl"] = kl if self.spec.kd == "all" else right * kl
+                if self.spec.entropy and self._entropy_on(i):
                     terms["entropy"] = wrong * self._entropy(s)
             scales = {"ce": self.alpha, "kl": 1.0 - self.alpha, "entropy": self.beta}
             for key, per_sample in terms.items():
@@ -223,40 +234,13 @@ class DistillLoss:
         return self.entropy_exits == "all" or i < self.num_exits - 1
 
 
-def make_loss(
-    method: str,
-    *,
-    alpha: float = 0.5,
-    beta: float = 1.0,
-    temperature: float = 4.0,
-    exit_weights: Sequence[float] | None = None,
-    entropy_term: str = "uniform-ce",
-    entropy_exits: str = "all",
-    pairing: list[int] | None = None,
-    num_exits: int,
-) -> DistillLoss:
-    """Build the loss of one method with DESIGN.md's defaults."""
-    return DistillLoss(
-        method,
-        alpha=alpha,
-        beta=beta,
-        temperature=temperature,
-        exit_weights=exit_weights,
-        entropy_term=entropy_term,
-        entropy_exits=entropy_exits,
-        pairing=pairing,
-        num_exits=num_exits,
-    )
+# The name the engine and the tests build a loss by: `make_loss("erde", num_exits=3)`.
+make_loss = DistillLoss
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
     """Half-precision logits are upcast: softmax and log in float16 lose too much."""
     return torch.promote_types(logits.dtype, torch.float32)
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ErdeError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
 def _check_teacher_shape(t: Tensor, s: Tensor, i: int, j: int) -> None:

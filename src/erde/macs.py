@@ -25,7 +25,7 @@ def exit_macs(model: EarlyExitNet) -> list[int]:
     return [row["cumulative_macs"] for row in macs_table(model)]
 
 
-def backbone_macs(model: EarlyExitNet) -> int:
+def static_macs(model: EarlyExitNet) -> int:
     """MACs of the plain network: all segments plus the final head, no intermediate heads."""
     segments, heads = _segment_and_head_macs(model)
     return sum(segments) + heads[-1]

@@ -1,66 +1,176 @@
-"""Reusable report writers: CSV, JSON, markdown tables and PNG plots.
+"""The evaluation report as typed data (`report.json`), and the markdown table commands print.
 
-Units in, units out: curves carry accuracy as a fraction and MACs per image; the plots show
-accuracy in % and MACs in millions (M). Every file goes through the project's one atomic writer
-(`erde.checkpoint.write_bytes`), so an interrupted run never leaves a half-written report and a
-full disk is a clear message. Plots render on matplotlib's Agg canvas without pyplot, so no
-display is needed and no global state changes.
+`erde evaluate` writes a `Report`; `erde compare`, `erde export` and `erde bench` read it back with
+`read_report`, which checks the file once, so no reader indexes a dict by string keys. Accuracy is
+a fraction and MACs are per image. This module imports no evaluation code: anything may use it.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from erde.checkpoint import write_bytes
 from erde.errors import ErdeError
-from erde.evaluation.sweep import Curve
-
-DPI = 150
+from erde.files import read_json, write_json
 
 
-def write_curve_csv(path: str | os.PathLike, curve: Curve) -> None:
-    """One row per threshold: threshold, accuracy (fraction), expected MACs, share per exit."""
-    rows = curve.to_rows()
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes(Path(path), buf.getvalue().encode())
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A threshold chosen on the validation split by `criterion`, and what it gives on test.
+
+    The one meaning of "operating point" (docs/method.md, "Evaluation protocol"): the threshold
+    and its validation numbers justify the choice; the test numbers are reported, never searched.
+    `reached` is False when an accuracy target was met at no threshold on val, so the point fell
+    back to the full model (threshold 0) and is no saving. The reductions say how many times fewer
+    MACs per test image it spends than the reference and than the run's own full model.
+    """
+
+    threshold: float
+    criterion: str
+    val_accuracy: float
+    val_expected_macs: float
+    test_accuracy: float
+    test_expected_macs: float
+    test_exit_share: list[float]
+    reduction_vs_reference: float
+    reduction_vs_own_full: float
+    reached: bool = True
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values; NaN and infinities become null so strict parsers accept the file."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
+@dataclass(frozen=True)
+class Reference:
+    """The model whose accuracy a student must keep (by default the teacher's final exit) and
+    `macs`, what it costs per image when deployed as a plain network."""
+
+    label: str
+    val_accuracy: float
+    test_accuracy: float
+    macs: float
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Indented JSON that accepts numpy/torch values and dataclasses."""
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    write_bytes(Path(path), text.encode())
+@dataclass(frozen=True)
+class Report:
+    """Everything `erde evaluate` states about one run (`report.json`).
+
+    `per_exit_accuracy` maps "val" and "test" to one accuracy per exit; `at_budget_fraction` maps
+    a budget (a fraction of the full model, as text) to its point, or None when the budget is below
+    the first exit's cost; `chosen` is the point `erde export` deploys.
+    """
+
+    run: str
+    model: str
+    method: str
+    seed: int
+    policy: str
+    normalize: bool
+    exit_macs: list[float]
+    per_exit_accuracy: dict[str, list[float]]
+    test_auc: float
+    reference: Reference
+    max_drop_points: float
+    at_reference_accuracy: OperatingPoint
+    at_own_full_accuracy: OperatingPoint
+    at_budget_fraction: dict[str, OperatingPoint | None]
+    chosen: OperatingPoint
+
+    def write(self, path: Path) -> None:
+        """`report.json`, atomically; NaN (an empty split) becomes null."""
+        write_json(path, self)
+
+    @classmethod
+    def from_json(cls, raw: Any, path: Path | str = "report.json") -> Report:
+        """Checked entry by entry: a damaged or foreign file is a message, not a KeyError."""
+
+        def bad(what: str) -> ErdeError:
+            return ErdeError(
+                f"evaluation report {path}: {what}; it was not written by this version of erde "
+                "or is damaged: run `erde evaluate` on the run again"
+            )
+
+        values = _entries(cls, raw, bad, "the report")
+        for key in ("run", "model", "method", "policy"):
+            _check(values[key], str, bad, key)
+        _check(values["seed"], int, bad, "seed")
+        _check(values["normalize"], bool, bad, "normalize")
+        values["exit_macs"] = _numbers(values["exit_macs"], bad, "exit_macs")
+        per_exit = values["per_exit_accuracy"]
+        if not isinstance(per_exit, dict) or set(per_exit) != {"val", "test"}:
+            raise bad("'per_exit_accuracy' must map 'val' and 'test' to accuracies")
+        values["per_exit_accuracy"] = {
+            s: _numbers(per_exit[s], bad, f"per_exit_accuracy.{s}") for s in ("val", "test")
+        }
+        values["test_auc"] = _number(values["test_auc"], bad, "test_auc")
+        values["max_drop_points"] = _number(values["max_drop_points"], bad, "max_drop_points")
+        values["reference"] = _reference(values["reference"], bad)
+        for key in ("at_reference_accuracy", "at_own_full_accuracy", "chosen"):
+            values[key] = _point(values[key], bad, key)
+        budgets = values["at_budget_fraction"]
+        if not isinstance(budgets, dict):
+            raise bad("'at_budget_fraction' must be an object")
+        values["at_budget_fraction"] = {
+            k: None if p is None else _point(p, bad, f"at_budget_fraction.{k}")
+            for k, p in budgets.items()
+        }
+        return cls(**values)
+
+
+def read_report(path: str | Path) -> Report:
+    """The `report.json` of `erde evaluate`, validated once (a clear message if it is not one)."""
+    return Report.from_json(read_json(Path(path), "evaluation report"), path)
+
+
+def _entries(cls: type, raw: Any, bad: Callable[[str], ErdeError], what: str) -> dict[str, Any]:
+    """The dataclass's fields from a JSON object; every field without a default must be there."""
+    if not isinstance(raw, dict):
+        raise bad(f"{what} is not a JSON object")
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in raw]
+    if missing:
+        raise bad(f"{what} has no {', '.join(repr(k) for k in missing)} entry")
+    return {f.name: raw[f.name] for f in fields if f.name in raw}
+
+
+def _check(value: Any, kind: type, bad: Callable[[str], ErdeError], key: str) -> None:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise bad(f"{key!r} must be a {kind.__name__}")
+
+
+def _number(value: Any, bad: Callable[[str], ErdeError], key: str) -> float:
+    """A number; null is NaN (`write_json` writes NaN and infinities as null)."""
+    if value is None:
+        return math.nan
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad(f"{key!r} must be a number")
+    return float(value)
+
+
+def _numbers(value: Any, bad: Callable[[str], ErdeError], key: str) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise bad(f"{key!r} must be a non-empty list of numbers")
+    return [_number(v, bad, key) for v in value]
+
+
+def _reference(raw: Any, bad: Callable[[str], ErdeError]) -> Reference:
+    values = _entries(Reference, raw, bad, "'reference'")
+    _check(values["label"], str, bad, "reference.label")
+    numbers = {k: _number(v, bad, f"reference.{k}") for k, v in values.items() if k != "label"}
+    return Reference(label=values["label"], **numbers)
+
+
+def _point(raw: Any, bad: Callable[[str], ErdeError], key: str) -> OperatingPoint:
+    values = _entries(OperatingPoint, raw, bad, repr(key))
+    _check(values["criterion"], str, bad, f"{key}.criterion")
+    _check(values.get("reached", True), bool, bad, f"{key}.reached")
+    for name in values.keys() - {"criterion", "reached", "test_exit_share"}:
+        values[name] = _number(values[name], bad, f"{key}.{name}")
+    values["test_exit_share"] = _numbers(values["test_exit_share"], bad, f"{key}.test_exit_share")
+    return OperatingPoint(**values)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -77,113 +187,3 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
             raise ValueError(f"row has {len(row)} cells, headers have {len(headers)}: {row}")
         lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _figure(size: tuple[float, float]) -> tuple[Figure, Any]:
-    """A pyplot-free figure on the Agg canvas: no display, no global backend switch."""
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots()
-
-
-def _save(fig: Figure, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    write_bytes(Path(path), buf.getvalue())
-
-
-def plot_tradeoff(
-    path: str | os.PathLike,
-    series: Sequence[dict],
-    reference: dict | None = None,
-    *,
-    title: str,
-) -> None:
-    """Accuracy (%) versus expected MACs per image (M), one line per series.
-
-    ``series``: dicts {label, macs, accuracy, std (or None)} with MACs per image and accuracy as
-    a fraction; ``std`` draws a mean +/- std band. ``reference``: {label, macs, accuracy} drawn as
-    a star (e.g. the teacher's full model). Name the split (val/test) in ``title`` or the labels.
-    """
-    fig, ax = _figure((6.4, 4.4))
-    for s in series:
-        macs = np.asarray(s["macs"], dtype=float) / 1e6
-        acc = np.asarray(s["accuracy"], dtype=float) * 100
-        order = np.argsort(macs, kind="stable")
-        (line,) = ax.plot(macs[order], acc[order], label=s["label"], linewidth=1.5)
-        if s.get("std") is not None:
-            std = np.asarray(s["std"], dtype=float)[order] * 100
-            ax.fill_between(
-                macs[order], acc[order] - std, acc[order] + std, color=line.get_color(), alpha=0.2
-            )
-    if reference is not None:
-        ax.plot(
-            [reference["macs"] / 1e6],
-            [reference["accuracy"] * 100],
-            marker="*",
-            markersize=12,
-            linestyle="none",
-            color="black",
-            label=reference["label"],
-        )
-    ax.set_xlabel("expected MACs per image (M)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
-    _save(fig, path)
-
-
-def plot_exit_distribution(
-    path: str | os.PathLike,
-    exit_share: Sequence[float] | np.ndarray,
-    exit_labels: Sequence[str],
-    title: str,
-) -> None:
-    """Bar chart of the share of images (%) that leave at each exit."""
-    share = np.asarray(exit_share, dtype=float) * 100
-    if len(exit_labels) != len(share):
-        raise ValueError(f"{len(exit_labels)} exit labels for {len(share)} exits")
-    fig, ax = _figure((6.4, 4.0))
-    bars = ax.bar(range(len(share)), share, color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_xticks(range(len(share)), list(exit_labels))
-    ax.set_xlabel("exit")
-    ax.set_ylabel("images leaving at this exit (%)")
-    ax.set_ylim(0, 108)  # room for a label above a 100 % bar
-    ax.set_title(title)
-    ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, path)
-
-
-def _accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
-    """The curve as a function of MACs: thresholds with equal MACs are averaged."""
-    macs, inverse = np.unique(curve.expected_macs, return_inverse=True)
-    acc = np.bincount(inverse, weights=curve.accuracy) / np.bincount(inverse)
-    return macs, acc
-
-
-def mean_std_curves(
-    curves: Sequence[Curve], n_points: int = 200
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std accuracy of several seeds' curves on one MACs grid.
-
-    Each curve is read as accuracy as a function of expected MACs (points with equal MACs
-    averaged, straight lines between points) and sampled on ``n_points`` evenly spaced MACs over
-    the range every curve covers, so nothing is extrapolated. The std is the sample standard
-    deviation across curves (ddof=1; zero for a single curve).
-    """
-    if not curves:
-        raise ValueError("mean_std_curves needs at least one curve")
-    functions = [_accuracy_of_macs(c) for c in curves]
-    lo = max(m[0] for m, _ in functions)
-    hi = min(m[-1] for m, _ in functions)
-    if lo > hi:
-        raise ErdeError(
-            f"these curves share no MACs range ([{lo:.6g}, {hi:.6g}] is empty); average only "
-            "seeds of the same model."
-        )
-    grid = np.linspace(lo, hi, n_points)
-    acc = np.stack([np.interp(grid, m, a) for m, a in functions])
-    std = acc.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n_points)
-    return grid, acc.mean(axis=0), std

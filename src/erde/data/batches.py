@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erde.data.pixels import Normalize
 from erde.errors import ErdeError
 
 
@@ -79,12 +80,7 @@ class DeviceBatches:
                 f"{n} samples over {world_size} rank(s) give {per_rank} per rank, fewer than "
                 f"batch_size {batch_size} with drop_last: no batch at all. Lower batch_size."
             )
-        # (x - 255 mean) / (255 std) == (x / 255 - mean) / std, in two in-place operations.
-        shape = (1, -1, 1, 1)
-        self._shift = torch.tensor(mean, dtype=torch.float64).mul(255).float().view(shape)
-        self._shift = self._shift.to(self.device)
-        self._scale = (1 / torch.tensor(std, dtype=torch.float64).mul(255)).float().view(shape)
-        self._scale = self._scale.to(self.device)
+        self._normalize = Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
         return self._batches
@@ -143,7 +139,7 @@ class DeviceBatches:
                     None if shifts is None else shifts[part],
                     None if flips is None else flips[part],
                 )
-            out = xb.to(torch.float32).sub_(self._shift).mul_(self._scale)
+            out = self._normalize(xb)
             if self.channels_last:
                 out = out.contiguous(memory_format=torch.channels_last)
             yield out, self.y[idx]

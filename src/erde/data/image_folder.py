@@ -1,5 +1,9 @@
 """root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays.
 
+Files are decoded by `erde.data.pixels.decode_image`, the decoder `erde infer` uses, so a model
+sees the same pixels from a file in training and in deployment. The set is grey (1 channel) when
+every file is grey, else colour (3 channels, grey files repeated into R, G and B).
+
 torchvision's folder helpers are imported where they are used: importing torchvision takes
 seconds, which commands that read no image folder should not pay.
 """
@@ -9,9 +13,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
 
 from erde.data.image_data import ImageData, build_image_data
+from erde.data.pixels import decode_image
 from erde.errors import ErdeError
 
 LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ...)"
@@ -45,18 +49,11 @@ def _samples(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
 
 
 def _decode(path: str) -> np.ndarray:
-    """HxW for grayscale files, HxWx3 for everything else (alpha and palettes become RGB)."""
+    """H x W x 1 for grey files, H x W x 3 for the others; the message says which loader failed."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in ("1", "L", "RGB"):
-                img = img.convert("L" if img.mode == "LA" else "RGB")
-            return np.asarray(img.convert("L") if img.mode == "1" else img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's ways of saying "not an image"
-        raise ErdeError(
-            f"imagefolder: cannot decode {path} ({type(exc).__name__}: {exc}); replace or "
-            "remove the file."
-        ) from exc
+        return decode_image(path)
+    except ErdeError as exc:
+        raise ErdeError(f"imagefolder: {exc}") from None
 
 
 def load_image_folder(root: str) -> ImageData:
@@ -87,12 +84,11 @@ def load_image_folder(root: str) -> ImageData:
                     "Resize them beforehand."
                 )
             decoded[split].append(image)
-    gray = all(im.ndim == 2 for images in decoded.values() for im in images)
+    channels = max(im.shape[2] for images in decoded.values() for im in images)
 
     def stack(images: list[np.ndarray]) -> np.ndarray:
-        if gray:
-            return np.stack(images)[..., None]
-        return np.stack([np.repeat(im[..., None], 3, 2) if im.ndim == 2 else im for im in images])
+        # Repeating grey into R, G and B is what Pillow's L -> RGB conversion does.
+        return np.stack([np.repeat(im, channels // im.shape[2], axis=2) for im in images])
 
     arrays = {
         split: (stack(decoded[split]), np.array([label for _, label in splits[split]]))

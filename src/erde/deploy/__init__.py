@@ -1,7 +1,8 @@
 """Deployment: ONNX export in pieces, a runtime that stops per image, and its latency benchmark."""
 
-from erde.deploy.export import export_run, read_manifest
+from erde.deploy.export import export_run
 from erde.deploy.latency import benchmark, render_benchmark
+from erde.deploy.manifest import read_manifest
 from erde.deploy.runtime import EarlyExitRuntime, FileResult, Prediction
 
 __all__ = [

@@ -78,18 +78,10 @@ def bench_command(args: argparse.Namespace) -> None:
 
 
 def _number_list(kind: type) -> Callable[[str], list]:
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a comma list of {kind.__name__} values"
-            ) from None
-        if not values:
-            raise argparse.ArgumentTypeError("give at least one value")
-        return values
+    """An argparse `type=` for `--thresholds 0.5,1` and `--batch 1,8`: erde's one comma list."""
+    from erde.comma_list import comma_list_type
 
-    return parse
+    return comma_list_type(kind)
 
 
 def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:

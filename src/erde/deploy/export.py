@@ -14,8 +14,6 @@ backbone (convolutions, BatchNorm, pooling, flatten, linear) with a dynamic batc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -27,39 +25,18 @@ import torch
 from torch import nn
 
 from erde import checkpoint as ckpt
+from erde.deploy.manifest import MANIFEST, Deployment, Manifest, is_export
+from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
-from erde.evaluation.cache import weights_digest
-from erde.evaluation.policy import POLICIES, check_policy, exit_scores, exit_thresholds
+from erde.evaluation.policy import exit_scores
+from erde.files import sha256_file, write_json
+from erde.rundir import RunDir
 
-FORMAT = "erde-early-exit-onnx"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 STATIC = "static.onnx"
 BATCH = "batch"  # name of the dynamic batch dimension in every graph
-REPORT = Path("eval") / "report.json"
 # Opsets every backbone exports at: Slice with steps (option-A shortcuts) needs 10, and 20 is the
 # highest the TorchScript exporter writes.
 OPSETS = range(10, 21)
-# What `erde infer` and `erde bench` read from a manifest besides its format.
-MANIFEST_KEYS = (
-    "source_run",
-    "model",
-    "classes",
-    "input_size",
-    "in_channels",
-    "mean",
-    "std",
-    "data_source",
-    "threshold",
-    "policy",
-    "normalize",
-    "threshold_source",
-    "exit_macs",
-    "static_macs",
-    "pieces",
-    "static",
-    "opset",
-)
 
 
 class ExitPiece(nn.Module):
@@ -93,14 +70,6 @@ def exit_piece(model: nn.Module, i: int, policy: str, normalize: bool) -> nn.Mod
 def static_network(model: nn.Module) -> nn.Module:
     """The plain network through the last exit, without the intermediate heads."""
     return nn.Sequential(*model.segments, model.heads[-1]).eval()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(
@@ -163,94 +132,10 @@ def export_onnx(
     }
 
 
-def operating_point(
-    run_dir: str | Path,
-    threshold: float | None = None,
-    policy: str | None = None,
-    normalize: bool | None = None,
-) -> dict:
-    """Threshold, policy and normalize flag a deployment of `run_dir` uses, and where they came
-    from: the val-calibrated "chosen" point of `erde evaluate` unless a threshold is given.
-
-    A calibrated threshold only means something for the policy it was calibrated with, so asking
-    for another policy without a threshold is refused.
-    """
-    report_path = Path(run_dir) / REPORT
-    report = ckpt.read_json(report_path, "evaluation report") if report_path.is_file() else None
-    if threshold is None:
-        if report is None:
-            raise ErdeError(
-                f"{run_dir} has no calibrated threshold ({report_path} is missing); run "
-                f"`erde evaluate {run_dir}` first, or give a threshold (--threshold; "
-                "--thresholds for `erde bench`)"
-            )
-        if (policy is not None and policy != report["policy"]) or (
-            normalize is not None and normalize != report["normalize"]
-        ):
-            raise ErdeError(
-                f"the threshold in {report_path} was calibrated for policy {report['policy']!r} "
-                f"(normalize={report['normalize']}); give a threshold for the policy you asked "
-                f"for (--threshold), or re-run `erde evaluate {run_dir}` with that policy"
-            )
-        return {
-            "threshold": float(report["chosen"]["threshold"]),
-            "policy": report["policy"],
-            "normalize": bool(report["normalize"]),
-            "threshold_source": f"calibrated on val ({report['chosen']['criterion']}), "
-            f"{report_path}",
-        }
-    if policy is None:
-        policy = report["policy"] if report else POLICIES[0]
-    if normalize is None:
-        normalize = bool(report["normalize"]) if report and report["policy"] == policy else False
-    check_policy(policy)
-    exit_thresholds(float(threshold), 2)  # the checks (non-negative, not NaN) and their message
-    return {
-        "threshold": float(threshold),
-        "policy": policy,
-        "normalize": bool(normalize),
-        "threshold_source": "given",
-    }
-
-
-def read_manifest(export_dir: str | Path) -> dict:
-    """The manifest of an erde export; a clear refusal for anything else."""
-    path = Path(export_dir) / MANIFEST
-    if not Path(export_dir).is_dir():
-        raise ErdeError(f"export folder {export_dir} does not exist; create it with `erde export`")
-    if not path.is_file():
-        raise ErdeError(
-            f"{export_dir} holds no {MANIFEST}, so it is not an erde export; create one with "
-            "`erde export RUN --out DIR`"
-        )
-    manifest = ckpt.read_json(path, "export manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ErdeError(f"{path} is not an erde export manifest; re-export with `erde export`")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ErdeError(
-            f"{path} has format version {manifest.get('format_version')}, this erde reads "
-            f"version {FORMAT_VERSION}; re-export the run with this erde version"
-        )
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ErdeError(
-            f"{path} lacks {', '.join(missing)} (edited or damaged); re-create the folder with "
-            "`erde export`"
-        )
-    return manifest
-
-
-def _is_export(path: Path) -> bool:
-    try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _check_destination(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ErdeError(f"--out {out_dir} is a file; give a folder path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_export(out_dir) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir) and not overwrite:
         raise ErdeError(
             f"{out_dir} is not empty and holds no erde export; choose another --out folder, "
             "or pass --overwrite to replace its contents"
@@ -278,7 +163,8 @@ def export_run(
     opset: int = 17,
     overwrite: bool = False,
 ) -> dict:
-    """Write one ONNX piece per exit, `static.onnx` and `manifest.json` into `out_dir`.
+    """Write one ONNX piece per exit, `static.onnx` and `manifest.json` into `out_dir`; returns
+    the manifest as written.
 
     The threshold defaults to the one `erde evaluate` calibrated on val. An earlier erde export
     in `out_dir` is replaced; any other non-empty folder only with `overwrite=True`.
@@ -288,67 +174,65 @@ def export_run(
             f"ONNX opset {opset} is not supported; choose one from {OPSETS[0]} to {OPSETS[-1]} "
             "(--opset, default 17)"
         )
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, meta = ckpt.load_model(run_dir)
-    point = operating_point(run_dir, threshold, policy, normalize)
+    run, out_dir = RunDir(run_dir), Path(out_dir)
+    model, info = ckpt.load_model(run.path)
+    point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, overwrite)
-    data = meta["data"]
-    size, channels = int(data["input_size"]), int(data["in_channels"])
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
     try:
-        pieces = []
-        x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
-        n = len(model.segments)
-        with torch.no_grad():
-            for i, segment in enumerate(model.segments):
-                last = i == n - 1
-                entry = export_onnx(
-                    exit_piece(model, i, point["policy"], point["normalize"]),
-                    staging / f"exit{i + 1}.onnx",
-                    x,
-                    "image" if i == 0 else f"features{i}",
-                    [f"logits{i + 1}"]
-                    if last
-                    else [f"features{i + 1}", f"logits{i + 1}", f"score{i + 1}"],
-                    opset,
-                )
-                pieces.append({"exit": i + 1, **entry})
-                x = segment(x)
-            static = export_onnx(
-                static_network(model),
-                staging / STATIC,
-                torch.zeros(2, channels, size, size),
-                "image",
-                ["logits"],
-                opset,
-            )
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "source_run": str(run_dir.resolve()),
-            "weights_sha256": weights_digest(run_dir),
-            "model": meta["arch"]["name"],
-            "arch": meta["arch"],
-            "method": meta.get("method"),
-            "classes": list(data["classes"]),
-            "input_size": size,
-            "in_channels": channels,
-            "mean": list(data["mean"]),
-            "std": list(data["std"]),
-            "data_source": data["source"],
-            **point,
-            "exit_macs": list(meta["exit_macs"]),
-            "static_macs": int(meta.get("backbone_macs", meta["exit_macs"][-1])),
-            "pieces": pieces,
-            "static": static,
-            "opset": opset,
-            "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
-        }
-        ckpt.write_json(staging / MANIFEST, manifest)
+        pieces, static = _export_pieces(
+            model, info.data.in_channels, info.data.input_size, point, staging, opset
+        )
+        manifest = Manifest(
+            info=info,
+            deployment=point,
+            pieces=pieces,
+            static=static,
+            opset=opset,
+            exporter=f"torch.onnx.export(dynamo=False), torch {torch.__version__}",
+            source_run=str(run.path.resolve()),
+            weights_sha256=sha256_file(run.weights),
+        ).to_json()
+        write_json(staging / MANIFEST, manifest)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return manifest
+
+
+def _export_pieces(
+    model: nn.Module, channels: int, size: int, point: Deployment, folder: Path, opset: int
+) -> tuple[list[dict], dict]:
+    """One graph per exit and the static graph; their manifest entries."""
+    pieces = []
+    x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
+    n = len(model.segments)
+    with torch.no_grad():
+        for i, segment in enumerate(model.segments):
+            last = i == n - 1
+            outputs = (
+                [f"logits{i + 1}"]
+                if last
+                else [f"features{i + 1}", f"logits{i + 1}", f"score{i + 1}"]
+            )
+            entry = export_onnx(
+                exit_piece(model, i, point.policy, point.normalize),
+                folder / f"exit{i + 1}.onnx",
+                x,
+                "image" if i == 0 else f"features{i}",
+                outputs,
+                opset,
+            )
+            pieces.append({"exit": i + 1, **entry})
+            x = segment(x)
+        static = export_onnx(
+            static_network(model),
+            folder / STATIC,
+            torch.zeros(2, channels, size, size),
+            "image",
+            ["logits"],
+            opset,
+        )
+    return pieces, static

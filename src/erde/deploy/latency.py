@@ -27,18 +27,14 @@ import torch
 
 from erde import checkpoint as ckpt
 from erde.config import load_config
-from erde.deploy.export import (
-    MANIFEST,
-    REPORT,
-    export_onnx,
-    export_run,
-    read_manifest,
-    static_network,
-)
+from erde.deploy.export import export_onnx, export_run, static_network
 from erde.deploy.images import normalize_images
-from erde.deploy.runtime import EarlyExitRuntime, ort_session, read_verified
+from erde.deploy.manifest import MANIFEST, Manifest, read_manifest, read_verified
+from erde.deploy.runtime import EarlyExitRuntime, ort_session
+from erde.deploy.threshold import budget_thresholds, has_calibration
 from erde.errors import ErdeError
 from erde.report import markdown_table
+from erde.rundir import RunDir
 
 
 @dataclass
@@ -92,42 +88,32 @@ def _early_exit_runner(
     return run
 
 
-def _default_thresholds(run_dir: Path) -> list[float]:
-    """0 (no early exit: what the heads and the splitting cost) and the val-calibrated
-    MACs-budget points of `erde evaluate` when they exist."""
-    out = [0.0]
-    report_path = run_dir / REPORT
-    if report_path.is_file():
-        report = ckpt.read_json(report_path, "evaluation report")
-        out += [float(p["threshold"]) for p in report["at_budget_fraction"].values() if p]
-    return out
-
-
-def _test_images(run_dir: Path, manifest: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _test_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's test split, normalised as in training, and its labels."""
-    from erde.train import prepare_data
+    from erde.data.prepare import prepare_data
 
-    cfg_path = run_dir / ckpt.CONFIG
-    if not cfg_path.is_file():
+    config = RunDir(run_dir).config
+    if not config.is_file():
         raise ErdeError(
-            f"the run this export came from ({run_dir}) is not available ({cfg_path} is "
+            f"the run this export came from ({run_dir}) is not available ({config} is "
             "missing), so there are no test images to time; give the run folder instead"
         )
-    data = prepare_data(load_config(str(cfg_path))).data
-    return normalize_images(data.test_x, manifest["mean"], manifest["std"]), data.test_y
+    data = prepare_data(load_config(str(config))).data
+    d = manifest.info.data
+    return normalize_images(data.test_x, d.mean, d.std), data.test_y
 
 
-def _teacher(reference: Path, manifest: dict, tmp: Path, threads: int | None) -> _Timed:
+def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None) -> _Timed:
     """The reference run's plain network, exported and run like the static student."""
-    model, meta = ckpt.load_model(reference)
-    for key in ("source", "classes", "input_size", "in_channels"):
-        ours = manifest["data_source"] if key == "source" else manifest[key]
-        if meta["data"][key] != ours:
-            raise ErdeError(
-                f"reference {reference} was trained on data with {key}={meta['data'][key]!r} "
-                f"but the student on {key}={ours!r}; give the teacher of this student"
-            )
-    size, channels = manifest["input_size"], manifest["in_channels"]
+    model, info = ckpt.load_model(reference)
+    key = info.data.mismatch(manifest.info.data)
+    if key is not None:
+        raise ErdeError(
+            f"reference {reference} was trained on data with {key}={getattr(info.data, key)!r} "
+            f"but the student on {key}={getattr(manifest.info.data, key)!r}; give the teacher "
+            "of this student"
+        )
+    size, channels = manifest.info.data.input_size, manifest.info.data.in_channels
     with torch.no_grad():
         export_onnx(
             static_network(model),
@@ -135,13 +121,13 @@ def _teacher(reference: Path, manifest: dict, tmp: Path, threads: int | None) ->
             torch.zeros(2, channels, size, size),
             "image",
             ["logits"],
-            manifest["opset"],
+            manifest.opset,
         )
     return _Timed(
-        f"teacher {meta['arch']['name']}, static",
+        f"teacher {info.name}, static",
         None,
         _static_runner(ort_session(str(tmp / "teacher.onnx"), threads)),
-        int(meta.get("backbone_macs", meta["exit_macs"][-1])),
+        info.static_macs,
     )
 
 
@@ -227,25 +213,24 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="erde-bench-") as tmp_name:
         tmp = Path(tmp_name)
         if (target / MANIFEST).is_file():
-            export_dir, manifest = target, read_manifest(target)
-            run_dir = Path(manifest["source_run"])
+            export_dir = target
         else:
-            run_dir, export_dir = target, tmp / "export"
-            given = None if thresholds is None or (target / REPORT).is_file() else thresholds[0]
-            manifest = export_run(run_dir, export_dir, threshold=given)
-        own = float(manifest["threshold"])
-        chosen = sorted({own, *(thresholds or _default_thresholds(run_dir))})
+            export_dir = tmp / "export"
+            given = None if thresholds is None or has_calibration(target) else thresholds[0]
+            export_run(target, export_dir, threshold=given)
+        manifest = read_manifest(export_dir)
+        run_dir = Path(manifest.source_run)
+        own = manifest.deployment.threshold
+        # 0: no early exit, what the heads and the splitting cost.
+        chosen = sorted({own, *(thresholds or [0.0, *budget_thresholds(run_dir)])})
         runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
-        static_macs = int(manifest["static_macs"])
-        static = ort_session(read_verified(export_dir, manifest["static"]), threads)
-        configs = [
-            _Timed(
-                f"student {manifest['model']}, static", None, _static_runner(static), static_macs
-            )
-        ]
+        static_macs = manifest.info.static_macs
+        static = ort_session(read_verified(export_dir, manifest.static), threads)
+        name = manifest.info.name
+        configs = [_Timed(f"student {name}, static", None, _static_runner(static), static_macs)]
         configs += [
             _Timed(
-                f"student {manifest['model']}, early exit",
+                f"student {name}, early exit",
                 t,
                 _early_exit_runner(runtime, t),
                 None,
@@ -259,24 +244,24 @@ def benchmark(
             row
             for batch in batch_sizes
             for row in _measure(
-                configs, x, y, batch, warmup, repeats, manifest["exit_macs"], static_macs
+                configs, x, y, batch, warmup, repeats, manifest.info.exit_macs, static_macs
             )
         ]
     return {
         "rows": rows,
         "run": str(run_dir),
         "reference": None if reference is None else str(reference),
-        "model": manifest["model"],
-        "policy": manifest["policy"],
-        "normalize": manifest["normalize"],
+        "model": name,
+        "policy": manifest.deployment.policy,
+        "normalize": manifest.deployment.normalize,
         "export_threshold": own,
-        "threshold_source": manifest["threshold_source"],
-        "exit_macs": manifest["exit_macs"],
+        "threshold_source": manifest.deployment.threshold_source,
+        "exit_macs": manifest.info.exit_macs,
         "static_macs": static_macs,
         "threads": threads,
         "repeats": repeats,
         "warmup": warmup,
-        "data_source": manifest["data_source"],
+        "data_source": manifest.info.data.source,
         "test_images": len(y),
     }
 

@@ -12,7 +12,6 @@ against).
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,12 @@ import numpy as np
 import torch
 
 from erde import checkpoint as ckpt
-from erde.deploy.export import MANIFEST, operating_point, read_manifest
 from erde.deploy.images import check_channels, load_image, normalize_images
+from erde.deploy.manifest import Deployment, read_manifest, read_verified
+from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
+from erde.model_info import ModelInfo
 
 # A piece maps its input to (features for the next piece, logits, exit score); the last piece
 # gives (None, logits, None).
@@ -97,56 +98,41 @@ def ort_session(model: bytes | str, threads: int | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def read_verified(export_dir: Path, entry: dict) -> bytes:
-    """A file of the export, checked against the manifest's SHA-256 (read once, then used)."""
-    path = export_dir / entry["file"]
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise ErdeError(
-            f"{path} is missing from the export; re-create the folder with `erde export`"
-        ) from None
-    if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-        raise ErdeError(
-            f"{path} does not match the checksum in {export_dir / MANIFEST} (altered or "
-            "corrupt); re-create the folder with `erde export`"
-        )
-    return blob
-
-
 class EarlyExitRuntime:
     """Classifies normalised batches, running each image only up to the exit that answers it."""
 
     def __init__(
-        self,
-        pieces: Sequence[Piece],
-        *,
-        classes: Sequence[str],
-        exit_macs: Sequence[int],
-        static_macs: int,
-        threshold: float | Sequence[float],
-        policy: str,
-        normalize: bool,
-        input_size: int,
-        in_channels: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        backend: str,
+        self, pieces: Sequence[Piece], info: ModelInfo, point: Deployment, *, backend: str
     ) -> None:
-        check_policy(policy)
-        if len(pieces) != len(exit_macs):
-            raise ValueError(f"{len(pieces)} pieces but {len(exit_macs)} exit MACs")
+        check_policy(point.policy)
+        if len(pieces) != info.num_exits:
+            raise ValueError(f"{len(pieces)} pieces but {info.num_exits} exits")
         self.pieces = list(pieces)
-        self.classes = list(classes)
-        self.exit_macs = list(exit_macs)
-        self.static_macs = int(static_macs)
-        self.policy = policy
-        self.normalize = bool(normalize)
-        self.input_size = int(input_size)
-        self.in_channels = int(in_channels)
-        self.mean, self.std = list(mean), list(std)
+        self.info = info
+        self.policy = point.policy
+        self.normalize = bool(point.normalize)
         self.backend = backend
-        self.threshold = threshold
+        self.threshold = point.threshold
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.data.classes
+
+    @property
+    def exit_macs(self) -> list[int]:
+        return self.info.exit_macs
+
+    @property
+    def static_macs(self) -> int:
+        return self.info.static_macs
+
+    @property
+    def input_size(self) -> int:
+        return self.info.data.input_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.info.data.in_channels
 
     @property
     def num_exits(self) -> int:
@@ -174,21 +160,8 @@ class EarlyExitRuntime:
         """ONNX Runtime on CPU; every file is checked against the manifest before it is used."""
         export_dir = Path(export_dir)
         m = read_manifest(export_dir)
-        sessions = [ort_session(read_verified(export_dir, p), threads) for p in m["pieces"]]
-        return cls(
-            [_ort_piece(s) for s in sessions],
-            classes=m["classes"],
-            exit_macs=m["exit_macs"],
-            static_macs=m["static_macs"],
-            threshold=m["threshold"],
-            policy=m["policy"],
-            normalize=m["normalize"],
-            input_size=m["input_size"],
-            in_channels=m["in_channels"],
-            mean=m["mean"],
-            std=m["std"],
-            backend="onnxruntime",
-        )
+        sessions = [ort_session(read_verified(export_dir, p), threads) for p in m.pieces]
+        return cls([_ort_piece(s) for s in sessions], m.info, m.deployment, backend="onnxruntime")
 
     @classmethod
     def from_run(
@@ -200,28 +173,14 @@ class EarlyExitRuntime:
         normalize: bool | None = None,
     ) -> EarlyExitRuntime:
         """PyTorch eager on the run's checkpoint; threshold as `erde.deploy.export_run` picks it."""
-        model, meta = ckpt.load_model(Path(run_dir))
-        point = operating_point(run_dir, threshold, policy, normalize)
+        model, info = ckpt.load_model(run_dir)
+        point = deployment(run_dir, threshold, policy, normalize)
         n = len(model.segments)
         pieces = [
-            _torch_piece(s, h, i == n - 1, point["policy"], point["normalize"])
+            _torch_piece(s, h, i == n - 1, point.policy, point.normalize)
             for i, (s, h) in enumerate(zip(model.segments, model.heads, strict=True))
         ]
-        data = meta["data"]
-        return cls(
-            pieces,
-            classes=data["classes"],
-            exit_macs=meta["exit_macs"],
-            static_macs=meta.get("backbone_macs", meta["exit_macs"][-1]),
-            threshold=point["threshold"],
-            policy=point["policy"],
-            normalize=point["normalize"],
-            input_size=data["input_size"],
-            in_channels=data["in_channels"],
-            mean=data["mean"],
-            std=data["std"],
-            backend="torch",
-        )
+        return cls(pieces, info, point, backend="torch")
 
     def _check_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -304,7 +263,9 @@ class EarlyExitRuntime:
                 rows[i].error = str(exc)
         for start in range(0, len(good), batch_size):
             part = good[start : start + batch_size]
-            x = normalize_images(np.stack([img for _, img in part]), self.mean, self.std)
+            x = normalize_images(
+                np.stack([img for _, img in part]), self.info.data.mean, self.info.data.std
+            )
             pred = self.predict(x, threshold)
             for j, (i, _) in enumerate(part):
                 rows[i].class_name = self.classes[int(pred.classes[j])]

@@ -7,7 +7,6 @@ is caught.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,32 +19,30 @@ from safetensors.torch import save as safetensors_bytes
 from erde import checkpoint as ckpt
 from erde.config import load_config
 from erde.data import DeviceBatches
+from erde.data.prepare import prepare_data
+from erde.device import resolve_device
 from erde.errors import ErdeError
+from erde.files import sha256_file, write_bytes
+from erde.rundir import RunDir
 
-CACHE = "logits.safetensors"
 SPLITS = ("val", "test")
 
 
 @dataclass
 class LogitsCache:
+    """What every analysis reads instead of running the model again."""
+
     logits: dict[str, torch.Tensor]  # split -> N x E x K, float32
     labels: dict[str, torch.Tensor]  # split -> N, int64
     exit_macs: list[int]
     weights_sha256: str
 
 
-def weights_digest(run_dir: Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(run_dir) / ckpt.WEIGHTS, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @torch.no_grad()
 def collect_logits(
     model: torch.nn.Module, batches: DeviceBatches
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit's logits (N x E x K, float32, on the CPU) and the labels of one split."""
     outs, labels = [], []
     for x, y in batches:
         outs.append(torch.stack(model(x), dim=1).float().cpu())
@@ -55,42 +52,39 @@ def collect_logits(
 
 def build_cache(run_dir: str | Path, device: str = "auto") -> LogitsCache:
     """One pass of the run's model over its own validation split and the test split."""
-    from erde.train import prepare_data, resolve_device
-
-    run_dir = Path(run_dir)
-    model, meta = ckpt.load_model(run_dir)
-    cfg = load_config(str(run_dir / ckpt.CONFIG))
+    run = RunDir(run_dir)
+    model, info = ckpt.load_model(run)
+    cfg = load_config(str(run.config))
     dev = resolve_device(device)
     model.to(dev)
     split = prepare_data(cfg)
     data = split.data
-    parts = {
-        "val": (data.train_x[split.val_idx], data.train_y[split.val_idx]),
-        "test": (data.test_x, data.test_y),
-    }
+    parts = {"val": split.val, "test": split.test}
     logits, labels = {}, {}
     for name, (x, y) in parts.items():
         if len(y) == 0:
             raise ErdeError(
-                f"run {run_dir} has an empty {name} split; thresholds are chosen on "
+                f"run {run} has an empty {name} split; thresholds are chosen on "
                 "validation data, so train with data.val_size > 0"
             )
         batches = DeviceBatches(
             x, y, batch_size=cfg.train.eval_batch_size, mean=data.mean, std=data.std, device=dev
         )
         logits[name], labels[name] = collect_logits(model, batches)
-    return LogitsCache(logits, labels, list(meta["exit_macs"]), weights_digest(run_dir))
+    return LogitsCache(logits, labels, list(info.exit_macs), sha256_file(run.weights))
 
 
 def save_cache(path: Path, cache: LogitsCache) -> None:
+    """The cache as one safetensors file; the weights' digest and exit costs in its metadata."""
     tensors = {f"{s}/logits": cache.logits[s].contiguous() for s in SPLITS}
     tensors.update({f"{s}/labels": cache.labels[s].contiguous() for s in SPLITS})
     metadata = {"weights_sha256": cache.weights_sha256, "exit_macs": json.dumps(cache.exit_macs)}
     # Serialised in memory, written by erde: a full disk is a clear message, not a traceback.
-    ckpt.write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 def read_cache(path: Path) -> LogitsCache:
+    """A cache file, refused with a clear message when it is damaged or incomplete."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
@@ -110,18 +104,18 @@ def read_cache(path: Path) -> LogitsCache:
 
 def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "auto") -> LogitsCache:
     """The run's cache, built on first use; refused when it came from other weights."""
-    run_dir = Path(run_dir)
-    path = run_dir / CACHE
+    run = RunDir(run_dir)
+    path = run.logits
     if path.is_file() and not refresh:
-        ckpt.load_weights(run_dir)  # the clear message when the weights are missing or corrupt
+        ckpt.load_weights(run)  # the clear message when the weights are missing or corrupt
         cache = read_cache(path)
-        if cache.weights_sha256 != weights_digest(run_dir):
+        if cache.weights_sha256 != sha256_file(run.weights):
             raise ErdeError(
                 f"logits cache {path} was computed from other weights than "
-                f"{run_dir / ckpt.WEIGHTS} (another model or an earlier epoch); "
+                f"{run.weights} (another model or an earlier epoch); "
                 "pass --refresh to recompute it"
             )
         return cache
-    cache = build_cache(run_dir, device)
+    cache = build_cache(run, device)
     save_cache(path, cache)
     return cache

@@ -15,19 +15,23 @@ import numpy as np
 import torch
 
 from erde.errors import ErdeError
-from erde.evaluation.metrics import check_budget
 from erde.evaluation.policy import check_logits, simulate
-from erde.evaluation.sweep import Curve, check_cum_macs, check_labels
+from erde.evaluation.sweep import Curve, check_exit_macs, check_labels
+from erde.report import OperatingPoint
 
 
 @dataclass
 class Calibration:
-    """A threshold chosen on validation data, with the validation numbers that justified it."""
+    """A threshold chosen on validation data, with the validation numbers that justified it.
+
+    `reached` is False when an accuracy target was met at no threshold (the full model is used).
+    """
 
     threshold: float
     val_accuracy: float
     val_expected_macs: float
     criterion: str
+    reached: bool = True
 
 
 def resolve_budget(value: float, full_macs: float) -> float:
@@ -46,6 +50,16 @@ def resolve_budget(value: float, full_macs: float) -> float:
     return budget
 
 
+def check_budget(budget_macs: float, macs_range: tuple[float, float]) -> None:
+    """A budget must lie between the first exit's cost and the full model's (`macs_range`)."""
+    lo, hi = (float(m) for m in macs_range)
+    if not lo <= budget_macs <= hi:
+        raise ErdeError(
+            f"a MACs budget of {budget_macs:.6g} per image is outside what this model can spend: "
+            f"[{lo:.6g}, {hi:.6g}] MACs (first exit to full model). Choose a budget in that range."
+        )
+
+
 def _pick(val_curve: Curve, index: int, criterion: str) -> Calibration:
     return Calibration(
         threshold=float(val_curve.thresholds[index]),
@@ -57,7 +71,7 @@ def _pick(val_curve: Curve, index: int, criterion: str) -> Calibration:
 
 def calibrate_for_budget(val_curve: Curve, budget_macs: float) -> Calibration:
     """The validation threshold with the best val accuracy within the budget (ties: fewer MACs)."""
-    check_budget(val_curve, budget_macs)
+    check_budget(budget_macs, (val_curve.exit_macs[0], val_curve.exit_macs[-1]))
     ok = np.flatnonzero(val_curve.expected_macs <= budget_macs)
     if ok.size == 0:
         raise ErdeError(
@@ -105,32 +119,41 @@ def calibrate_for_accuracy(val_curve: Curve, target_accuracy: float) -> Calibrat
         val_expected_macs=float(val_curve.expected_macs[full[0]]),
         criterion=f"val accuracy >= {target_accuracy:.4f} is not reached at any threshold; "
         "using the full model (threshold 0)",
+        reached=False,
     )
 
 
 def apply(
     test_logits: torch.Tensor,
     test_labels: torch.Tensor | np.ndarray,
-    cum_macs: Sequence[float] | np.ndarray,
+    exit_macs: Sequence[float] | np.ndarray,
     calibration: Calibration,
     policy: str = "entropy",
     normalize: bool = False,
-) -> dict:
-    """Test-split accuracy, expected MACs per image and exit shares at the calibrated threshold.
+    reference_macs: float | None = None,
+) -> OperatingPoint:
+    """The operating point: the calibrated threshold and what it gives on the test split.
 
-    ``policy`` and ``normalize`` must be those the validation curve was swept with.
+    ``policy`` and ``normalize`` must be those the validation curve was swept with;
+    ``reference_macs`` (default: the full model's) is what the MACs reduction is measured against.
     """
     check_logits(test_logits)
     n, e, k = test_logits.shape
     labels = check_labels(test_labels, n, k)
-    macs = check_cum_macs(cum_macs, e)
+    macs = check_exit_macs(exit_macs, e)
     exit_index, prediction = simulate(test_logits, calibration.threshold, policy, normalize)
     share = torch.bincount(exit_index, minlength=e).double().numpy() / max(n, 1)
-    return {
-        "split": "test",
-        "threshold": calibration.threshold,
-        "criterion": calibration.criterion,
-        "accuracy": float((prediction == labels).double().mean()) if n else float("nan"),
-        "expected_macs": float(share @ macs),
-        "exit_share": share.tolist(),
-    }
+    expected_macs = float(share @ macs)
+    reference = float(macs[-1]) if reference_macs is None else float(reference_macs)
+    return OperatingPoint(
+        threshold=calibration.threshold,
+        criterion=calibration.criterion,
+        val_accuracy=calibration.val_accuracy,
+        val_expected_macs=calibration.val_expected_macs,
+        test_accuracy=float((prediction == labels).double().mean()) if n else float("nan"),
+        test_expected_macs=expected_macs,
+        test_exit_share=share.tolist(),
+        reduction_vs_reference=reference / expected_macs,
+        reduction_vs_own_full=float(macs[-1]) / expected_macs,
+        reached=calibration.reached,
+    )

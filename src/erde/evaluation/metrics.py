@@ -30,13 +30,13 @@ def auc(curve: Curve, full_macs: float | None = None) -> float:
     ``full_macs`` to x = 1 is divided by (1 - x0), so a flat curve's AUC is its accuracy and the
     result is comparable between models with different exit costs.
     """
-    full = float(curve.cum_macs[-1]) if full_macs is None else float(full_macs)
-    if not math.isfinite(full) or full < curve.cum_macs[-1]:
+    full = float(curve.exit_macs[-1]) if full_macs is None else float(full_macs)
+    if not math.isfinite(full) or full < curve.exit_macs[-1]:
         raise ErdeError(
-            f"full_macs must be at least the curve's last-exit cost ({curve.cum_macs[-1]:.6g} "
+            f"full_macs must be at least the curve's last-exit cost ({curve.exit_macs[-1]:.6g} "
             f"MACs); got {full_macs}. Pass the full model's MACs per image."
         )
-    lo = float(curve.cum_macs[0]) / full
+    lo = float(curve.exit_macs[0]) / full
     order = np.lexsort((curve.accuracy, curve.expected_macs))
     x = np.clip(curve.expected_macs[order] / full, lo, 1.0)
     y = curve.accuracy[order]
@@ -45,42 +45,3 @@ def auc(curve: Curve, full_macs: float | None = None) -> float:
     x = np.concatenate([[lo], x, [1.0]])
     y = np.concatenate([y[:1], y, y[-1:]])
     return float(trapezoid(y, x) / (1.0 - lo))
-
-
-def macs_at_accuracy(
-    curve: Curve, reference_accuracy: float, tolerance: float = 0.0
-) -> float | None:
-    """Fewest expected MACs at which the curve reaches ``reference_accuracy - tolerance``."""
-    ok = curve.accuracy >= reference_accuracy - tolerance
-    return float(curve.expected_macs[ok].min()) if ok.any() else None
-
-
-def reduction_factor(reference_macs: float, macs: float) -> float:
-    """How many times fewer MACs ``macs`` is than ``reference_macs`` (10 = ten times fewer)."""
-    if not macs > 0 or not reference_macs > 0:
-        raise ErdeError(
-            f"MACs must be positive to compare them; got reference={reference_macs}, macs={macs}."
-        )
-    return float(reference_macs) / float(macs)
-
-
-def check_budget(curve: Curve, budget_macs: float) -> None:
-    """A budget must lie between the first exit's cost and the full model's."""
-    lo, hi = float(curve.cum_macs[0]), float(curve.cum_macs[-1])
-    if not lo <= budget_macs <= hi:
-        raise ErdeError(
-            f"a MACs budget of {budget_macs:.6g} per image is outside what this model can spend: "
-            f"[{lo:.6g}, {hi:.6g}] MACs (first exit to full model). Choose a budget in that range."
-        )
-
-
-def accuracy_at_budget(curve: Curve, budget_macs: float) -> float:
-    """Best accuracy among the curve's thresholds whose expected MACs fit the budget."""
-    check_budget(curve, budget_macs)
-    ok = curve.expected_macs <= budget_macs
-    if not ok.any():
-        raise ErdeError(
-            f"no threshold on this curve spends at most {budget_macs:.6g} MACs per image; "
-            "sweep with larger thresholds (the default grid includes one)."
-        )
-    return float(curve.accuracy[ok].max())

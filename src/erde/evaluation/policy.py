@@ -22,9 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
+from erde.config import CHOICES
 from erde.errors import ErdeError
 
-POLICIES = ("entropy", "maxprob")
+POLICIES = CHOICES["evaluate.policy"]
 
 
 def check_logits(logits: torch.Tensor) -> None:

@@ -11,14 +11,18 @@ O(N E log N + T E log N), with no Python loop over images or thresholds.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_logits, confidence_scores
+from erde.files import write_text
 
 
 @dataclass
@@ -26,15 +30,15 @@ class Curve:
     """One point per threshold; accuracy is a fraction, MACs are per image.
 
     ``thresholds`` hold the float32 values the comparisons used (as float64), so passing any of
-    them to ``simulate`` reproduces its point exactly. ``cum_macs`` are the per-exit costs the
-    curve was computed with; metrics use them for the valid MACs range.
+    them to ``simulate`` reproduces its point exactly. ``exit_macs`` are the cumulative per-exit
+    costs the curve was computed with; metrics use them for the valid MACs range.
     """
 
     thresholds: np.ndarray  # T
     accuracy: np.ndarray  # T
     expected_macs: np.ndarray  # T
     exit_share: np.ndarray  # T x E, rows sum to 1
-    cum_macs: np.ndarray  # E
+    exit_macs: np.ndarray  # E
 
     def to_rows(self) -> list[dict[str, float]]:
         """One dict per threshold, keyed by CSV column name."""
@@ -49,6 +53,16 @@ class Curve:
                 row[f"exit{e}_share"] = float(share)
             rows.append(row)
         return rows
+
+
+def write_curve_csv(path: str | Path, curve: Curve) -> None:
+    """One row per threshold: threshold, accuracy (fraction), expected MACs, share per exit."""
+    rows = curve.to_rows()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(Path(path), buf.getvalue())
 
 
 def check_labels(labels: torch.Tensor | np.ndarray, n: int, k: int) -> torch.Tensor:
@@ -67,9 +81,9 @@ def check_labels(labels: torch.Tensor | np.ndarray, n: int, k: int) -> torch.Ten
     return labels.long()
 
 
-def check_cum_macs(cum_macs: Sequence[float] | np.ndarray, n_exits: int) -> np.ndarray:
+def check_exit_macs(exit_macs: Sequence[float] | np.ndarray, n_exits: int) -> np.ndarray:
     """Cumulative per-exit MACs: one per exit, positive and increasing."""
-    macs = np.asarray(cum_macs, dtype=np.float64).reshape(-1)
+    macs = np.asarray(exit_macs, dtype=np.float64).reshape(-1)
     if macs.shape != (n_exits,) or not np.all(np.isfinite(macs)) or np.any(macs <= 0):
         raise ErdeError(
             f"cumulative MACs must be {n_exits} positive numbers, one per exit; got "
@@ -113,7 +127,7 @@ def default_thresholds(
 
 
 def sweep_from_scores(
-    scores: np.ndarray, correct: np.ndarray, cum_macs: np.ndarray, thresholds: np.ndarray
+    scores: np.ndarray, correct: np.ndarray, exit_macs: np.ndarray, thresholds: np.ndarray
 ) -> Curve:
     """The curve from precomputed scores (N x E float32) and correctness (N x E bool)."""
     n, e = scores.shape
@@ -136,16 +150,16 @@ def sweep_from_scores(
     return Curve(
         thresholds=theta.astype(np.float64),
         accuracy=np.asarray(accuracy, dtype=np.float64),
-        expected_macs=share @ cum_macs,
+        expected_macs=share @ exit_macs,
         exit_share=share,
-        cum_macs=cum_macs,
+        exit_macs=exit_macs,
     )
 
 
 def sweep(
     logits: torch.Tensor,
     labels: torch.Tensor | np.ndarray,
-    cum_macs: Sequence[float] | np.ndarray,
+    exit_macs: Sequence[float] | np.ndarray,
     thresholds: Sequence[float] | np.ndarray | None = None,
     policy: str = "entropy",
     normalize: bool = False,
@@ -158,7 +172,7 @@ def sweep(
     check_logits(logits)
     n, e, k = logits.shape
     labels = check_labels(labels, n, k)
-    macs = check_cum_macs(cum_macs, e)
+    macs = check_exit_macs(exit_macs, e)
     scores = confidence_scores(logits, policy, normalize).numpy()
     if thresholds is None:
         thresholds = grid_from_scores(scores)

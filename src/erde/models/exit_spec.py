@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from erde.comma_list import parse_comma_list
 from erde.errors import ErdeError
 
 FORMS = '"default", "stages", "every:K", or a list of block indices such as [3, 6] or "3,6"'
@@ -71,10 +72,12 @@ def _every(text: str, num_blocks: int, where: str) -> list[int]:
 
 
 def _split_commas(spec: str, where: str) -> list[int]:
-    parts = [part.strip() for part in spec.split(",")]
-    if not all(part.isdigit() for part in parts):
-        raise ErdeError(f"exits={spec!r} is not a valid exit setting; use {FORMS}. {where}")
-    return [int(part) for part in parts]
+    try:
+        return parse_comma_list(spec, int)
+    except ValueError:
+        raise ErdeError(
+            f"exits={spec!r} is not a valid exit setting; use {FORMS}. {where}"
+        ) from None
 
 
 def _check_list(values: list[Any], where: str, num_blocks: int) -> list[int]:

@@ -1,0 +1,164 @@
+"""Image files and uint8 arrays to what a model reads: one decoder and one normalisation.
+
+Training (`imagefolder`), evaluation and `erde infer` all go through these two, so a model sees
+the same pixels from a file whichever command reads it.
+
+Decoding (Pillow; the whole file is decoded at once, so a truncated or corrupt file is refused
+here with its name rather than failing later):
+
+- Bit depth: 16-bit grey ("I;16*", and "I" holding 0..65535) is scaled to 8 bits,
+  round(v * 255 / 65535); 16-bit colour PNGs Pillow itself reads as 8-bit RGB. Floating-point
+  files ("F") are refused: their range has no one right mapping to the 8-bit range.
+- Colour: "1", "L" and "LA" files are grey; palettes are expanded ("P" -> RGBA); alpha is dropped
+  (not composited onto a background); CMYK, YCbCr, HSV become RGB with Pillow's `convert`.
+- Channels: a 1-channel model gets Pillow's "L" (ITU-R 601-2 luma) of a colour file; a
+  3-channel model gets a grey file repeated into R, G and B. Without a channel count the file
+  keeps its own: 1 for grey, 3 for everything else.
+- Size: optionally resized to size x size with Pillow's bilinear filter (antialiased when
+  shrinking). A non-square image is stretched; crop it first if its aspect ratio matters.
+- Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) refuses an image with more
+  pixels than that, with an ErdeError instead of Pillow's warning or exception.
+
+Normalisation: per channel (x / 255 - mean) / std with the data's statistics (docs/method.md,
+"Evaluation protocol": statistics of the training split).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from erde.errors import ErdeError
+
+_GREY_MODES = ("1", "L", "LA", "La")
+_UINT16_MAX = 65535
+
+
+def check_channels(channels: int) -> None:
+    """Image files give 1 or 3 channels; a model trained on other arrays cannot read them."""
+    if channels not in (1, 3):
+        raise ErdeError(
+            f"the model takes {channels}-channel images, but image files only give grey (1) "
+            "or colour (3) channels; feed it arrays in the training format instead"
+        )
+
+
+def decode_image(
+    path: str | Path, channels: int | None = None, size: int | None = None
+) -> np.ndarray:
+    """One image file as a uint8 H x W x C array by the module's rules; ErdeError naming it.
+
+    `channels`: the model's (1 or 3), or None for the file's own (1 for grey, 3 otherwise);
+    `size`: resize to size x size, or None to keep the file's size.
+    """
+    if channels is not None:
+        check_channels(channels)
+    img = _eight_bit(_open(path), path)
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # expands the palette, transparency included
+    img = _convert(img, "L" if img.mode in _GREY_MODES else "RGB", path)  # the file's colours
+    if channels is not None:
+        img = _convert(img, "L" if channels == 1 else "RGB", path)  # the model's
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def _open(path: str | Path) -> Image.Image:
+    """The decoded image; Pillow's exceptions and its bomb warning become one-line ErdeErrors."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+        return img
+    except FileNotFoundError:
+        raise ErdeError(f"{path}: no such file; check the path") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ErdeError(
+            f"{path}: refused as a possible decompression bomb ({exc}); shrink the image below "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not an image"
+        raise ErdeError(
+            f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); replace it with "
+            "a readable PNG, JPEG or other Pillow-supported file"
+        ) from None
+
+
+def _convert(img: Image.Image, mode: str, path: str | Path) -> Image.Image:
+    if img.mode == mode:
+        return img
+    try:
+        return img.convert(mode)
+    except ValueError as exc:
+        raise ErdeError(
+            f"{path}: its {img.mode} pixels cannot be converted to {mode} ({exc}); save it as "
+            "an 8-bit grey or RGB image"
+        ) from None
+
+
+def _eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
+    """16-bit grey scaled to 8 bits ("L"); floating point refused; other modes unchanged."""
+    if img.mode == "F":
+        raise ErdeError(
+            f"{path}: floating-point images (Pillow mode F) have no one mapping to 8-bit "
+            "pixels; save it as an 8- or 16-bit grey or RGB image"
+        )
+    if not img.mode.startswith("I"):
+        return img
+    wide = np.asarray(img).astype(np.int64)
+    if wide.size and not (wide.min() >= 0 and wide.max() <= _UINT16_MAX):
+        raise ErdeError(
+            f"{path}: its {img.mode} pixels span {wide.min()}..{wide.max()}, beyond the 16-bit "
+            f"range 0..{_UINT16_MAX}; save it as an 8- or 16-bit grey or RGB image"
+        )
+    # round(v * 255 / 65535) = round(v / 257), exact in integers: v / 257 is never k + 1/2.
+    return Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
+
+
+class Normalize:
+    """uint8 N x C x H x W -> float32 (x / 255 - mean) / std per channel, as every model reads.
+
+    Computed as (x - 255 mean) * (1 / (255 std)) with both constants rounded once from float64:
+    two in-place operations per batch, and bit-identical inputs for training, evaluation and
+    exported inference since all of them call this.
+    """
+
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu"
+    ) -> None:
+        if len(mean) != len(std):
+            raise ValueError(f"mean and std need one value per channel, got {mean} and {std}")
+        shape = (1, -1, 1, 1)
+        mean64, std64 = (torch.tensor(v, dtype=torch.float64) for v in (mean, std))
+        self.shift = mean64.mul(255).float().view(shape).to(device)
+        self.scale = (1 / std64.mul(255)).float().view(shape).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised float32 copy of a uint8 N x C x H x W batch (the input is untouched)."""
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != self.shift.shape[1]:
+            raise ValueError(
+                f"need uint8 N x {self.shift.shape[1]} x H x W images, got {x.dtype} "
+                f"{tuple(x.shape)}"
+            )
+        return x.to(torch.float32).sub_(self.shift).mul_(self.scale)
+
+
+def normalize_images(
+    images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 N x H x W x C (as decoded and stored) -> float32 N x C x H x W, normalised."""
+    x = torch.as_tensor(images)
+    if x.dim() != 4:
+        raise ValueError(f"need uint8 N x H x W x C images, got {x.dtype} {tuple(x.shape)}")
+    return Normalize(mean, std)(x.permute(0, 3, 1, 2)).contiguous()
+
+
+__all__ = ["Normalize", "check_channels", "decode_image", "normalize_images"]

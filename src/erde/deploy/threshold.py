@@ -1,0 +1,72 @@
+"""Which threshold a deployment of a run uses: the one `erde evaluate` calibrated on val, unless
+the user gives one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from erde.deploy.manifest import Deployment
+from erde.errors import ErdeError
+from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
+from erde.report import Report, read_report
+from erde.rundir import RunDir
+
+
+def _report(run_dir: str | Path) -> tuple[Report | None, Path]:
+    path = RunDir(run_dir).eval.report_json
+    return (read_report(path) if path.is_file() else None), path
+
+
+def deployment(
+    run_dir: str | Path,
+    threshold: float | None = None,
+    policy: str | None = None,
+    normalize: bool | None = None,
+) -> Deployment:
+    """Threshold, policy and normalize flag a deployment of `run_dir` uses, and where they came
+    from: the val-calibrated "chosen" point of `erde evaluate` unless a threshold is given.
+
+    A calibrated threshold only means something for the policy it was calibrated with, so asking
+    for another policy without a threshold is refused.
+    """
+    report, path = _report(run_dir)
+    if threshold is None:
+        if report is None:
+            raise ErdeError(
+                f"{run_dir} has no calibrated threshold ({path} is missing); run "
+                f"`erde evaluate {run_dir}` first, or give a threshold (--threshold; "
+                "--thresholds for `erde bench`)"
+            )
+        if (policy is not None and policy != report.policy) or (
+            normalize is not None and normalize != report.normalize
+        ):
+            raise ErdeError(
+                f"the threshold in {path} was calibrated for policy {report.policy!r} "
+                f"(normalize={report.normalize}); give a threshold for the policy you asked "
+                f"for (--threshold), or re-run `erde evaluate {run_dir}` with that policy"
+            )
+        return Deployment(
+            report.chosen.threshold,
+            report.policy,
+            report.normalize,
+            f"calibrated on val ({report.chosen.criterion}), {path}",
+        )
+    if policy is None:
+        policy = report.policy if report else POLICIES[0]
+    if normalize is None:
+        normalize = report.normalize if report and report.policy == policy else False
+    check_policy(policy)
+    exit_thresholds(float(threshold), 2)  # the checks (non-negative, not NaN) and their message
+    return Deployment(float(threshold), policy, bool(normalize), "given")
+
+
+def has_calibration(run_dir: str | Path) -> bool:
+    return RunDir(run_dir).eval.report_json.is_file()
+
+
+def budget_thresholds(run_dir: str | Path) -> list[float]:
+    """The val-calibrated MACs-budget thresholds of `erde evaluate`, when it ran."""
+    report, _ = _report(run_dir)
+    if report is None:
+        return []
+    return [p.threshold for p in report.at_budget_fraction.values() if p is not None]

@@ -1,0 +1,83 @@
+"""Several runs side by side: grouped by method and model, seeds together (no files, no plots).
+
+`aggregate` is pure: summaries in, a `Comparison` out. `render.render_comparison` turns it into
+markdown and `plots.plot_comparison` into a PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from erde.errors import ErdeError
+from erde.evaluation.summary import RunSummary
+from erde.evaluation.sweep import Curve
+from erde.report import Reference
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Runs grouped as "method (model)", one summary per seed, against one reference (that of
+    the first run: every run gets the same one when a reference run is given)."""
+
+    reference: Reference
+    policy: str
+    max_drop_points: float
+    groups: dict[str, list[RunSummary]]
+
+    def to_json(self) -> dict[str, Any]:
+        """What `comparison.json` holds: the reference and every run's report, by group."""
+        return {
+            "reference": self.reference,
+            "policy": self.policy,
+            "max_drop_points": self.max_drop_points,
+            "groups": {
+                label: {"runs": [s.report.run for s in runs], "summaries": [s.report for s in runs]}
+                for label, runs in self.groups.items()
+            },
+        }
+
+
+def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
+    """Group the runs' summaries (at least one) by method and model, in the order given."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(f"{s.report.method} ({s.report.model})", []).append(s)
+    first = summaries[0].report
+    return Comparison(first.reference, first.policy, max_drop, groups)
+
+
+def _accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
+    """The curve as a function of MACs: thresholds with equal MACs are averaged."""
+    macs, inverse = np.unique(curve.expected_macs, return_inverse=True)
+    acc = np.bincount(inverse, weights=curve.accuracy) / np.bincount(inverse)
+    return macs, acc
+
+
+def mean_std_curves(
+    curves: Sequence[Curve], n_points: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std accuracy of several seeds' curves on one MACs grid.
+
+    Each curve is read as accuracy as a function of expected MACs (points with equal MACs
+    averaged, straight lines between points) and sampled on ``n_points`` evenly spaced MACs over
+    the range every curve covers, so nothing is extrapolated. The std is the sample standard
+    deviation across curves (ddof=1; zero for a single curve).
+    """
+    if not curves:
+        raise ValueError("mean_std_curves needs at least one curve")
+    functions = [_accuracy_of_macs(c) for c in curves]
+    lo = max(m[0] for m, _ in functions)
+    hi = min(m[-1] for m, _ in functions)
+    if lo > hi:
+        raise ErdeError(
+            f"these curves share no MACs range ([{lo:.6g}, {hi:.6g}] is empty); average only "
+            "seeds of the same model."
+        )
+    grid = np.linspace(lo, hi, n_points)
+    acc = np.stack([np.interp(grid, m, a) for m, a in functions])
+    std = acc.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n_points)
+    return grid, acc.mean(axis=0), std

@@ -1,0 +1,81 @@
+"""Independent training runs in parallel processes that share the machine's cores.
+
+Each run is an ordinary `fit` in a fresh (spawned) process with `cores // jobs` threads, writing
+its own run folder, so the result is the folder a serial run writes. Ctrl-C stops every process;
+what they had written is resumable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from erde.config import Config
+from erde.errors import ErdeError
+
+log = logging.getLogger("erde.reproduce")
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    from erde.logs import log_to_stdout
+
+    torch.set_num_threads(threads)
+    log_to_stdout()
+
+
+def _train(cfg: Config, run: Path) -> None:
+    from erde.reproduce import ensure_run
+
+    ensure_run(cfg, run, progress=False)
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_parallel(runs: list[tuple[Config, Path]], jobs: int) -> list[tuple[Path, str]]:
+    """Train `runs` with `jobs` processes; returns (run, message) of each run that failed with a
+    user-facing error (a bug in one run still raises, after the others have stopped)."""
+    threads = max(1, cores() // jobs)
+    log.info("training %d runs, %d at a time, %d thread(s) each", len(runs), jobs, threads)
+    failures: list[tuple[Path, str]] = []
+    pool = ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads,),
+    )
+    try:
+        pending: dict[Future, Path] = {pool.submit(_train, c, r): r for c, r in runs}
+        done_count = 0
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                run = pending.pop(future)
+                done_count += 1
+                exc = future.exception()
+                if exc is None:
+                    log.info("%s: finished (%d of %d)", run.name, done_count, len(runs))
+                elif isinstance(exc, (ErdeError, OSError)):
+                    failures.append((run, " ".join(str(exc).split())))
+                    log.error("%s: failed: %s", run.name, exc)
+                else:
+                    raise exc
+    except BaseException:
+        # Ctrl-C reaches the workers too (one process group); a kill of this process alone
+        # must not leave them training: stop them, their folders stay resumable.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return failures

@@ -1,0 +1,147 @@
+"""Every file name of a run folder, an evaluation folder and a comparison folder, in one place.
+
+Code asks these objects for paths (`RunDir(path).weights`) instead of spelling file names, so a
+layout change is one edit and a reader finds the whole layout here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ReportDir:
+    """What `erde evaluate` writes (by default `RUN/eval/`)."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def curve_csv(self) -> Path:
+        """The test split's threshold sweep."""
+        return self.path / "curve.csv"
+
+    @property
+    def curve_val_csv(self) -> Path:
+        return self.path / "curve_val.csv"
+
+    @property
+    def tradeoff_png(self) -> Path:
+        return self.path / "tradeoff.png"
+
+    @property
+    def exits_png(self) -> Path:
+        return self.path / "exits.png"
+
+
+@dataclass(frozen=True)
+class ComparisonDir:
+    """What `erde compare` and `erde reproduce` write beside (or above) the runs they compare."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def comparison_md(self) -> Path:
+        return self.path / "comparison.md"
+
+    @property
+    def comparison_json(self) -> Path:
+        return self.path / "comparison.json"
+
+    @property
+    def comparison_png(self) -> Path:
+        return self.path / "comparison.png"
+
+    @property
+    def reproduce_yaml(self) -> Path:
+        """The resolved protocol config `erde reproduce` ran."""
+        return self.path / "reproduce.yaml"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run of `erde train`: config, weights and sidecar, training state, logs, caches."""
+
+    path: Path
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the run was started with (YAML)."""
+        return self.path / "config.yaml"
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def sidecar(self) -> Path:
+        """model.json: how to rebuild the model and what data it expects (`ModelInfo`)."""
+        return self.path / "model.json"
+
+    @property
+    def state(self) -> Path:
+        """Optimiser, scheduler, scaler, epoch and random streams for `--resume`."""
+        return self.path / "state.pt"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON line per finished epoch."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Copies kept every `train.checkpoint_every` epochs."""
+        return self.path / "checkpoints"
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch{epoch:04d}.safetensors"
+
+    @property
+    def logits(self) -> Path:
+        """Per-exit logits on the val and test splits, tied to the weights' SHA-256."""
+        return self.path / "logits.safetensors"
+
+    @property
+    def teacher_cache(self) -> Path:
+        """A teacher's outputs on students' training batches (`erde.teacher_cache`)."""
+        return self.path / "teacher-cache"
+
+    @property
+    def eval(self) -> ReportDir:
+        """The default report folder of `erde evaluate`."""
+        return ReportDir(self.path / "eval")
+
+    def has_run(self) -> bool:
+        """A run was started here (it may be unfinished)."""
+        return self.config.is_file()

@@ -1,0 +1,130 @@
+"""The config schema's table of choices and ranges, the method table, and comma lists."""
+
+import argparse
+import math
+import re
+
+import pytest
+import yaml
+
+from erde.comma_list import comma_list_type, parse_comma_list
+from erde.config import (
+    CHOICES,
+    RANGES,
+    Config,
+    ReproduceConfig,
+    check_value,
+    load_config,
+    load_reproduce_config,
+    to_yaml,
+)
+from erde.errors import ErdeError
+from erde.losses import make_loss, pair_exits
+from erde.methods import METHOD_TABLE, METHODS, STUDENT_METHODS, TEACHER_METHODS
+
+# ---------------------------------------------------------------- the method table
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_method_table_decides_teacher_and_terms(name):
+    method = METHOD_TABLE[name]
+    teacher = ["distill.teacher=runs/t"] if method.needs_teacher else []
+    cfg = load_config("digits-student", [f"distill.method={name}", *teacher])
+    assert cfg.distill.method == name
+    other = [] if method.needs_teacher else ["distill.teacher=runs/t"]
+    with pytest.raises(ErdeError, match="needs a teacher" if teacher else "uses no teacher"):
+        load_config("digits-student", [f"distill.method={name}", *other])
+    loss = make_loss(name, alpha=0.3, beta=2.0, num_exits=2)
+    assert loss.needs_teacher == method.needs_teacher
+    assert loss.alpha == (0.3 if method.needs_teacher else 1.0)
+    assert loss.beta == (2.0 if method.entropy else 0.0)
+
+
+def test_the_lists_derive_from_the_table():
+    assert METHODS == ("teacher", "ce", "kd", "kd-masked", "erde")
+    assert STUDENT_METHODS == ("ce", "kd", "kd-masked", "erde")
+    assert TEACHER_METHODS == ("kd", "kd-masked", "erde")
+    assert CHOICES["distill.method"] == METHODS
+    assert ReproduceConfig().methods == list(STUDENT_METHODS)
+    cfg = load_reproduce_config("quickstart", ["methods=[ce,erde]"])
+    assert cfg.methods == ["ce", "erde"]
+    with pytest.raises(ErdeError, match="methods contains 'teacher'; students use ce, kd, "):
+        load_reproduce_config("quickstart", ["methods=[teacher]"])
+
+
+def test_config_yaml_keeps_plain_strings():
+    cfg = load_config("digits-student", ["distill.method=kd-masked", "distill.teacher=t"])
+    written = yaml.safe_load(to_yaml(cfg))["distill"]
+    assert written["method"] == "kd-masked" and written["entropy_term"] == "uniform-ce"
+    assert type(cfg.distill.method) is str
+
+
+# ---------------------------------------------------------------- choices and ranges
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("distill.method", "magic", "distill.method='magic' is not allowed; choose one of teacher"),
+        ("evaluate.policy", "margin", "choose one of entropy, maxprob"),
+        ("distill.alpha", 2.0, "distill.alpha=2.0 must lie in [0, 1]"),
+        ("distill.alpha", math.nan, "distill.alpha=nan must be a finite number in [0, 1]"),
+        ("distill.beta", math.inf, "distill.beta=inf must be a finite number >= 0"),
+        ("distill.temperature", 0.0, "distill.temperature=0.0 must be > 0"),
+        ("train.epochs", 0, "train.epochs=0 must be > 0"),
+        ("data.val_size", -1.0, "data.val_size=-1.0 must be >= 0"),
+        ("distill.exit_weights", [1.0, -1.0], "exit_weights=[1.0, -1.0] must be weights >= 0"),
+        ("train.milestones", [0.5, 2.0], "must be fractions of the run in (0, 1]"),
+        ("evaluate.budgets", [0.0], "evaluate.budgets=[0.0] must be fractions of the student's"),
+    ],
+)
+def test_check_value_names_the_key_and_the_rule(key, value, message):
+    with pytest.raises(ErdeError) as info:
+        check_value(key, value)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_check_value_accepts_the_edges():
+    for key, value in [
+        ("distill.alpha", 0.0),
+        ("distill.alpha", 1.0),
+        ("distill.beta", 0.0),
+        ("distill.exit_weights", None),
+        ("train.milestones", [1.0]),
+        ("distill.entropy_exits", "intermediate"),
+    ]:
+        check_value(key, value)
+    with pytest.raises(KeyError):
+        check_value("train.no_such_key", 1)
+
+
+def test_every_table_key_is_a_config_key():
+    sections = {"evaluate": ReproduceConfig().evaluate}
+    for key in (*CHOICES, *RANGES):
+        section, name = key.split(".")
+        assert hasattr(sections.get(section) or getattr(Config(), section), name), key
+
+
+def test_the_loss_refuses_what_the_config_refuses_in_the_same_words():
+    with pytest.raises(ErdeError) as from_config:
+        load_config("digits-student", ["distill.alpha=2"])
+    with pytest.raises(ErdeError) as from_loss:
+        make_loss("ce", alpha=2.0, num_exits=1)
+    assert str(from_loss.value) == str(from_config.value)
+    with pytest.raises(ErdeError, match=r"distill\.pairing='nearest' is not allowed"):
+        pair_exits([1.0], [1.0], "nearest")
+    with pytest.raises(ErdeError, match=r"distill\.entropy_term='max' is not allowed"):
+        make_loss("erde", entropy_term="max", num_exits=1)
+
+
+# ---------------------------------------------------------------- comma lists
+
+
+def test_comma_lists():
+    assert parse_comma_list("0, 1,2", int) == [0, 1, 2]
+    assert parse_comma_list(" 0.5,1e-3 ", float) == [0.5, 0.001]
+    for text in ("0,x", "", "3,,6", "1,", "1.5"):
+        with pytest.raises(ValueError, match=re.escape(f"{text!r} is not a comma list of int")):
+            parse_comma_list(text, int)
+    with pytest.raises(argparse.ArgumentTypeError, match="'a' is not a comma list of numbers"):
+        comma_list_type(float)("a")
