@@ -69,6 +69,7 @@ def mobilenetv2(*, num_classes: int, in_channels: int, width_mult: float = 1.0) 
         classifier=classifier,
         stage_ends=stage_ends,
         min_input_size=8,
+        he_init=True,
         # the last blocks at 32, 16 and 8 pixels
         default_exits=[stage_ends[1], stage_ends[2], stage_ends[4]],
     )

@@ -7,6 +7,7 @@ exits; its `arch` record rebuilds the same architecture: `create_model(**model.a
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -14,10 +15,13 @@ from typing import Any
 from erde.errors import ErdeError
 from erde.models.early_exit import Backbone, EarlyExitNet
 from erde.models.exit_spec import parse_exits
+from erde.models.plugins import import_plugin, load_entry_points
+from erde.models.pretrained import load_pretrained
+from erde.resources import check_model_memory
 
 Builder = Callable[..., Backbone]
 _BUILDERS: dict[str, Builder] = {}
-_COMMON = ("num_classes", "in_channels")
+_COMMON = ("num_classes", "in_channels", "input_size", "pretrained")
 
 
 def register_model(builder: Builder) -> Builder:
@@ -30,7 +34,14 @@ def register_model(builder: Builder) -> Builder:
 
 
 def list_models() -> list[str]:
+    """Registered names: erde's and those of every installed plugin."""
+    load_entry_points()
     return sorted(_BUILDERS)
+
+
+def get_builder(name: str) -> Builder:
+    """The registered builder of a name (for descriptions)."""
+    return _BUILDERS[name]
 
 
 def create_model(
@@ -39,23 +50,40 @@ def create_model(
     num_classes: int = 10,
     in_channels: int = 3,
     exits: Any = None,
-    input_size: int = 32,
+    input_size: int | None = None,
+    module: str | None = None,
+    pretrained: bool | str | None = None,
     **kwargs: Any,
 ) -> EarlyExitNet:
-    """Build a registered backbone with exits; see `erde.models.exit_spec` for `exits` forms."""
+    """Build a backbone with exits; see `erde.models.exit_spec` for `exits` forms.
+
+    `name` is a registered builder (erde's, or a plugin's: `module` is imported first, and the
+    `erde.models` entry points are loaded when the name is unknown) or `timm/NAME` /
+    `torchvision/NAME`. `input_size` defaults to the network's own. `pretrained`: a weights
+    file for the backbone, or True for the library's own weights; it is not part of `arch`,
+    which rebuilds the architecture: `create_model(**model.arch)`.
+    """
+    if module:
+        import_plugin(module)
     key = name.strip().lower() if isinstance(name, str) else name
-    builder = _BUILDERS.get(key)
-    if builder is None:
-        raise ErdeError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    builder, options = _builder(key), dict(kwargs)
     _check_count("num_classes", num_classes, 2)
     _check_count("in_channels", in_channels, 1)
-    _check_count("input_size", input_size, 1)
-    _check_options(key, builder, kwargs)
+    if input_size is not None:
+        _check_count("input_size", input_size, 1)
+    check_model_memory(num_classes, in_channels, input_size)
+    if pretrained is True:
+        options["pretrained"] = True
+    params = inspect.signature(builder).parameters
+    if "input_size" in params:
+        options["input_size"] = input_size
+    _check_options(key, builder, kwargs, pretrained is True)
 
-    backbone = builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    if input_size < backbone.min_input_size:
+    backbone = builder(num_classes=num_classes, in_channels=in_channels, **options)
+    size = input_size or backbone.input_size
+    if size < backbone.min_input_size:
         raise ErdeError(
-            f"input_size={input_size} is too small for {key}: its strides need images of at "
+            f"input_size={size} is too small for {key}: its strides need images of at "
             f"least {backbone.min_input_size}x{backbone.min_input_size}; resize the images up or "
             "pick a backbone with fewer downsampling stages"
         )
@@ -71,17 +99,58 @@ def create_model(
         "num_classes": num_classes,
         "in_channels": in_channels,
         "exits": exit_blocks,
-        "input_size": input_size,
+        "input_size": size,
+        **({"module": module} if module else {}),
         **kwargs,
     }
-    return EarlyExitNet(
+    net = EarlyExitNet(
         backbone,
         exit_blocks,
         num_classes=num_classes,
         in_channels=in_channels,
-        input_size=input_size,
+        input_size=size,
         arch=arch,
     )
+    if isinstance(pretrained, str):
+        load_pretrained(net, pretrained)
+    return net
+
+
+def _builder(key: str) -> Builder:
+    """The builder of a name: a library's, a registered one, or one an entry point registers."""
+    library, _, rest = key.partition("/") if isinstance(key, str) else ("", "", "")
+    if rest:
+        if library not in LIBRARIES:
+            raise ErdeError(
+                f"unknown model {key!r}: {library!r} is not a model library erde reads; "
+                f"use {' or '.join(f'{lib}/NAME' for lib in LIBRARIES)}, or a registered name"
+            )
+        return functools.partial(LIBRARIES[library](), rest)
+    if key not in _BUILDERS:
+        load_entry_points()
+    builder = _BUILDERS.get(key)
+    if builder is None:
+        raise ErdeError(
+            f"unknown model {key!r}; choose one of: {', '.join(list_models())}, or "
+            "timm/NAME, torchvision/NAME (`erde models` describes them)"
+        )
+    return builder
+
+
+def _timm() -> Builder:
+    from erde.models.timm_models import timm_backbone
+
+    return timm_backbone
+
+
+def _torchvision() -> Builder:
+    from erde.models.torchvision_models import torchvision_backbone
+
+    return torchvision_backbone
+
+
+# Imported on first use: timm takes seconds to import and most commands never build its models.
+LIBRARIES: dict[str, Callable[[], Builder]] = {"timm": _timm, "torchvision": _torchvision}
 
 
 def _check_count(what: str, value: Any, minimum: int) -> None:
@@ -89,9 +158,19 @@ def _check_count(what: str, value: Any, minimum: int) -> None:
         raise ErdeError(f"{what} must be a whole number >= {minimum}, got {value!r}")
 
 
-def _check_options(name: str, builder: Builder, kwargs: dict[str, Any]) -> None:
-    options = [p for p in inspect.signature(builder).parameters if p not in _COMMON]
+def _check_options(name: str, builder: Builder, kwargs: dict[str, Any], pretrained: bool) -> None:
+    """A registered builder's options are its keyword parameters; a library's, its own check."""
+    if isinstance(builder, functools.partial):
+        return
+    params = inspect.signature(builder).parameters
+    options = [p for p in params if p not in _COMMON]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         known = ", ".join(options) if options else "none"
         raise ErdeError(f"model {name!r} has no option(s) {unknown}; its options are: {known}")
+    if pretrained and "pretrained" not in params:
+        raise ErdeError(
+            f"model {name!r} has no weights to fetch (model.pretrained=true is for timm/NAME, "
+            "torchvision/NAME and builders with a `pretrained` option); give a weights file: "
+            "model.pretrained=PATH"
+        )

@@ -73,16 +73,17 @@ def _resnet(depths: Sequence[int], num_classes: int, in_channels: int) -> Backbo
         classifier=pooled_classifier(widths[-1], num_classes),
         stage_ends=stage_ends,
         min_input_size=8,
+        he_init=True,
     )
 
 
 @register_model
 def resnet18(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-18, CIFAR variant: 8 blocks; default exits after blocks 2, 4, 6."""
+    """CIFAR ResNet-18 (3x3 stem, no max pool; 32x32 images): not torchvision/resnet18."""
     return _resnet((2, 2, 2, 2), num_classes, in_channels)
 
 
 @register_model
 def resnet34(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-34, CIFAR variant: 16 blocks; default exits after blocks 3, 7, 13."""
+    """CIFAR ResNet-34 (3x3 stem, no max pool; 32x32 images): not torchvision/resnet34."""
     return _resnet((3, 4, 6, 3), num_classes, in_channels)

@@ -43,40 +43,41 @@ def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> Backbone:
         classifier=pooled_classifier(64, num_classes),
         stage_ends=stage_ends,
         min_input_size=4,
+        he_init=True,
     )
 
 
 @register_model
 def resnet8(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-8 (n=1): 3 blocks; default exits after blocks 1, 2."""
+    """CIFAR ResNet-8 (He et al. 2016, n=1): 3 blocks; exits after 1, 2."""
     return _cifar_resnet(8, num_classes, in_channels)
 
 
 @register_model
 def resnet20(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-20 (n=3): 9 blocks; default exits after blocks 3, 6."""
+    """CIFAR ResNet-20 (He et al. 2016, n=3): 9 blocks; exits after 3, 6."""
     return _cifar_resnet(20, num_classes, in_channels)
 
 
 @register_model
 def resnet32(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-32 (n=5): 15 blocks; default exits after blocks 5, 10."""
+    """CIFAR ResNet-32 (He et al. 2016, n=5): 15 blocks; exits after 5, 10."""
     return _cifar_resnet(32, num_classes, in_channels)
 
 
 @register_model
 def resnet44(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-44 (n=7): 21 blocks; default exits after blocks 7, 14."""
+    """CIFAR ResNet-44 (He et al. 2016, n=7): 21 blocks; exits after 7, 14."""
     return _cifar_resnet(44, num_classes, in_channels)
 
 
 @register_model
 def resnet56(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-56 (n=9): 27 blocks; default exits after blocks 9, 18."""
+    """CIFAR ResNet-56 (He et al. 2016, n=9): 27 blocks; exits after 9, 18."""
     return _cifar_resnet(56, num_classes, in_channels)
 
 
 @register_model
 def resnet110(*, num_classes: int, in_channels: int) -> Backbone:
-    """ResNet-110 (n=18): 54 blocks; default exits after blocks 18, 36."""
+    """CIFAR ResNet-110 (He et al. 2016, n=18): 54 blocks; exits after 18, 36."""
     return _cifar_resnet(110, num_classes, in_channels)

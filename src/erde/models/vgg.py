@@ -58,6 +58,7 @@ def _vgg(name: str, num_classes: int, in_channels: int) -> Backbone:
         classifier=classifier,
         stage_ends=stage_ends,
         min_input_size=32,
+        he_init=True,
     )
 
 

@@ -74,6 +74,7 @@ def wrn(
         ),
         stage_ends=[n, 2 * n, 3 * n],
         min_input_size=4,
+        he_init=True,
     )
 
 
