@@ -9,6 +9,7 @@ import io
 import itertools
 import json
 import shutil
+import warnings
 
 import numpy as np
 import onnx
@@ -69,7 +70,9 @@ def torch_logits(run, images):
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
-    manifest = export_run(run, out, threshold=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the supported exporter, nothing to silence
+        manifest = export_run(run, out, threshold=1.5)
     return out, manifest
 
 
@@ -95,8 +98,18 @@ def test_export_writes_checked_pieces_and_manifest(run, exported):
         "entropy",
         False,
     )
+    assert (manifest["opset"], manifest["precision"]) == (18, "fp32")
+    assert manifest["exporter"].startswith("torch.onnx.export(dynamo=True)")
     pieces = manifest["pieces"]
     assert [p["file"] for p in pieces] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
+    assert manifest["single"]["inputs"] == [
+        {"name": "image", "shape": [1, 1, 8, 8]},
+        {"name": "thresholds", "shape": [2]},
+    ]
+    assert manifest["single"]["outputs"] == [
+        {"name": "logits", "shape": [1, 10]},
+        {"name": "exit", "shape": [1]},
+    ]
     assert pieces[0]["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8]}]
     for i, (before, after) in enumerate(itertools.pairwise(pieces), start=1):
         assert [o["name"] for o in before["outputs"]] == [f"features{i}", f"logits{i}", f"score{i}"]
@@ -104,10 +117,12 @@ def test_export_writes_checked_pieces_and_manifest(run, exported):
         assert before["outputs"][1]["shape"] == ["batch", 10]
         assert before["outputs"][2]["shape"] == ["batch"]
     assert pieces[-1]["outputs"] == [{"name": "logits3", "shape": ["batch", 10]}]
-    for entry in [*pieces, manifest["static"]]:
+    for entry in [*pieces, manifest["static"], manifest["single"]]:
         path = out / entry["file"]
         assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
-        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto, full_check=True)
+        assert [o.version for o in proto.opset_import if o.domain == ""] == [18]
     # The batch dimension is dynamic: the static graph takes 1 and 5 images.
     session = ort.InferenceSession(str(out / "static.onnx"), providers=["CPUExecutionProvider"])
     for n in (1, 5):
@@ -191,10 +206,10 @@ def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, 
         reached = torch.arange(2)[None, :] <= exit_index[:, None]
         tie = (((scores[:, :2] - cut).abs() < TIE) & reached).any(dim=1).numpy()
         assert tie.sum() <= 3
-        for rt in (onnx_rt, torch_rt):
-            pred = rt.predict(x, threshold)
+        for rt, form in ((onnx_rt, "split"), (onnx_rt, "single"), (torch_rt, "auto")):
+            pred = rt.predict(x, threshold, form=form)
             same = pred.exit_index == exit_index.numpy()
-            assert np.all(same | tie), f"{rt.backend}: {(~same & ~tie).sum()} images differ"
+            assert np.all(same | tie), f"{rt.backend} {form}: {(~same & ~tie).sum()} differ"
             assert np.all((pred.classes == prediction.numpy()) | tie)
             want = torch_logits[torch.arange(n), exit_index].numpy()
             np.testing.assert_allclose(pred.logits[same], want[same], atol=LOGITS_ATOL, rtol=0)
@@ -383,4 +398,9 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     args.func(args)
     out = capsys.readouterr().out
     assert out.count("| student resnet8, early exit |") == len({0.0, calibrated})
-    assert render_benchmark(result).count("\n| ") == len(rows) + 1
+    # Both tables: the timed rows and per-exit accuracy (header, fp32), each with a header.
+    assert render_benchmark(result).count("\n| ") == len(rows) + 1 + 2
+    accuracy = result["per_exit_accuracy"]["fp32"]
+    labels = prepare_data(load_config(str(run / "config.yaml"))).data.test_y
+    want = (torch_logits[-len(labels) :].argmax(-1) == labels[:, None]).float().mean(0)
+    np.testing.assert_allclose(accuracy, want.numpy(), atol=1.5 / len(labels))

@@ -1,4 +1,5 @@
-"""Deployment: ONNX export in pieces, a runtime that stops per image, and its latency benchmark."""
+"""Deployment: ONNX export (pieces, one If-chained graph, int8), a runtime that stops per image, and
+its latency benchmark."""
 
 from erde.deploy.export import export_run
 from erde.deploy.latency import benchmark, render_benchmark

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from erde.deploy.onnx_export import OPSET, OPSETS
 from erde.errors import ErdeError
 
 
@@ -22,13 +23,18 @@ def export_command(args: argparse.Namespace) -> None:
         policy=args.policy,
         normalize=args.normalize,
         opset=args.opset,
+        int8=args.int8,
         overwrite=args.overwrite,
     )
     files = ", ".join(p["file"] for p in m["pieces"])
     print(
-        f"exported {m['model']} from {args.run} to {args.out}: {files} (one per exit) and "
+        f"exported {m['model']} ({m['precision']}, ONNX opset {m['opset']}) from {args.run} to "
+        f"{args.out}: {files} (one per exit), {m['single']['file']} (one call per image) and "
         f"{m['static']['file']} (no early exit)"
     )
+    if m["quantization"] is not None:
+        accuracy = m["quantization"]["per_exit_accuracy"]["val"]
+        print("int8 val accuracy per exit: " + " / ".join(f"{100 * a:.2f}" for a in accuracy))
     print(
         f"policy {m['policy']}{' (normalised)' if m['normalize'] else ''}, threshold "
         f"{m['threshold']:.4g} ({m['threshold_source']})"
@@ -40,7 +46,7 @@ def infer_command(args: argparse.Namespace) -> None:
     from erde.report import markdown_table
 
     runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
-    rows = runtime.classify_files(args.images, threshold=args.threshold)
+    rows = runtime.classify_files(args.images, threshold=args.threshold, form=args.form)
     print(
         markdown_table(
             ["file", "class", "exit", "confidence"],
@@ -73,6 +79,8 @@ def bench_command(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads or None,
+        int8=args.int8,
+        form=args.form,
     )
     print(render_benchmark(result), end="")
 
@@ -105,7 +113,17 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     p.add_argument(
         "--normalize", action="store_true", default=None, help="entropy divided by log K"
     )
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=OPSET,
+        help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {OPSET})",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="static int8 (QDQ, per-channel) calibrated on val; threshold re-chosen on it",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty folder that is no export"
     )
@@ -115,6 +133,7 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
     p.add_argument("--threshold", type=float, help="override the export's threshold")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
+    _form_argument(p)
 
     add_bench_arguments(
         command(
@@ -139,4 +158,20 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     p.add_argument(
         "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: all; default 1)"
+    )
+    p.add_argument(
+        "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
+    )
+    _form_argument(p)
+
+
+def _form_argument(p: argparse.ArgumentParser) -> None:
+    from erde.deploy.runtime import FORMS
+
+    p.add_argument(
+        "--form",
+        choices=FORMS,
+        default="auto",
+        help="early exit in one call per image (single), split batches (split), or single for "
+        "batch 1 and split above (auto, default)",
     )

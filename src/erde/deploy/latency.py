@@ -1,8 +1,12 @@
 """Does early exit save wall time, and as much as the MACs promise? Measured on the run's test set.
 
-Three things run on the same ONNX Runtime CPU settings and the same test images: (a) the full
-static student (`static.onnx`: the plain network, no intermediate heads), (b) the early-exit
-runtime at several thresholds and (c) optionally the teacher, exported the same way as (a).
+Things run on the same ONNX Runtime CPU settings and the same test images: (a) the full static
+student (`static.onnx`: the plain network, no intermediate heads), (b) the early-exit runtime at
+several thresholds (batch 1 in one call through `single.onnx`, larger batches split between
+pieces: the runtime's "auto" rule, unless `form` says otherwise), optionally (c) the same two for
+the int8 export (`erde export --int8`, threshold re-chosen on its val outputs) and (d) the
+teacher, exported the same way as (a). Per-exit test accuracy of fp32 and int8 is measured on the
+whole test split with the exported pieces.
 
 Method: the test images are cut into `warmup + repeats` consecutive batches per batch size. Every
 batch is run by every configuration in turn (the order rotates from batch to batch), so all of
@@ -27,12 +31,14 @@ import torch
 
 from erde import checkpoint as ckpt
 from erde.config import load_config
-from erde.deploy.export import export_onnx, export_run, static_network
+from erde.deploy.export import export_run, static_network
 from erde.deploy.images import normalize_images
-from erde.deploy.manifest import MANIFEST, Manifest, read_manifest, read_verified
-from erde.deploy.runtime import EarlyExitRuntime, ort_session
-from erde.deploy.threshold import budget_thresholds, has_calibration
+from erde.deploy.manifest import MANIFEST, Manifest, read_graph, read_manifest
+from erde.deploy.onnx_export import export_graph
+from erde.deploy.runtime import EarlyExitRuntime, exit_logits, ort_session
+from erde.deploy.threshold import has_calibration
 from erde.errors import ErdeError
+from erde.evaluation.metrics import per_exit_accuracy
 from erde.report import markdown_table
 from erde.rundir import RunDir
 
@@ -50,6 +56,7 @@ class BenchRow:
     predicted_speedup: float  # static student MACs / expected_macs
     realised_speedup: float  # static student time / this time, same images
     exit_share: list[float] | None = None  # early exit only
+    tag: str = ""  # says when the threshold is the export's own
 
     @property
     def realised_fraction(self) -> float:
@@ -65,6 +72,7 @@ class _Timed:
     threshold: float | None
     run: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
     static_macs: int | None  # None: early exit, MACs follow the exits taken
+    tag: str = ""
 
 
 def _static_runner(session) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]:
@@ -77,12 +85,12 @@ def _static_runner(session) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]
 
 
 def _early_exit_runner(
-    runtime: EarlyExitRuntime, threshold: float
+    runtime: EarlyExitRuntime, threshold: float, form: str
 ) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
     runtime = runtime.with_threshold(threshold)
 
     def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        pred = runtime.predict(x)
+        pred = runtime.predict(x, form=form)
         return pred.classes, pred.exit_index
 
     return run
@@ -115,9 +123,8 @@ def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None
         )
     size, channels = manifest.info.data.input_size, manifest.info.data.in_channels
     with torch.no_grad():
-        export_onnx(
+        proto = export_graph(
             static_network(model),
-            tmp / "teacher.onnx",
             torch.zeros(2, channels, size, size),
             "image",
             ["logits"],
@@ -126,9 +133,39 @@ def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None
     return _Timed(
         f"teacher {info.name}, static",
         None,
-        _static_runner(ort_session(str(tmp / "teacher.onnx"), threads)),
+        _static_runner(ort_session(proto.SerializeToString(), threads)),
         info.static_macs,
     )
+
+
+def _student(
+    export_dir: Path, thresholds: list[float] | None, threads: int | None, form: str
+) -> tuple[list[_Timed], Manifest, EarlyExitRuntime]:
+    """The static graph and the early-exit runtime of one export, at its own threshold, 0 (no
+    early exit: what the heads and the decisions cost) and its val-calibrated budget points
+    unless `thresholds` are given."""
+    manifest = read_manifest(export_dir)
+    own = manifest.deployment.threshold
+    chosen = sorted({own, *(thresholds or [0.0, *manifest.budget_thresholds.values()])})
+    runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
+    static = ort_session(read_graph(export_dir, manifest.static), threads)
+    name = manifest.info.name + ("" if manifest.precision == "fp32" else f" {manifest.precision}")
+    configs = [
+        _Timed(f"student {name}, static", None, _static_runner(static), manifest.info.static_macs)
+    ]
+    source = manifest.deployment.threshold_source
+    tag = " (given)" if source == "given" else f" ({source.split(' on ')[0]})"
+    configs += [
+        _Timed(
+            f"student {name}, early exit",
+            t,
+            _early_exit_runner(runtime, t, form),
+            None,
+            tag if t == own else "",
+        )
+        for t in chosen
+    ]
+    return configs, manifest, runtime
 
 
 def _measure(
@@ -182,9 +219,33 @@ def _measure(
                 predicted_speedup=static_macs / expected,
                 realised_speedup=base / sum(seconds[k]),
                 exit_share=None if c.static_macs is not None else (exits[k] / n_images).tolist(),
+                tag=c.tag,
             )
         )
     return rows
+
+
+def _check_options(
+    target: Path,
+    is_export_dir: bool,
+    thresholds: list[float] | None,
+    batch_sizes: tuple[int, ...] | list[int],
+    repeats: int,
+    warmup: int,
+    int8: bool,
+) -> None:
+    """Every mistake in the options, before anything is exported or timed."""
+    if repeats < 1 or warmup < 0:
+        raise ErdeError(f"repeats must be >= 1 and warm-up >= 0; got {repeats} and {warmup}")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ErdeError(f"batch sizes must be positive integers; got {list(batch_sizes)}")
+    if thresholds is not None and (not thresholds or min(thresholds) < 0):
+        raise ErdeError(f"thresholds must be one or more non-negative numbers; got {thresholds}")
+    if int8 and is_export_dir:
+        raise ErdeError(
+            f"--int8 quantizes a run, and {target} is an export; give the run folder, or bench "
+            "an `erde export --int8` folder without --int8"
+        )
 
 
 def benchmark(
@@ -196,86 +257,75 @@ def benchmark(
     repeats: int = 100,
     warmup: int = 10,
     threads: int | None = 1,
+    int8: bool = False,
+    form: str = "auto",
 ) -> dict:
-    """Latency rows of (a) the static student, (b) early exit per threshold, (c) the teacher.
+    """Latency rows of (a) the static student, (b) early exit per threshold, (c) both again in
+    int8 when asked, (d) the teacher; per-exit test accuracy of each export.
 
     `target` is a run folder (exported to a temporary folder first) or an `erde export` folder.
     The export's own threshold (the calibrated one, by default) is always among the thresholds.
-    Returns {"rows": [BenchRow, ...], and what was measured and how}.
+    Returns {"rows": [BenchRow, ...], "per_exit_accuracy": {precision: [...]}, and what was
+    measured and how}.
     """
-    if repeats < 1 or warmup < 0:
-        raise ErdeError(f"repeats must be >= 1 and warm-up >= 0; got {repeats} and {warmup}")
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ErdeError(f"batch sizes must be positive integers; got {list(batch_sizes)}")
-    if thresholds is not None and (not thresholds or min(thresholds) < 0):
-        raise ErdeError(f"thresholds must be one or more non-negative numbers; got {thresholds}")
     target = Path(target)
+    is_export_dir = (target / MANIFEST).is_file()
+    _check_options(target, is_export_dir, thresholds, batch_sizes, repeats, warmup, int8)
     with tempfile.TemporaryDirectory(prefix="erde-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        if (target / MANIFEST).is_file():
-            export_dir = target
-        else:
-            export_dir = tmp / "export"
+        exports = [target] if is_export_dir else [tmp / "fp32"]
+        if not is_export_dir:
             given = None if thresholds is None or has_calibration(target) else thresholds[0]
-            export_run(target, export_dir, threshold=given)
-        manifest = read_manifest(export_dir)
-        run_dir = Path(manifest.source_run)
-        own = manifest.deployment.threshold
-        # 0: no early exit, what the heads and the splitting cost.
-        chosen = sorted({own, *(thresholds or [0.0, *budget_thresholds(run_dir)])})
-        runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
-        static_macs = manifest.info.static_macs
-        static = ort_session(read_verified(export_dir, manifest.static), threads)
-        name = manifest.info.name
-        configs = [_Timed(f"student {name}, static", None, _static_runner(static), static_macs)]
-        configs += [
-            _Timed(
-                f"student {name}, early exit",
-                t,
-                _early_exit_runner(runtime, t),
-                None,
-            )
-            for t in chosen
-        ]
+            export_run(target, exports[0], threshold=given)
+            if int8:
+                exports.append(tmp / "int8")
+                export_run(target, exports[1], threshold=given, int8=True)
+        configs, manifests, accuracy = [], [], {}
+        for export_dir in exports:
+            timed, manifest, runtime = _student(export_dir, thresholds, threads, form)
+            configs += timed
+            manifests.append(manifest)
+            if len(manifests) == 1:
+                x, y = _test_images(Path(manifest.source_run), manifest)
+            logits = exit_logits(runtime.pieces, x)
+            accuracy[manifest.precision] = per_exit_accuracy(logits, y).tolist()
+        first = manifests[0]
         if reference is not None:
-            configs.append(_teacher(Path(reference), manifest, tmp, threads))
-        x, y = _test_images(run_dir, manifest)
+            configs.append(_teacher(Path(reference), first, tmp, threads))
+        info = first.info
         rows = [
             row
             for batch in batch_sizes
             for row in _measure(
-                configs, x, y, batch, warmup, repeats, manifest.info.exit_macs, static_macs
+                configs, x, y, batch, warmup, repeats, info.exit_macs, info.static_macs
             )
         ]
     return {
         "rows": rows,
-        "run": str(run_dir),
+        "per_exit_accuracy": accuracy,
+        "run": first.source_run,
         "reference": None if reference is None else str(reference),
-        "model": name,
-        "policy": manifest.deployment.policy,
-        "normalize": manifest.deployment.normalize,
-        "export_threshold": own,
-        "threshold_source": manifest.deployment.threshold_source,
-        "exit_macs": manifest.info.exit_macs,
-        "static_macs": static_macs,
+        "model": info.name,
+        "policy": first.deployment.policy,
+        "normalize": first.deployment.normalize,
+        "export_threshold": first.deployment.threshold,
+        "threshold_source": first.deployment.threshold_source,
+        "exit_macs": info.exit_macs,
+        "static_macs": info.static_macs,
         "threads": threads,
         "repeats": repeats,
         "warmup": warmup,
-        "data_source": manifest.info.data.source,
+        "form": form,
+        "data_source": info.data.source,
         "test_images": len(y),
     }
 
 
 def render_benchmark(result: dict) -> str:
     """The benchmark as a markdown table (milliseconds per batch call, images/s, MACs in M)."""
-    own = result["export_threshold"]
-    tag = " (calibrated)" if result["threshold_source"].startswith("calibrated") else " (export)"
     rows = []
     for r in result["rows"]:
-        if r.threshold is None:
-            thr = "-"
-        else:
-            thr = f"{r.threshold:.4g}" + (tag if r.threshold == own else "")
+        thr = "-" if r.threshold is None else f"{r.threshold:.4g}{r.tag}"
         rows.append(
             [
                 r.model,
@@ -296,9 +346,18 @@ def render_benchmark(result: dict) -> str:
     head = (
         f"{result['model']} on {result['data_source']} test images, policy {result['policy']}"
         f"{' (normalised)' if result['normalize'] else ''}; ONNX Runtime CPU, "
-        f"{result['threads'] or 'default'} intra-op thread(s); {result['repeats']} timed batches "
-        f"per batch size after {result['warmup']} warm-up batches, drawn in order from the "
+        f"{result['threads'] or 'default'} intra-op thread(s); early exit in form "
+        f"{result['form']!r}; {result['repeats']} timed batches per batch size after "
+        f"{result['warmup']} warm-up batches, drawn in order from the "
         f"{result['test_images']:,} test images"
+    )
+    exits = len(result["exit_macs"])
+    accuracy = markdown_table(
+        ["export", *(f"exit {i + 1}" for i in range(exits))],
+        [
+            [precision, *(f"{100 * a:.2f}" for a in values)]
+            for precision, values in result["per_exit_accuracy"].items()
+        ],
     )
     return (
         head
@@ -321,4 +380,6 @@ def render_benchmark(result: dict) -> str:
             ],
             rows,
         )
+        + f"\nTest accuracy (%) per exit, all {result['test_images']:,} test images, exported "
+        "pieces:\n\n" + accuracy
     )

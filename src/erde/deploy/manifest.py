@@ -1,6 +1,12 @@
 """`manifest.json` of an export: the model it holds, the deployment threshold, and one entry per
-ONNX file. Read and checked in one place (`read_manifest`); the runtime and the benchmark use the
-typed `Manifest`, never the raw dict.
+ONNX file. Read and checked in one place: `read_manifest` checks every field's type and range
+before anything uses it, and `read_graph` every file's place, checksum and self-containment. The
+runtime and the benchmark use the typed `Manifest`, never the raw dict.
+
+A manifest is input like any other (a folder can be copied, edited or planted), so every file it
+names must be a plain file name whose path resolves inside the export folder: no `..`, no
+absolute path, no link to elsewhere, and no ONNX external-data reference (which ONNX Runtime
+would follow to any path).
 """
 
 from __future__ import annotations
@@ -11,13 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from erde.errors import ErdeError
+from erde.evaluation.policy import POLICIES
 from erde.files import read_json, sha256_bytes
 from erde.model_info import ModelInfo
 
 FORMAT = "erde-early-exit-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,10 @@ class Manifest:
     deployment: Deployment
     pieces: list[dict]  # per exit: file, sha256, inputs, outputs (names and shapes)
     static: dict  # the plain network's file entry
+    single: dict  # the batch-1 graph with an If per exit (erde.deploy.single)
+    precision: str  # fp32 or int8
+    budget_thresholds: dict[str, float]  # MACs fraction -> val-calibrated threshold
+    quantization: dict | None  # how the int8 graphs were made; None for fp32
     opset: int
     exporter: str
     source_run: str
@@ -59,14 +73,18 @@ class Manifest:
             "mean": d.mean,
             "std": d.std,
             "data_source": d.source,
+            "precision": self.precision,
             "threshold": self.deployment.threshold,
             "policy": self.deployment.policy,
             "normalize": self.deployment.normalize,
             "threshold_source": self.deployment.threshold_source,
+            "budget_thresholds": self.budget_thresholds,
             "exit_macs": i.exit_macs,
             "static_macs": i.static_macs,
             "pieces": self.pieces,
             "static": self.static,
+            "single": self.single,
+            "quantization": self.quantization,
             "opset": self.opset,
             "exporter": self.exporter,
         }
@@ -99,32 +117,29 @@ class Manifest:
             },
             path,
         )
-        threshold = raw["threshold"]
-        if not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise bad("has a 'threshold' that is not a finite number")
-        if not isinstance(raw["policy"], str) or not isinstance(raw["normalize"], bool):
-            raise bad("needs a 'policy' name and 'normalize' true or false")
-        pieces = raw["pieces"]
-        if not isinstance(pieces, list) or len(pieces) != info.num_exits:
-            raise bad(f"must list one file in 'pieces' per exit ({info.num_exits})")
-        for entry in [*pieces, raw["static"]]:
-            _check_entry(entry, bad)
+        _check_fields(raw, bad)
+        _check_files(raw, info.num_exits, bad)
         return cls(
             info=info,
             deployment=Deployment(
-                float(threshold), raw["policy"], raw["normalize"], str(raw["threshold_source"])
+                float(raw["threshold"]), raw["policy"], raw["normalize"], raw["threshold_source"]
             ),
-            pieces=pieces,
+            pieces=raw["pieces"],
             static=raw["static"],
-            opset=int(raw["opset"]),
-            exporter=str(raw.get("exporter", "")),
-            source_run=str(raw["source_run"]),
-            weights_sha256=str(raw.get("weights_sha256", "")),
+            single=raw["single"],
+            precision=raw["precision"],
+            budget_thresholds={k: float(v) for k, v in raw["budget_thresholds"].items()},
+            quantization=raw["quantization"],
+            opset=raw["opset"],
+            exporter=raw["exporter"],
+            source_run=raw["source_run"],
+            weights_sha256=raw["weights_sha256"],
         )
 
 
 _KEYS = (
     "source_run",
+    "weights_sha256",
     "model",
     "arch",
     "classes",
@@ -133,20 +148,76 @@ _KEYS = (
     "mean",
     "std",
     "data_source",
+    "precision",
     "threshold",
     "policy",
     "normalize",
     "threshold_source",
+    "budget_thresholds",
     "exit_macs",
     "static_macs",
     "pieces",
     "static",
+    "single",
+    "quantization",
     "opset",
+    "exporter",
 )
 
 
+def _number(value: Any) -> bool:
+    """A finite, non-negative JSON number (a bool is not one)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return ok and math.isfinite(value) and value >= 0
+
+
+def _check_fields(raw: dict, bad) -> None:
+    """Every scalar field: type and range, before anything reads it."""
+    if not _number(raw["threshold"]):
+        raise bad("has a 'threshold' that is not a finite non-negative number")
+    if raw["policy"] not in POLICIES or not isinstance(raw["normalize"], bool):
+        raise bad(f"needs a 'policy' out of {', '.join(POLICIES)} and 'normalize' true or false")
+    if raw["precision"] not in PRECISIONS:
+        raise bad(f"has precision {raw['precision']!r}, not one of {', '.join(PRECISIONS)}")
+    budgets = raw["budget_thresholds"]
+    if not isinstance(budgets, dict) or not all(_number(v) for v in budgets.values()):
+        raise bad("has 'budget_thresholds' that do not map budgets to non-negative numbers")
+    if raw["quantization"] is not None and not isinstance(raw["quantization"], dict):
+        raise bad("has a 'quantization' entry that is neither null nor an object")
+    opset = raw["opset"]
+    if not isinstance(opset, int) or isinstance(opset, bool) or not 1 <= opset <= 100:
+        raise bad("has an 'opset' that is not an ONNX opset number")
+    for key in ("threshold_source", "exporter", "source_run", "weights_sha256"):
+        if not isinstance(raw[key], str):
+            raise bad(f"has a {key!r} that is not text")
+
+
+def _check_files(raw: dict, n_exits: int, bad) -> None:
+    """One piece per exit in order, chained by tensor name, plus the static and single graphs."""
+    pieces = raw["pieces"]
+    if not isinstance(pieces, list) or len(pieces) != n_exits:
+        raise bad(f"must list one file in 'pieces' per exit ({n_exits})")
+    entries = [*pieces, raw["static"], raw["single"]]
+    for entry in entries:
+        _check_entry(entry, bad)
+    names = [e["file"] for e in entries]
+    if len(set(names)) != len(names):
+        raise bad("names one file for two graphs")
+    for k, piece in enumerate(pieces):
+        if piece.get("exit") != k + 1:
+            raise bad(
+                f"lists the pieces out of order (entry {k + 1} says exit {piece.get('exit')})"
+            )
+        want = 1 if k == n_exits - 1 else 3
+        if len(piece["inputs"]) != 1 or len(piece["outputs"]) != want:
+            raise bad(f"gives piece {k + 1} other than 1 input and {want} output(s)")
+        if k and piece["inputs"][0]["name"] != pieces[k - 1]["outputs"][0]["name"]:
+            raise bad(f"does not chain piece {k} to piece {k + 1}")
+
+
 def _check_entry(entry: Any, bad) -> None:
-    """A file entry names a plain file inside the export folder, with its checksum."""
+    """A file entry names a plain file inside the export folder, with its checksum and its
+    graph's inputs and outputs."""
     if not isinstance(entry, dict):
         raise bad("has a file entry that is not an object")
     name, digest = entry.get("file"), entry.get("sha256")
@@ -154,6 +225,13 @@ def _check_entry(entry: Any, bad) -> None:
         raise bad(f"names {name!r}, not a plain file name inside the export folder")
     if not isinstance(digest, str) or len(digest) != 64:
         raise bad(f"gives no SHA-256 for {name!r}")
+    for key in ("inputs", "outputs"):
+        values = entry.get(key)
+        ok = isinstance(values, list) and values
+        if not ok or not all(
+            isinstance(v, dict) and isinstance(v.get("name"), str) for v in values
+        ):
+            raise bad(f"gives no tensor names ({key!r}) for {name!r}")
 
 
 def read_manifest(export_dir: str | Path) -> Manifest:
@@ -177,17 +255,64 @@ def is_export(path: Path) -> bool:
 
 
 def read_verified(export_dir: Path, entry: dict) -> bytes:
-    """A file of the export, checked against the manifest's SHA-256 (read once, then used)."""
-    path = Path(export_dir) / entry["file"]
+    """A file of the export, inside the folder and matching the manifest's SHA-256 (read once,
+    then used: what was checked is what runs)."""
+    folder = Path(export_dir)
+    path = folder / entry["file"]
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise ErdeError(
+            f"{path} is a link to {path.resolve()}, outside the export folder; an export's files "
+            "must lie inside it: re-create the folder with `erde export`"
+        )
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
         raise ErdeError(
             f"{path} is missing from the export; re-create the folder with `erde export`"
         ) from None
+    except OSError as exc:
+        raise ErdeError(
+            f"{path} cannot be read ({exc.strerror}); re-create the folder with `erde export`"
+        ) from None
     if sha256_bytes(blob) != entry["sha256"]:
         raise ErdeError(
-            f"{path} does not match the checksum in {Path(export_dir) / MANIFEST} (altered or "
+            f"{path} does not match the checksum in {folder / MANIFEST} (altered or "
             "corrupt); re-create the folder with `erde export`"
         )
+    return blob
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor a graph stores, subgraphs included (where external data could hide)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in [a.g] if a.HasField("g") else a.graphs:
+                yield from _tensors(g)
+
+
+def read_graph(export_dir: Path, entry: dict) -> bytes:
+    """A verified ONNX file that is self-contained and has the interface its entry states."""
+    blob = read_verified(export_dir, entry)
+    path = Path(export_dir) / entry["file"]
+    try:
+        model = onnx.load_model_from_string(blob)
+    except Exception as exc:  # protobuf raises its own DecodeError; any failure means the same
+        raise ErdeError(f"{path} is not an ONNX model ({exc}); re-create the folder") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model.graph)):
+        raise ErdeError(
+            f"{path} refers to external data files, which erde exports never write; "
+            "re-create the folder with `erde export`"
+        )
+    for key, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        if [v.name for v in values] != [v["name"] for v in entry[key]]:
+            raise ErdeError(
+                f"{path} has {key} {[v.name for v in values]}, but {Path(export_dir) / MANIFEST} "
+                f"says {[v['name'] for v in entry[key]]}; re-create the folder with `erde export`"
+            )
     return blob

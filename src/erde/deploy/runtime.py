@@ -1,4 +1,11 @@
-"""Early exit for real: run piece 1, decide per image, and give piece 2 only the undecided images.
+"""Early exit for real: each image runs only as far as the first exit sure enough of it.
+
+Two forms, same decisions. *Split* (any batch): run piece 1 on the batch, decide per image, and
+give piece 2 only the undecided images, and so on. *Single* (one image): one ONNX Runtime call on
+the export's `single.onnx`, whose `If` nodes decide inside the runtime (erde.deploy.single), so
+nothing returns to Python between exits. The rule (`form="auto"`): a batch of one image takes the
+single call when the export has one, larger batches are split; `form="split"` or `"single"`
+(image by image) forces one.
 
 Each piece returns its exit score, computed with the simulator's own formula
 (`erde.evaluation.policy.exit_scores`, traced into the ONNX graph by `erde export`), and the
@@ -6,7 +13,7 @@ runtime applies the same float32 comparison `score < threshold`, so it takes the
 predicts (up to float rounding between ONNX Runtime and PyTorch); the last exit always answers.
 Two backends share this loop: ONNX Runtime on an `erde export` folder (the deployment path) and
 PyTorch eager on a run folder (no export needed; also the reference the ONNX pieces are checked
-against).
+against; split form only).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import torch
 
 from erde import checkpoint as ckpt
 from erde.deploy.images import check_channels, load_image, normalize_images
-from erde.deploy.manifest import Deployment, read_manifest, read_verified
+from erde.deploy.manifest import Deployment, read_graph, read_manifest
+from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
 from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
@@ -30,6 +38,9 @@ from erde.model_info import ModelInfo
 # A piece maps its input to (features for the next piece, logits, exit score); the last piece
 # gives (None, logits, None).
 Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
+# The single-call form: (one image 1 x C x H x W, float32 thresholds) -> (logits 1 x K, exit).
+Single = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, int]]
+FORMS = ("auto", "single", "split")
 
 
 @dataclass
@@ -62,7 +73,7 @@ class FileResult:
     error: str | None = None
 
 
-def _ort_piece(session) -> Piece:
+def ort_piece(session) -> Piece:
     name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
 
@@ -71,6 +82,27 @@ def _ort_piece(session) -> Piece:
         return (None, result[0], None) if len(result) == 1 else tuple(result)
 
     return run
+
+
+def _ort_single(session) -> Single:
+    def run(x: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, int]:
+        logits, exit_index = session.run([LOGITS, EXIT], {"image": x, THRESHOLDS: thresholds})
+        return logits, int(exit_index[0])
+
+    return run
+
+
+def exit_logits(pieces: Sequence[Piece], x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Every exit's logits (N x E x K) of pieces run in a chain with no early exit: the outputs
+    the simulator takes, from the very graphs the runtime runs (fp32 or int8)."""
+    parts = []
+    for start in range(0, len(x), batch_size):
+        features, per_exit = x[start : start + batch_size], []
+        for piece in pieces:
+            features, logits, _ = piece(features)
+            per_exit.append(logits)
+        parts.append(torch.stack(per_exit, dim=1))
+    return torch.cat(parts)
 
 
 def _torch_piece(
@@ -102,12 +134,19 @@ class EarlyExitRuntime:
     """Classifies normalised batches, running each image only up to the exit that answers it."""
 
     def __init__(
-        self, pieces: Sequence[Piece], info: ModelInfo, point: Deployment, *, backend: str
+        self,
+        pieces: Sequence[Piece],
+        info: ModelInfo,
+        point: Deployment,
+        *,
+        backend: str,
+        single: Single | None = None,
     ) -> None:
         check_policy(point.policy)
         if len(pieces) != info.num_exits:
             raise ValueError(f"{len(pieces)} pieces but {info.num_exits} exits")
         self.pieces = list(pieces)
+        self.single = single
         self.info = info
         self.policy = point.policy
         self.normalize = bool(point.normalize)
@@ -146,7 +185,8 @@ class EarlyExitRuntime:
     @threshold.setter
     def threshold(self, value: float | Sequence[float]) -> None:
         # Validated and converted once: float32, the precision the simulator compares in.
-        self._cutoffs = exit_thresholds(value, self.num_exits).tolist()
+        cutoffs = exit_thresholds(value, self.num_exits)
+        self._cutoffs, self._cutoffs_np = cutoffs.tolist(), cutoffs.numpy()
         self._threshold = float(value) if np.ndim(value) == 0 else [float(v) for v in value]
 
     def with_threshold(self, threshold: float | Sequence[float]) -> EarlyExitRuntime:
@@ -160,8 +200,15 @@ class EarlyExitRuntime:
         """ONNX Runtime on CPU; every file is checked against the manifest before it is used."""
         export_dir = Path(export_dir)
         m = read_manifest(export_dir)
-        sessions = [ort_session(read_verified(export_dir, p), threads) for p in m.pieces]
-        return cls([_ort_piece(s) for s in sessions], m.info, m.deployment, backend="onnxruntime")
+        sessions = [ort_session(read_graph(export_dir, p), threads) for p in m.pieces]
+        single = _ort_single(ort_session(read_graph(export_dir, m.single), threads))
+        return cls(
+            [ort_piece(s) for s in sessions],
+            m.info,
+            m.deployment,
+            backend=f"onnxruntime {m.precision}",
+            single=single,
+        )
 
     @classmethod
     def from_run(
@@ -194,14 +241,56 @@ class EarlyExitRuntime:
         return x.to(torch.float32).contiguous()
 
     def predict(
-        self, x: np.ndarray | torch.Tensor, threshold: float | Sequence[float] | None = None
+        self,
+        x: np.ndarray | torch.Tensor,
+        threshold: float | Sequence[float] | None = None,
+        form: str = "auto",
     ) -> Prediction:
         """Class, probabilities and exit per image of a normalised float32 NCHW batch.
 
-        `threshold` overrides the default (one value, or one per exit as `simulate` takes).
+        `threshold` overrides the default (one value, or one per exit as `simulate` takes);
+        `form` as the module docstring says.
         """
         x = self._check_input(x)
-        cutoffs = self._cutoffs if threshold is None else exit_thresholds(threshold, self.num_exits)
+        if form not in FORMS:
+            raise ErdeError(f"unknown runtime form {form!r}; choose one of {', '.join(FORMS)}")
+        if form == "single" and self.single is None:
+            raise ErdeError(
+                f"the {self.backend} runtime has no single-call graph (an `erde export` folder "
+                "has one); use form 'split' or 'auto'"
+            )
+        if threshold is None:
+            cutoffs, cutoffs_np = self._cutoffs, self._cutoffs_np
+        else:
+            cutoffs = exit_thresholds(threshold, self.num_exits)
+            cutoffs_np = cutoffs.numpy()
+        if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
+            return self._predict_single(x.numpy(), cutoffs_np)
+        return self._predict_split(x, cutoffs)
+
+    def _predict_single(self, x: np.ndarray, cutoffs: np.ndarray) -> Prediction:
+        """One session call per image; the graph's If nodes stop it at its exit. Lean on
+        purpose: at batch 1 every microsecond of Python is a share of the saving."""
+        if len(x) == 1:
+            logits, exit_at = self.single(x, cutoffs)
+            exit_index = np.array([exit_at], np.int64)
+            work = [int(i <= exit_at) for i in range(self.num_exits)]
+        else:
+            runs = [self.single(x[j : j + 1], cutoffs) for j in range(len(x))]
+            logits = np.concatenate([r[0] for r in runs]).reshape(len(x), len(self.classes))
+            exit_index = np.array([r[1] for r in runs], np.int64)
+            work = np.bincount(exit_index, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return Prediction(
+            classes=logits.argmax(axis=1),
+            probabilities=shifted / shifted.sum(axis=1, keepdims=True),
+            exit_index=exit_index,
+            logits=logits,
+            images_per_piece=work,
+        )
+
+    def _predict_split(self, x: torch.Tensor, cutoffs: Sequence[float]) -> Prediction:
+        """Piece by piece on the batch, each piece given only the images still undecided."""
         n, last = len(x), self.num_exits - 1
         work = [0] * self.num_exits
         if n == 0:
@@ -249,6 +338,7 @@ class EarlyExitRuntime:
         paths: Sequence[str | Path],
         threshold: float | None = None,
         batch_size: int = 64,
+        form: str = "auto",
     ) -> list[FileResult]:
         """One row per file, in order; a file that cannot be read gets a row saying why."""
         check_channels(self.in_channels)
@@ -266,7 +356,7 @@ class EarlyExitRuntime:
             x = normalize_images(
                 np.stack([img for _, img in part]), self.info.data.mean, self.info.data.std
             )
-            pred = self.predict(x, threshold)
+            pred = self.predict(x, threshold, form)
             for j, (i, _) in enumerate(part):
                 rows[i].class_name = self.classes[int(pred.classes[j])]
                 rows[i].exit = int(pred.exit_index[j]) + 1

@@ -64,9 +64,10 @@ def has_calibration(run_dir: str | Path) -> bool:
     return RunDir(run_dir).eval.report_json.is_file()
 
 
-def budget_thresholds(run_dir: str | Path) -> list[float]:
-    """The val-calibrated MACs-budget thresholds of `erde evaluate`, when it ran."""
+def budget_thresholds(run_dir: str | Path) -> dict[str, float]:
+    """The val-calibrated MACs-budget thresholds of `erde evaluate` (fraction -> threshold), when
+    it ran."""
     report, _ = _report(run_dir)
     if report is None:
-        return []
-    return [p.threshold for p in report.at_budget_fraction.values() if p is not None]
+        return {}
+    return {k: p.threshold for k, p in report.at_budget_fraction.items() if p is not None}
