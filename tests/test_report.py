@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
 from erde.evaluation.calibrate import Calibration
 from erde.evaluation.compare import aggregate, mean_std_curves
-from erde.evaluation.plots import plot_exit_distribution, plot_tradeoff
+from erde.evaluation.plots import plot_diagnostics, plot_exit_distribution, plot_tradeoff
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, write_curve_csv
@@ -53,12 +54,12 @@ def test_curve_csv(tmp_path):
         "threshold",
         "accuracy",
         "expected_macs",
-        "exit0_share",
         "exit1_share",
+        "exit2_share",
     ]
     assert [float(r["expected_macs"]) for r in rows] == [10.0, 25.0, 40.0]
     assert [float(r["accuracy"]) for r in rows] == [0.6, 0.75, 0.9]
-    assert [float(r["exit1_share"]) for r in rows] == [0.0, 0.5, 1.0]
+    assert [float(r["exit2_share"]) for r in rows] == [0.0, 0.5, 1.0]
 
 
 def test_json_is_numpy_safe_strict_and_atomic(tmp_path):
@@ -223,6 +224,16 @@ def test_report_json_round_trip_keeps_its_keys(tmp_path):
         (lambda raw: raw["at_budget_fraction"].update({"0.5": [1]}), "is not a JSON object"),
         (lambda raw: raw.update(normalize="no"), "'normalize' must be a bool"),
         (lambda raw: raw["reference"].pop("macs"), "'reference' has no 'macs' entry"),
+        (lambda raw: raw["diagnostics"].pop("per_exit"), "'diagnostics' has no 'per_exit'"),
+        (
+            lambda raw: raw["diagnostics"]["per_exit"][1].update(auroc="high"),
+            r"'diagnostics.per_exit\[1\].auroc' must be a number",
+        ),
+        (
+            lambda raw: raw["diagnostics"]["per_exit"][0].update(ece=None),
+            r"'diagnostics.per_exit\[0\].ece' must be a number",
+        ),
+        (lambda raw: raw["diagnostics"]["per_exit"].pop(), "one entry per exit"),
     ],
 )
 def test_read_report_names_what_is_damaged(tmp_path, damage, match):
@@ -234,6 +245,34 @@ def test_read_report_names_what_is_damaged(tmp_path, damage, match):
     with pytest.raises(ErdeError, match=match) as err:
         read_report(path)
     assert "erde evaluate" in str(err.value)
+
+
+def test_a_report_of_an_earlier_version_reads_without_diagnostics(tmp_path):
+    path = tmp_path / "report.json"
+    summary().report.write(path)
+    raw = json.loads(path.read_text())
+    del raw["diagnostics"]
+    path.write_text(json.dumps(raw))
+    report = read_report(path)
+    assert report.diagnostics is None and "Diagnostics" not in render_report(report)
+
+
+def test_undefined_diagnostics_round_trip_as_null(tmp_path):
+    report = summary(budgets=()).report
+    report.write(tmp_path / "report.json")
+    raw = json.loads((tmp_path / "report.json").read_text())
+    assert raw["diagnostics"]["teacher_wrong_share"] is None  # no reference run given
+    assert raw["diagnostics"]["per_exit"][0]["mean_score_teacher_right"] is None
+    assert read_report(tmp_path / "report.json") == report
+
+
+def test_plot_diagnostics(tmp_path):
+    path = tmp_path / "diagnostics.png"
+    plot_diagnostics(path, summary().report)
+    width, height = png_size(path)
+    assert 1500 < width < 2600 and 400 < height < 900  # 14 x 4 in at 150 dpi, trimmed
+    with pytest.raises(ValueError, match="no diagnostics"):
+        plot_diagnostics(path, dataclasses.replace(summary().report, diagnostics=None))
 
 
 def test_read_report_of_a_missing_or_corrupt_file(tmp_path):
@@ -250,6 +289,8 @@ def test_report_markdown_states_every_operating_point():
     assert "| budget 10% of full MACs | below the first exit's cost |" in md
     for name in ("keep the run's own final-exit", "budget 50% of full MACs", "chosen (exits.png)"):
         assert f"| {name}" in md
+    assert "## Diagnostics (test split)" in md and "![diagnostics](diagnostics.png)" in md
+    assert "Teacher: n/a: no reference run given" in md
 
 
 def test_aggregate_groups_seeds_by_method_and_model():

@@ -123,9 +123,9 @@ def test_to_rows():
             "threshold": 0.5,
             "accuracy": 0.875,
             "expected_macs": 17.5,
-            "exit0_share": 0.5,
-            "exit1_share": 0.375,
-            "exit2_share": 0.125,
+            "exit1_share": 0.5,
+            "exit2_share": 0.375,
+            "exit3_share": 0.125,
         }
     ]
 

@@ -55,6 +55,45 @@ class Reference:
 
 
 @dataclass(frozen=True)
+class ExitDiagnostics:
+    """What one exit does on the test split, for the mechanism ERDE claims to move.
+
+    `ece`: expected calibration error of the max probability (`Diagnostics.ece_bins` equal-width
+    bins). `auroc`: how well the exit score (lower = more confident) separates the exit's right
+    answers from its wrong ones; None when it is right on every test image or wrong on every one.
+    The teacher entries (None without a reference run, or when no image is in the group):
+    `teacher_exit`, the 0-based reference exit that decides "teacher right"; the mean exit score
+    on images it gets right and wrong; and, at the chosen point, the share of the images the
+    reference's final exit gets wrong that leave here.
+    """
+
+    ece: float
+    auroc: float | None
+    teacher_exit: int | None
+    mean_score_teacher_right: float | None
+    mean_score_teacher_wrong: float | None
+    teacher_wrong_exit_share: float | None
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Calibration, ranking and teacher-wrong images per exit, on the test split.
+
+    `teacher_note` says which reference exits decide right and wrong, or why there are none.
+    At the chosen point: `early_exit_share` of the test images leave before the last exit and
+    `early_exit_error` of those are wrong (None when none leaves early); `teacher_wrong_share` is
+    the share of test images the reference's final exit gets wrong.
+    """
+
+    ece_bins: int
+    teacher_note: str
+    teacher_wrong_share: float | None
+    early_exit_share: float
+    early_exit_error: float | None
+    per_exit: list[ExitDiagnostics]
+
+
+@dataclass(frozen=True)
 class Report:
     """Everything `erde evaluate` states about one run (`report.json`).
 
@@ -78,6 +117,7 @@ class Report:
     at_own_full_accuracy: OperatingPoint
     at_budget_fraction: dict[str, OperatingPoint | None]
     chosen: OperatingPoint
+    diagnostics: Diagnostics | None = None
 
     def write(self, path: Path) -> None:
         """`report.json`, atomically; NaN (an empty split) becomes null."""
@@ -117,6 +157,10 @@ class Report:
             k: None if p is None else _point(p, bad, f"at_budget_fraction.{k}")
             for k, p in budgets.items()
         }
+        if values.get("diagnostics") is not None:
+            values["diagnostics"] = _diagnostics(values["diagnostics"], bad)
+            if len(values["diagnostics"].per_exit) != len(values["exit_macs"]):
+                raise bad("'diagnostics.per_exit' must hold one entry per exit")
         return cls(**values)
 
 
@@ -150,6 +194,11 @@ def _number(value: Any, bad: Callable[[str], ErdeError], key: str) -> float:
     return float(value)
 
 
+def _optional(value: Any, bad: Callable[[str], ErdeError], key: str) -> float | None:
+    """A number, or None (null) where the quantity is undefined."""
+    return None if value is None else _number(value, bad, key)
+
+
 def _numbers(value: Any, bad: Callable[[str], ErdeError], key: str) -> list[float]:
     if not isinstance(value, list) or not value:
         raise bad(f"{key!r} must be a non-empty list of numbers")
@@ -171,6 +220,35 @@ def _point(raw: Any, bad: Callable[[str], ErdeError], key: str) -> OperatingPoin
         values[name] = _number(values[name], bad, f"{key}.{name}")
     values["test_exit_share"] = _numbers(values["test_exit_share"], bad, f"{key}.test_exit_share")
     return OperatingPoint(**values)
+
+
+def _exit_diagnostics(raw: Any, bad: Callable[[str], ErdeError], key: str) -> ExitDiagnostics:
+    values = _entries(ExitDiagnostics, raw, bad, repr(key))
+    exit_index = values["teacher_exit"]
+    if exit_index is not None:
+        _check(exit_index, int, bad, f"{key}.teacher_exit")
+    numbers = {k: _optional(v, bad, f"{key}.{k}") for k, v in values.items() if k != "teacher_exit"}
+    if numbers["ece"] is None:
+        raise bad(f"'{key}.ece' must be a number")
+    return ExitDiagnostics(teacher_exit=exit_index, **numbers)
+
+
+def _diagnostics(raw: Any, bad: Callable[[str], ErdeError]) -> Diagnostics:
+    values = _entries(Diagnostics, raw, bad, "'diagnostics'")
+    _check(values["ece_bins"], int, bad, "diagnostics.ece_bins")
+    _check(values["teacher_note"], str, bad, "diagnostics.teacher_note")
+    for key in ("teacher_wrong_share", "early_exit_error"):
+        values[key] = _optional(values[key], bad, f"diagnostics.{key}")
+    values["early_exit_share"] = _number(
+        values["early_exit_share"], bad, "diagnostics.early_exit_share"
+    )
+    per_exit = values["per_exit"]
+    if not isinstance(per_exit, list) or not per_exit:
+        raise bad("'diagnostics.per_exit' must be a non-empty list")
+    values["per_exit"] = [
+        _exit_diagnostics(e, bad, f"diagnostics.per_exit[{i}]") for i, e in enumerate(per_exit)
+    ]
+    return Diagnostics(**values)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

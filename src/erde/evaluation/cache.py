@@ -7,6 +7,7 @@ is caught.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,24 @@ def save_cache(path: Path, cache: LogitsCache) -> None:
     """The cache as one safetensors file; the weights' digest and exit costs in its metadata."""
     tensors = {f"{s}/logits": cache.logits[s].contiguous() for s in SPLITS}
     tensors.update({f"{s}/labels": cache.labels[s].contiguous() for s in SPLITS})
-    metadata = {"weights_sha256": cache.weights_sha256, "exit_macs": json.dumps(cache.exit_macs)}
+    metadata = {
+        "weights_sha256": cache.weights_sha256,
+        "exit_macs": json.dumps(cache.exit_macs),
+        "content_sha256": content_digest(tensors),
+    }
     # Serialised in memory, written by erde: a full disk is a clear message, not a traceback.
     write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes: a value altered inside an
+    otherwise well-formed file is caught, not reported as a result."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def read_cache(path: Path) -> LogitsCache:
@@ -95,11 +111,42 @@ def read_cache(path: Path) -> LogitsCache:
             json.loads(metadata["exit_macs"]),
             metadata["weights_sha256"],
         )
+        if metadata["content_sha256"] != content_digest(tensors):
+            raise ValueError("its contents do not match the digest it records")
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ErdeError(
             f"logits cache {path} is unreadable or incomplete ({exc}); delete it and evaluate again"
         ) from None
+    problem = cache_problem(cache)
+    if problem:
+        raise ErdeError(f"logits cache {path} is damaged: {problem}; delete it and evaluate again")
     return cache
+
+
+def cache_problem(cache: LogitsCache, num_exits: int | None = None) -> str | None:
+    """What makes a cache unusable (the field named), or None: the schema of the file kind."""
+    macs = cache.exit_macs
+    if not (isinstance(macs, list) and macs and all(_count(m) for m in macs)):
+        return "'exit_macs' is not a non-empty list of positive whole numbers"
+    if not isinstance(cache.weights_sha256, str) or len(cache.weights_sha256) != 64:
+        return "'weights_sha256' is not a SHA-256 digest"
+    for split in SPLITS:
+        z, y = cache.logits[split], cache.labels[split]
+        if z.dtype != torch.float32 or z.dim() != 3 or z.shape[1] != len(macs) or not len(z):
+            return f"'{split}/logits' is not float32 N x {len(macs)} exits x classes"
+        if y.dtype != torch.int64 or y.shape != (len(z),):
+            return f"'{split}/labels' is not int64 with one label per row of '{split}/logits'"
+        if not torch.isfinite(z).all():
+            return f"'{split}/logits' holds NaN or infinite values"
+        if y.min() < 0 or y.max() >= z.shape[2]:
+            return f"'{split}/labels' holds labels outside 0..{z.shape[2] - 1}"
+    if num_exits is not None and len(macs) != num_exits:
+        return f"'exit_macs' lists {len(macs)} exits but the model has {num_exits}"
+    return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "auto") -> LogitsCache:
@@ -107,7 +154,7 @@ def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "aut
     run = RunDir(run_dir)
     path = run.logits
     if path.is_file() and not refresh:
-        ckpt.load_weights(run)  # the clear message when the weights are missing or corrupt
+        info = ckpt.load_weights(run)[1]  # the clear message for missing or corrupt weights
         cache = read_cache(path)
         if cache.weights_sha256 != sha256_file(run.weights):
             raise ErdeError(
@@ -115,6 +162,9 @@ def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "aut
                 f"{run.weights} (another model or an earlier epoch); "
                 "pass --refresh to recompute it"
             )
+        problem = cache_problem(cache, info.num_exits)
+        if problem:
+            raise ErdeError(f"logits cache {path} does not fit {run.sidecar}: {problem}")
         return cache
     cache = build_cache(run, device)
     save_cache(path, cache)

@@ -1,4 +1,5 @@
-"""Several runs side by side: grouped by method and model, seeds together (no files, no plots).
+"""Several runs side by side: grouped by method, model and the config keys that differ (the rule
+is in `groups`), seeds together (no files, no plots).
 
 `aggregate` is pure: summaries in, a `Comparison` out. `render.render_comparison` turns it into
 markdown and `plots.plot_comparison` into a PNG.
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from erde.errors import ErdeError
+from erde.evaluation.groups import check_seeds, differing_keys, experiment_keys, group_label
 from erde.evaluation.summary import RunSummary
 from erde.evaluation.sweep import Curve
 from erde.report import Reference
@@ -20,8 +22,9 @@ from erde.report import Reference
 
 @dataclass(frozen=True)
 class Comparison:
-    """Runs grouped as "method (model)", one summary per seed, against one reference (that of
-    the first run: every run gets the same one when a reference run is given)."""
+    """Runs grouped as "method (model), key=value, ...", one summary per seed, against one
+    reference (that of the first run: every run gets the same one when a reference run is
+    given)."""
 
     reference: Reference
     policy: str
@@ -35,17 +38,26 @@ class Comparison:
             "policy": self.policy,
             "max_drop_points": self.max_drop_points,
             "groups": {
-                label: {"runs": [s.report.run for s in runs], "summaries": [s.report for s in runs]}
+                label: {
+                    "runs": [s.report.run for s in runs],
+                    "seeds": [s.report.seed for s in runs],
+                    "summaries": [s.report for s in runs],
+                }
                 for label, runs in self.groups.items()
             },
         }
 
 
 def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
-    """Group the runs' summaries (at least one) by method and model, in the order given."""
+    """Group the runs' summaries (at least one) by method, model and every experiment key that
+    differs among them, in the order given; two runs of one seed in a group are an error."""
+    keys = [experiment_keys(s.config, s.report.method) for s in summaries]
+    differing = differing_keys(keys)
     groups: dict[str, list[RunSummary]] = {}
-    for s in summaries:
-        groups.setdefault(f"{s.report.method} ({s.report.model})", []).append(s)
+    for s, k in zip(summaries, keys, strict=True):
+        groups.setdefault(group_label(s.report.method, s.report.model, k, differing), []).append(s)
+    for label, runs in groups.items():
+        check_seeds(label, [(s.report.run, s.report.seed, s.config) for s in runs])
     first = summaries[0].report
     return Comparison(first.reference, first.policy, max_drop, groups)
 

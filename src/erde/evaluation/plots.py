@@ -19,17 +19,17 @@ from matplotlib.figure import Figure
 from erde.evaluation.compare import Comparison, mean_std_curves
 from erde.evaluation.summary import RunSummary
 from erde.files import write_bytes
-from erde.report import Reference
+from erde.report import Reference, Report
 from erde.rundir import ReportDir
 
 DPI = 150
 
 
-def _figure(size: tuple[float, float]) -> tuple[Figure, Any]:
+def _figure(size: tuple[float, float], ncols: int = 1) -> tuple[Figure, Any]:
     """A pyplot-free figure on the Agg canvas: no display, no global backend switch."""
     fig = Figure(figsize=size)
     FigureCanvasAgg(fig)
-    return fig, fig.subplots()
+    return fig, fig.subplots(1, ncols)
 
 
 def _save(fig: Figure, path: str | Path) -> None:
@@ -111,9 +111,56 @@ def _reference_star(reference: Reference) -> dict:
     }
 
 
+def _bars(ax: Any, groups: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    """Grouped bars, one group per exit; a missing value (None) draws no bar."""
+    width = 0.8 / len(groups)
+    for g, (label, values) in enumerate(groups.items()):
+        x = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(values))]
+        ax.bar(x, [np.nan if v is None else v for v in values], width, label=label)
+    n = len(next(iter(groups.values())))
+    ax.set_xticks(range(n), [f"exit {i + 1}" for i in range(n)])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def plot_diagnostics(path: str | Path, report: Report) -> None:
+    """`diagnostics.png`: per exit, calibration and ranking; the exit score on images the
+    reference gets right and wrong; and where all and teacher-wrong images exit at the chosen
+    threshold (without a reference run the teacher parts say n/a)."""
+    d = report.diagnostics
+    if d is None:
+        raise ValueError("the report has no diagnostics to plot")
+    per_exit = d.per_exit
+    fig, axes = _figure((14.0, 4.0), ncols=3)
+    fig.set_layout_engine("constrained")
+    auroc = [None if x.auroc is None else 100 * x.auroc for x in per_exit]
+    ranking = {"ECE (%)": [100 * x.ece for x in per_exit], "AUROC right vs wrong (%)": auroc}
+    _bars(axes[0], ranking, "%", "calibration and ranking (test)")
+    shares = {"all images": [100 * s for s in report.chosen.test_exit_share]}
+    if d.teacher_wrong_share is None:
+        axes[1].set_axis_off()
+        axes[1].text(0.5, 0.5, "exit score by teacher answer:\nn/a, no --reference", ha="center")
+    else:
+        scores = {
+            "teacher right": [x.mean_score_teacher_right for x in per_exit],
+            "teacher wrong": [x.mean_score_teacher_wrong for x in per_exit],
+        }
+        _bars(axes[1], scores, f"mean {report.policy} score", "exit score by teacher answer (test)")
+        shares["teacher-wrong images"] = [
+            None if x.teacher_wrong_exit_share is None else 100 * x.teacher_wrong_exit_share
+            for x in per_exit
+        ]
+    title = f"where test images exit at threshold {report.chosen.threshold:.3g}"
+    _bars(axes[2], shares, "images leaving here (%)", title)
+    fig.suptitle(f"{report.model} ({report.method}): mechanism diagnostics", fontsize=11)
+    _save(fig, path)
+
+
 def plot_run(out: ReportDir, summary: RunSummary) -> None:
-    """`tradeoff.png` (the val and test curves) and `exits.png` (where test images exit at the
-    chosen threshold) of `erde evaluate`."""
+    """`tradeoff.png` (the val and test curves), `exits.png` (where test images exit at the
+    chosen threshold) and `diagnostics.png` of `erde evaluate`."""
     r = summary.report
     curves = {"val": summary.val_curve, "test": summary.test_curve}
     series = [
@@ -132,6 +179,7 @@ def plot_run(out: ReportDir, summary: RunSummary) -> None:
         [f"exit {i + 1}" for i in range(len(r.exit_macs))],
         title=f"test split: where images exit at threshold {r.chosen.threshold:.3g}",
     )
+    plot_diagnostics(out.diagnostics_png, r)
 
 
 def plot_comparison(path: str | Path, comparison: Comparison) -> None:

@@ -8,7 +8,8 @@ test curve is only described (per-exit accuracy, AUC), never searched (docs/meth
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from erde.errors import ErdeError
 from erde.evaluation.cache import SPLITS, LogitsCache
@@ -19,6 +20,7 @@ from erde.evaluation.calibrate import (
     calibrate_for_budget,
     resolve_budget,
 )
+from erde.evaluation.diagnostics import TeacherOutputs, diagnose
 from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.sweep import Curve, sweep
 from erde.model_info import ModelInfo
@@ -27,11 +29,13 @@ from erde.report import OperatingPoint, Reference, Report
 
 @dataclass
 class RunSummary:
-    """A run's report and the two curves it was drawn from (for the CSV files and the plots)."""
+    """A run's report, the two curves it was drawn from (for the CSV files and the plots) and
+    its resolved config (what `erde compare` groups runs by)."""
 
     report: Report
     val_curve: Curve
     test_curve: Curve
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 def reference_from_cache(cache: LogitsCache, label: str, static_macs: float) -> Reference:
@@ -74,11 +78,14 @@ def summarize(
     max_drop: float = 0.0,
     budgets: Sequence[float] = (0.25, 0.5),
     budget: float | None = None,
+    teacher: TeacherOutputs | None = None,
 ) -> RunSummary:
-    """Per-exit accuracy, AUC, the val-calibrated operating points and what they give on test.
+    """Per-exit accuracy, AUC, the val-calibrated operating points and what they give on test,
+    and the diagnostics at the chosen point.
 
     `max_drop` is in accuracy points below the reference; `budgets` are default operating points
-    (skipped when outside the model's range); `budget` is the user's own one and must fit.
+    (skipped when outside the model's range); `budget` is the user's own one and must fit;
+    `teacher`, the reference run's test outputs, splits images into teacher-right and -wrong.
     """
     check_max_drop(max_drop)
     macs = cache.exit_macs
@@ -104,6 +111,7 @@ def summarize(
         return point(calibrate_for_budget(curves["val"], resolve_budget(fraction, full)))
 
     at_reference = keep(reference.val_accuracy)
+    chosen = at_reference if budget is None else within(budget)
     report = Report(
         run=run,
         model=info.name,
@@ -119,6 +127,15 @@ def summarize(
         at_reference_accuracy=at_reference,
         at_own_full_accuracy=keep(per_exit["val"][-1]),
         at_budget_fraction=_budget_points(within, budgets),
-        chosen=at_reference if budget is None else within(budget),
+        chosen=chosen,
+        diagnostics=diagnose(
+            cache.logits["test"],
+            cache.labels["test"],
+            threshold=chosen.threshold,
+            policy=policy,
+            normalize=normalize,
+            pairing=info.pairing,
+            teacher=teacher,
+        ),
     )
-    return RunSummary(report, curves["val"], curves["test"])
+    return RunSummary(report, curves["val"], curves["test"], info.config)

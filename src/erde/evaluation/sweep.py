@@ -49,7 +49,7 @@ class Curve:
                 "accuracy": float(self.accuracy[t]),
                 "expected_macs": float(self.expected_macs[t]),
             }
-            for e, share in enumerate(self.exit_share[t]):
+            for e, share in enumerate(self.exit_share[t], start=1):  # exits 1..n, as reports
                 row[f"exit{e}_share"] = float(share)
             rows.append(row)
         return rows

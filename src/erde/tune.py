@@ -1,0 +1,310 @@
+"""`erde tune`: the same number of Optuna trials for every method over its own loss keys, scored
+on the validation split only; then each method's best setting trained with several seeds and
+compared on test.
+
+Fair by construction: every method gets `trials` finished (complete or pruned) trials of one
+seeded TPE sampler over the keys its loss reads (`SPACE` filtered by `erde.method_keys`), with
+the same teacher, schedule and seed. The objective is the AUC of the validation
+accuracy-versus-MACs curve over the student's own MACs range (`erde.evaluation.metrics.auc`,
+the function behind a report's `test_auc`), and a median pruner stops a trial whose mean
+validation accuracy over the exits falls below the median of earlier trials at the same epoch.
+
+Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
+(the default storage), `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`),
+`best.json`, and `final/` (the best settings x seeds and their comparison). Any Optuna storage
+URL serves workers on several machines: start the same command on each.
+
+Interruptions: a trial stopped by Ctrl-C is queued again with its parameters and resumes its run
+folder on the next start. A worker killed outright (SIGKILL, preemption) leaves its trial RUNNING;
+its heartbeat stops, and the next trial any worker starts after the grace period marks it failed
+and queues it again the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from erde.config import Config, EvalConfig, ReproduceConfig, stage_config, to_yaml
+from erde.data.prepare import data_info, prepare_data
+from erde.errors import ErdeError
+from erde.evaluation.cache import load_cache
+from erde.evaluation.compare import Comparison
+from erde.evaluation.metrics import auc
+from erde.evaluation.runs import compare_runs
+from erde.evaluation.sweep import sweep
+from erde.files import write_json, write_text
+from erde.method_keys import applies
+from erde.methods import ENTROPY_EXITS, ENTROPY_TERMS, or_list
+from erde.reproduce import check_study, ensure_run, train_students
+from erde.run_lock import run_lock
+from erde.teacher import check_teacher
+
+log = logging.getLogger("erde.tune")
+
+# The search space: float keys (low, high, log scale) and choice keys.
+FLOATS: dict[str, tuple[float, float, bool]] = {
+    "distill.alpha": (0.1, 0.9, False),
+    "distill.temperature": (1.0, 8.0, True),
+    "distill.beta": (0.03, 3.0, True),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "distill.entropy_term": ENTROPY_TERMS,
+    "distill.entropy_exits": ENTROPY_EXITS,
+}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RUN = "run"  # the user attribute naming a trial's run folder
+
+
+@dataclass
+class Best:
+    """A method's best finished trial so far (by validation AUC)."""
+
+    method: str
+    val_auc: float
+    params: dict[str, Any]
+    run: str
+    finished_trials: int
+
+
+@dataclass
+class TuneResult:
+    best: dict[str, Best]
+    comparison: Comparison | None  # None without --final-seeds, or while trials are missing
+
+
+def space(method: str) -> list[str]:
+    """The keys tuned for `method`: those of the space its loss reads."""
+    return [k for k in (*FLOATS, *CHOICES) if applies(k, method)]
+
+
+def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
+    """An Optuna RDB storage with heartbeats (grace: 3 beats), whose stale trials are queued
+    again; ErdeError when it cannot be opened."""
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=_requeue_stale,
+            )
+    except Exception as exc:  # SQLAlchemy and its drivers raise many types; all mean "cannot"
+        reason = " ".join(str(exc).split())[:200]
+        raise ErdeError(
+            f"cannot open the Optuna storage {url} ({type(exc).__name__}: {reason}); give "
+            "--storage a URL this machine can open, e.g. sqlite:///PATH/study.db in an "
+            "existing folder or postgresql://USER@HOST/DB"
+        ) from None
+
+
+def study_name(out: Path, method: str) -> str:
+    """The Optuna study of one method of a study folder (unique on a shared storage as long as
+    the folder names differ)."""
+    return f"erde-tune:{out.resolve().name}:{method}"
+
+
+def _requeue(study: optuna.Study, number: int, params: dict[str, Any], run: str | None) -> None:
+    """Queue an interrupted trial's parameters again, to resume its run folder."""
+    study.enqueue_trial(params, user_attrs={RUN: run} if run else None)
+    log.info("trial %d of %s queued again, to resume %s", number, study.study_name, run)
+
+
+def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's call for a trial whose worker stopped beating (killed)."""
+    _requeue(study, trial.number, trial.params, trial.user_attrs.get(RUN))
+
+
+def tune(
+    cfg: ReproduceConfig,
+    out: str | Path,
+    *,
+    trials: int,
+    storage: str | None = None,
+    teacher: str | Path | None = None,
+    final_seeds: Sequence[int] = (),
+    progress: bool = True,
+    heartbeat_s: int = 60,
+) -> TuneResult:
+    """Tune every method of `cfg.methods` that has loss keys; see the module doc."""
+    out = Path(out)
+    methods = _tuned_methods(cfg, trials)
+    record = out / "tune.yaml"
+    check_study(record, cfg)
+    store = open_storage(storage, heartbeat_s) if storage else None  # before writing anything
+    seed = cfg.student.train.seed
+    if teacher is not None:
+        check_teacher(
+            teacher, data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(record, to_yaml(cfg))
+    store = store or open_storage(f"sqlite:///{(out / 'study.db').resolve()}", heartbeat_s)
+    teacher_run = Path(teacher) if teacher is not None else out / "teacher"
+    if teacher is None:
+        with run_lock(teacher_run, wait=True):
+            ensure_run(stage_config(cfg, "teacher", seed=seed), teacher_run, progress)
+    best = {}
+    for method in methods:
+        study = optuna.create_study(
+            storage=store,
+            study_name=study_name(out, method),
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+            direction="maximize",
+            load_if_exists=True,
+        )
+        _optimize(study, cfg, method, out, teacher_run, trials, progress)
+        best[method] = _best(study, method)
+    write_json(out / "best.json", {m: b.__dict__ for m, b in best.items() if b is not None})
+    done = all(b is not None and b.finished_trials >= trials for b in best.values())
+    comparison = None
+    if final_seeds and done:
+        comparison = _final(cfg, out, best, teacher_run, final_seeds, progress)
+    elif final_seeds:
+        log.warning("final runs wait until every method has %d finished trials", trials)
+    return TuneResult({m: b for m, b in best.items() if b is not None}, comparison)
+
+
+def _tuned_methods(cfg: ReproduceConfig, trials: int) -> list[str]:
+    if trials < 1:
+        raise ErdeError(f"--trials {trials}: give the number of trials per method, 1 or more")
+    methods = [m for m in cfg.methods if space(m)]
+    skipped = [m for m in cfg.methods if not space(m)]
+    if not methods:
+        raise ErdeError(
+            f"methods={list(cfg.methods)} have no hyperparameters to tune; list methods with "
+            "a teacher, e.g. 'methods=[kd,erde]'"
+        )
+    if skipped:
+        log.info("%s: no hyperparameters to tune, skipped", or_list(skipped))
+    return methods
+
+
+def _optimize(
+    study: optuna.Study,
+    cfg: ReproduceConfig,
+    method: str,
+    out: Path,
+    teacher_run: Path,
+    trials: int,
+    progress: bool,
+) -> None:
+    """Trials until the study holds `trials` finished ones (shared by every worker)."""
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    log.info("%s: %d of %d trials finished", method, finished, trials)
+    if finished >= trials:
+        return
+
+    def objective(trial: Trial) -> float:
+        name = trial.user_attrs.get(RUN) or f"trial-{trial.number:04d}"
+        trial.set_user_attr(RUN, name)
+        changes = {key: _suggest(trial, key) for key in space(method)}
+        config = trial_config(cfg, method, changes, teacher_run, cfg.student.train.seed)
+        run = out / method / name
+        try:
+            ensure_run(config, run, progress, on_epoch=lambda row: _report(trial, row))
+        except KeyboardInterrupt:
+            _requeue(study, trial.number, trial.params, name)
+            raise
+        return val_auc(run, cfg.evaluate, cfg.student.train.device)
+
+    callback = optuna.study.MaxTrialsCallback(trials, states=FINISHED)
+    study.optimize(objective, callbacks=[callback], gc_after_trial=False)
+
+
+def _suggest(trial: Trial, key: str) -> Any:
+    if key in FLOATS:
+        low, high, log_scale = FLOATS[key]
+        return trial.suggest_float(key, low, high, log=log_scale)
+    return trial.suggest_categorical(key, list(CHOICES[key]))
+
+
+def _report(trial: Trial, row: dict) -> None:
+    """The epoch's mean validation accuracy over the exits, for the median pruner."""
+    accuracy = [v for k, v in row.items() if k.startswith("val/acc/")]
+    trial.report(sum(accuracy) / len(accuracy), row["epoch"])
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"epoch {row['epoch']}: below the median of earlier trials")
+
+
+def trial_config(
+    cfg: ReproduceConfig, method: str, changes: dict[str, Any], teacher_run: Path, seed: int
+) -> Config:
+    """The student config of one setting: the study's student with `changes` to `distill.*`."""
+    c = stage_config(cfg, "student", seed=seed, method=method, teacher=str(teacher_run))
+    values = {key.split(".", 1)[1]: value for key, value in changes.items()}
+    return replace(c, distill=replace(c.distill, **values))
+
+
+def val_auc(run: Path, e: EvalConfig, device: str) -> float:
+    """AUC of the validation accuracy-versus-MACs curve over the run's own MACs range."""
+    cache = load_cache(run, device=device)
+    curve = sweep(
+        cache.logits["val"],
+        cache.labels["val"],
+        cache.exit_macs,
+        policy=e.policy,
+        normalize=e.normalize,
+    )
+    return auc(curve, cache.exit_macs[-1])
+
+
+def _best(study: optuna.Study, method: str) -> Best | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    top = max(complete, key=lambda t: t.value)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    return Best(method, float(top.value), dict(top.params), top.user_attrs[RUN], finished)
+
+
+def _final(
+    cfg: ReproduceConfig,
+    out: Path,
+    best: dict[str, Best],
+    teacher_run: Path,
+    seeds: Sequence[int],
+    progress: bool,
+) -> Comparison:
+    """Each method's best setting with every seed, compared on test against the teacher."""
+    final = out / "final"
+    runs = [
+        (trial_config(cfg, m, b.params, teacher_run, seed), final / f"{m}-s{seed}")
+        for m, b in best.items()
+        for seed in seeds
+    ]
+    train_students(runs, jobs=1, progress=progress)
+    e = cfg.evaluate
+    return compare_runs(
+        [teacher_run, *(run for _, run in runs)],
+        out=final,
+        reference=teacher_run,
+        policy=e.policy,
+        normalize=e.normalize,
+        max_drop=e.max_drop,
+        budgets=e.budgets,
+        device=cfg.teacher.train.device,
+    )
+
+
+__all__ = [
+    "CHOICES",
+    "FLOATS",
+    "Best",
+    "TuneResult",
+    "open_storage",
+    "space",
+    "study_name",
+    "trial_config",
+    "tune",
+    "val_auc",
+]

@@ -1,0 +1,146 @@
+"""`erde tune` on Optuna: a 2-trial study on digits end to end, resumption after Ctrl-C and after
+a killed worker, and storages that cannot be opened."""
+
+import json
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import erde.tune
+from erde.cli import main
+from erde.config import load_reproduce_config
+from erde.logs import log_to_stdout
+from erde.train import fit
+from erde.tune import open_storage, space, study_name, trial_config, tune
+
+# `main` logs to the sys.stdout of its first call: bind it now, not to a test's capsys stream,
+# which is closed once that test ends.
+log_to_stdout()
+
+TINY = [
+    "teacher.model.name=resnet8",
+    "teacher.train.epochs=1",
+    "student.train.epochs=2",
+    "teacher.train.warmup_epochs=0",
+    "student.train.warmup_epochs=0",
+]
+
+
+def states(out, method, heartbeat_s=60):
+    storage = open_storage(f"sqlite:///{out / 'study.db'}", heartbeat_s)
+    study = optuna.load_study(study_name=study_name(out, method), storage=storage)
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+def test_each_method_tunes_the_keys_its_loss_reads():
+    assert space("ce") == []
+    assert space("kd") == space("kd-masked") == ["distill.alpha", "distill.temperature"]
+    assert set(space("erde")) == {
+        "distill.alpha",
+        "distill.temperature",
+        "distill.beta",
+        "distill.entropy_term",
+        "distill.entropy_exits",
+    }
+
+
+@pytest.mark.slow
+def test_a_two_trial_study_end_to_end(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[ce,kd,erde]", "--out", str(out)]
+    assert main([*argv, "--trials", "2", "--final-seeds", "0,1,2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "kd: best validation AUC" in printed and "erde: best validation AUC" in printed
+    best = json.loads((out / "best.json").read_text())
+    assert set(best) == {"kd", "erde"}  # ce has nothing to tune
+    assert set(best["erde"]["params"]) == set(space("erde"))
+    assert 0 < best["kd"]["val_auc"] <= 1
+    for method in ("kd", "erde"):
+        assert states(out, method) == [TrialState.COMPLETE] * 2
+        trials = sorted(p.name for p in (out / method).glob("trial-*"))
+        assert trials == ["trial-0000", "trial-0001"]
+    groups = json.loads((out / "final" / "comparison.json").read_text())["groups"]
+    assert len(groups) == 3  # the teacher and the tuned kd and erde
+    for method in ("kd", "erde"):
+        for seed in (0, 1, 2):
+            meta = json.loads((out / "final" / f"{method}-s{seed}" / "model.json").read_text())
+            assert meta["finished"] and meta["seed"] == seed
+            assert meta["config"]["distill"]["alpha"] == best[method]["params"]["distill.alpha"]
+    # Run again: every trial is finished, nothing is retrained.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
+    assert main([*argv, "--trials", "2", "--no-progress"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == stamps
+
+
+@pytest.mark.slow
+def test_a_study_stopped_by_ctrl_c_resumes_the_interrupted_trial(tmp_path, monkeypatch):
+    out = tmp_path / "study"
+    cfg = load_reproduce_config("quickstart", [*TINY, "methods=[kd]"])
+    report = erde.tune._report
+
+    def interrupt_after_epoch_1(trial, row):
+        report(trial, row)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(erde.tune, "_report", interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(cfg, out, trials=2, progress=False)
+    monkeypatch.undo()
+    assert states(out, "kd") == [TrialState.FAIL, TrialState.WAITING]
+    assert len((out / "kd" / "trial-0000" / "metrics.jsonl").read_text().splitlines()) == 1
+    tune(cfg, out, trials=2, progress=False)
+    assert states(out, "kd") == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    # The interrupted trial's folder was resumed (not restarted) and finished.
+    assert sorted(p.name for p in (out / "kd").glob("trial-*")) == ["trial-0000", "trial-0002"]
+    assert len((out / "kd" / "trial-0000" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "kd" / "trial-0000" / "model.json").read_text())["finished"]
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_resumed_after_the_grace_period(tmp_path):
+    out = tmp_path / "study"
+    cfg = load_reproduce_config("quickstart", [*TINY, "methods=[kd]"])
+    tune(cfg, out, trials=1, progress=False, heartbeat_s=1)  # the teacher and one trial
+    # A second worker took trial 1, trained one epoch and was killed: RUNNING, no more beats.
+    storage = open_storage(f"sqlite:///{out / 'study.db'}", 1)
+    study = optuna.load_study(study_name=study_name(out, "kd"), storage=storage)
+    trial = study.ask()
+    changes = {"distill.alpha": trial.suggest_float("distill.alpha", 0.1, 0.9)}
+    changes["distill.temperature"] = trial.suggest_float("distill.temperature", 1, 8, log=True)
+    trial.set_user_attr("run", "trial-0001")
+    storage.record_heartbeat(trial._trial_id)
+    run = out / "kd" / "trial-0001"
+    fit(trial_config(cfg, "kd", changes, out / "teacher", 0), run, progress=False, stop_after=1)
+    time.sleep(4)  # past the grace period of 3 beats
+    tune(cfg, out, trials=2, progress=False, heartbeat_s=1)
+    assert states(out, "kd", 1) == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert sorted(p.name for p in (out / "kd").glob("trial-*")) == ["trial-0000", "trial-0001"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "storage", ["sqlite:////nonexistent-erde-folder/study.db", "nosuchdb://host/db"]
+)
+def test_a_storage_that_cannot_be_opened_exits_2_with_one_line(tmp_path, capsys, storage):
+    out = tmp_path / "study"
+    argv = ["tune", "--preset", "quickstart", "--storage", storage, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot open the Optuna storage" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--trials", "0"], "give the number of trials per method"),
+        (["methods=[ce]"], "have no hyperparameters to tune"),
+    ],
+)
+def test_bad_tune_options(tmp_path, capsys, argv, message):
+    out = tmp_path / "study"
+    assert main(["tune", "--preset", "quickstart", *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
