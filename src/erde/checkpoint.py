@@ -91,6 +91,18 @@ def load_state(run_dir: Path) -> dict | None:
     return state
 
 
+def _check_dtypes(state: dict, expected: dict, path: Path) -> None:
+    """Each tensor in the dtype the model holds: load_state_dict would cast silently (int64
+    weights into float32, say), turning a foreign or damaged file into a wrong model."""
+    for key, tensor in state.items():
+        if key in expected and tensor.dtype != expected[key].dtype:
+            raise ErdeError(
+                f"{path}: tensor {key!r} is {tensor.dtype} where the model holds "
+                f"{expected[key].dtype}; the file was not written by erde or is damaged: "
+                "retrain the run or restore the file"
+            )
+
+
 def load_model(
     run_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, ModelInfo]:
@@ -99,6 +111,7 @@ def load_model(
 
     state, info = load_weights(run_dir)
     model = create_model(**info.arch)
+    _check_dtypes(state, model.state_dict(), RunDir(run_dir).weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

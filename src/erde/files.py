@@ -123,10 +123,39 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """A metrics file: one JSON object of numbers per line, with `epoch` and the per-exit
+    `val/acc/1..n` (the schema of metrics.jsonl);
+    ErdeError naming the line and the field when a line is damaged."""
     if not Path(path).is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _bad_line(path, number, f"not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise _bad_line(path, number, "not a JSON object")
+            for key, value in row.items():
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise _bad_line(path, number, f"field {key!r} is not a number")
+            exits = sorted(k for k in row if k.startswith("val/acc/"))
+            if exits != sorted(f"val/acc/{i}" for i in range(1, len(exits) + 1)):
+                raise _bad_line(path, number, "the val/acc/N fields are not exits 1..n")
+            if not isinstance(row.get("epoch"), int) or row["epoch"] < 1:
+                raise _bad_line(path, number, "field 'epoch' is not a whole number >= 1")
+            rows.append(row)
+    return rows
+
+
+def _bad_line(path: Path, number: int, what: str) -> ErdeError:
+    return ErdeError(
+        f"{path} line {number} is damaged: {what}; restore the file, or start the run again "
+        "with --overwrite"
+    )
 
 
 def sha256_bytes(blob: bytes) -> str:

@@ -103,10 +103,27 @@ class ModelInfo:
         data = _data_info(raw["data"], bad)
         known = {f for f in cls.__dataclass_fields__ if f not in ("arch", "data")}
         extra = {k: raw[k] for k in known if k in raw}
-        for key, kind in (("method", str), ("seed", int), ("epochs", int), ("epoch", int)):
-            if key in extra and not isinstance(extra[key], kind):
-                raise bad(f"{key!r} must be a {kind.__name__}")
+        kinds = {"method": str, "seed": int, "epochs": int, "epoch": int, "finished": bool}
+        kinds.update({"teacher": (str, type(None)), "pairing": (list, type(None)), "config": dict})
+        for key, kind in kinds.items():
+            value = extra.get(key)
+            wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+            if key in extra and wrong:
+                raise bad(f"{key!r} has the wrong type ({type(value).__name__})")
+        _check_arch(arch, data, bad)
         return cls(arch=arch, data=data, **extra)
+
+
+def _check_arch(arch: dict[str, Any], data: DataInfo, bad) -> None:
+    """The sizes `create_model(**arch)` will allocate, against the data they must agree with."""
+    for key, expected in (("num_classes", len(data.classes)), ("in_channels", data.in_channels)):
+        if key in arch and arch[key] != expected:
+            raise bad(f"'arch.{key}' is {arch[key]!r} but 'data' implies {expected}")
+    if "input_size" in arch and not _count(arch["input_size"]):
+        raise bad("'arch.input_size' must be a positive whole number")
+    exits = arch.get("exits", [])
+    if not (isinstance(exits, list) and all(_count(e) for e in exits)):
+        raise bad("'arch.exits' must be a list of block numbers")
 
 
 def _count(value: Any) -> bool:

@@ -79,6 +79,12 @@ def _labels(y: np.ndarray, split: str, n: int, name: str) -> torch.Tensor:
             f"{name}: {split} has {n} images but {len(y)} labels; every image needs exactly one "
             "label. Fix the file so both counts agree."
         )
+    if y.dtype.kind == "u" and len(y) and y.max() > np.iinfo(np.int64).max:
+        raise ErdeError(
+            f"{name}: {split} labels contain {y.max()}, beyond the int64 range (a negative "
+            "label stored unsigned wraps around to such a value); labels must be class indices "
+            "0..K-1. Remap them."
+        )
     if y.dtype.kind == "i" and len(y) and y.min() < 0:
         raise ErdeError(
             f"{name}: {split} labels contain the negative value {y.min()}; labels must be "
@@ -100,6 +106,40 @@ def _images(x: np.ndarray, split: str, name: str) -> torch.Tensor:
             "N x H x W x C array with C = 1 (grayscale) or 3 (RGB). Reorder the axes to NHWC."
         )
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _class_names(
+    name: str, classes: Sequence[str] | None, train_y: torch.Tensor, top: int
+) -> list[str]:
+    """The class names. Without names the classes are 0..max label, so each must have training
+    images (checked before a list of K names is built: a stray label of 10**12 must not
+    allocate 10**12); named classes may lack images (a small subset of a named data set)."""
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if len(set(classes)) != len(classes):
+            twice = sorted({c for c in classes if classes.count(c) > 1})
+            raise ErdeError(
+                f"{name}: the class names list {', '.join(twice)} more than once; give each "
+                "class its own name"
+            )
+        if top >= len(classes):
+            raise ErdeError(
+                f"{name}: label {top} is out of range for {len(classes)} classes (valid: 0.."
+                f"{len(classes) - 1}); fix the labels or list every class name."
+            )
+    if classes is not None:
+        return classes
+    present = torch.unique(train_y).tolist()
+    count = top + 1
+    if len(present) < count:
+        absent = sorted(set(range(min(count, len(present) + 6))) - set(present))[:5]
+        raise ErdeError(
+            f"{name}: {count} classes (labels 0..{count - 1}) but the train split has images "
+            f"of only {len(present)} of them (none of label {', '.join(map(str, absent))}"
+            f"{', ...' if count - len(present) > len(absent) else ''}); labels must be class "
+            "indices 0..K-1 and every class needs training images. Remap the labels."
+        )
+    return [str(k) for k in range(count)]
 
 
 def build_image_data(
@@ -125,15 +165,7 @@ def build_image_data(
         )
     train_y = _labels(train[1], "train", len(train_x), name)
     test_y = _labels(test[1], "test", len(test_x), name)
-    top = max(int(train_y.max()), int(test_y.max()))
-    if classes is None:
-        classes = [str(k) for k in range(top + 1)]
-    classes = [str(c) for c in classes]
-    if top >= len(classes):
-        raise ErdeError(
-            f"{name}: label {top} is out of range for {len(classes)} classes (valid: 0.."
-            f"{len(classes) - 1}); fix the labels or list every class name."
-        )
+    classes = _class_names(name, classes, train_y, max(int(train_y.max()), int(test_y.max())))
     mean, std = stats if stats is not None else channel_stats(train_x)
     if len(mean) != train_x.shape[3]:
         raise ErdeError(

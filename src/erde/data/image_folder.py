@@ -16,6 +16,7 @@ import numpy as np
 
 from erde.data.image_data import ImageData, build_image_data
 from erde.data.pixels import decode_image
+from erde.data.walk import files_under
 from erde.errors import ErdeError
 
 LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ...)"
@@ -35,9 +36,13 @@ def _classes(split_dir: str) -> list[str]:
 
 
 def _samples(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+    """(path, label) of every image, walked by `files_under`: link loops end, pipes refused."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    samples = []
+    for cls, label in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        folder = os.path.join(split_dir, cls)
+        samples += [(path, label) for path in files_under(folder, IMG_EXTENSIONS)]
     found = {label for _, label in samples}
     empty = [c for c, k in class_to_idx.items() if k not in found]
     if empty:

@@ -155,10 +155,12 @@ def load_official(name: str, root: str, *, download: bool, verify: bool) -> Imag
         missing, bad = _problems(spec, folder, verify)
     if missing:
         raise ErdeError(
-            f"{name}: {folder} is missing {', '.join(missing)} (expected "
-            f"{', '.join(f for f, _ in spec.files)}). Download it with download=True "
+            f"{name}: {os.path.abspath(folder)} is missing {', '.join(missing)} (expected "
+            f"{', '.join(f for f, _ in spec.files)}; a relative data.root is read from "
+            f"{os.getcwd()}). A folder with train.npz and test.npz works too "
+            f"(data.root=/abs/path/to/it). Download it with download=True "
             f"(data.download=true), or fetch {' and '.join(spec.urls)} and "
-            f"{'extract it into' if spec.folder else 'put the files in'} {root}."
+            f"{'extract it into' if spec.folder else 'put the files in'} {os.path.abspath(root)}."
         )
     if bad:
         raise ErdeError(

@@ -25,6 +25,8 @@ Normalisation: per channel (x / 255 - mean) / std with the data's statistics (do
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,8 +73,13 @@ def decode_image(
 
 
 def _open(path: str | Path) -> Image.Image:
-    """The decoded image; Pillow's exceptions and its bomb warning become one-line ErdeErrors."""
+    """The decoded image; Pillow's exceptions and its bomb warning become one-line ErdeErrors.
+    A pipe or device is refused by its type before it is opened (reading one can block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ErdeError(
+                f"{path}: not a regular file (a folder, pipe, device or socket); give image files"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:

@@ -42,6 +42,31 @@ def prepare_data(cfg: Config) -> Split:
     return Split(data, train_idx, val_idx)
 
 
+def check_split(cfg: Config, split: Split) -> None:
+    """Settings that only make sense against the data: each named with the number it must stay
+    under, before a run folder exists (the batches would fail later with vaguer words)."""
+    d, t = cfg.data, cfg.train
+    n_train, n_val = len(split.train_idx), len(split.val_idx)
+    if n_val == 0:
+        raise ErdeError(
+            f"data.val_size={d.val_size:g} of {n_train} training images gives an empty "
+            "validation split, and thresholds are chosen on validation data; raise "
+            "data.val_size (a count >= 1, or a fraction that holds at least one image)"
+        )
+    if t.batch_size > n_train:
+        raise ErdeError(
+            f"train.batch_size={t.batch_size} is larger than the {n_train} training images left "
+            f"after data.val_size={d.val_size:g}; set train.batch_size to at most {n_train}"
+        )
+    size = min(split.data.input_size)
+    if d.augment and d.crop_padding >= size:
+        raise ErdeError(
+            f"data.crop_padding={d.crop_padding} must be below the image size {size} (a "
+            f"crop shifted that far shows no image at all); use at most {size - 1}, or "
+            "data.augment=false"
+        )
+
+
 def data_info(data: ImageData) -> DataInfo:
     """What a model trained on `data` records about its input (the models take square images)."""
     height, width = data.input_size
@@ -102,8 +127,9 @@ def eval_batches(
     x, y = getattr(split, part)
     if len(y) == 0:
         raise ErdeError(
-            f"the {part} split is empty; thresholds are chosen on validation data, so set "
-            "data.val_size > 0 (a count of images or a fraction below 1)"
+            f"the {part} split is empty (data.val_size={cfg.data.val_size:g}); thresholds are "
+            "chosen on validation data, so raise data.val_size (a count >= 1, or a fraction "
+            "that holds at least one image)"
         )
     share = slice(world.rank, None, world.size)
     return DeviceBatches(

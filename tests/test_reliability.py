@@ -1,0 +1,255 @@
+"""Issue 14: one writer per run folder, every file read checked, values checked for meaning,
+data walked safely, sizes guarded. The documented messages are rows of docs/errors.md (run by
+test_errors.py); these tests cover what a table row cannot: real concurrent processes, links
+and loops, and the rules at the library level."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erde.config import load_config
+from erde.data.image_data import build_image_data
+from erde.data.image_folder import load_image_folder
+from erde.data.pixels import decode_image
+from erde.data.walk import files_under
+from erde.errors import ErdeError
+from erde.evaluation.cache import LogitsCache, cache_problem
+from erde.files import read_jsonl
+from erde.model_info import ModelInfo
+from erde.models import create_model
+from erde.run_lock import writer_lock
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+FAST = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
+
+
+def erde(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "erde", *argv], capture_output=True, text=True, env=ENV, cwd=cwd
+    )
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "erde", "train", "digits-student", *FAST, "train.epochs=200",
+         "--no-progress", "--out", str(run)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "config.yaml").is_file():  # the first process is writing the folder
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first training never started"
+            time.sleep(0.2)
+        for argv in (
+            ["train", "digits-student", *FAST, "train.seed=1", "--overwrite", "--out", str(run)],
+            ["train", "--resume", "--out", str(run)],
+            ["evaluate", str(run)],
+        ):
+            second = erde(*argv, cwd=tmp_path)
+            assert second.returncode == 2, second.stderr
+            assert "Traceback" not in second.stderr
+            assert f"is being written by another live process (pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first one goes on undisturbed
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    with writer_lock(run):  # the lock of the killed process is gone with it
+        pass
+
+
+def test_the_writer_lock_is_reentrant_in_one_process(tmp_path):
+    with writer_lock(tmp_path / "run"), writer_lock(tmp_path / "run"):
+        pass
+    with writer_lock(tmp_path / "run"):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.momentum=7", "train.momentum=7.0 must lie in [0, 1)"),
+        ("train.momentum=1", "train.momentum=1.0 must lie in [0, 1)"),
+        ("train.gamma=0", "train.gamma=0.0 must lie in (0, 1]"),
+        ("train.gamma=1.5", "train.gamma=1.5 must lie in (0, 1]"),
+        ("train.seed=-1", "train.seed=-1 must be >= 0"),
+        ("train.warmup_epochs=nan", "train.warmup_epochs=nan must be a finite number"),
+        ("train.lr=-inf", "train.lr=-inf must be a finite number"),
+        ("distill.temperature=inf", "distill.temperature=inf must be a finite number"),
+        ("data.val_size=nan", "data.val_size=nan must be a finite number"),
+        ("train.milestones=[0.5,.nan]", "train.milestones=[0.5, nan] must be fractions"),
+        ("model.options.width=.inf", "model.options.width=inf must be a finite number"),
+    ],
+)
+def test_config_values_are_checked_for_meaning(override, message):
+    with pytest.raises(ErdeError) as raised:
+        load_config("digits-student", [override])
+    assert str(raised.value).startswith(message)
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    for text in ("", "\n", "# only a comment\n", "{}\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ErdeError, match="is empty"):
+            load_config(str(tmp_path / "c.yaml"))
+
+
+def test_no_run_folder_before_validation_passes(tmp_path):
+    out = tmp_path / "deep" / "run"
+    for argv in (["train.seed=-1"], ["train.batch_size=5000"], ["data.crop_padding=8"]):
+        result = erde("train", "digits-student", *argv, "--out", str(out), cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert not out.exists()
+
+
+def write_images(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_symlink_loops_are_walked_once(tmp_path):
+    write_images(tmp_path)
+    (tmp_path / "train" / "a" / "loop").symlink_to(tmp_path / "train" / "a")
+    (tmp_path / "train" / "a" / "up").symlink_to(tmp_path / "train")
+    (tmp_path / "train" / "b" / "dangling").symlink_to(tmp_path / "nowhere")
+    data = load_image_folder(str(tmp_path))
+    # each real file once: 2 of a, 2 of b, plus b's files through a/up/b (a link to a folder
+    # outside the class is an ordinary folder of that class)
+    assert len(data.train_y) <= 6
+    assert len(files_under(tmp_path / "train" / "a", (".png",))) == 4  # a's 2 + up/b's 2
+
+
+def test_special_files_are_refused_unopened(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ErdeError, match="not a regular file"):
+        decode_image(fifo)  # opening it for reading would wait forever
+    with pytest.raises(ErdeError, match="not a regular file"):
+        files_under(tmp_path, (".png",))
+    with pytest.raises(ErdeError, match="not a regular file"):
+        decode_image(tmp_path)
+
+
+def npz_labels(y_train, y_test=None, classes=None):
+    x = np.zeros((len(y_train), 4, 4, 1), np.uint8)
+    y_test = y_train if y_test is None else y_test
+    xt = np.zeros((len(y_test), 4, 4, 1), np.uint8)
+    return build_image_data("npz", (x, y_train), (xt, y_test), classes=classes, hflip=False)
+
+
+def test_npz_labels_are_checked_before_use():
+    with pytest.raises(ErdeError, match="beyond the int64 range"):
+        npz_labels(np.array([0, 2**64 - 1], np.uint64))
+    with pytest.raises(ErdeError, match="images of only 2 of them"):
+        npz_labels(np.array([0, 10**15]))  # no list of 10**15 names is built
+    with pytest.raises(ErdeError, match="none of label 1"):
+        npz_labels(np.array([0, 2, 0, 2]))
+    with pytest.raises(ErdeError, match="none of label 2"):
+        npz_labels(np.array([0, 1]), np.array([2]))  # a class only the test split has
+    with pytest.raises(ErdeError, match="list a more than once"):
+        npz_labels(np.array([0, 1, 2]), classes=["a", "b", "a"])
+    assert npz_labels(np.array([1, 0], np.uint8)).classes == ["0", "1"]
+
+
+def test_sizes_beyond_the_machine_are_refused_before_allocating():
+    with pytest.raises(ErdeError, match="would need about"):
+        create_model("resnet20", input_size=10**6)
+    with pytest.raises(ErdeError, match="would need about"):
+        create_model("resnet20", num_classes=10**12)
+    with pytest.raises(ErdeError, match="would need about"):
+        create_model("resnet20", in_channels=10**12)
+
+
+def test_metrics_lines_are_checked(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "train/loss": 0.5}\n\n')
+    assert read_jsonl(path) == [{"epoch": 1, "train/loss": 0.5}]
+    for text, what in (
+        ('{"epoch": 1\n', "line 1 is damaged: not JSON"),
+        ('{"epoch": 1}\n[1]\n', "line 2 is damaged: not a JSON object"),
+        ('{"epoch": true}\n', "field 'epoch' is not a number"),
+        (b"\xff\xfe{".decode("latin-1"), "not JSON"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ErdeError, match=what):
+            read_jsonl(path)
+
+
+def sidecar() -> dict:
+    return {
+        "arch": {"name": "resnet8", "num_classes": 2, "in_channels": 1, "input_size": 8,
+                 "exits": [1]},
+        "exit_macs": [10, 20],
+        "static_macs": 15,
+        "data": {"source": "npz", "classes": ["a", "b"], "mean": [0.5], "std": [0.2],
+                 "input_size": 8, "in_channels": 1},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"seed": "0"}, "'seed'"),
+        ({"seed": True}, "'seed'"),
+        ({"finished": 1}, "'finished'"),
+        ({"teacher": 3}, "'teacher'"),
+        ({"pairing": {"a": 1}}, "'pairing'"),
+        ({"config": []}, "'config'"),
+        ({"arch": {"name": "resnet8", "num_classes": 10**12}}, "'arch.num_classes'"),
+        ({"arch": {"name": "resnet8", "in_channels": 3}}, "'arch.in_channels'"),
+        ({"arch": {"name": "resnet8", "input_size": -8}}, "'arch.input_size'"),
+        ({"arch": {"name": "resnet8", "exits": "1"}}, "'arch.exits'"),
+    ],
+)
+def test_sidecar_fields_are_checked(change, field):
+    ModelInfo.from_json(sidecar())
+    with pytest.raises(ErdeError, match=f"model.json: {field}"):
+        ModelInfo.from_json({**sidecar(), **change})
+
+
+def logits_cache(**changes) -> LogitsCache:
+    z = {s: torch.zeros(3, 2, 4) for s in ("val", "test")}
+    y = {s: torch.tensor([0, 1, 3]) for s in ("val", "test")}
+    cache = LogitsCache(z, y, [10, 20], "0" * 64)
+    for key, value in changes.items():
+        setattr(cache, key, value)
+    return cache
+
+
+@pytest.mark.parametrize(
+    ("cache", "field"),
+    [
+        (logits_cache(exit_macs=[]), "'exit_macs'"),
+        (logits_cache(exit_macs=[10, "20"]), "'exit_macs'"),
+        (logits_cache(weights_sha256="abc"), "'weights_sha256'"),
+        (logits_cache(logits={"val": torch.zeros(3, 3, 4), "test": torch.zeros(3, 2, 4)}),
+         "'val/logits'"),
+        (logits_cache(logits={"val": torch.zeros(3, 2, 4, dtype=torch.float64),
+                              "test": torch.zeros(3, 2, 4)}), "'val/logits'"),
+        (logits_cache(labels={"val": torch.tensor([0, 1]), "test": torch.tensor([0, 1, 2])}),
+         "'val/labels'"),
+        (logits_cache(labels={"val": torch.tensor([0, 1, 4]), "test": torch.tensor([0, 1, 2])}),
+         "'val/labels'"),
+        (logits_cache(logits={"val": torch.full((3, 2, 4), float("nan")),
+                              "test": torch.zeros(3, 2, 4)}), "'val/logits'"),
+    ],
+)  # fmt: skip
+def test_logits_cache_fields_are_checked(cache, field):
+    assert cache_problem(logits_cache()) is None
+    assert field in cache_problem(cache)
