@@ -22,8 +22,9 @@ def test_console_script_entry_point_runs():
     # The installed `erde` and `python -m erde` are the same program.
     out = subprocess.run(
         [sys.executable, "-m", "erde", "models"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert out == list_models()
+    ).stdout
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert set(list_models()) <= set(names)
 
 
 def test_macs_table_prints_the_library_numbers(capsys):
@@ -86,3 +87,22 @@ def test_argparse_mistakes_also_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["reproduce", "--preset", "quickstart", "--seeds", "0,x"])
     assert exc.value.code == 2
+
+
+def test_version_and_help_with_examples_and_defaults(capsys):
+    import erde
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"erde {erde.__version__}"
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:\n  erde reproduce --preset" in out
+    assert "quickstart" in out and "cifar10-cpu" in out  # preset names listed
+    assert "(default: runs/reproduce)" in out and "(default: 1)" in out
+
+
+def test_import_erde_does_not_load_torch():
+    code = "import sys, erde; assert 'torch' not in sys.modules, 'torch loaded'; erde.create_model"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 
-from erde.config import load_config
+from erde.config import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
 from erde.evaluation.cache import load_cache
 from erde.evaluation.runs import evaluate_run
@@ -147,6 +148,28 @@ def copy_run(src: Path, dst: Path, drop: tuple[str, ...] = ()) -> Path:
     return dst
 
 
+def export_tampering(export: Path, manifest: dict, outside: Path) -> dict[str, dict]:
+    """Manifests of `export` edited to name files outside it or to break a field's type, and a
+    copy of one piece in `outside` for them to point at."""
+    outside.mkdir()
+    shutil.copy(export / "exit2.onnx", outside / "exit2.onnx")
+
+    def piece2(**changes) -> dict:
+        pieces = [dict(p) for p in manifest["pieces"]]
+        pieces[1].update(changes)
+        return {**manifest, "pieces": pieces}
+
+    renamed = {**manifest["single"], "outputs": [{"name": "probabilities", "shape": [1, 10]}]}
+    renamed["outputs"].append(manifest["single"]["outputs"][1])
+    return {
+        "EXPORT_DOTDOT": piece2(file="../outside/exit2.onnx"),
+        "EXPORT_ABSOLUTE": piece2(file=str(outside / "exit2.onnx")),
+        "EXPORT_TEXT_THRESHOLD": {**manifest, "threshold": "0.5"},
+        "EXPORT_UNCHAINED": piece2(inputs=[{"name": "image", "shape": ["batch", 1, 8, 8]}]),
+        "EXPORT_RENAMED": {**manifest, "single": renamed},
+    }
+
+
 def build_workspace(root: Path) -> dict[str, Path]:
     """Every folder and file a documented command names, keyed by placeholder."""
     fast = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
@@ -170,6 +193,10 @@ def build_workspace(root: Path) -> dict[str, Path]:
     p["NOT_RUN"].mkdir()
     (p["NOT_RUN"] / "notes.txt").write_text("my notes\n")
     p["FILE"].write_text("a file, not a folder\n")
+    for name, record in (("STUDY", "reproduce.yaml"), ("TUNE_STUDY", "tune.yaml")):
+        p[name] = root / name.lower()
+        p[name].mkdir()
+        (p[name] / record).write_text(to_yaml(load_reproduce_config("quickstart")))
 
     p["BAD_STATE"] = copy_run(unfinished, root / "bad-state")
     (p["BAD_STATE"] / "state.pt").write_bytes(b"garbage")
@@ -205,13 +232,30 @@ def build_workspace(root: Path) -> dict[str, Path]:
     piece.write_bytes(bytes(tampered))
     p["EXPORT_NO_PIECE"] = copy_run(p["EXPORT"], root / "export-no-piece", drop=("exit3.onnx",))
     edited = {
-        "EXPORT_V2": {**manifest, "format_version": 2},
+        "EXPORT_NEWER": {**manifest, "format_version": 3},
         "EXPORT_NO_KEYS": {k: v for k, v in manifest.items() if k != "pieces"},
         "EXPORT_ORPHAN": {**manifest, "source_run": str(p["MISSING"])},
+        **export_tampering(p["EXPORT"], manifest, root / "outside"),
     }
     for name, edited_manifest in edited.items():
         p[name] = copy_run(p["EXPORT"], root / name.lower())
         (p[name] / "manifest.json").write_text(json.dumps(edited_manifest))
+    p["OUTSIDE"] = root / "outside"
+    p["EXPORT_LINK_OUT"] = copy_run(p["EXPORT"], root / "export-link-out", drop=("exit2.onnx",))
+    (p["EXPORT_LINK_OUT"] / "exit2.onnx").symlink_to(p["OUTSIDE"] / "exit2.onnx")
+    p["EXPORT_EXTERNAL"] = copy_run(p["EXPORT"], root / "export-external")
+    onnx.save_model(
+        onnx.load(str(p["EXPORT"] / "exit2.onnx")),
+        str(p["EXPORT_EXTERNAL"] / "exit2.onnx"),
+        save_as_external_data=True,
+        location="exit2.data",
+        size_threshold=0,
+    )
+    external = json.loads((p["EXPORT_EXTERNAL"] / "manifest.json").read_text())
+    external["pieces"][1]["sha256"] = hashlib.sha256(
+        (p["EXPORT_EXTERNAL"] / "exit2.onnx").read_bytes()
+    ).hexdigest()
+    (p["EXPORT_EXTERNAL"] / "manifest.json").write_text(json.dumps(external))
     p["PNG"] = root / "digit.png"
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(p["PNG"])
     p["PNG_BROKEN"] = root / "broken.png"
@@ -254,7 +298,49 @@ def build_workspace(root: Path) -> dict[str, Path]:
     for name, text in yaml.items():
         p[name] = root / f"{name.lower()}.yaml"
         p[name].write_text(text)
+    p.update(damaged_files(root, p))
     return p
+
+
+def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
+    """Run-folder files and data sets damaged or made hostile in the ways of issue 14."""
+    from safetensors.torch import load_file, save_file
+
+    from erde.evaluation.cache import read_cache, save_cache
+
+    d = {"YAML_EMPTY": root / "yaml_empty.yaml"}
+    d["YAML_EMPTY"].write_bytes(b"")
+    labels = {
+        "NPZ_WRAPPED": lambda n: (np.arange(n) % 4 - 1).astype(np.int64).astype(np.uint64),
+        "NPZ_HUGE_LABEL": lambda n: np.where(np.arange(n) == 0, 10**12, np.arange(n) % 4),
+        "NPZ_GAP": lambda n: np.arange(n) % 4 * 2,  # labels 0, 2, 4, 6: classes 1, 3, 5 unseen
+    }
+    for name, y in labels.items():
+        d[name] = root / name.lower()
+        write_npz(d[name], y=y)
+    d["NPZ_DUPLICATE_NAMES"] = root / "npz_duplicate_names"
+    write_npz(d["NPZ_DUPLICATE_NAMES"])
+    with np.load(d["NPZ_DUPLICATE_NAMES"] / "train.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(d["NPZ_DUPLICATE_NAMES"] / "train.npz", **arrays, label_names=["a", "b", "a", "c"])
+    d["INT64_WEIGHTS"] = copy_run(p["RUN"], root / "int64-weights")
+    weights = load_file(d["INT64_WEIGHTS"] / "model.safetensors")
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key].to(torch.int64)
+    save_file(weights, d["INT64_WEIGHTS"] / "model.safetensors")
+    d["BAD_METRICS"] = copy_run(p["UNFINISHED"], root / "bad-metrics")
+    (d["BAD_METRICS"] / "metrics.jsonl").write_text('{"epoch": "one"}\n')
+    d["NAN_CACHE"] = copy_run(p["EVALUATED"], root / "nan-cache")
+    cache = read_cache(d["NAN_CACHE"] / "logits.safetensors")
+    cache.logits["val"][0, 0, 0] = float("nan")
+    save_cache(d["NAN_CACHE"] / "logits.safetensors", cache)
+    d["SIDECAR_TYPES"] = copy_run(p["RUN"], root / "sidecar-types")
+    meta = json.loads((p["RUN"] / "model.json").read_text())
+    (d["SIDECAR_TYPES"] / "model.json").write_text(json.dumps({**meta, "seed": "zero"}))
+    d["IMAGES_FIFO"] = root / "images-fifo"
+    write_images(d["IMAGES_FIFO"])
+    os.mkfifo(d["IMAGES_FIFO"] / "train" / "a" / "pipe.png")  # reading it would wait forever
+    return d
 
 
 @dataclass

@@ -57,13 +57,17 @@ def test_quickstart_runs_the_whole_protocol(quick, capsys):
         quick / "teacher"
     )
     assert json.loads((quick / "ce-s0" / "model.json").read_text())["teacher"] is None
+    # Every run it trained is evaluated, ready for `erde export`.
+    for run in ("teacher", "ce-s0", "kd-s0", "kd-masked-s0", "erde-s0"):
+        assert json.loads((quick / run / "eval" / "report.json").read_text())["chosen"]
 
 
 @pytest.mark.slow
-def test_quickstart_again_keeps_finished_runs(quick, capsys):
+def test_quickstart_again_keeps_finished_runs(quick, caplog):
     before = {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")}
     assert main(["quickstart", *SHORT, "--out", str(quick), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in quick.glob("*/model.safetensors")} == before
+    assert "kept 4 finished run(s) from earlier: ce-s0, kd-s0" in caplog.text
 
 
 @pytest.mark.slow
@@ -80,14 +84,18 @@ def test_interrupted_reproduction_trains_only_what_is_missing(quick, tmp_path, c
 @pytest.mark.slow
 def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
     run = quick / "erde-s0"
+    deployed = (run / "eval" / "report.json").read_bytes()  # written by the quickstart
     code = main(["evaluate", str(run), "--reference", str(quick / "teacher"), "--max-drop", "1"])
     assert code == 0
-    report = json.loads((run / "eval" / "report.json").read_text())
+    # Another criterion goes to its own folder: the threshold export deploys stays as it was.
+    assert (run / "eval" / "report.json").read_bytes() == deployed
+    report = json.loads((run / "eval-drop1" / "report.json").read_text())
     for name in ("report.md", "curve.csv", "tradeoff.png", "exits.png"):
-        assert (run / "eval" / name).is_file()
-    with open(run / "eval" / "curve.csv") as fh:
+        assert (run / "eval-drop1" / name).is_file()
+    with open(run / "eval-drop1" / "curve.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) > 10 and {"threshold", "accuracy", "expected_macs"} <= set(rows[0])
+    assert {"exit1_share", "exit3_share"} <= set(rows[0]) and "exit0_share" not in rows[0]
     # The reported test point is what the chosen threshold really gives on the test logits.
     cache = load_cache(run)
     chosen = report["chosen"]
@@ -216,7 +224,7 @@ def test_compare_groups_seeds_and_draws_one_plot(quick, tmp_path, capsys):
     assert "| kd (resnet8) | 1 |" in (out / "comparison.md").read_text()
 
 
-@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "svhn", "cifar10-cpu"])
+@pytest.mark.parametrize("preset", ["cifar10", "cifar100", "svhn", "cifar10-cpu", "cifar10-gpu"])
 def test_paper_scale_presets_load_and_build(preset):
     cfg = load_reproduce_config(preset)
     classes = 100 if preset == "cifar100" else 10

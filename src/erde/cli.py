@@ -20,9 +20,23 @@ from erde.methods import STUDENT_METHODS
 
 
 def _models(args: argparse.Namespace) -> None:
-    from erde.models import list_models
+    from erde.models.catalogue import describe, model_names
+    from erde.report import markdown_table
 
-    print("\n".join(list_models()))
+    names = model_names(args.pattern)
+    if not names:
+        raise ErdeError(f"no model matches {args.pattern!r}; `erde models` lists them all")
+    rows = []
+    for name in names:
+        r = describe(name)
+        exits = ",".join(map(str, r.default_exits)) or "none"
+        size = f"{r.input_size}x{r.input_size}"
+        rows.append(
+            [r.name, r.source, exits, size, f"{r.macs / 1e6:,.1f} M", f"{r.params / 1e6:.2f} M",
+             r.description]
+        )  # fmt: skip
+    headers = ["model", "source", "default exits", "input", "MACs (plain)", "params", "about"]
+    print(markdown_table(headers, rows))
 
 
 def _macs(args: argparse.Namespace) -> None:
@@ -47,10 +61,8 @@ def _macs(args: argparse.Namespace) -> None:
         ]
         for r in macs_table(model)
     ]
-    print(
-        f"{args.model}: MACs per image ({args.input_size}x{args.input_size}x{args.in_channels}, "
-        f"{args.num_classes} classes)"
-    )
+    size, classes = model.input_size, args.num_classes
+    print(f"{args.model}: MACs per image ({size}x{size}x{args.in_channels}, {classes} classes)")
     print(
         markdown_table(
             ["exit", "after block", "MACs (segment + head)", "cumulative MACs", "% of full"], rows
@@ -59,9 +71,9 @@ def _macs(args: argparse.Namespace) -> None:
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    from erde.config import load_config, to_yaml
+    from erde.config_help import show_config
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    print(show_config(args.config, args.overrides, reproduce=args.reproduce), end="")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -81,8 +93,8 @@ def _train(args: argparse.Namespace) -> None:
         stop_after=args.stop_after,
     )
     accs = ", ".join(
-        f"exit {i + 1}: {100 * row[f'val/acc/{i}']:.2f}"
-        for i in range(sum(k.startswith("val/acc/") for k in row))
+        f"exit {i}: {100 * row[f'val/acc/{i}']:.2f}"
+        for i in range(1, 1 + sum(k.startswith("val/acc/") for k in row))
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the whole run
         print(f"finished {args.out}: epoch {row.get('epoch')}, val accuracy (%) {accs}")
@@ -92,7 +104,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import evaluate_run
     from erde.rundir import ReportDir, RunDir
 
-    out = ReportDir(args.out) if args.out else RunDir(args.run).eval
+    criterion = {"policy": args.policy, "normalize": args.normalize, "max_drop": args.max_drop}
+    out = (
+        ReportDir(args.out)
+        if args.out
+        else RunDir(args.run).eval_for(**criterion, budget=args.budget)
+    )
     r = evaluate_run(
         args.run,
         out=out.path,
@@ -138,11 +155,14 @@ def _compare(args: argparse.Namespace) -> None:
 
 def _reproduce(args: argparse.Namespace) -> None:
     from erde.config import load_reproduce_config
+    from erde.grid import parse_grid_options
+    from erde.shard import parse_shard
 
-    cfg = load_reproduce_config(args.preset, args.overrides)
+    shard = parse_shard(args.shard) if args.shard else None
+    cfg = load_reproduce_config(args.preset, args.overrides, parse_grid_options(args.grid))
     from erde.reproduce import reproduce  # after the config, as in _train
 
-    reproduce(
+    comparison = reproduce(
         cfg,
         args.out,
         seeds=args.seeds,
@@ -150,9 +170,42 @@ def _reproduce(args: argparse.Namespace) -> None:
         teacher_per_seed=args.teacher_per_seed,
         progress=not args.no_progress,
         jobs=args.jobs,
+        shard=shard,
     )
+    if comparison is None:
+        print(f"shard {shard} done; the comparison waits for the other runs (see the log above)")
+        return
     print((Path(args.out) / "comparison.md").read_text(encoding="utf-8"))
     print(f"plot: {Path(args.out) / 'comparison.png'}; every run folder is in {args.out}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from erde.config import load_reproduce_config
+
+    cfg = load_reproduce_config(args.preset, args.overrides)
+    from erde.tune import tune  # after the config, as in _train
+
+    result = tune(
+        cfg,
+        args.out,
+        trials=args.trials,
+        storage=args.storage,
+        teacher=args.teacher,
+        final_seeds=args.final_seeds or (),
+        progress=not args.no_progress,
+    )
+    for b in result.best.values():
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items()
+        )
+        print(
+            f"{b.method}: best validation AUC {100 * b.val_auc:.2f} % ({params}) after "
+            f"{b.finished_trials} trials, run {Path(args.out) / b.method / b.run}"
+        )
+    if result.comparison is not None:
+        final = Path(args.out) / "final"
+        print((final / "comparison.md").read_text(encoding="utf-8"))
+        print(f"plot: {final / 'comparison.png'}")
 
 
 def _seeds(text: str) -> list[int]:
@@ -162,6 +215,8 @@ def _seeds(text: str) -> list[int]:
     seeds = comma_list_type(int)(text)
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds such as 0,1,2")
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are whole numbers >= 0")
     return seeds
 
 
@@ -172,35 +227,108 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+class _Help(argparse.HelpFormatter):
+    """Examples keep their lines; an option's default is shown wherever it says something."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        return f"{text} (default: {default})"
+
+
+def _presets(kind: str) -> str:
+    from erde.config import preset_names  # omegaconf only; no torch
+
+    return ", ".join(preset_names(kind))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from erde import __version__
+
     parser = _Parser(
         prog="erde",
         description="Early-exit classifiers trained by Entropy-Regularized Distillation",
+        epilog="start with `erde quickstart`; `erde COMMAND --help` has examples for each command",
     )
+    parser.add_argument("--version", action="version", version=f"erde {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(
+        name: str, func: Callable, help: str, examples: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+        p = sub.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=_Help)
         p.set_defaults(func=func)
         return p
 
-    command("models", _models, "list the registered early-exit models")
-
-    p = command("macs", _macs, "per-exit MACs of a model")
-    p.add_argument("model")
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--exits", default=None, help='"default", "stages", "every:K" or e.g. "3,6"')
-
-    p = command("config", _config_show, "print the resolved config of a preset or file")
-    p.add_argument(
-        "config", nargs="?", help="preset name or YAML file (default: built-in defaults)"
+    p = command(
+        "models",
+        _models,
+        "the early-exit models: erde's, plugins', timm's, torchvision's",
+        ["erde models", "erde models 'torchvision/*'"],
     )
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument(
+        "pattern", nargs="?", default="*", help="e.g. 'resnet*', 'timm/convnext*', 'torchvision/*'"
+    )
 
-    p = command("train", _train, "train a teacher or a student (the method picks the loss)")
-    p.add_argument("config", nargs="?", help="preset name or YAML file")
+    p = command(
+        "macs",
+        _macs,
+        "per-exit MACs of a model",
+        ["erde macs resnet56", "erde macs resnet20 --exits every:3 --num-classes 100"],
+    )
+    p.add_argument("model", help="a name from `erde models`")
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the heads")
+    p.add_argument("--in-channels", type=int, default=3, help="image channels")
+    p.add_argument("--input-size", type=int, default=None, help="default: the model's own")
+    p.add_argument(
+        "--exits",
+        default=None,
+        help='"default", "stages", "every:K" or e.g. "3,6" (default: default)',
+    )
+
+    p = command(
+        "config",
+        _config_show,
+        "the resolved config of a train or reproduce preset or file: every key with its type, "
+        f"default, allowed values and meaning. Train presets: {_presets('train')}; reproduce "
+        f"presets: {_presets('reproduce')}",
+        [
+            "erde config digits-teacher train.epochs=5",
+            "erde config quickstart student.train.epochs=5",
+            "erde config --reproduce my-study.yaml",
+        ],
+    )
+    p.add_argument(
+        "config", nargs="?", help="preset name or YAML file (default: built-in train defaults)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.lr=0.05")
+    p.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="CONFIG is a reproduce file (implied by a reproduce preset's name)",
+    )
+
+    p = command(
+        "train",
+        _train,
+        "train a teacher or a student (the method picks the loss); one line per epoch",
+        [
+            "erde train digits-teacher --out runs/teacher",
+            "erde train digits-student distill.method=erde distill.teacher=runs/teacher "
+            "--out runs/erde",
+        ],
+    )
+    p.add_argument("config", nargs="?", help=f"preset name ({_presets('train')}) or YAML file")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -225,7 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="run whose final-exit accuracy to keep and MACs to beat (the teacher); "
             "default: the run's own final exit",
         )
-        p.add_argument("--policy", choices=("entropy", "maxprob"), default="entropy")
+        p.add_argument(
+            "--policy",
+            choices=("entropy", "maxprob"),
+            default="entropy",
+            help="exit score: entropy or 1 - max probability",
+        )
         p.add_argument("--normalize", action="store_true", help="entropy divided by log K")
         p.add_argument(
             "--max-drop",
@@ -234,10 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="POINTS",
             help="accuracy points below the reference allowed when choosing on val",
         )
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help="where the logits are computed")
 
-    p = command("evaluate", _evaluate, "accuracy-versus-MACs report of a run (thresholds from val)")
-    p.add_argument("run")
+    p = command(
+        "evaluate",
+        _evaluate,
+        "accuracy-versus-MACs report of a run (thresholds from val). The default criterion "
+        "writes RUN/eval, whose threshold `erde export` uses; other criteria write "
+        "RUN/eval-CRITERION unless --out says otherwise",
+        [
+            "erde evaluate runs/erde --reference runs/teacher",
+            "erde evaluate runs/erde --budget 0.5     # writes runs/erde/eval-budget0.5",
+        ],
+    )
+    p.add_argument("run", help="a finished run folder")
     policy_options(p)
     p.add_argument(
         "--budget",
@@ -246,11 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose the threshold for this MACs budget: a fraction of the full model "
         "(<= 1) or MACs per image",
     )
-    p.add_argument("--out", help="report folder (default: RUN/eval)")
+    p.add_argument(
+        "--out",
+        help="report folder (default: RUN/eval, or RUN/eval-CRITERION for another criterion)",
+    )
     p.add_argument("--refresh", action="store_true", help="recompute the logits cache")
 
-    p = command("compare", _compare, "several runs (methods, seeds) on one table and plot")
-    p.add_argument("runs", nargs="+")
+    p = command(
+        "compare",
+        _compare,
+        "several runs (methods, seeds) on one table and plot",
+        ["erde compare runs/teacher runs/kd runs/erde --reference runs/teacher --out runs/cmp"],
+    )
+    p.add_argument("runs", nargs="+", help="finished run folders")
     policy_options(p)
     p.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
 
@@ -269,30 +420,83 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="train one teacher per seed instead of one for all",
         )
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--no-progress", action="store_true", help="no progress bars (epoch lines stay)"
+        )
         p.add_argument(
             "--jobs",
             type=int,
             default=1,
             metavar="N",
-            help="train N students at once in separate processes that share the cores (default 1)",
+            help="train N students at once in separate processes that share the cores",
+        )
+        p.add_argument(
+            "--grid",
+            action="append",
+            default=[],
+            metavar="KEY=V1,V2,...",
+            help="one run per value (and per combination of several --grid), e.g. "
+            "--grid distill.beta=0.1,0.3,1; student.* and distill.* keys",
+        )
+        p.add_argument(
+            "--shard",
+            metavar="I/N",
+            help="train only the I-th of N slices of the runs (1-based), for N processes "
+            "sharing --out",
         )
 
     p = command(
         "reproduce",
         _reproduce,
-        f"the paper's protocol: teacher, students ({', '.join(STUDENT_METHODS)}), comparison",
+        f"the paper's protocol: teacher, students ({', '.join(STUDENT_METHODS)}), comparison; "
+        "every run is evaluated (RUN/eval), ready for `erde export`",
+        [
+            "erde reproduce --preset cifar10-cpu data.root=/data/cifar10 --out runs/c10 --jobs 2",
+            "erde reproduce --preset quickstart --seeds 0,1 student.train.epochs=5",
+        ],
     )
-    p.add_argument("--preset", required=True, help="reproduce preset name or YAML file")
+    p.add_argument(
+        "--preset", required=True, help=f"reproduce preset ({_presets('reproduce')}) or YAML file"
+    )
     reproduce_options(p, "runs/reproduce")
 
     p = command(
         "quickstart",
         _reproduce,
         "the protocol on embedded digits: about half a minute on 2 CPU cores",
+        ["erde quickstart", "erde quickstart --seeds 0,1 --out runs/qs"],
     )
     p.set_defaults(preset="quickstart")
     reproduce_options(p, "runs/quickstart")
+
+    p = command(
+        "tune",
+        _tune,
+        "the same number of Optuna trials per method, scored on validation; then the best "
+        "settings with several seeds, compared on test",
+        ["erde tune --preset quickstart 'methods=[kd,erde]' --trials 5 --out runs/tune"],
+    )
+    p.add_argument(
+        "--preset", required=True, help=f"reproduce preset ({_presets('reproduce')}) or YAML file"
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. 'methods=[kd,erde]'")
+    p.add_argument("--out", required=True, help="study folder (trials, study.db, best.json)")
+    p.add_argument("--trials", type=int, default=20, help="finished trials per method")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage URL shared by workers on several machines "
+        "(default: sqlite:///OUT/study.db)",
+    )
+    p.add_argument("--teacher", metavar="RUN", help="reuse this finished teacher run")
+    p.add_argument(
+        "--final-seeds",
+        type=_seeds,
+        metavar="SEEDS",
+        help="then train each method's best setting with these seeds (e.g. 0,1,2) and compare "
+        "them on test in OUT/final",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines stay)")
 
     from erde.deploy.commands import add_commands
 

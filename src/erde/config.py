@@ -57,6 +57,12 @@ class ModelConfig:
     name: str = "resnet20"
     # "default", "stages", "every:K" or 1-based block indices such as "3,6".
     exits: str = "default"
+    # Builder options, checked against the builder's signature (model.options.width_mult=0.5).
+    options: dict[str, Any] = field(default_factory=dict)
+    # The Python module that registers model.name (a plugin without an entry point).
+    module: str | None = None
+    # Backbone weights: a safetensors or PyTorch state-dict file, or true for timm/torchvision's.
+    pretrained: str | None = None
 
 
 @dataclass
@@ -80,6 +86,7 @@ class TrainConfig:
     sync_bn: bool = False
     eval_batch_size: int = 1000
     checkpoint_every: int = 0  # keep a copy every N epochs (0: only `last`)
+    freeze_backbone: bool = False  # train only the exit heads (erde.models.EarlyExitNet)
     tensorboard: bool = False
 
 
@@ -134,6 +141,9 @@ class ReproduceConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     methods: list[str] = field(default_factory=lambda: list(STUDENT_METHODS))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    # Ablation grid: dotted student.*/distill.* key -> values, one run per combination
+    # (erde.grid; typed by the schema when expanded).
+    grid: dict[str, list[str]] = field(default_factory=dict)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -152,23 +162,27 @@ CHOICES: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class Range:
     """The finite numbers a key (or each item of a list key) accepts: low <= x (< x if
-    `low_open`), and x <= high where `high` is set. `items` names what a list holds."""
+    `low_open`), and x <= high (< high if `high_open`) where `high` is set. `items` names what
+    a list holds."""
 
     low: float
     high: float | None = None
     low_open: bool = False
     items: str = "values"
+    high_open: bool = False
 
     def holds(self, x: float) -> bool:
         """Whether `x` is allowed (NaN and infinities never are)."""
         above = x > self.low if self.low_open else x >= self.low
-        return math.isfinite(x) and above and (self.high is None or x <= self.high)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return math.isfinite(x) and above and below
 
     def rule(self) -> str:
-        """The rule as messages state it: '> 0', '>= 0' or 'in (0, 1]'."""
+        """The rule as messages state it: '> 0', '>= 0', 'in (0, 1]' or 'in [0, 1)'."""
         if self.high is None:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
 
 
 _POSITIVE, _NON_NEGATIVE = Range(0, low_open=True), Range(0)
@@ -179,7 +193,10 @@ RANGES: dict[str, Range] = {
     "train.eval_batch_size": _POSITIVE,
     "distill.temperature": _POSITIVE,
     "train.weight_decay": _NON_NEGATIVE,
-    "train.momentum": _NON_NEGATIVE,
+    # Above 1 the velocity grows without bound: momentum=7 trains to a loss in the thousands.
+    "train.momentum": Range(0, 1, high_open=True),
+    "train.gamma": Range(0, 1, low_open=True),
+    "train.seed": _NON_NEGATIVE,
     "train.warmup_epochs": _NON_NEGATIVE,
     "distill.beta": _NON_NEGATIVE,
     "train.checkpoint_every": _NON_NEGATIVE,
@@ -255,6 +272,11 @@ def _read_yaml(path: Path) -> DictConfig:
         raise ErdeError(f"config file {path} is not valid YAML ({reason}); fix the file") from None
     if not isinstance(loaded, DictConfig):
         raise ErdeError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
+    if not loaded:  # an empty or zero-byte file would silently mean "all defaults"
+        raise ErdeError(
+            f"config file {path} is empty; give at least one section (data:, model:, ...), "
+            "or a preset name for the defaults"
+        )
     return loaded
 
 
@@ -334,12 +356,19 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     return cfg
 
 
-def load_reproduce_config(preset: str, overrides: list[str] | None = None) -> ReproduceConfig:
-    """A reproduce preset (shipped name or YAML file) with `key=value` overrides, validated."""
+def load_reproduce_config(
+    preset: str,
+    overrides: list[str] | None = None,
+    grid: dict[str, list[str]] | None = None,
+) -> ReproduceConfig:
+    """A reproduce preset (shipped name or YAML file) with `key=value` overrides and `--grid`
+    keys (each replacing that key's list in the preset's `grid:`), validated."""
     overrides = list(overrides or [])
     check_overrides(overrides)
     path = preset_path(preset, kind="reproduce")
     sources = [(str(path), _read_yaml(path)), ("the command-line overrides", overrides)]
+    if grid:
+        sources.append(("the --grid options", OmegaConf.create({"grid": grid})))
     cfg = resolved(structured(ReproduceConfig, sources))
     for method in cfg.methods:
         if method not in STUDENT_METHODS:
@@ -351,11 +380,21 @@ def load_reproduce_config(preset: str, overrides: list[str] | None = None) -> Re
         )
     for key in ("evaluate.policy", "evaluate.budgets", "evaluate.max_drop"):
         check_value(key, getattr(cfg.evaluate, key.split(".")[1]))
-    validate(stage_config(cfg, "teacher", seed=0))
+    _validate_stage(cfg, "teacher", "teacher", None)
     for method in cfg.methods:
         teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
-        validate(stage_config(cfg, "student", seed=0, method=method, teacher=teacher))
+        _validate_stage(cfg, "student", method, teacher)
     return cfg
+
+
+def _validate_stage(cfg: ReproduceConfig, stage: str, method: str, teacher: str | None) -> None:
+    """`validate` on one stage, its message naming the reproduce key to change
+    (`student.train.epochs`, not the `train.epochs` of the stage's own config)."""
+    try:
+        validate(stage_config(cfg, stage, seed=0, method=method, teacher=teacher))
+    except ErdeError as exc:
+        message = re.sub(r"\b(train|model)\.", rf"{stage}.\1.", str(exc))
+        raise ErdeError(f"the {stage} stage: {message}") from None
 
 
 def stage_config(
@@ -382,10 +421,14 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if hasattr(cfg, section):
             check_value(key, getattr(getattr(cfg, section), name))
+    for key, value in cfg.model.options.items():  # the one place floats escape the table
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ErdeError(f"model.options.{key}={value} must be a finite number")
     t, d = cfg.train, cfg.distill
     if t.warmup_epochs >= t.epochs:
         raise ErdeError(
-            f"train.warmup_epochs={t.warmup_epochs} must be below train.epochs={t.epochs}"
+            f"train.warmup_epochs={t.warmup_epochs} must be below train.epochs={t.epochs}; "
+            f"set train.warmup_epochs to less than {t.epochs} (0 for none) or raise train.epochs"
         )
     needs_teacher = METHOD_TABLE[d.method].needs_teacher
     if needs_teacher and not d.teacher:

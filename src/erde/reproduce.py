@@ -2,39 +2,49 @@
 
 Each run is an ordinary run folder inside the output folder, so a stopped reproduction picks up
 where it stopped: finished runs are kept, an interrupted one resumes, missing ones are trained.
+Grids (`erde.grid`) add named runs; shards (`erde.shard`) split the runs between processes that
+share the folder, coordinated by lock files (`erde.run_lock`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
-from erde.config import Config, ReproduceConfig, stage_config, to_yaml
+from omegaconf import OmegaConf
+
+from erde.config import Config, ReproduceConfig, stage_config, to_dict, to_yaml
 from erde.data.prepare import data_info, prepare_data
 from erde.errors import ErdeError
 from erde.evaluation.compare import Comparison
 from erde.evaluation.runs import compare_runs
 from erde.files import write_text
+from erde.grid import expand
 from erde.methods import METHOD_TABLE
 from erde.model_info import ModelInfo
 from erde.parallel import run_parallel
+from erde.run_lock import run_lock
 from erde.rundir import ComparisonDir, RunDir
+from erde.shard import Shard
 from erde.teacher import check_teacher
 from erde.train import fill_teacher_cache, fit
 
 log = logging.getLogger("erde.reproduce")
 
 
-def ensure_run(cfg, run_dir: Path, progress: bool) -> None:
+def ensure_run(
+    cfg: Config, run_dir: Path, progress: bool, on_epoch: Callable[[dict], None] | None = None
+) -> None:
     """Keep a finished run, resume a started one (from its start if it has no checkpoint yet),
-    train a missing one."""
+    train a missing one; `on_epoch` goes to `fit`."""
     if _finished(run_dir):
         log.info("%s: finished earlier, kept", run_dir)
     elif RunDir(run_dir).has_run():
-        fit(None, run_dir, resume=True, progress=progress)
+        fit(None, run_dir, resume=True, progress=progress, on_epoch=on_epoch)
     else:
-        fit(cfg, run_dir, progress=progress)
+        fit(cfg, run_dir, progress=progress, on_epoch=on_epoch)
 
 
 def reproduce(
@@ -46,45 +56,60 @@ def reproduce(
     teacher_per_seed: bool = False,
     progress: bool = True,
     jobs: int = 1,
-) -> Comparison:
+    shard: Shard | None = None,
+) -> Comparison | None:
     """Train what is missing, then compare every student against the teacher on the test split.
 
     `teacher` reuses a finished teacher run instead of training one; `teacher_per_seed` trains
     a teacher for every seed (each student then learns from the teacher of its own seed).
     `jobs` trains that many students at once, in separate processes sharing the cores; the
     teachers and their output caches come first, so the students never run a teacher.
+    `cfg.grid` adds one student per combination of values (`erde.grid`); `shard` trains only
+    its slice of the students (after the teachers they need, which the first process to get
+    there trains while the others wait). Returns None, and logs which runs are missing, while
+    runs of other shards are unfinished: the last shard to finish writes the comparison.
     """
     out = Path(out)
-    if not seeds:
-        raise ErdeError("--seeds needs at least one seed, e.g. --seeds 0,1")
-    if teacher is not None and teacher_per_seed:
-        raise ErdeError("--teacher and --teacher-per-seed exclude each other; drop one")
-    if jobs < 1:
-        raise ErdeError(f"--jobs {jobs}: give the number of students to train at once, 1 or more")
+    _check_options(seeds, teacher, teacher_per_seed, jobs)
+    variants = expand(cfg)  # every grid value typed and checked before anything is written
     if teacher is not None:  # now, not after the first student trained without it
         data = prepare_data(stage_config(cfg, "teacher", seed=seeds[0])).data
         check_teacher(teacher, data_info(data))
+    files = ComparisonDir(out)
+    check_study(files.reproduce_yaml, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(ComparisonDir(out).reproduce_yaml, to_yaml(cfg))
+    write_text(files.reproduce_yaml, to_yaml(cfg))
     teachers = _teacher_runs(cfg, out, seeds, teacher, teacher_per_seed)
-    for seed in dict.fromkeys(seeds if teacher_per_seed else seeds[:1]):
-        if teacher is None:
-            ensure_run(stage_config(cfg, "teacher", seed=seed), teachers[seed], progress)
     students = [
         (
             stage_config(
-                cfg,
+                v.config,
                 "student",
                 seed=seed,
-                method=method,
-                teacher=str(teachers[seed]) if METHOD_TABLE[method].needs_teacher else None,
+                method=v.method,
+                teacher=str(teachers[seed]) if METHOD_TABLE[v.method].needs_teacher else None,
             ),
-            out / f"{method}-s{seed}",
+            out / f"{v.name}-s{seed}",
         )
         for seed in seeds
-        for method in cfg.methods
+        for v in variants
     ]
-    train_students(students, jobs=jobs, progress=progress)
+    mine = shard.pick(students) if shard else students
+    if shard:
+        log.info("shard %s: %d of the %d student runs", shard, len(mine), len(students))
+    if teacher is None:
+        _ensure_teachers(cfg, {teachers[c.train.seed] for c, _ in mine}, teachers, progress)
+    train_students(mine, jobs=jobs, progress=progress)
+    missing = [r.name for _, r in students if not _finished(r)]
+    if missing:
+        log.warning(
+            "no comparison yet: %d run(s) not finished (%s); they belong to other shards or are "
+            "being trained. The last process to finish writes it, or run the same command "
+            "without --shard once they are done",
+            len(missing),
+            ", ".join(missing),
+        )
+        return None
     e = cfg.evaluate
     return compare_runs(
         [*sorted(set(teachers.values())), *(run for _, run in students)],
@@ -95,7 +120,63 @@ def reproduce(
         max_drop=e.max_drop,
         budgets=e.budgets,
         device=cfg.teacher.train.device,
+        evaluate_each=[
+            *(r for r in set(teachers.values()) if teacher is None),
+            *(run for _, run in students),
+        ],
     )
+
+
+def _check_options(
+    seeds: Sequence[int], teacher: str | Path | None, teacher_per_seed: bool, jobs: int
+) -> None:
+    if not seeds:
+        raise ErdeError("--seeds needs at least one seed, e.g. --seeds 0,1")
+    if teacher is not None and teacher_per_seed:
+        raise ErdeError("--teacher and --teacher-per-seed exclude each other; drop one")
+    if jobs < 1:
+        raise ErdeError(f"--jobs {jobs}: give the number of students to train at once, 1 or more")
+
+
+def check_study(recorded: Path, cfg: ReproduceConfig) -> None:
+    """Refuse a folder that holds another study: its recorded config differs from `cfg` in a
+    key other than `methods` and `grid` (adding methods or grid values only adds runs)."""
+    if not recorded.is_file():
+        return
+    theirs = _flat(OmegaConf.to_container(OmegaConf.load(recorded)))
+    ours = _flat(to_dict(cfg))
+    keys = sorted(
+        k
+        for k in ours.keys() | theirs.keys()
+        if not k.startswith(("methods", "grid")) and ours.get(k) != theirs.get(k)
+    )
+    if keys:
+        k = keys[0]
+        raise ErdeError(
+            f"{recorded.parent} holds another study: its {recorded.name} has {k}={theirs.get(k)} "
+            f"where this call has {k}={ours.get(k)} ({len(keys)} key(s) differ); choose another "
+            "--out, or repeat that study's settings"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _ensure_teachers(
+    cfg: ReproduceConfig, needed: set[Path], teachers: dict[int, Path], progress: bool
+) -> None:
+    """Each needed teacher, trained by the first process that takes its lock (the others wait
+    for it, then find it finished)."""
+    for seed, run in teachers.items():
+        if run in needed:
+            needed.discard(run)
+            with run_lock(run, wait=True):
+                ensure_run(stage_config(cfg, "teacher", seed=seed), run, progress)
 
 
 def _teacher_runs(
@@ -116,15 +197,27 @@ def _teacher_runs(
 def train_students(runs: list[tuple[Config, Path]], *, jobs: int, progress: bool) -> None:
     """Every unfinished run, `jobs` at a time; each teacher's output cache is filled first.
 
-    A failing run is reported after the others have finished; every run folder is left
+    A run another process is training (it holds the run's lock: another shard) is skipped. A
+    failing run is reported after the others have finished; every run folder is left
     resumable, so the same call again trains only what is missing.
     """
     todo = [(c, r) for c, r in runs if not _finished(r)]
-    for c, r in runs:
-        if (c, r) not in todo:
-            log.info("%s: finished earlier, kept", r)
-    if not todo:
-        return
+    kept = [r.name for c, r in runs if (c, r) not in todo]
+    if kept:
+        log.info("kept %d finished run(s) from earlier: %s", len(kept), ", ".join(kept))
+    started = [r.name for _, r in todo if RunDir(r).has_run()]
+    if started:
+        log.info("resuming %d interrupted run(s): %s", len(started), ", ".join(started))
+    with ExitStack() as held:
+        mine = [(c, r) for c, r in todo if held.enter_context(run_lock(r, wait=False))]
+        for _, r in todo:
+            if all(r != m for _, m in mine):
+                log.info("%s: another process is training it, skipped", r)
+        if mine:
+            _train_held(mine, jobs, progress)
+
+
+def _train_held(todo: list[tuple[Config, Path]], jobs: int, progress: bool) -> None:
     _fill_caches([c for c, _ in todo], progress)
     if jobs > len(todo):
         log.info("--jobs %d: only %d run(s) to train, so %d at once", jobs, len(todo), len(todo))
@@ -158,5 +251,11 @@ def _fill_caches(configs: list[Config], progress: bool) -> None:
         key = (d.teacher, c.train.seed, c.train.batch_size, c.train.epochs, c.train.precision)
         if key not in seen:
             seen.add(key)
-            log.info("teacher cache: %s for seed %d", d.teacher, c.train.seed)
-            fill_teacher_cache(c, progress=progress)
+            folder = (
+                Path(d.teacher_cache_dir)
+                if d.teacher_cache_dir
+                else RunDir(d.teacher).teacher_cache
+            )
+            with run_lock(folder, wait=True):  # shards share it: one fills, the others read
+                log.info("teacher cache: %s for seed %d", d.teacher, c.train.seed)
+                fill_teacher_cache(c, progress=progress)

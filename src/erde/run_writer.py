@@ -142,7 +142,7 @@ class RunWriter:
         )
         left = (epochs - row["epoch"]) * row["epoch_s"]
         log.info(
-            "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.0f s, %.0f img/s%s",
+            "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.1f s, %.0f img/s%s",
             row["epoch"],
             epochs,
             row["train/loss"],

@@ -44,6 +44,11 @@ class ReportDir:
     def exits_png(self) -> Path:
         return self.path / "exits.png"
 
+    @property
+    def diagnostics_png(self) -> Path:
+        """Per exit: exit score on teacher-right and -wrong images, and where images exit."""
+        return self.path / "diagnostics.png"
+
 
 @dataclass(frozen=True)
 class ComparisonDir:
@@ -139,8 +144,25 @@ class RunDir:
 
     @property
     def eval(self) -> ReportDir:
-        """The default report folder of `erde evaluate`."""
+        """The report of the default criterion, whose threshold `erde export` deploys."""
         return ReportDir(self.path / "eval")
+
+    def eval_for(
+        self,
+        *,
+        policy: str = "entropy",
+        normalize: bool = False,
+        max_drop: float = 0.0,
+        budget: float | None = None,
+    ) -> ReportDir:
+        """`eval` for the default criterion, `eval-CRITERION` for another (`eval-budget0.5`,
+        `eval-maxprob-drop0.5`): evaluating with another criterion never silently replaces
+        the threshold an earlier evaluation chose for export."""
+        parts = [policy] if policy != "entropy" else []
+        parts += ["normalized"] if normalize else []
+        parts += [f"drop{max_drop:g}"] if max_drop else []
+        parts += [f"budget{budget:g}"] if budget is not None else []
+        return ReportDir(self.path / "-".join(["eval", *parts]))
 
     def has_run(self) -> bool:
         """A run was started here (it may be unfinished)."""

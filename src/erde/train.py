@@ -8,6 +8,7 @@ Files are `RunWriter`'s job, data preparation `erde.data.prepare`'s, the schedul
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,16 +24,25 @@ from erde import checkpoint as ckpt
 from erde import distributed
 from erde.config import Config, to_dict
 from erde.data import DeviceBatches
-from erde.data.prepare import Split, data_info, eval_batches, prepare_data, train_batches
+from erde.data.prepare import (
+    Split,
+    check_split,
+    data_info,
+    eval_batches,
+    prepare_data,
+    train_batches,
+)
 from erde.device import resolve_device, resolve_precision
 from erde.distributed import World
 from erde.errors import ErdeError
 from erde.files import read_jsonl, sha256_file
+from erde.logs import Heartbeat
 from erde.losses import DistillLoss, make_loss, pair_exits
 from erde.macs import exit_macs, static_macs
 from erde.model_info import ModelInfo
 from erde.models.build import build_model
 from erde.optim import build_optimizer
+from erde.run_lock import writer_lock
 from erde.run_writer import RunWriter, check_run_dir, log
 from erde.rundir import RunDir
 from erde.teacher import Teacher
@@ -78,41 +88,48 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train one run (teacher or student) into `run_dir`; returns the last epoch's metrics.
 
     `stop_after` ends this call after that many epochs, leaving a resumable run: for time-limited
-    or preemptible jobs that train in pieces. Started by `torchrun`, every process calls this;
-    they train one data-parallel model (see `erde.distributed`) and rank 0 writes the run.
+    or preemptible jobs that train in pieces. `on_epoch` gets each epoch's metrics row once the
+    epoch is saved (in every process); an exception it raises, such as a tuner's pruning, ends
+    the run there, resumable. Started by `torchrun`, every process calls this; they train one
+    data-parallel model (see `erde.distributed`) and rank 0 writes the run.
     """
     run = RunDir(run_dir)
-    cfg = check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
-    device = distributed.rank_device(resolve_device(cfg.train.device))
-    check_world(cfg, device, distributed.launched_world_size())
-    with distributed.process_group(device) as world:
-        # Everything that can fail on one rank alone happens here, before any collective.
-        with distributed.agreed(world):
-            s = setup(cfg, device, world, progress=progress)
-            state = ckpt.load_state(run.path) if resume else None
-            writer = RunWriter(run, cfg) if world.main else None
-        with distributed.agreed(world):  # a write refused on rank 0 stops every rank
-            if writer is not None:
-                writer.start(resume=resume)
-        with writer or contextlib.nullcontext():
-            start = restore(s, state, device, cfg.train.seed)
-            history = read_jsonl(run.metrics)[:start]
-            last = cfg.train.epochs if stop_after is None else start + stop_after
-            if world.main:
-                log.info(
-                    "start %s %s epochs %d..%d on %s%s",
-                    cfg.distill.method,
-                    cfg.model.name,
-                    start + 1,
-                    cfg.train.epochs,
-                    device,
-                    f" x {world.size} processes" if world.distributed else "",
-                )
-            return run_epochs(s, writer, history, range(start, min(cfg.train.epochs, last)))
+    # One writer per run folder: rank 0 holds its lock (torchrun's other ranks write nothing).
+    main = os.environ.get("RANK", "0") == "0"
+    with writer_lock(run.path) if main else contextlib.nullcontext():
+        cfg = check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
+        device = distributed.rank_device(resolve_device(cfg.train.device))
+        check_world(cfg, device, distributed.launched_world_size())
+        with distributed.process_group(device) as world:
+            # Everything that can fail on one rank alone happens here, before any collective.
+            with distributed.agreed(world):
+                s = setup(cfg, device, world, progress=progress)
+                state = ckpt.load_state(run.path) if resume else None
+                writer = RunWriter(run, cfg) if world.main else None
+            with distributed.agreed(world):  # a write refused on rank 0 stops every rank
+                if writer is not None:
+                    writer.start(resume=resume)
+            with writer or contextlib.nullcontext():
+                start = restore(s, state, device, cfg.train.seed)
+                history = read_jsonl(run.metrics)[:start]
+                last = cfg.train.epochs if stop_after is None else start + stop_after
+                if world.main:
+                    log.info(
+                        "start %s %s epochs %d..%d on %s%s",
+                        cfg.distill.method,
+                        cfg.model.name,
+                        start + 1,
+                        cfg.train.epochs,
+                        device,
+                        f" x {world.size} processes" if world.distributed else "",
+                    )
+                epochs = range(start, min(cfg.train.epochs, last))
+                return run_epochs(s, writer, history, epochs, on_epoch)
 
 
 def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress: bool) -> Setup:
@@ -123,8 +140,9 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
         log.info("train.precision=auto: %s on this %s", precision, device.type)
     split = prepare_data(cfg)
     data = data_info(split.data)
+    check_split(cfg, split)
     torch.manual_seed(t.seed)  # the same on every rank: replicas start equal
-    net = build_model(cfg.model, data).to(device)
+    net = build_model(cfg.model, data, freeze_backbone=t.freeze_backbone).to(device)
     batches = train_batches(cfg, split, device, world)
     teacher = teacher_outputs(cfg, split, batches, device, world) if d.teacher else None
     loss_fn, pairing = build_loss(cfg, exit_macs(net), teacher)
@@ -259,24 +277,40 @@ def restore(s: Setup, state: dict | None, device: torch.device, seed: int) -> in
         if p.world.distributed:
             torch.manual_seed(dropout_seed(seed, p.world.rank, 0))
         return 0
-    s.net.load_state_dict(state["model"])
-    p.optimizer.load_state_dict(state["optimizer"])
-    p.scheduler.load_state_dict(state["scheduler"])
-    p.scaler.load_state_dict(state["scaler"])
-    epoch = int(state["epoch"])
-    restore_rng(state, device, p.world, seed, epoch)
+    try:
+        s.net.load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.scaler.load_state_dict(state["scaler"])
+        epoch = int(state["epoch"])
+        if not 0 <= epoch <= p.epochs:
+            raise ValueError(f"epoch {epoch} is outside 0..{p.epochs}")
+        restore_rng(state, device, p.world, seed, epoch)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ErdeError(
+            f"the training state state.pt does not fit this run ({type(exc).__name__}: "
+            f"{reason}); it is damaged or from another run: start again with --overwrite"
+        ) from None
     return epoch
 
 
-def run_epochs(s: Setup, writer: RunWriter | None, history: list[dict], epochs: range) -> dict:
-    """Train, validate and save each epoch; returns the last metrics row."""
+def run_epochs(
+    s: Setup,
+    writer: RunWriter | None,
+    history: list[dict],
+    epochs: range,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train, validate and save each epoch, then hand its row to `on_epoch`; returns the last
+    metrics row."""
     p = s.parts
     row: dict = history[-1] if history else {}
     for epoch in epochs:
         row = train_epoch(p, epoch)
         distributed.broadcast_buffers(p.world, s.net)
         accuracy = exit_accuracy(s.eval_model, s.val, p.autocast, p.world)
-        row.update({f"val/acc/{i}": a for i, a in enumerate(accuracy)})
+        row.update({f"val/acc/{i}": a for i, a in enumerate(accuracy, start=1)})  # exit 1..n
         history.append(row)
         info = replace(s.info, epoch=epoch + 1, finished=epoch + 1 == p.epochs)
         state = training_state(s.net, p, epoch + 1)
@@ -285,6 +319,8 @@ def run_epochs(s: Setup, writer: RunWriter | None, history: list[dict], epochs: 
                 writer.save_epoch(s.net, state, history, info)
         if writer is not None:
             writer.log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
     return row
 
 
@@ -374,7 +410,7 @@ def train_epoch(p: EpochParts, epoch: int) -> dict:
     never = len(p.batches)
     first_bad = torch.full((), never, device=p.batches.device)  # first non-finite step
     bad = never
-    seen, started = 0, time.perf_counter()
+    seen, started, beat = 0, time.perf_counter(), Heartbeat()
     bar = tqdm(
         p.batches,
         total=len(p.batches),
@@ -404,14 +440,21 @@ def train_epoch(p: EpochParts, epoch: int) -> dict:
                 break
             if p.progress:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+                if bar.disable and beat.due():  # no terminal: a plain line every 30 s
+                    log.info(
+                        "epoch %d of %d: step %d of %d, loss %.4f",
+                        *(epoch + 1, p.epochs, step + 1, len(p.batches), loss.item()),
+                    )
     bar.close()
     if p.teacher is not None and bad == never:
         p.teacher.end_epoch()
     if bad < never:
         raise ErdeError(
             f"the training loss became NaN or infinite at epoch {epoch + 1}, step "
-            f"{bad + 1}; the last good checkpoint is kept. Lower train.lr, "
-            "use train.precision=fp32, or check the data"
+            f"{bad + 1}; the last good checkpoint is kept. Lower train.lr or "
+            "train.momentum, shorten the ramp (raise train.warmup_epochs), lower "
+            "distill.beta or raise distill.temperature, use train.precision=fp32, or check the "
+            "data"
         )
     return epoch_row(p, epoch, sums, seen, time.perf_counter() - started)
 

@@ -1,0 +1,124 @@
+"""A trained run as a model ready to predict, in the `from_pretrained`/`save_pretrained` form
+users know from Hugging Face: images in (files, uint8 arrays or normalised tensors), class and
+exit out, with the run's own normalisation and its val-calibrated threshold applied for them.
+
+PyTorch eager on the whole batch (every exit computed, then the exit rule applied): the same
+decisions as `erde.deploy.EarlyExitRuntime`, which is the form that really stops computing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from erde import checkpoint as ckpt
+from erde.data.pixels import Normalize, decode_image
+from erde.errors import ErdeError
+from erde.evaluation.policy import simulate
+from erde.model_info import ModelInfo
+from erde.report import read_report
+from erde.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per image: class index and name, the exit that answered (1-based, as every report
+    numbers exits) and the answering exit's softmax."""
+
+    labels: list[int]
+    classes: list[str]
+    exits: list[int]
+    probabilities: torch.Tensor
+
+
+class EarlyExitModel:
+    """A trained early-exit network with what it needs to read images: its sidecar
+    (`ModelInfo`: classes, normalisation, input size) and the exit rule (policy, threshold)."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        info: ModelInfo,
+        *,
+        threshold: float = 0.0,
+        policy: str = "entropy",
+        normalize: bool = False,
+    ) -> None:
+        self.net, self.info = net.eval(), info
+        self.threshold, self.policy, self.normalize = threshold, policy, normalize
+        self._normalise = Normalize(info.data.mean, info.data.std)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> EarlyExitModel:
+        """A run folder (or a `save_pretrained` folder); the threshold `erde evaluate` chose on
+        val (RUN/eval/report.json, the one `erde export` deploys), else 0: the final exit."""
+        net, info = ckpt.load_model(run_dir, device)
+        report = RunDir(run_dir).eval.report_json
+        if not report.is_file():
+            return cls(net, info)
+        r = read_report(report)
+        return cls(net, info, threshold=r.chosen.threshold, policy=r.policy, normalize=r.normalize)
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Weights and sidecar in the run-folder layout, so `from_pretrained(out)` reads them."""
+        run = RunDir(out)
+        run.path.mkdir(parents=True, exist_ok=True)
+        ckpt.save_weights(run.weights, self.net, self.info, run.sidecar)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.data.classes)
+
+    def _device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 images (N x H x W x C as decoded, or N x C x H x W) normalised as in training;
+        float tensors are taken as already normalised N x C x H x W."""
+        x = torch.as_tensor(images)
+        c, size = self.info.data.in_channels, self.info.data.input_size
+        if x.dim() == 3:
+            x = x[None]
+        if x.dtype == torch.uint8:
+            if x.dim() == 4 and x.shape[-1] == c and x.shape[1] != c:
+                x = x.permute(0, 3, 1, 2)
+            x = self._normalise(x.contiguous())
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, size, size):
+            raise ErdeError(
+                f"{self.info.name} reads {c} x {size} x {size} images; got a batch of shape "
+                f"{tuple(x.shape)}. Give files to predict_files, which resizes them"
+            )
+        return x.to(self._device(), torch.float32)
+
+    @torch.no_grad()
+    def exit_logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Every exit's logits, N x exits x classes."""
+        return torch.stack(self.net(self.prepare(images)), dim=1).float().cpu()
+
+    def predict(
+        self, images: np.ndarray | torch.Tensor, threshold: float | None = None
+    ) -> Predictions:
+        """Class and exit per image under the exit rule (`threshold` overrides the model's;
+        0 means every image goes to the last exit)."""
+        logits = self.exit_logits(images)
+        rule = self.threshold if threshold is None else threshold
+        exits, labels = simulate(logits, rule, self.policy, self.normalize)
+        probabilities = logits[torch.arange(len(logits)), exits].softmax(dim=-1)
+        return Predictions(
+            labels=labels.tolist(),
+            classes=[self.classes[i] for i in labels.tolist()],
+            exits=(exits + 1).tolist(),
+            probabilities=probabilities,
+        )
+
+    def predict_files(
+        self, paths: Sequence[str | Path], threshold: float | None = None
+    ) -> Predictions:
+        """Image files decoded, converted and resized as `erde infer` does, then `predict`."""
+        d = self.info.data
+        images = np.stack([decode_image(p, d.in_channels, d.input_size) for p in paths])
+        return self.predict(images, threshold)

@@ -1,0 +1,47 @@
+"""Progress a person can follow: one line per epoch on stdout, plain lines without a terminal."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from erde import train
+from erde.cli import main
+from erde.logs import Heartbeat
+
+
+def test_heartbeat_is_due_once_per_period():
+    beat = Heartbeat(every_s=3600)
+    assert not beat.due()
+    assert Heartbeat(every_s=0).due()
+
+
+@pytest.mark.slow
+def test_piped_output_has_one_plain_line_per_epoch(tmp_path):
+    # As `erde train ... | cat`: stdout is a pipe, so no bar, and every epoch is a plain line.
+    cmd = [sys.executable, "-m", "erde", "train", "digits-teacher", "train.epochs=2"]
+    done = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "t")], capture_output=True, text=True, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("epoch 1 of 2: train loss ") and "min left" in lines[1]
+    assert "val accuracy per exit (%) " in lines[2] and " img/s" in lines[2]
+    assert "exit 1:" in lines[-1]  # the final line numbers exits from 1
+    assert "\r" not in done.stdout + done.stderr  # no bar redrawn into a log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_step_lines_without_a_terminal_unless_no_progress(
+    tmp_path, monkeypatch, caplog, no_progress
+):
+    monkeypatch.setattr(train, "Heartbeat", lambda: Heartbeat(every_s=0))  # due at every check
+    out_dir = tmp_path / "t"
+    argv = ["train", "digits-teacher", "train.epochs=2", "--out", str(out_dir)]
+    with caplog.at_level(logging.INFO, logger="erde"):
+        assert main(argv + ["--no-progress"] * no_progress) == 0
+    steps = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
+    assert bool(steps) is not no_progress
+    assert all(s.startswith(("epoch 1 of 2: step ", "epoch 2 of 2: step ")) for s in steps)
+    assert '"val/acc/1"' in (out_dir / "metrics.jsonl").read_text()  # exits 1..n on disk too
