@@ -17,6 +17,7 @@ from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, differing_keys, experiment_keys, group_label
 from erde.evaluation.summary import RunSummary
 from erde.evaluation.sweep import Curve
+from erde.methods import METHOD_TABLE
 from erde.report import Reference
 
 
@@ -50,16 +51,29 @@ class Comparison:
 
 def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
     """Group the runs' summaries (at least one) by method, model and every experiment key that
-    differs among them, in the order given; two runs of one seed in a group are an error."""
+    differs among them, in the order given; two runs of one seed in a group are an error.
+
+    Teachers and students are compared among their own kind: a teacher's longer schedule is not
+    a difference between students, and does not name every row.
+    """
     keys = [experiment_keys(s.config, s.report.method) for s in summaries]
-    differing = differing_keys(keys)
+    role = [_is_student(s.report.method) for s in summaries]
+    differing = {
+        r: differing_keys([k for k, kr in zip(keys, role, strict=True) if kr == r])
+        for r in set(role)
+    }
     groups: dict[str, list[RunSummary]] = {}
-    for s, k in zip(summaries, keys, strict=True):
-        groups.setdefault(group_label(s.report.method, s.report.model, k, differing), []).append(s)
+    for s, k, r in zip(summaries, keys, role, strict=True):
+        label = group_label(s.report.method, s.report.model, k, differing[r])
+        groups.setdefault(label, []).append(s)
     for label, runs in groups.items():
         check_seeds(label, [(s.report.run, s.report.seed, s.config) for s in runs])
     first = summaries[0].report
     return Comparison(first.reference, first.policy, max_drop, groups)
+
+
+def _is_student(method: str) -> bool:
+    return METHOD_TABLE[method].student if method in METHOD_TABLE else True
 
 
 def _accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
