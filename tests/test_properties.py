@@ -48,7 +48,12 @@ def thresholds_for(draw, logits, policy, normalize):
 
 
 def first_confident_exit(scores: list[float], theta: float) -> int:
-    """The rule in plain Python: the first exit whose score is below theta, else the last."""
+    """The rule in plain Python: the first exit whose score is below theta, else the last.
+
+    Thresholds are compared in float32, the scores' precision (`exit_thresholds`): a threshold
+    that rounds to 0 in float32 lets nothing out, even a score of exactly 0.
+    """
+    theta = float(np.float32(theta))
     return next((i for i, s in enumerate(scores[:-1]) if s < theta), len(scores) - 1)
 
 
