@@ -7,6 +7,13 @@ import os
 import sys
 import time
 
+# Bookkeeping that belongs in a run's train.log, not on the terminal (below WARNING).
+LOG_ONLY = "erde.train.cache"
+
+
+def _for_the_terminal(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not record.name.startswith(LOG_ONLY)
+
 
 def log_to_stdout() -> None:
     """Once per process, and only on rank 0 of a torchrun job."""
@@ -16,6 +23,7 @@ def log_to_stdout() -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.name = "erde-stdout"
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_for_the_terminal)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

@@ -257,5 +257,5 @@ def _fill_caches(configs: list[Config], progress: bool) -> None:
                 else RunDir(d.teacher).teacher_cache
             )
             with run_lock(folder, wait=True):  # shards share it: one fills, the others read
-                log.info("teacher cache: %s for seed %d", d.teacher, c.train.seed)
+                log.info("filling the teacher cache of %s (seed %d)", d.teacher, c.train.seed)
                 fill_teacher_cache(c, progress=progress)

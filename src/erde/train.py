@@ -222,7 +222,9 @@ def fill_teacher_cache(cfg: Config, *, progress: bool = False) -> None:
     batches = train_batches(cfg, split, device)
     outputs = teacher_outputs(cfg, split, batches, device)
     autocast = autocaster(device, resolve_precision(cfg.train.precision, device))
-    for epoch in tqdm(range(cfg.train.epochs), desc="teacher cache", disable=not progress):
+    for epoch in tqdm(
+        range(cfg.train.epochs), desc="teacher cache", disable=None if progress else True
+    ):
         outputs.begin_epoch(epoch)
         if outputs.stored:
             continue
