@@ -16,3 +16,15 @@ def shared_cifar10():
     if not os.path.exists(os.path.join(path, "train.npz")):
         pytest.skip("../shared/data/cifar10 is not present")
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A finished one-epoch digits ResNet-8 teacher, trained once per test module that asks."""
+    from erde.config import load_config
+    from erde.train import fit
+
+    run = tmp_path_factory.mktemp("runs") / "teacher"
+    overrides = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
+    fit(load_config("digits-teacher", overrides), run, progress=False)
+    return run

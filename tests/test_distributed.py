@@ -61,19 +61,6 @@ def torchrun(*argv: str, timeout: int = 120) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "teacher"
-    fit(
-        load_config(
-            "digits-teacher", ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
-        ),
-        run,
-        progress=False,
-    )
-    return run
-
-
 def reference(cfg, world_size: int):
     """What data parallelism must compute, written out in one process.
 

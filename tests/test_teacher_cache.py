@@ -16,19 +16,6 @@ pytestmark = pytest.mark.slow
 FAST = ["model.name=resnet8", "train.epochs=2", "train.warmup_epochs=0"]
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "teacher"
-    fit(
-        load_config(
-            "digits-teacher", ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
-        ),
-        run,
-        progress=False,
-    )
-    return run
-
-
 def student(teacher, *extra):
     return load_config(
         "digits-student", [*FAST, "distill.method=erde", f"distill.teacher={teacher}", *extra]
