@@ -110,20 +110,38 @@ def reproduce(
             ", ".join(missing),
         )
         return None
+    return compare_protocol(
+        cfg,
+        [*sorted(set(teachers.values())), *(run for _, run in students)],
+        out,
+        reference=teachers[seeds[0]],
+        evaluate_each=[
+            *(r for r in set(teachers.values()) if teacher is None),
+            *(run for _, run in students),
+        ],
+    )
+
+
+def compare_protocol(
+    cfg: ReproduceConfig,
+    runs: Sequence[Path],
+    out: Path,
+    *,
+    reference: Path,
+    evaluate_each: Sequence[Path] = (),
+) -> Comparison:
+    """The comparison of a protocol's runs, with the evaluation settings of its config."""
     e = cfg.evaluate
     return compare_runs(
-        [*sorted(set(teachers.values())), *(run for _, run in students)],
+        runs,
         out=out,
-        reference=teachers[seeds[0]],
+        reference=reference,
         policy=e.policy,
         normalize=e.normalize,
         max_drop=e.max_drop,
         budgets=e.budgets,
         device=cfg.teacher.train.device,
-        evaluate_each=[
-            *(r for r in set(teachers.values()) if teacher is None),
-            *(run for _, run in students),
-        ],
+        evaluate_each=evaluate_each,
     )
 
 

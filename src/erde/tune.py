@@ -38,12 +38,11 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.compare import Comparison
 from erde.evaluation.metrics import auc
-from erde.evaluation.runs import compare_runs
 from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
 from erde.method_keys import applies
 from erde.methods import ENTROPY_EXITS, ENTROPY_TERMS, or_list
-from erde.reproduce import check_study, ensure_run, train_students
+from erde.reproduce import check_study, compare_protocol, ensure_run, train_students
 from erde.run_lock import run_lock
 from erde.teacher import check_teacher
 
@@ -283,16 +282,8 @@ def _final(
         for seed in seeds
     ]
     train_students(runs, jobs=1, progress=progress)
-    e = cfg.evaluate
-    return compare_runs(
-        [teacher_run, *(run for _, run in runs)],
-        out=final,
-        reference=teacher_run,
-        policy=e.policy,
-        normalize=e.normalize,
-        max_drop=e.max_drop,
-        budgets=e.budgets,
-        device=cfg.teacher.train.device,
+    return compare_protocol(
+        cfg, [teacher_run, *(run for _, run in runs)], final, reference=teacher_run
     )
 
 
