@@ -340,6 +340,35 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     d["IMAGES_FIFO"] = root / "images-fifo"
     write_images(d["IMAGES_FIFO"])
     os.mkfifo(d["IMAGES_FIFO"] / "train" / "a" / "pipe.png")  # reading it would wait forever
+    d.update(damaged_exports(root, p["EXPORT"]))
+    return d
+
+
+def damaged_exports(root: Path, export: Path) -> dict[str, Path]:
+    """`export` with manifest values its graphs contradict, or with a graph ONNX Runtime refuses
+    whose checksum in the manifest was updated to match."""
+    manifest = json.loads((export / "manifest.json").read_text())
+    pieces = [dict(piece) for piece in manifest["pieces"]]
+    smaller = {"name": "features1", "shape": ["batch", 16, 4, 4]}
+    pieces[0]["outputs"] = [smaller, *pieces[0]["outputs"][1:]]
+    pieces[1]["inputs"] = [smaller]
+    broken = onnx.load(str(export / "exit2.onnx"))
+    broken.graph.node[0].input[0] = "nowhere"  # a tensor that no node or initializer gives
+    blob = broken.SerializeToString()
+    pieces_resigned = [*manifest["pieces"]]
+    pieces_resigned[1] = {**pieces_resigned[1], "sha256": hashlib.sha256(blob).hexdigest()}
+    edits = {
+        "EXPORT_TINY_STD": {**manifest, "std": [1e-300]},
+        "EXPORT_TWIN_CLASSES": {**manifest, "classes": ["0", *manifest["classes"][:-1]]},
+        "EXPORT_WRONG_SIZE": {**manifest, "input_size": 16},
+        "EXPORT_RESHAPED": {**manifest, "pieces": pieces},
+        "EXPORT_BROKEN_GRAPH": {**manifest, "pieces": pieces_resigned},
+    }
+    d = {}
+    for name, edited in edits.items():
+        d[name] = copy_run(export, root / name.lower())
+        (d[name] / "manifest.json").write_text(json.dumps(edited))
+    (d["EXPORT_BROKEN_GRAPH"] / "exit2.onnx").write_bytes(blob)
     return d
 
 

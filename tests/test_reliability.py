@@ -253,3 +253,19 @@ def logits_cache(**changes) -> LogitsCache:
 def test_logits_cache_fields_are_checked(cache, field):
     assert cache_problem(logits_cache()) is None
     assert field in cache_problem(cache)
+
+
+def test_integers_too_long_for_python_or_float_are_damage_not_tracebacks(tmp_path):
+    """JSON allows any integer; Python refuses ones over 4300 digits and floats end at 1e308."""
+    huge = "9" * 5000
+    (tmp_path / "metrics.jsonl").write_text(f'{{"epoch": {huge}}}\n')
+    with pytest.raises(ErdeError, match="line 1 is damaged"):
+        read_jsonl(tmp_path / "metrics.jsonl")
+    from erde.files import read_json
+
+    (tmp_path / "report.json").write_text(f'{{"threshold": {huge}}}')
+    with pytest.raises(ErdeError, match="is corrupt"):
+        read_json(tmp_path / "report.json", "report")
+    from erde.model_info import _finite
+
+    assert not _finite(10**400) and _finite(10**300) and not _finite(True)

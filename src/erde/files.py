@@ -118,7 +118,7 @@ def read_json(path: Path, what: str) -> Any:
             return json.load(fh)
     except FileNotFoundError:
         raise ErdeError(f"{what} {path} is missing; is this a finished erde run folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: JSONDecodeError, 4300+ digits
         raise ErdeError(f"{what} {path} is corrupt ({exc}); retrain or restore the file") from None
 
 
@@ -135,7 +135,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except ValueError as exc:  # JSONDecodeError, or an integer of 4300+ digits
                 raise _bad_line(path, number, f"not JSON ({exc})") from None
             if not isinstance(row, dict):
                 raise _bad_line(path, number, "not a JSON object")

@@ -39,4 +39,18 @@ def check_model_memory(num_classes: int, in_channels: int, input_size: int | Non
         )
 
 
-__all__ = ["check_model_memory", "machine_memory"]
+def check_batch_memory(batch: int, in_channels: int, input_size: int, option: str) -> None:
+    """Refuse a batch whose images and activations would need more than half the machine's
+    memory (`option` names the setting to change)."""
+    per_image = input_size**2 * (_BYTES_PER_PIXEL + 4 * in_channels)
+    need, have = batch * per_image, machine_memory()
+    if need > have // 2:
+        raise ErdeError(
+            f"{option} {batch} would need about {need / 2**30:,.0f} GiB of memory for one batch "
+            f"of {in_channels} x {input_size} x {input_size} images and their activations (this "
+            f"machine has {have / 2**30:,.0f} GiB); choose a batch of at most "
+            f"{max(have // 2 // per_image, 1):,}"
+        )
+
+
+__all__ = ["check_batch_memory", "check_model_memory", "machine_memory"]

@@ -1,6 +1,7 @@
 """`manifest.json` of an export: the model it holds, the deployment threshold, and one entry per
 ONNX file. Read and checked in one place: `read_manifest` checks every field's type and range
-before anything uses it, and `read_graph` every file's place, checksum and self-containment. The
+before anything uses it (and that the graphs' stated shapes fit the images and classes), and
+`read_graph` every file's place, checksum, self-containment and tensor names and shapes. The
 runtime and the benchmark use the typed `Manifest`, never the raw dict.
 
 A manifest is input like any other (a folder can be copied, edited or planted), so every file it
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from erde.deploy.onnx_export import shapes
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES
 from erde.files import read_json, sha256_bytes
@@ -28,6 +31,10 @@ FORMAT = "erde-early-exit-onnx"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "int8")
+# The smallest pixel std (0..1 scale) a manifest may give. A channel that is not constant has a
+# std of at least about 1 / (255 sqrt(N)) over N pixels (a constant one is recorded as 1), so
+# only a training set of over 10^13 pixels could come below it.
+_MIN_STD = 1e-6
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class Manifest:
         missing = [k for k in _KEYS if k not in raw]
         if missing:
             raise bad(f"lacks {', '.join(missing)}")
+        _check_fields(raw, bad)
         info = ModelInfo.from_json(
             {
                 **{k: raw[k] for k in ("arch", "exit_macs", "static_macs", "method")},
@@ -117,8 +125,7 @@ class Manifest:
             },
             path,
         )
-        _check_fields(raw, bad)
-        _check_files(raw, info.num_exits, bad)
+        _check_files(raw, info, bad)
         return cls(
             info=info,
             deployment=Deployment(
@@ -166,13 +173,20 @@ _KEYS = (
 
 
 def _number(value: Any) -> bool:
-    """A finite, non-negative JSON number (a bool is not one)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return ok and math.isfinite(value) and value >= 0
+    """A finite, non-negative JSON number (a bool is not one; nor is an integer too large for a
+    float, which JSON allows)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:
+        return False
 
 
 def _check_fields(raw: dict, bad) -> None:
-    """Every scalar field: type and range, before anything reads it."""
+    """Every scalar field: type and range, before anything reads it. The normalisation must be
+    pixel statistics on the 0..1 scale (what `erde train` records): a mean of 1e30 or a std of
+    1e-300 would feed the graphs infinities, and their answers would be noise."""
     if not _number(raw["threshold"]):
         raise bad("has a 'threshold' that is not a finite non-negative number")
     if raw["policy"] not in POLICIES or not isinstance(raw["normalize"], bool):
@@ -189,11 +203,18 @@ def _check_fields(raw: dict, bad) -> None:
         raise bad("has an 'opset' that is not an ONNX opset number")
     for key in ("threshold_source", "exporter", "source_run", "weights_sha256"):
         if not isinstance(raw[key], str):
-            raise bad(f"has a {key!r} that is not text")
+            raise bad(f"has {key!r} that is not text")
+    mean, std = raw["mean"], raw["std"]
+    if not isinstance(mean, list) or not all(_number(v) and v <= 1 for v in mean):
+        raise bad("has a 'mean' that is not a list of pixel means between 0 and 1")
+    if not isinstance(std, list) or not all(_number(v) and _MIN_STD <= v <= 1 for v in std):
+        raise bad(f"has a 'std' that is not a list of pixel deviations between {_MIN_STD} and 1")
 
 
-def _check_files(raw: dict, n_exits: int, bad) -> None:
-    """One piece per exit in order, chained by tensor name, plus the static and single graphs."""
+def _check_files(raw: dict, info: ModelInfo, bad) -> None:
+    """One piece per exit in order, chained by tensor name and shape, plus the static and single
+    graphs, all taking the model's images and giving one logit per class."""
+    n_exits = info.num_exits
     pieces = raw["pieces"]
     if not isinstance(pieces, list) or len(pieces) != n_exits:
         raise bad(f"must list one file in 'pieces' per exit ({n_exits})")
@@ -211,8 +232,22 @@ def _check_files(raw: dict, n_exits: int, bad) -> None:
         want = 1 if k == n_exits - 1 else 3
         if len(piece["inputs"]) != 1 or len(piece["outputs"]) != want:
             raise bad(f"gives piece {k + 1} other than 1 input and {want} output(s)")
-        if k and piece["inputs"][0]["name"] != pieces[k - 1]["outputs"][0]["name"]:
+        if k and piece["inputs"][0] != pieces[k - 1]["outputs"][0]:
             raise bad(f"does not chain piece {k} to piece {k + 1}")
+    d = info.data
+    twice = [c for c, n in Counter(d.classes).items() if n > 1]
+    if twice:
+        raise bad(f"names class {twice[0]!r} twice in 'classes'")
+    images = [pieces[0]["inputs"][0], raw["static"]["inputs"][0], raw["single"]["inputs"][0]]
+    if any(v["shape"][1:] != [d.in_channels, d.input_size, d.input_size] for v in images):
+        raise bad(
+            f"gives graph inputs that are not {d.in_channels} x {d.input_size} x {d.input_size} "
+            "images ('in_channels', 'input_size')"
+        )
+    logits = [p["outputs"][1 if k < n_exits - 1 else 0] for k, p in enumerate(pieces)]
+    logits += [raw["static"]["outputs"][0], raw["single"]["outputs"][0]]
+    if any(v["shape"][-1:] != [len(d.classes)] for v in logits):
+        raise bad(f"gives graph outputs of other than {len(d.classes)} logits ('classes')")
 
 
 def _check_entry(entry: Any, bad) -> None:
@@ -232,6 +267,16 @@ def _check_entry(entry: Any, bad) -> None:
             isinstance(v, dict) and isinstance(v.get("name"), str) for v in values
         ):
             raise bad(f"gives no tensor names ({key!r}) for {name!r}")
+        if not all(_shape(v.get("shape")) for v in values):
+            raise bad(f"gives a tensor shape in {key!r} of {name!r} that is no list of sizes")
+
+
+def _shape(value: Any) -> bool:
+    """A tensor shape as `shapes` records it: sizes, or names of dynamic dimensions."""
+    return isinstance(value, list) and all(
+        isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+        for d in value
+    )
 
 
 def read_manifest(export_dir: str | Path) -> Manifest:
@@ -303,16 +348,28 @@ def read_graph(export_dir: Path, entry: dict) -> bytes:
     try:
         model = onnx.load_model_from_string(blob)
     except Exception as exc:  # protobuf raises its own DecodeError; any failure means the same
-        raise ErdeError(f"{path} is not an ONNX model ({exc}); re-create the folder") from None
+        raise ErdeError(
+            f"{path} is not an ONNX model ({exc}); re-create the folder with `erde export`"
+        ) from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model.graph)):
         raise ErdeError(
             f"{path} refers to external data files, which erde exports never write; "
             "re-create the folder with `erde export`"
         )
+    manifest = Path(export_dir) / MANIFEST
     for key, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        if [v.name for v in values] != [v["name"] for v in entry[key]]:
-            raise ErdeError(
-                f"{path} has {key} {[v.name for v in values]}, but {Path(export_dir) / MANIFEST} "
-                f"says {[v['name'] for v in entry[key]]}; re-create the folder with `erde export`"
-            )
+        found, stated = shapes(values), entry[key]
+        for what in ("name", "shape"):
+            if [v[what] for v in found] != [v[what] for v in stated]:
+                raise ErdeError(
+                    f"{path} has {key} {_listing(found, what)}, but {manifest} says "
+                    f"{_listing(stated, what)}; re-create the folder with `erde export`"
+                )
     return blob
+
+
+def _listing(values: list[dict], what: str) -> str:
+    """Tensor names as a list, or tensors with their shapes."""
+    if what == "name":
+        return str([v["name"] for v in values])
+    return ", ".join(f"{v['name']} ({', '.join(map(str, v['shape']))})" for v in values)

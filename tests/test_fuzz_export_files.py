@@ -1,0 +1,161 @@
+"""Every kind of export-folder file (manifest.json, exit1..3.onnx, single.onnx, static.onnx; fp32
+and int8 exports), damaged at random: truncated, bits flipped, manifest values (nested ones too)
+replaced by other types or values. `erde infer` and the loader it uses end with exit status 2 and
+one line, or with exit 0 and the clean export's answer; never a traceback, a hang or a wrong
+answer.
+
+Two kinds of damage get a weaker oracle, because they are edits no check can tell from intent:
+- The manifest's own declarations that no graph restates (threshold, class names, mean and std):
+  the answer must then be what the clean graphs give under the edited declaration.
+- A damaged graph whose SHA-256 in the manifest is updated to match ("resign"), so that ONNX
+  loading itself is exercised rather than the checksum: the manifest vouches for that graph, so
+  any answer it gives is its answer; it must still load and run or be refused with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, run
+from hypothesis import event, given
+from hypothesis import strategies as st
+from PIL import Image
+
+from erde.config import load_config
+from erde.data.prepare import prepare_data
+from erde.deploy import EarlyExitRuntime, export_run
+from erde.deploy.manifest import read_manifest
+from erde.deploy.runtime import FileResult, export_session
+from erde.errors import ErdeError
+from erde.train import fit
+
+GRAPHS = ("exit1.onnx", "exit2.onnx", "exit3.onnx", "single.onnx", "static.onnx")
+# Two digits: the runtime's own choice, one single.onnx call each, or one batch split by pieces.
+FORMS = ("auto", "single", "split")
+DECLARED = ("threshold", "classes", "mean", "std")
+
+
+@dataclasses.dataclass
+class Clean:
+    folder: Path
+    runtime: EarlyExitRuntime
+    stdout: dict[str, str]  # `erde infer` per form
+    rows: dict[str, list[FileResult]]  # the loader's answer per form
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A one-epoch digits run and two of its test digits as PNG files."""
+    root = tmp_path_factory.mktemp("fuzz-export")
+    fit(load_config("digits-student", FAST), root / "run", progress=False)
+    digits = prepare_data(load_config(str(root / "run" / "config.yaml"))).data.test_x
+    paths = []
+    for k in range(2):
+        paths.append(str(root / f"digit{k}.png"))
+        Image.fromarray(digits[k, :, :, 0].numpy(), "L").save(paths[-1])
+    return root / "run", paths
+
+
+@pytest.fixture(scope="module")
+def clean(digits, tmp_path_factory) -> dict[str, Clean]:
+    """The run exported in fp32 and int8, and their answers on the two digits."""
+    run_dir, paths = digits
+    exports = {}
+    for precision in ("fp32", "int8"):
+        folder = tmp_path_factory.mktemp("clean") / precision
+        # Threshold 0 never exits early: every piece runs, so a damaged graph is run, not only
+        # loaded (and an edited threshold changes the answer).
+        export_run(run_dir, folder, threshold=0.0, int8=precision == "int8")
+        runtime = EarlyExitRuntime.from_export(folder, threads=1)
+        stdout = {}
+        for form in FORMS:
+            code, stdout[form], err = run(["infer", str(folder), *paths, *options(form)])
+            assert code == 0, err
+        rows = {form: runtime.classify_files(paths, form=form) for form in FORMS}
+        exports[precision] = Clean(folder, runtime, stdout, rows)
+    return exports
+
+
+def options(form: str) -> list[str]:
+    return ["--threads", "1", "--form", form]
+
+
+def resign(folder: Path, name: str) -> None:
+    """Update the manifest's SHA-256 of `name` to the file as it now is."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in [*manifest["pieces"], manifest["static"], manifest["single"]]:
+        if entry["file"] == name:
+            entry["sha256"] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def under_declarations(clean: Clean, manifest: dict) -> EarlyExitRuntime:
+    """The clean graphs under the threshold, class names and normalisation `manifest` declares."""
+    runtime = clean.runtime.with_threshold(float(manifest["threshold"]))  # a copy, same sessions
+    data = dataclasses.replace(
+        runtime.info.data,
+        classes=manifest["classes"],
+        mean=[float(v) for v in manifest["mean"]],
+        std=[float(v) for v in manifest["std"]],
+    )
+    runtime.info = dataclasses.replace(runtime.info, data=data)
+    return runtime
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["manifest.json", *GRAPHS])
+@EXAMPLES
+@given(data=st.data())
+def test_damaged_export_files_are_reported_or_harmless(
+    clean, digits, tmp_path_factory, capfd, name, data
+):
+    _, paths = digits
+    source = clean[data.draw(st.sampled_from(sorted(clean)))]
+    hows = (
+        ["truncate", "flip", "json"] if name == "manifest.json" else ["truncate", "flip", "resign"]
+    )
+    how = data.draw(st.sampled_from(hows))
+    form = data.draw(st.sampled_from(FORMS))
+    folder = tmp_path_factory.mktemp("case") / "export"
+    shutil.copytree(source.folder, folder)
+    path = folder / name
+    if how == "json":
+        path.write_text(json.dumps(mutate_json(json.loads(path.read_text()), data.draw)))
+    else:
+        path.write_bytes(damage(path.read_bytes(), "flip" if how == "resign" else how, data.draw))
+    if how == "resign":
+        resign(folder, name)
+
+    code, out, err = run(["infer", str(folder), *paths, *options(form)])
+    check(code, err)
+    event(f"{how}: exit {code}")
+    assert "onnxruntime" not in capfd.readouterr().err  # its own log lines, beside erde's one
+    if name == "static.onnx":  # loaded on its own too, as `erde bench` does
+        try:
+            export_session(folder, read_manifest(folder).static, threads=1)
+        except ErdeError:
+            pass
+        else:
+            assert how == "resign" or path.read_bytes() == (source.folder / name).read_bytes()
+    try:  # the loader `erde infer` uses
+        rows = EarlyExitRuntime.from_export(folder, threads=1).classify_files(paths, form=form)
+    except ErdeError as exc:
+        assert code == 2 and " ".join(str(exc).split()) in err, err
+        return
+    assert code == 0, err
+    if how == "resign":  # the graph the manifest vouches for answers, whatever it answers
+        classes = source.runtime.classes
+        assert all(r.class_name in classes and 1 <= r.exit <= 3 for r in rows), rows
+        return
+    manifest = json.loads(path.read_bytes()) if name == "manifest.json" else {}
+    before = json.loads((source.folder / "manifest.json").read_text())
+    if any(json.dumps(manifest.get(k, before[k])) != json.dumps(before[k]) for k in DECLARED):
+        assert rows == under_declarations(source, manifest).classify_files(paths, form=form)
+    else:
+        assert rows == source.rows[form]
+        assert out == source.stdout[form]
