@@ -7,25 +7,32 @@ cache, so random logits make a run in milliseconds.
 """
 
 import json
+import logging
+import statistics
 import zlib
 
 import pytest
 import torch
+from markdown_tables import markdown_tables, table_rows
 from safetensors.torch import save as safetensors_bytes
 
 from erde.cli import main
 from erde.config import load_config, to_dict, to_yaml
+from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, save_cache
 from erde.evaluation.compare import aggregate
 from erde.evaluation.groups import experiment_keys
 from erde.evaluation.render import render_comparison
+from erde.evaluation.runs import compare_runs, evaluate_run, evaluation_dir
 from erde.evaluation.summary import summarize
 from erde.files import sha256_file, write_bytes, write_text
 from erde.model_info import DataInfo, ModelInfo
 from erde.rundir import RunDir
 
-EXIT_MACS = [10, 20, 40]
+EXIT_MACS = [1_000_000, 2_000_000, 4_000_000]
+STATIC_MACS = 3_500_000
+BETA = load_config("digits-student").distill.beta  # the default, which names a group too
 DATA = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
 
 
@@ -62,7 +69,14 @@ def write_run(
     write_bytes(run.weights, safetensors_bytes({"w": torch.tensor([float(data_seed)])}))
     pairing = None if method in ("teacher", "ce") else [0, 1, 2]
     info = ModelInfo(
-        {"name": "resnet8"}, EXIT_MACS, 35, DATA, method, seed, pairing=pairing, config=resolved
+        {"name": "resnet8"},
+        EXIT_MACS,
+        STATIC_MACS,
+        DATA,
+        method,
+        seed,
+        pairing=pairing,
+        config=resolved,
     )
     info.write(run.sidecar)
     logits, labels = outputs(data_seed, final)
@@ -73,7 +87,9 @@ def write_run(
 def summary(method: str, seed: int, overrides=(), run: str | None = None, teacher=None):
     resolved, _ = config(method, seed, overrides, teacher or "/runs/teacher")
     logits, labels = outputs(seed)
-    info = ModelInfo({"name": "resnet8"}, EXIT_MACS, 35, DATA, method, seed, config=resolved)
+    info = ModelInfo(
+        {"name": "resnet8"}, EXIT_MACS, STATIC_MACS, DATA, method, seed, config=resolved
+    )
     cache = LogitsCache(logits, labels, EXIT_MACS, "")
     return summarize(cache, info, run or f"runs/{method}-s{seed}", budgets=())
 
@@ -89,9 +105,9 @@ def test_runs_that_differ_in_a_loss_option_are_separate_groups():
     ]
     groups = aggregate(runs, max_drop=0.0).groups
     assert list(groups) == [
-        "erde (resnet8), distill.beta=1, distill.entropy_exits=all",
+        f"erde (resnet8), distill.beta={BETA:g}, distill.entropy_exits=all",
         "erde (resnet8), distill.beta=0.3, distill.entropy_exits=all",
-        "erde (resnet8), distill.beta=1, distill.entropy_exits=intermediate",
+        f"erde (resnet8), distill.beta={BETA:g}, distill.entropy_exits=intermediate",
         "kd (resnet8)",  # beta and the entropy options are not kd's: no label, no split
     ]
     assert [len(g) for g in groups.values()] == [2, 1, 1, 2]
@@ -131,7 +147,7 @@ def test_comparison_shows_diagnostics_per_group_as_mean_and_std():
     row = next(line for line in table.splitlines() if line.startswith("| erde (resnet8) |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1].count("±") == 3 and cells[1].count(" / ") == 2  # ECE: 3 exits, 2 seeds
-    assert cells[3] == "n/a / n/a / n/a"  # teacher entries: no reference run given
+    assert cells[3] == "n/a: no reference run (--reference)"  # teacher entries, every exit
     kd = next(line for line in table.splitlines() if line.startswith("| kd (resnet8) |"))
     assert "±" not in kd  # one seed: no spread
 
@@ -145,10 +161,10 @@ def test_compare_cli_refuses_a_repeated_seed_and_groups_a_grid(tmp_path, capsys)
     args = ["compare", str(a), str(b), str(c), "--reference", str(teacher), "--out", str(out)]
     assert main(args) == 0
     md = (out / "comparison.md").read_text()
-    assert "| erde (resnet8), distill.beta=1 | 2 |" in md
+    assert f"| erde (resnet8), distill.beta={BETA:g} | 2 |" in md
     assert "| erde (resnet8), distill.beta=0.3 | 1 |" in md
     raw = json.loads((out / "comparison.json").read_text())
-    assert raw["groups"]["erde (resnet8), distill.beta=1"]["seeds"] == [0, 1]
+    assert raw["groups"][f"erde (resnet8), distill.beta={BETA:g}"]["seeds"] == [0, 1]
     again = write_run(tmp_path / "again" / "erde-s0", "erde", 0, data_seed=5)
     assert main(["compare", str(a), str(again), "--out", str(tmp_path / "cmp2")]) == 2
     err = capsys.readouterr().err
@@ -162,7 +178,7 @@ def test_evaluate_writes_the_diagnostics_with_the_paired_teacher_exit(tmp_path):
     assert main(["evaluate", str(student), "--reference", str(teacher)]) == 0
     report = json.loads((student / "eval" / "report.json").read_text())
     per_exit = report["diagnostics"]["per_exit"]
-    assert [x["teacher_exit"] for x in per_exit] == [0, 1, 2]
+    assert [x["teacher_exit"] for x in per_exit] == [1, 2, 3]  # exits numbered from 1
     for x in per_exit:
         assert x["mean_score_teacher_right"] is not None
         assert x["mean_score_teacher_wrong"] is not None
@@ -171,3 +187,114 @@ def test_evaluate_writes_the_diagnostics_with_the_paired_teacher_exit(tmp_path):
     assert (student / "eval" / "diagnostics.png").read_bytes()[:4] == b"\x89PNG"
     md = (student / "eval" / "report.md").read_text()
     assert "paired with in training (teacher exits 1, 2, 3)" in md
+    rows = table_rows(md, "teacher exit")
+    assert [(r["exit"], r["teacher exit"]) for r in rows] == [("1", "1"), ("2", "2"), ("3", "3")]
+
+
+def seeds_text(values: list[float], unit: str = "") -> str:
+    """A number over seeds as reports write it: mean ± sample std, 2 decimals."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
+
+
+def test_comparison_md_states_what_comparison_json_holds(tmp_path):
+    teacher = write_run(tmp_path / "teacher", "teacher", 0, data_seed=99, final=6.0)
+    kd = [write_run(tmp_path / f"kd-s{s}", "kd", s) for s in (0, 1)]
+    erde = [write_run(tmp_path / f"erde-s{s}", "erde", s, final=1.5) for s in (0, 1)]
+    out = tmp_path / "cmp"
+    compare_runs([teacher, *kd, *erde], out=out, reference=teacher, budgets=(0.1, 0.5))
+    md = (out / "comparison.md").read_text()
+    raw = json.loads((out / "comparison.json").read_text())
+    for headers, rows in markdown_tables(md):
+        assert len(set(headers)) == len(headers)  # no two columns of one name
+        for cell in (c for row in rows for c in row):
+            assert cell.count("n/a") == cell.count("n/a: "), cell  # every n/a says why
+    rows = table_rows(md, "seeds")
+    keep_ref = "keep reference val accuracy: MACs reduction at test accuracy"
+    assert list(rows[0])[4] == keep_ref
+    assert "budget 10% of full MACs: test accuracy (%)" not in rows[0]  # below every first exit
+    ref = raw["reference"]
+    assert f"test accuracy {100 * ref['test_accuracy']:.2f} %, 3.50 M MACs per image" in md
+    cells = set()
+    for row in rows:
+        group = raw["groups"][row["group"]]["summaries"]
+        assert row["seeds"] == str(len(group))
+        per_exit = [
+            seeds_text([100 * r["per_exit_accuracy"]["test"][i] for r in group]) for i in range(3)
+        ]
+        assert row["test accuracy per exit (%)"] == " / ".join(per_exit)
+        points = [r["at_reference_accuracy"] for r in group]
+        missed = sum(not p["reached"] for p in points)
+        if missed:  # no operating point, so no accuracy "there"
+            expected = f"n/a: not reached on val ({missed} of {len(points)} seeds)"
+        else:
+            times = seeds_text([p["reduction_vs_reference"] for p in points], "x")
+            expected = f"{times} at {seeds_text([100 * p['test_accuracy'] for p in points], ' %')}"
+        assert row[keep_ref] == expected
+        cells.add(expected.startswith("n/a"))
+        budget = [100 * r["at_budget_fraction"]["0.5"]["test_accuracy"] for r in group]
+        assert row["budget 50% of full MACs: test accuracy (%)"] == seeds_text(budget)
+    assert cells == {True, False}  # both kinds of cell were checked
+
+
+def test_evaluate_with_another_criterion_keeps_the_deployed_threshold(tmp_path, capsys):
+    teacher = write_run(tmp_path / "teacher", "teacher", 0, data_seed=99, final=1.5)
+    run = write_run(tmp_path / "kd-s0", "kd", 0)
+    deployed = run / "eval" / "report.json"
+    assert main(["evaluate", str(run), "--reference", str(teacher)]) == 0
+    first = deployed.read_bytes()
+    chosen_by = json.loads(first)["chosen_by"]
+    assert chosen_by == "keep teacher resnet8 (final exit) val accuracy - 0 pt"
+    files = sorted(p.name for p in (run / "eval").iterdir())
+    capsys.readouterr()
+
+    # Without --reference the rule is another: refused, nothing written.
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("erde evaluate: error: ")
+    assert f"chosen by {chosen_by} (entropy policy)" in err and "--replace-export" in err
+    assert "keep the run's own final exit val accuracy - 0 pt" in err
+    # Nor into RUN/eval by name.
+    assert main(["evaluate", str(run), "--out", str(run / "eval")]) == 2
+    assert deployed.read_bytes() == first
+    assert sorted(p.name for p in (run / "eval").iterdir()) == files
+
+    # The same criterion again may rewrite it; another one goes to its own folder.
+    assert main(["evaluate", str(run), "--reference", str(teacher)]) == 0
+    assert main(["evaluate", str(run), "--budget", "0.5"]) == 0
+    assert (run / "eval-budget0.5" / "report.json").is_file()
+    assert deployed.read_bytes() == first
+    assert deployment(run).threshold == json.loads(first)["chosen"]["threshold"]
+
+    # Asked for, the other criterion becomes the deployed one.
+    report = evaluate_run(run, budget=0.5, replace_export=True)
+    assert json.loads(deployed.read_text())["chosen_by"] == "budget 50% of full MACs"
+    point = deployment(run)
+    assert point.threshold == report.chosen.threshold
+    assert report.chosen.criterion in point.threshold_source  # the budget's, from RUN/eval
+
+
+def test_replace_export_writes_the_run_eval_folder_only(tmp_path):
+    run = write_run(tmp_path / "kd-s0", "kd", 0)
+    assert evaluation_dir(run, budget=0.5).path == run / "eval-budget0.5"
+    assert evaluation_dir(run, budget=0.5, replace_export=True).path == run / "eval"
+    assert evaluation_dir(run, run / "eval", replace_export=True).path == run / "eval"
+    with pytest.raises(ErdeError, match=r"--replace-export writes .*drop one of the two"):
+        evaluation_dir(run, tmp_path / "elsewhere", replace_export=True)
+
+
+def test_a_study_keeps_a_deployed_threshold_of_another_criterion(tmp_path, caplog):
+    teacher = write_run(tmp_path / "teacher", "teacher", 0, data_seed=99, final=1.5)
+    run = write_run(tmp_path / "kd-s0", "kd", 0)
+    evaluate_run(run, reference=teacher)
+    deployed = (run / "eval" / "report.json").read_bytes()
+    (run / "eval" / "tradeoff.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="erde"):
+        compare_runs([run], out=tmp_path / "own", evaluate_each=[run])  # no reference: own rule
+    assert (tmp_path / "own" / "comparison.md").is_file()  # the study still ends
+    assert (run / "eval" / "report.json").read_bytes() == deployed
+    assert not (run / "eval" / "tradeoff.png").exists()  # nothing of the eval folder rewritten
+    assert f"{run / 'eval'} kept" in caplog.text and "--replace-export" in caplog.text
+    compare_runs([run], out=tmp_path / "same", reference=teacher, evaluate_each=[run])
+    assert (run / "eval" / "tradeoff.png").is_file()  # the same criterion is rewritten

@@ -208,7 +208,7 @@ def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, 
         assert tie.sum() <= 3
         for rt, form in ((onnx_rt, "split"), (onnx_rt, "single"), (torch_rt, "auto")):
             pred = rt.predict(x, threshold, form=form)
-            same = pred.exit_index == exit_index.numpy()
+            same = pred.exits == exit_index.numpy() + 1  # simulate's exits are 0-based
             assert np.all(same | tie), f"{rt.backend} {form}: {(~same & ~tie).sum()} differ"
             assert np.all((pred.classes == prediction.numpy()) | tie)
             want = torch_logits[torch.arange(n), exit_index].numpy()
@@ -237,7 +237,7 @@ def test_batch_splitting_runs_later_pieces_only_on_undecided_images(exported, im
     huge = rt.predict(x, threshold=1e9)
     assert seen == [[64], [], []]
     assert huge.images_per_piece == [64, 0, 0]
-    assert (huge.exit_index == 0).all()
+    assert (huge.exits == 1).all()
 
     seen[:] = [[] for _ in rt.pieces]
     rt.predict(x, threshold=0.0)
@@ -283,9 +283,9 @@ def test_split_batches_return_results_in_input_order():
     )
     ids = list(range(10))
     pred = rt.predict(torch.tensor(ids, dtype=torch.float32).view(10, 1, 1, 1))
-    want_exit = [0 if k % 2 == 0 else 1 if k % 3 == 0 else 2 for k in ids]
-    assert pred.exit_index.tolist() == want_exit
-    assert pred.classes.tolist() == [(k + e) % 4 for k, e in zip(ids, want_exit, strict=True)]
+    want_exit = [1 if k % 2 == 0 else 2 if k % 3 == 0 else 3 for k in ids]
+    assert pred.exits.tolist() == want_exit
+    assert pred.classes.tolist() == [(k + e - 1) % 4 for k, e in zip(ids, want_exit, strict=True)]
     assert seen == [(0, ids), (1, [1, 3, 5, 7, 9]), (2, [1, 5, 7])]
     assert pred.images_per_piece == [10, 5, 3]
 
@@ -325,7 +325,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erde")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, func, help):
+    def command(name, func, help, examples=()):  # the CLI helper's signature
         p = sub.add_parser(name, help=help)
         p.set_defaults(func=func)
         return p
@@ -354,7 +354,7 @@ def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_
     want = rt.predict(x[:3])  # PNGs are lossless, so they give the same input as the data set
     good = [rows[0], rows[2], rows[3]]
     assert [r.class_name for r in good] == [rt.classes[c] for c in want.classes]
-    assert [r.exit for r in good] == (want.exit_index + 1).tolist()
+    assert [r.exit for r in good] == want.exits.tolist()
     np.testing.assert_allclose([r.confidence for r in good], want.confidence, atol=1e-6)
     assert rows[4].error is None and rows[4].class_name in rt.classes
 

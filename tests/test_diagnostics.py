@@ -109,7 +109,7 @@ TEACHER = TeacherOutputs(
 def test_teacher_right_and_wrong_scores_on_a_hand_made_case():
     d = diagnose(STUDENT, LABELS, threshold=0.25, policy="maxprob", pairing=[0, 1], teacher=TEACHER)
     first, last = d.per_exit
-    assert (first.teacher_exit, last.teacher_exit) == (0, 1)
+    assert (first.teacher_exit, last.teacher_exit) == (1, 2)  # numbered from 1, as reports
     assert first.mean_score_teacher_right == pytest.approx((0.1 + 0.3) / 2)  # images 0, 2
     assert first.mean_score_teacher_wrong == pytest.approx((0.4 + 0.2) / 2)  # images 1, 3
     assert last.mean_score_teacher_right == pytest.approx((0.05 + 0.4) / 2)  # images 0, 1
@@ -134,7 +134,7 @@ def test_first_exit_auroc_and_ece_by_hand():
 
 def test_without_a_pairing_every_exit_is_judged_by_the_teachers_final_exit():
     d = diagnose(STUDENT, LABELS, threshold=0.25, policy="maxprob", teacher=TEACHER)
-    assert [x.teacher_exit for x in d.per_exit] == [1, 1]
+    assert [x.teacher_exit for x in d.per_exit] == [2, 2]  # the teacher's final exit
     assert d.per_exit[0].mean_score_teacher_right == pytest.approx((0.1 + 0.4) / 2)  # images 0, 1
     assert d.per_exit[0].mean_score_teacher_wrong == pytest.approx((0.3 + 0.2) / 2)  # images 2, 3
     assert "not distilled" in d.teacher_note

@@ -1,5 +1,6 @@
 """Progress a person can follow: one line per epoch on stdout, plain lines without a terminal."""
 
+import json
 import logging
 import subprocess
 import sys
@@ -47,4 +48,15 @@ def test_step_lines_without_a_terminal_unless_no_progress(
     steps = [r.getMessage() for r in caplog.records if ": step " in r.getMessage()]
     assert bool(steps) is not no_progress
     assert all(s.startswith(("epoch 1 of 2: step ", "epoch 2 of 2: step ")) for s in steps)
-    assert '"val/acc/1"' in (out_dir / "metrics.jsonl").read_text()  # exits 1..n on disk too
+    # Exits are numbered 1..n on disk too: every per-exit key of the 3-exit teacher ends in 1-3.
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        numbered = sorted(k for k in json.loads(line) if k.rsplit("/", 1)[-1].isdigit())
+        families = {k.rsplit("/", 1)[0] for k in numbered}
+        assert families == {
+            "val/acc",
+            "train/ce",
+            "train/kl",
+            "train/entropy",
+            "train/teacher_wrong",
+        }
+        assert numbered == sorted(f"{f}/{i}" for f in families for i in (1, 2, 3))

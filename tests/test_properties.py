@@ -128,15 +128,15 @@ def test_erde_loss_at_extreme_logits_has_the_hand_computed_value(dtype, entropy_
     """
     student = torch.tensor(EXTREME, dtype=dtype, requires_grad=True)
     teacher = torch.zeros(3, 3, dtype=dtype)
-    loss = make_loss("erde", entropy_term=entropy_term, num_exits=1)
+    loss = make_loss("erde", entropy_term=entropy_term, beta=1.0, num_exits=1)
     result = loss([student], torch.tensor(EXTREME_LABELS), [teacher])
     result.total.backward()
     ce = 2e4 / 3
     kl = 16 * (2500 - math.log(3)) / 3
     entropy = (4e4 / 3 + 1e4) / 3 if entropy_term == "uniform-ce" else 0.0
-    assert result.components["ce/0"].item() == pytest.approx(ce, rel=1e-6)
-    assert result.components["kl/0"].item() == pytest.approx(kl, rel=1e-6)
-    assert result.components["entropy/0"].item() == pytest.approx(entropy, rel=1e-6, abs=1e-6)
+    assert result.components["ce/1"].item() == pytest.approx(ce, rel=1e-6)
+    assert result.components["kl/1"].item() == pytest.approx(kl, rel=1e-6)
+    assert result.components["entropy/1"].item() == pytest.approx(entropy, rel=1e-6, abs=1e-6)
     assert result.total.item() == pytest.approx(0.5 * ce + 0.5 * kl + entropy, rel=1e-6)
     assert torch.isfinite(student.grad).all()
 

@@ -1,27 +1,25 @@
 import csv
-import dataclasses
 import json
 import math
 import os
-import struct
+import re
+import statistics
 
 import numpy as np
 import pytest
 import torch
+from markdown_tables import markdown_tables, table_rows
 
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
 from erde.evaluation.calibrate import Calibration
 from erde.evaluation.compare import aggregate, mean_std_curves
-from erde.evaluation.plots import plot_diagnostics, plot_exit_distribution, plot_tradeoff
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, write_curve_csv
 from erde.files import write_json
 from erde.model_info import DataInfo, ModelInfo
-from erde.report import markdown_table, read_report
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from erde.report import Reference, markdown_table, read_report
 
 
 def curve(macs, accuracy, exit_macs=(10.0, 40.0)) -> Curve:
@@ -34,13 +32,6 @@ def curve(macs, accuracy, exit_macs=(10.0, 40.0)) -> Curve:
         exit_share=np.stack([1 - late, late], axis=1),
         exit_macs=np.asarray(exit_macs, dtype=float),
     )
-
-
-def png_size(path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
 
 
 def test_curve_csv(tmp_path):
@@ -126,35 +117,6 @@ def test_markdown_table():
         markdown_table(["a", "b", "c"], [[1, 2]])
 
 
-def test_plot_tradeoff(tmp_path):
-    macs = np.linspace(1e6, 4e6, 50)
-    series = [
-        {"label": "erde (test)", "macs": macs, "accuracy": np.linspace(0.6, 0.9, 50), "std": None},
-        {
-            "label": "kd (test)",
-            "macs": macs[::-1],
-            "accuracy": np.linspace(0.85, 0.55, 50),
-            "std": np.full(50, 0.02),
-        },
-    ]
-    reference = {"label": "teacher", "macs": 8e6, "accuracy": 0.92}
-    path = tmp_path / "tradeoff.png"
-    plot_tradeoff(path, series, reference, title="CIFAR-10 test split")
-    width, height = png_size(path)
-    assert 600 < width < 1400 and 400 < height < 1000  # 6.4 x 4.4 in at 150 dpi, trimmed
-    assert path.stat().st_size > 10_000
-
-
-def test_plot_exit_distribution(tmp_path):
-    path = tmp_path / "exits.png"
-    plot_exit_distribution(path, [0.5, 0.375, 0.125], ["exit 1", "exit 2", "final"], "test split")
-    width, height = png_size(path)
-    assert 600 < width < 1400 and 300 < height < 900
-    assert path.stat().st_size > 5_000
-    with pytest.raises(ValueError, match="2 exit labels for 3 exits"):
-        plot_exit_distribution(path, [0.5, 0.375, 0.125], ["a", "b"], "test split")
-
-
 def test_mean_std_of_two_known_curves():
     a = curve([40, 10], [0.9, 0.5])  # straight line 0.5 -> 0.9
     b = curve([10, 25, 40], [0.7, 0.8, 0.9])  # 0.7 -> 0.8 -> 0.9
@@ -178,18 +140,27 @@ def test_mean_std_uses_the_shared_range_and_averages_equal_macs():
         mean_std_curves([curve([10, 15], [0.5, 0.6]), curve([30, 40], [0.7, 0.8])])
 
 
-def summary(method: str = "erde", seed: int = 0, budgets=(0.1, 0.5), shift: float = 0.0):
+EXIT_MACS = [1_000_000, 2_000_000, 4_000_000]
+
+
+def summary(
+    method: str = "erde",
+    seed: int = 0,
+    budgets=(0.1, 0.5),
+    shift: float = 0.0,
+    reference: Reference | None = None,
+):
     """A run's summary from random per-exit logits (3 exits, 4 classes), val and test alike."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 4, (64,), generator=g)
     logits = torch.randn(64, 3, 4, generator=g) + shift
     logits[torch.arange(64), :, labels] += torch.tensor([1.0, 2.0, 4.0])  # later exits surer
     cache = LogitsCache(
-        {"val": logits, "test": logits}, {"val": labels, "test": labels}, [10, 20, 40], ""
+        {"val": logits, "test": logits}, {"val": labels, "test": labels}, EXIT_MACS, ""
     )
     data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
-    info = ModelInfo({"name": "resnet8"}, [10, 20, 40], 35, data, method=method, seed=seed)
-    return summarize(cache, info, f"runs/{method}-s{seed}", budgets=budgets)
+    info = ModelInfo({"name": "resnet8"}, EXIT_MACS, 3_500_000, data, method=method, seed=seed)
+    return summarize(cache, info, f"runs/{method}-s{seed}", budgets=budgets, reference=reference)
 
 
 def test_report_json_round_trip_keeps_its_keys(tmp_path):
@@ -213,7 +184,7 @@ def test_report_json_round_trip_keeps_its_keys(tmp_path):
         "reduction_vs_own_full",
         "reached",
     }
-    assert raw["reference"]["macs"] == 40  # the run's own final exit: no reference run given
+    assert raw["reference"]["macs"] == EXIT_MACS[-1]  # the run's own final exit: no reference
 
 
 @pytest.mark.parametrize(
@@ -266,15 +237,6 @@ def test_undefined_diagnostics_round_trip_as_null(tmp_path):
     assert read_report(tmp_path / "report.json") == report
 
 
-def test_plot_diagnostics(tmp_path):
-    path = tmp_path / "diagnostics.png"
-    plot_diagnostics(path, summary().report)
-    width, height = png_size(path)
-    assert 1500 < width < 2600 and 400 < height < 900  # 14 x 4 in at 150 dpi, trimmed
-    with pytest.raises(ValueError, match="no diagnostics"):
-        plot_diagnostics(path, dataclasses.replace(summary().report, diagnostics=None))
-
-
 def test_read_report_of_a_missing_or_corrupt_file(tmp_path):
     with pytest.raises(ErdeError, match="missing"):
         read_report(tmp_path / "report.json")
@@ -283,24 +245,136 @@ def test_read_report_of_a_missing_or_corrupt_file(tmp_path):
         read_report(tmp_path / "report.json")
 
 
-def test_report_markdown_states_every_operating_point():
-    md = render_report(summary().report)
-    assert "# resnet8 — erde (seed 0)" in md
-    assert "| budget 10% of full MACs | below the first exit's cost |" in md
-    for name in ("keep the run's own final-exit", "budget 50% of full MACs", "chosen (exits.png)"):
-        assert f"| {name}" in md
+ACCURACY = re.compile(r"\d+\.\d{2}( ± \d+\.\d{2})?")
+MACS = re.compile(r"\d+\.\d{2} M")
+TIMES = re.compile(r"\d+\.\d{2}x")
+
+
+def check_tables(md: str) -> None:
+    """What every table of a report must be: unique column names, and a reason after each n/a."""
+    for headers, rows in markdown_tables(md):
+        assert len(set(headers)) == len(headers), headers
+        for row in rows:
+            assert len(row) == len(headers)
+            for cell in row:
+                # every "n/a" is followed by ": " and a reason
+                assert len(re.findall(r"n/a", cell)) == len(re.findall(r"n/a: \w", cell)), cell
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def seeds_text(values: list[float], unit: str = "") -> str:
+    """A number over seeds as the reports write it: mean ± sample std, 2 decimals."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
+
+
+def test_report_markdown_tables_read_on_their_own(tmp_path):
+    teacher = Reference("teacher resnet20 (final exit)", 0.8, 0.75, 9_000_000)
+    summary(reference=teacher).report.write(tmp_path / "report.json")
+    raw = json.loads((tmp_path / "report.json").read_text())  # the numbers, read as JSON
+    md = render_report(read_report(tmp_path / "report.json"))
+    check_tables(md)
+    exits = table_rows(md, "cumulative MACs per image")
+    assert [r["exit"] for r in exits] == ["1", "2", "3"]
+    for row, macs, val, test in zip(
+        exits, raw["exit_macs"], *raw["per_exit_accuracy"].values(), strict=True
+    ):
+        assert row["cumulative MACs per image"] == f"{macs / 1e6:.2f} M"
+        assert (row["val accuracy (%)"], row["test accuracy (%)"]) == (pct(val), pct(test))
+    points = table_rows(md, "criterion")
+    # Each rule once: the teacher's accuracy, the run's own, and the one budget that has a point.
+    assert [p["criterion"].removesuffix(" (chosen)") for p in points] == [
+        "keep teacher resnet20 (final exit) val accuracy - 0 pt",
+        "keep the run's own final exit val accuracy - 0 pt",
+        "budget 50% of full MACs",
+    ]
+    chosen = [p for p in points if p["criterion"].endswith(" (chosen)")]
+    assert len(chosen) == 1 and chosen[0]["criterion"] == raw["chosen_by"] + " (chosen)"
+    c = raw["chosen"]
+    assert chosen[0]["val accuracy (%)"] == pct(c["val_accuracy"])
+    assert chosen[0]["test accuracy (%)"] == pct(c["test_accuracy"])
+    assert chosen[0]["test MACs per image"] == f"{c['test_expected_macs'] / 1e6:.2f} M"
+    assert chosen[0]["MACs reduction vs reference"] == f"{c['reduction_vs_reference']:.2f}x"
+    budget = raw["at_budget_fraction"]["0.5"]
+    assert points[2]["test accuracy (%)"] == pct(budget["test_accuracy"])
+    assert all(MACS.fullmatch(p["test MACs per image"]) for p in points)
+    assert all(TIMES.fullmatch(p["MACs reduction vs reference"]) for p in points)
+    # The budget without a point is named under the table, with the reason.
+    assert "No point for budget 10% of full MACs: budget below the first exit's cost" in md
     assert "## Diagnostics (test split)" in md and "![diagnostics](diagnostics.png)" in md
+
+
+def test_report_diagnostics_say_why_a_number_is_missing():
+    md = render_report(summary().report)  # no reference run
+    check_tables(md)
+    diagnostics = table_rows(md, "teacher exit")
+    assert [r["teacher exit"] for r in diagnostics] == ["n/a: no reference run (--reference)"] * 3
+    assert {r["mean score, teacher wrong"] for r in diagnostics} == {
+        "n/a: no reference run (--reference)"
+    }
     assert "Teacher: n/a: no reference run given" in md
 
 
-def test_aggregate_groups_seeds_by_method_and_model():
+def test_comparison_table_has_a_legend_and_the_numbers_of_its_reports(tmp_path):
     runs = [summary("kd", 0), summary("erde", 0), summary("kd", 1, shift=0.3)]
     comparison = aggregate(runs, max_drop=1.0)
-    assert list(comparison.groups) == ["kd (resnet8)", "erde (resnet8)"]
-    assert [s.report.seed for s in comparison.groups["kd (resnet8)"]] == [0, 1]
-    assert comparison.reference == runs[0].report.reference
-    raw = comparison.to_json()
-    assert raw["groups"]["kd (resnet8)"]["runs"] == ["runs/kd-s0", "runs/kd-s1"]
+    write_json(tmp_path / "comparison.json", comparison.to_json())
+    raw = json.loads((tmp_path / "comparison.json").read_text())
     md = render_comparison(comparison)
-    assert "| kd (resnet8) | 2 |" in md and "| erde (resnet8) | 1 |" in md
-    assert "reference val accuracy - 1 pt" in md
+    check_tables(md)
+    rows = table_rows(md, "seeds")
+    headers = list(rows[0])
+    assert headers == [
+        "group",
+        "seeds",
+        "test accuracy per exit (%)",
+        "test AUC (%)",
+        "keep own val accuracy: MACs reduction at test accuracy",  # no reference: no "keep ref"
+        "budget 50% of full MACs: test accuracy (%)",  # 10% is below every first exit
+    ]
+    legend = md.split("![comparison]")[0].rsplit("|\n", 1)[1]  # between the table and the plot
+    for header in headers:
+        assert f"**{header}**" in legend  # every column defined under the table
+    assert "Left out: budget 10% of full MACs, below the first exit's cost in every run" in legend
+    assert "own final-exit val accuracy - 1 pt" in legend
+    for row in rows:
+        group = raw["groups"][row["group"]]["summaries"]
+        assert row["seeds"] == str(len(group))
+        per_exit = [
+            seeds_text([100 * r["per_exit_accuracy"]["test"][i] for r in group]) for i in range(3)
+        ]
+        assert row["test accuracy per exit (%)"] == " / ".join(per_exit)
+        assert row["test AUC (%)"] == seeds_text([100 * r["test_auc"] for r in group])
+        own = [r["at_own_full_accuracy"] for r in group]
+        if all(p["reached"] for p in own):
+            times = seeds_text([p["reduction_vs_own_full"] for p in own], "x")
+            accuracy = seeds_text([100 * p["test_accuracy"] for p in own], " %")
+            assert row[headers[4]] == f"{times} at {accuracy}"
+        else:
+            missed = sum(not p["reached"] for p in own)
+            assert row[headers[4]] == f"n/a: not reached on val ({missed} of {len(own)} seeds)"
+        budget = [100 * r["at_budget_fraction"]["0.5"]["test_accuracy"] for r in group]
+        assert row[headers[5]] == seeds_text(budget)
+        for cell in (row["test AUC (%)"], row[headers[5]]):
+            assert ACCURACY.fullmatch(cell)
+    assert rows[0]["group"] == "kd (resnet8)" and "±" in rows[0]["test AUC (%)"]  # 2 seeds
+    assert "Reference: each run's own final exit (no reference run given)." in md
+
+
+def test_a_report_of_an_earlier_erde_reads_with_its_rule_and_exits_from_one(tmp_path):
+    path = tmp_path / "report.json"
+    report = summary().report
+    report.write(path)
+    raw = json.loads(path.read_text())
+    del raw["chosen_by"]  # written before the rule was recorded, with 0-based teacher exits
+    for i, x in enumerate(raw["diagnostics"]["per_exit"]):
+        x["teacher_exit"] = i
+    path.write_text(json.dumps(raw))
+    earlier = read_report(path)
+    assert earlier.chosen_by == report.chosen_by  # an evaluation after the update is no conflict
+    assert earlier.criterion == "keep the run's own final exit val accuracy - 0 pt (entropy policy)"
+    assert [x.teacher_exit for x in earlier.diagnostics.per_exit] == [1, 2, 3]

@@ -112,7 +112,8 @@ def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
 @pytest.mark.slow
 def test_evaluate_refuses_a_cache_of_another_model(quick, tmp_path, capsys):
     run = tmp_path / "kd"
-    shutil.copytree(quick / "kd-s0", run)
+    # Without its eval/ (the study's criterion, which an evaluation without --reference keeps).
+    shutil.copytree(quick / "kd-s0", run, ignore=shutil.ignore_patterns("eval"))
     load_cache(quick / "erde-s0")
     shutil.copy(quick / "erde-s0" / "logits.safetensors", run / "logits.safetensors")
     code = main(["evaluate", str(run)])

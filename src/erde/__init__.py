@@ -10,12 +10,15 @@ do not load PyTorch:
 
 from __future__ import annotations
 
-from importlib import import_module
+from importlib import import_module, metadata
 from typing import Any
 
 from erde.errors import ErdeError
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("erde")  # the installed distribution's, from pyproject.toml
+except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 # name -> module that defines it
 _LAZY = {

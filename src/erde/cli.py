@@ -101,14 +101,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from erde.evaluation.runs import evaluate_run
-    from erde.rundir import ReportDir, RunDir
+    from erde.evaluation.runs import evaluate_run, evaluation_dir
 
     criterion = {"policy": args.policy, "normalize": args.normalize, "max_drop": args.max_drop}
-    out = (
-        ReportDir(args.out)
-        if args.out
-        else RunDir(args.run).eval_for(**criterion, budget=args.budget)
+    out = evaluation_dir(
+        args.run, args.out, **criterion, budget=args.budget, replace_export=args.replace_export
     )
     r = evaluate_run(
         args.run,
@@ -120,6 +117,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         budget=args.budget,
         refresh=args.refresh,
         device=args.device,
+        replace_export=args.replace_export,
     )
     c = r.chosen
     print(
@@ -238,7 +236,9 @@ class _Help(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default in (None, False, [], argparse.SUPPRESS):
+        # `is`, not `in (None, False, ...)`: 0 and 0.0 equal False but are defaults worth showing.
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        if "default" in text or unset or default == []:
             return text
         if isinstance(default, list):
             default = ",".join(map(str, default))
@@ -328,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--out runs/erde",
         ],
     )
-    p.add_argument("config", nargs="?", help=f"preset name ({_presets('train')}) or YAML file")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help=f"preset name ({_presets('train')}) or YAML file (default: built-in train defaults)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -343,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after",
         type=int,
         metavar="N",
-        help="stop after N epochs of this call; continue later with --resume",
+        help="stop after N epochs of this call; continue later with --resume (default: run to "
+        "the end)",
     )
 
     def policy_options(p: argparse.ArgumentParser) -> None:
@@ -387,13 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="MACS",
         help="choose the threshold for this MACs budget: a fraction of the full model "
-        "(<= 1) or MACs per image",
+        "(<= 1) or MACs per image (default: none; the accuracy criterion of --max-drop)",
     )
     p.add_argument(
         "--out",
         help="report folder (default: RUN/eval, or RUN/eval-CRITERION for another criterion)",
     )
     p.add_argument("--refresh", action="store_true", help="recompute the logits cache")
+    p.add_argument(
+        "--replace-export",
+        action="store_true",
+        help="write RUN/eval even when it holds the threshold `erde export` deploys for another "
+        "criterion (rule, policy or reference), replacing it; without it that is refused",
+    )
 
     p = command(
         "compare",
@@ -414,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", default=out, help=f"output folder (default: {out})")
         p.add_argument("--seeds", type=_seeds, default=[0], help="student seeds, e.g. 0,1,2")
-        p.add_argument("--teacher", metavar="RUN", help="reuse this finished teacher run")
+        p.add_argument(
+            "--teacher", metavar="RUN", help="reuse this finished teacher run (default: train one)"
+        )
         p.add_argument(
             "--teacher-per-seed",
             action="store_true",
@@ -436,13 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=V1,V2,...",
             help="one run per value (and per combination of several --grid), e.g. "
-            "--grid distill.beta=0.1,0.3,1; student.* and distill.* keys",
+            "--grid distill.beta=0.1,0.3,1; student.* and distill.* keys (default: no grid)",
         )
         p.add_argument(
             "--shard",
             metavar="I/N",
             help="train only the I-th of N slices of the runs (1-based), for N processes "
-            "sharing --out",
+            "sharing --out (default: all runs)",
         )
 
     p = command(
@@ -488,13 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Optuna storage URL shared by workers on several machines "
         "(default: sqlite:///OUT/study.db)",
     )
-    p.add_argument("--teacher", metavar="RUN", help="reuse this finished teacher run")
+    p.add_argument(
+        "--teacher", metavar="RUN", help="reuse this finished teacher run (default: train one)"
+    )
     p.add_argument(
         "--final-seeds",
         type=_seeds,
         metavar="SEEDS",
         help="then train each method's best setting with these seeds (e.g. 0,1,2) and compare "
-        "them on test in OUT/final",
+        "them on test in OUT/final (default: none)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines stay)")
 

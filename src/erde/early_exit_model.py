@@ -8,6 +8,7 @@ decisions as `erde.deploy.EarlyExitRuntime`, which is the form that really stops
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 
 from erde import checkpoint as ckpt
-from erde.data.pixels import Normalize, decode_image
+from erde.data.pixels import Normalize
+from erde.deploy.images import read_image
 from erde.errors import ErdeError
 from erde.evaluation.policy import simulate
 from erde.model_info import ModelInfo
@@ -118,7 +120,14 @@ class EarlyExitModel:
     def predict_files(
         self, paths: Sequence[str | Path], threshold: float | None = None
     ) -> Predictions:
-        """Image files decoded, converted and resized as `erde infer` does, then `predict`."""
+        """Image files decoded, converted and resized as `erde infer` does, then `predict`; a
+        file converted beyond recognition (colour to grey, a size far from the model's) gets the
+        same warning, as a Python `UserWarning`."""
         d = self.info.data
-        images = np.stack([decode_image(p, d.in_channels, d.input_size) for p in paths])
-        return self.predict(images, threshold)
+        images = []
+        for path in paths:
+            pixels, warning = read_image(path, d.in_channels, d.input_size)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=2)
+            images.append(pixels)
+        return self.predict(np.stack(images), threshold)

@@ -78,7 +78,8 @@ def _closest(fraction: float, teacher_fractions: Sequence[float]) -> int:
 
 @dataclass
 class LossResult:
-    """The differentiable total plus detached scalars for the log (fixed keys for every method)."""
+    """The differentiable total plus detached scalars for the log (fixed keys for every method;
+    per-exit ones end in the exit's number, 1..n: `ce/1` is the first exit)."""
 
     total: Tensor
     components: dict[str, Tensor]
@@ -185,8 +186,8 @@ class DistillLoss:
                 weighted = self.exit_weights[i] * scales[key] * mean
                 total = total + weighted
                 sums[key] = sums[key] + weighted.detach()
-                components[f"{key}/{i}"] = mean.detach()
-            components[f"teacher_wrong/{i}"] = zero if wrong is None else wrong.mean().detach()
+                components[f"{key}/{i + 1}"] = mean.detach()  # exits 1..n, as metrics.jsonl
+            components[f"teacher_wrong/{i + 1}"] = zero if wrong is None else wrong.mean().detach()
         components.update(sums)
         return LossResult(total=total, components=components)
 

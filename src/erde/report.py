@@ -62,7 +62,8 @@ class ExitDiagnostics:
     bins). `auroc`: how well the exit score (lower = more confident) separates the exit's right
     answers from its wrong ones; None when it is right on every test image or wrong on every one.
     The teacher entries (None without a reference run, or when no image is in the group):
-    `teacher_exit`, the 0-based reference exit that decides "teacher right"; the mean exit score
+    `teacher_exit`, the reference exit (numbered from 1, as in every report) that decides
+    "teacher right"; the mean exit score
     on images it gets right and wrong; and, at the chosen point, the share of the images the
     reference's final exit gets wrong that leave here.
     """
@@ -93,13 +94,35 @@ class Diagnostics:
     per_exit: list[ExitDiagnostics]
 
 
+OWN_REFERENCE = "the run's own final exit"
+
+
+def keep_label(reference_label: str, max_drop_points: float) -> str:
+    """The accuracy rule's name: the fewest val MACs that keep the reference's val accuracy."""
+    return f"keep {reference_label} val accuracy - {max_drop_points:g} pt"
+
+
+def budget_label(budget: float) -> str:
+    """A MACs budget rule's name: a fraction of the full model (at most 1) or MACs per image."""
+    if budget <= 1:
+        return f"budget {100 * budget:g}% of full MACs"
+    return f"budget {budget / 1e6:.2f} M MACs per image"
+
+
+def criterion_text(rule: str, policy: str, normalize: bool) -> str:
+    """A rule with the exit policy it was calibrated for, as messages name it."""
+    return f"{rule} ({policy} policy{', normalised' if normalize else ''})"
+
+
 @dataclass(frozen=True)
 class Report:
     """Everything `erde evaluate` states about one run (`report.json`).
 
     `per_exit_accuracy` maps "val" and "test" to one accuracy per exit; `at_budget_fraction` maps
     a budget (a fraction of the full model, as text) to its point, or None when the budget is below
-    the first exit's cost; `chosen` is the point `erde export` deploys.
+    the first exit's cost; `chosen` is the point `erde export` deploys and `chosen_by` names the
+    rule that chose it (`keep_label` or `budget_label`), so a later evaluation can tell whether it
+    would deploy another rule.
     """
 
     run: str
@@ -117,7 +140,13 @@ class Report:
     at_own_full_accuracy: OperatingPoint
     at_budget_fraction: dict[str, OperatingPoint | None]
     chosen: OperatingPoint
+    chosen_by: str
     diagnostics: Diagnostics | None = None
+
+    @property
+    def criterion(self) -> str:
+        """The rule behind `chosen` with its policy: equal for two reports that deploy alike."""
+        return criterion_text(self.chosen_by, self.policy, self.normalize)
 
     def write(self, path: Path) -> None:
         """`report.json`, atomically; NaN (an empty split) becomes null."""
@@ -133,6 +162,9 @@ class Report:
                 "or is damaged: run `erde evaluate` on the run again"
             )
 
+        earlier = isinstance(raw, dict) and "chosen_by" not in raw  # before exits were 1..n
+        if earlier:
+            raw = {**raw, "chosen_by": None}
         values = _entries(cls, raw, bad, "the report")
         for key in ("run", "model", "method", "policy"):
             _check(values[key], str, bad, key)
@@ -161,7 +193,33 @@ class Report:
             values["diagnostics"] = _diagnostics(values["diagnostics"], bad)
             if len(values["diagnostics"].per_exit) != len(values["exit_macs"]):
                 raise bad("'diagnostics.per_exit' must hold one entry per exit")
+            if earlier:
+                values["diagnostics"] = _teacher_exits_from_one(values["diagnostics"])
+        if values["chosen_by"] is None:
+            values["chosen_by"] = _earlier_rule(values)
+        _check(values["chosen_by"], str, bad, "chosen_by")
         return cls(**values)
+
+
+def _earlier_rule(values: dict[str, Any]) -> str:
+    """The rule of a report written before `chosen_by` existed: the accuracy rule unless the
+    chosen point is one of the budget points."""
+    chosen = values["chosen"]
+    if chosen == values["at_reference_accuracy"]:
+        return keep_label(values["reference"].label, values["max_drop_points"])
+    for fraction, point in values["at_budget_fraction"].items():
+        if point == chosen:
+            return budget_label(float(fraction))
+    return "a MACs budget this report does not record"
+
+
+def _teacher_exits_from_one(d: Diagnostics) -> Diagnostics:
+    """An earlier report's 0-based teacher exits, numbered from 1 as reports are now."""
+    per_exit = [
+        x if x.teacher_exit is None else dataclasses.replace(x, teacher_exit=x.teacher_exit + 1)
+        for x in d.per_exit
+    ]
+    return dataclasses.replace(d, per_exit=per_exit)
 
 
 def read_report(path: str | Path) -> Report:

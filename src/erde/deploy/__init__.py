@@ -1,17 +1,37 @@
 """Deployment: ONNX export (pieces, one If-chained graph, int8), a runtime that stops per image, and
-its latency benchmark."""
+its latency benchmark.
 
-from erde.deploy.export import export_run
-from erde.deploy.latency import benchmark, render_benchmark
-from erde.deploy.manifest import read_manifest
-from erde.deploy.runtime import EarlyExitRuntime, FileResult, Prediction
+The names below are imported on first use (PEP 562), so that importing a light submodule
+(`erde.deploy.commands` for `erde --help`) does not load PyTorch and ONNX.
+"""
 
-__all__ = [
-    "EarlyExitRuntime",
-    "FileResult",
-    "Prediction",
-    "benchmark",
-    "export_run",
-    "read_manifest",
-    "render_benchmark",
-]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# name -> module that defines it
+_LAZY = {
+    "EarlyExitRuntime": "erde.deploy.runtime",
+    "FileResult": "erde.deploy.runtime",
+    "Prediction": "erde.deploy.runtime",
+    "benchmark": "erde.deploy.latency",
+    "export_run": "erde.deploy.export",
+    "read_manifest": "erde.deploy.manifest",
+    "render_benchmark": "erde.deploy.latency",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'erde.deploy' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = list(_LAZY)

@@ -1,20 +1,32 @@
 """`erde export`, `erde infer` and `erde bench`: argument parsing and printing only.
 
 `add_commands(sub, command)` registers them on the CLI's sub-parsers through its `command`
-helper; every handler is one call into `erde.deploy`.
+helper; every handler is one call into `erde.deploy`. Nothing heavy (PyTorch, ONNX) is imported
+until a handler runs, so `erde --help` stays fast; the two choices the parser needs from those
+modules are spelled out here and tests/test_help.py checks them against their source.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
 
-from erde.deploy.onnx_export import OPSET, OPSETS
 from erde.errors import ErdeError
+
+OPSET_HELP = "ONNX opset, 18-20 (default: 18)"  # erde.deploy.onnx_export.OPSETS and OPSET
+FORMS = ("auto", "single", "split")  # erde.deploy.runtime.FORMS
+INFER_FORMATS = ("table", "json", "csv")
+# The fields of one `erde infer` result, in the order of the JSON objects and CSV columns.
+INFER_FIELDS = ("file", "class_index", "class_name", "confidence", "exit", "error", "warning")
 
 
 def export_command(args: argparse.Namespace) -> None:
     from erde.deploy.export import export_run
+    from erde.deploy.onnx_export import OPSET
 
     m = export_run(
         args.run,
@@ -22,7 +34,7 @@ def export_command(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         policy=args.policy,
         normalize=args.normalize,
-        opset=args.opset,
+        opset=OPSET if args.opset is None else args.opset,
         int8=args.int8,
         overwrite=args.overwrite,
     )
@@ -43,22 +55,13 @@ def export_command(args: argparse.Namespace) -> None:
 
 def infer_command(args: argparse.Namespace) -> None:
     from erde.deploy.runtime import EarlyExitRuntime
-    from erde.report import markdown_table
 
     runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
     rows = runtime.classify_files(args.images, threshold=args.threshold, form=args.form)
-    print(
-        markdown_table(
-            ["file", "class", "exit", "confidence"],
-            [
-                [r.file, r.class_name, r.exit, f"{r.confidence:.4f}"]
-                if r.error is None
-                else [r.file, "error", "-", r.error]
-                for r in rows
-            ],
-        ),
-        end="",
-    )
+    for r in rows:
+        if r.warning is not None:
+            print(f"erde infer: warning: {r.warning}", file=sys.stderr)
+    print(render_results(rows, args.format), end="")
     failures = [r for r in rows if r.error is not None]
     if failures:
         first = failures[0]
@@ -66,6 +69,30 @@ def infer_command(args: argparse.Namespace) -> None:
             f"{len(failures)} of {len(rows)} image(s) could not be classified (their rows say "
             f"why; the first, {first.file}: {first.error}); fix or remove those files"
         )
+
+
+def render_results(rows: Sequence, fmt: str) -> str:
+    """`erde infer`'s rows (`FileResult`s) as a markdown table, one JSON list of objects, or CSV
+    with a header row; JSON and CSV keep every field, with null / an empty cell where none."""
+    if fmt == "json":
+        return json.dumps([{k: getattr(r, k) for k in INFER_FIELDS} for r in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(INFER_FIELDS)
+        writer.writerows([getattr(r, k) for k in INFER_FIELDS] for r in rows)
+        return out.getvalue()
+    from erde.report import markdown_table
+
+    return markdown_table(
+        ["file", "class", "exit", "confidence"],
+        [
+            [r.file, r.class_name, r.exit, f"{r.confidence:.4f}"]
+            if r.error is None
+            else [r.file, "error", "-", r.error]
+            for r in rows
+        ],
+    )
 
 
 def bench_command(args: argparse.Namespace) -> None:
@@ -83,6 +110,28 @@ def bench_command(args: argparse.Namespace) -> None:
         form=args.form,
     )
     print(render_benchmark(result), end="")
+    print(bench_notes(result), end="")
+
+
+def bench_notes(result: dict) -> str:
+    """What the table alone does not say: how many images each row timed, and why batch-1 rows
+    can fall short of the MACs prediction (docs/benchmarks.md measures the causes)."""
+    repeats, pool = result["repeats"], result["test_images"]
+    batches = sorted({r.batch for r in result["rows"]})
+    used = ", ".join(f"{b * repeats:,} at batch {b}" for b in batches)
+    reused = (
+        f"; the {pool:,} test images are taken again from the start when a row needs more"
+        if max(batches) * repeats > pool
+        else ""
+    )
+    return (
+        f"\nImages per row: {used} ({repeats} timed batches x batch size){reused}.\n"
+        "Batch-1 rows can be slower than the MACs predict, even slower than the static student: "
+        "every runtime call has a fixed cost (Python, ONNX Runtime's dispatch and buffers) that "
+        "MACs do not count and that is a large share of a small model's time per image, and "
+        "each exit an image passes runs its head and exit score, few MACs but many small "
+        "operators, slow per MAC. Larger batches share the fixed cost.\n"
+    )
 
 
 def _number_list(kind: type) -> Callable[[str], list]:
@@ -94,9 +143,17 @@ def _number_list(kind: type) -> Callable[[str], list]:
 
 def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     """Register export, infer and bench on the CLI's sub-parsers `sub`, each through the
-    CLI's `command(name, func, help)` helper, which creates it on `sub`."""
+    CLI's `command(name, func, help, examples)` helper, which creates it on `sub`."""
     p = command(
-        "export", export_command, "export a run as ONNX pieces that stop at the first sure exit"
+        "export",
+        export_command,
+        "export a run as ONNX pieces that stop at the first sure exit, plus single.onnx (one "
+        "call per image) and static.onnx (no early exit)",
+        [
+            "erde export runs/erde --out exported/erde",
+            "erde export runs/erde --out exported/erde-int8 --int8",
+            "erde export runs/erde --out exported/erde-0.3 --threshold 0.3 --policy maxprob",
+        ],
     )
     p.add_argument("run", help="finished run folder")
     p.add_argument("--out", required=True, help="export folder to write")
@@ -108,17 +165,15 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     p.add_argument(
         "--policy",
         choices=("entropy", "maxprob"),
-        help="default: the policy of the run's evaluation report, else entropy",
+        help="exit score (default: the policy of the run's evaluation report, else entropy)",
     )
     p.add_argument(
-        "--normalize", action="store_true", default=None, help="entropy divided by log K"
+        "--normalize",
+        action="store_true",
+        default=None,
+        help="entropy divided by log K (default: as the run's evaluation report, else off)",
     )
-    p.add_argument(
-        "--opset",
-        type=int,
-        default=OPSET,
-        help=f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default {OPSET})",
-    )
+    p.add_argument("--opset", type=int, help=OPSET_HELP)
     p.add_argument(
         "--int8",
         action="store_true",
@@ -128,16 +183,46 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
         "--overwrite", action="store_true", help="replace a non-empty folder that is no export"
     )
 
-    p = command("infer", infer_command, "classify image files with an exported early-exit model")
+    p = command(
+        "infer",
+        infer_command,
+        "classify image files with an exported early-exit model: class, exit (1-based) and "
+        "confidence per file; a file converted beyond recognition (colour to grey, a size far "
+        "from the model's) gets a warning on stderr",
+        [
+            "erde infer exported/erde photo1.png photo2.jpg",
+            "erde infer exported/erde images/*.png --format csv > answers.csv",
+            "erde infer exported/erde digit.png --format json --threshold 0",
+        ],
+    )
     p.add_argument("export", metavar="DIR", help="folder written by `erde export`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
-    p.add_argument("--threshold", type=float, help="override the export's threshold")
+    p.add_argument(
+        "--format",
+        choices=INFER_FORMATS,
+        default="table",
+        help="table: markdown for people; json: one list of objects; csv: a header row and "
+        f"one row per file; json and csv fields: {', '.join(INFER_FIELDS)}",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="exit threshold; 0: every image to the last exit (default: the export's own)",
+    )
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     _form_argument(p)
 
     add_bench_arguments(
         command(
-            "bench", bench_command, "latency of early exit against the static student and teacher"
+            "bench",
+            bench_command,
+            "latency of early exit against the static student and teacher, on the run's test "
+            "images: realised versus MACs-predicted speed-up",
+            [
+                "erde bench runs/erde --reference runs/teacher",
+                "erde bench exported/erde-int8 --batch 1 --repeats 300 --warmup 30",
+                "erde bench runs/erde --int8 --thresholds 0,0.5,1",
+            ],
         )
     )
 
@@ -145,19 +230,25 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `erde bench` (also used by bench/latency.py)."""
     p.add_argument("target", metavar="RUN|DIR", help="run folder or `erde export` folder")
-    p.add_argument("--reference", metavar="TEACHER_RUN", help="also time this run, statically")
+    p.add_argument(
+        "--reference",
+        metavar="TEACHER_RUN",
+        help="also time this run, statically (default: no teacher row)",
+    )
     p.add_argument(
         "--thresholds",
         type=_number_list(float),
         help="comma list (default: 0, the val-calibrated budget points and the calibrated one)",
     )
     p.add_argument(
-        "--batch", type=_number_list(int), default=[1, 64], help="batch sizes (default 1,64)"
+        "--batch", type=_number_list(int), default=[1, 64], help="batch sizes (default: 1,64)"
     )
-    p.add_argument("--repeats", type=int, default=100, help="timed batches per batch size")
-    p.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     p.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: all; default 1)"
+        "--repeats", type=int, default=100, help="timed batches per batch size (default: 100)"
+    )
+    p.add_argument("--warmup", type=int, default=10, help="untimed batches first (default: 10)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: all; default: 1)"
     )
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
@@ -166,12 +257,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _form_argument(p: argparse.ArgumentParser) -> None:
-    from erde.deploy.runtime import FORMS
-
     p.add_argument(
         "--form",
         choices=FORMS,
         default="auto",
-        help="early exit in one call per image (single), split batches (split), or single for "
-        "batch 1 and split above (auto, default)",
+        help="single: early exit in one call per image; split: batches split between the exit "
+        "pieces; auto: single at batch 1, split above (default: auto)",
     )

@@ -76,7 +76,7 @@ def _is_student(method: str) -> bool:
     return METHOD_TABLE[method].student if method in METHOD_TABLE else True
 
 
-def _accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
+def accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
     """The curve as a function of MACs: thresholds with equal MACs are averaged."""
     macs, inverse = np.unique(curve.expected_macs, return_inverse=True)
     acc = np.bincount(inverse, weights=curve.accuracy) / np.bincount(inverse)
@@ -84,18 +84,20 @@ def _accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mean_std_curves(
-    curves: Sequence[Curve], n_points: int = 200
+    curves: Sequence[Curve], n_points: int = 200, max_gap: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and std accuracy of several seeds' curves on one MACs grid.
 
     Each curve is read as accuracy as a function of expected MACs (points with equal MACs
     averaged, straight lines between points) and sampled on ``n_points`` evenly spaced MACs over
     the range every curve covers, so nothing is extrapolated. The std is the sample standard
-    deviation across curves (ddof=1; zero for a single curve).
+    deviation across curves (ddof=1; zero for a single curve). With ``max_gap`` (a share of a
+    curve's first-to-last-exit MACs range), a grid point inside a wider step between two of a
+    curve's points is NaN: no threshold gives a point there, and a straight line would invent one.
     """
     if not curves:
         raise ValueError("mean_std_curves needs at least one curve")
-    functions = [_accuracy_of_macs(c) for c in curves]
+    functions = [accuracy_of_macs(c) for c in curves]
     lo = max(m[0] for m, _ in functions)
     hi = min(m[-1] for m, _ in functions)
     if lo > hi:
@@ -105,5 +107,18 @@ def mean_std_curves(
         )
     grid = np.linspace(lo, hi, n_points)
     acc = np.stack([np.interp(grid, m, a) for m, a in functions])
+    if max_gap is not None:
+        for row, (m, _), c in zip(acc, functions, curves, strict=True):
+            row[in_gaps(grid, m, max_gap * float(c.exit_macs[-1] - c.exit_macs[0]))] = np.nan
     std = acc.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(n_points)
     return grid, acc.mean(axis=0), std
+
+
+def in_gaps(x: np.ndarray, points: np.ndarray, width: float) -> np.ndarray:
+    """Which of `x` lie strictly between two neighbours of the sorted `points` more than `width`
+    apart."""
+    if len(points) < 2:
+        return np.zeros(len(x), dtype=bool)
+    j = np.clip(np.searchsorted(points, x, side="right") - 1, 0, len(points) - 2)
+    left, right = points[j], points[j + 1]
+    return (x > left) & (x < right) & (right - left > width)

@@ -113,7 +113,7 @@ def _exit_entry(
     return ExitDiagnostics(
         ece=expected_calibration_error(confidence[:, i], correct[:, i]),
         auroc=correctness_auroc(scores[:, i], correct[:, i]),
-        teacher_exit=teacher_exit,
+        teacher_exit=None if teacher_exit is None else teacher_exit + 1,  # as reports number
         mean_score_teacher_right=None if right is None else _mean(scores[right, i]),
         mean_score_teacher_wrong=None if right is None else _mean(scores[~right, i]),
         teacher_wrong_exit_share=None if wrong_exits is None else _mean(wrong_exits == i),

@@ -27,6 +27,7 @@ NOT_AN_EXPERIMENT = frozenset(
         "data.root",
         "data.download",
         "data.verify",
+        "data.workers",
         "distill.teacher",
         "distill.teacher_cache",
         "distill.teacher_cache_dir",

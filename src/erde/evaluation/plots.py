@@ -2,27 +2,58 @@
 
 Units in, units out: accuracy comes as a fraction and MACs per image; the plots show accuracy in %
 and MACs in millions (M). They render on matplotlib's Agg canvas without pyplot, so no display is
-needed and no global state changes, and every file goes through the one atomic writer.
+needed and no global state changes, and every file goes through the one atomic writer. Each
+function returns its `Figure`, so a test can read what was drawn without looking at pixels.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from erde.evaluation.compare import Comparison, mean_std_curves
 from erde.evaluation.summary import RunSummary
+from erde.evaluation.sweep import Curve
 from erde.files import write_bytes
-from erde.report import Reference, Report
+from erde.report import OWN_REFERENCE, Reference, Report
 from erde.rundir import ReportDir
 
 DPI = 150
+# A log MACs axis when the largest MACs drawn exceed the smallest this many times: on a linear
+# axis a teacher several times the students' cost squeezes their curves into a sliver.
+LOG_X_RATIO = 5.0
+# A step between two sweep points wider than this share of the model's first-to-last-exit MACs is
+# a gap: no threshold gives a point inside it, so no line is drawn across it.
+GAP = 0.05
+# The markers of each exit on its own (hollow circles) and of the chosen point (diamonds).
+EXITS_LABEL = "each exit on its own"
+_EXIT_MARKER = {"linestyle": "none", "marker": "o", "markersize": 5, "markerfacecolor": "white"}
+_CHOSEN_MARKER = {"linestyle": "none", "marker": "D", "markersize": 7, "markeredgecolor": "black"}
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve of `plot_tradeoff`, in MACs order (MACs per image, accuracy as a fraction); a
+    NaN breaks the line. `std`: a band of ±std, the spread over `seeds` seeds. `exits`: each
+    exit on its own, (MACs, accuracy) per exit; `chosen`: the chosen operating point."""
+
+    label: str
+    macs: np.ndarray
+    accuracy: np.ndarray
+    std: np.ndarray | None = None
+    seeds: int = 1
+    exits: tuple[Sequence[float], Sequence[float]] | None = None
+    chosen: tuple[float, float] | None = None
 
 
 def _figure(size: tuple[float, float], ncols: int = 1) -> tuple[Figure, Any]:
@@ -38,32 +69,70 @@ def _save(fig: Figure, path: str | Path) -> None:
     write_bytes(Path(path), buf.getvalue())
 
 
+def break_gaps(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
+    """A sweep's (MACs, accuracy) in MACs order, with a NaN in every gap (wider than `GAP`)."""
+    order = np.argsort(curve.expected_macs, kind="stable")
+    macs, accuracy = curve.expected_macs[order], curve.accuracy[order]
+    width = GAP * float(curve.exit_macs[-1] - curve.exit_macs[0])
+    cut = np.flatnonzero(np.diff(macs) > width) + 1
+    return np.insert(macs, cut, np.nan), np.insert(accuracy, cut, np.nan)
+
+
+def _log_axis(ax: Any) -> None:
+    """Log MACs axis with plain numbers at 1, 2, 3 and 5 of every decade."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_tradeoff(
     path: str | Path,
-    series: Sequence[dict],
+    series: Sequence[Series],
     reference: dict | None = None,
     *,
     title: str,
-) -> None:
-    """Accuracy (%) versus expected MACs per image (M), one line per series.
+    chosen_label: str = "chosen operating point",
+) -> Figure:
+    """Accuracy (%) versus expected MACs per image (M), one line per series, with the markers
+    and bands the series carry, each kind once in the legend.
 
-    ``series``: dicts {label, macs, accuracy, std (or None)} with MACs per image and accuracy as
-    a fraction; ``std`` draws a mean +/- std band. ``reference``: {label, macs, accuracy} drawn as
-    a star (e.g. the teacher's full model). Name the split (val/test) in ``title`` or the labels.
+    ``reference``: {label, macs, accuracy} drawn as a star (e.g. the teacher's full model). The
+    MACs axis is logarithmic when the MACs drawn span more than `LOG_X_RATIO`. Name the split
+    (val/test) in ``title`` or the labels.
     """
     fig, ax = _figure((6.4, 4.4))
+    handles: list[Any] = []
+    xs: list[np.ndarray] = []
+    bands: set[int] = set()
     for s in series:
-        macs = np.asarray(s["macs"], dtype=float) / 1e6
-        acc = np.asarray(s["accuracy"], dtype=float) * 100
-        order = np.argsort(macs, kind="stable")
-        (line,) = ax.plot(macs[order], acc[order], label=s["label"], linewidth=1.5)
-        if s.get("std") is not None:
-            std = np.asarray(s["std"], dtype=float)[order] * 100
-            ax.fill_between(
-                macs[order], acc[order] - std, acc[order] + std, color=line.get_color(), alpha=0.2
-            )
+        macs = np.asarray(s.macs, dtype=float) / 1e6
+        acc = np.asarray(s.accuracy, dtype=float) * 100
+        (line,) = ax.plot(macs, acc, label=s.label, linewidth=1.5)
+        handles.append(line)
+        xs.append(macs)
+        color = line.get_color()
+        if s.std is not None:
+            std = np.asarray(s.std, dtype=float) * 100
+            ax.fill_between(macs, acc - std, acc + std, color=color, alpha=0.2, linewidth=0)
+            bands.add(s.seeds)
+        if s.exits is not None:
+            exit_macs = np.asarray(s.exits[0], dtype=float) / 1e6
+            xs.append(exit_macs)
+            ax.plot(exit_macs, np.asarray(s.exits[1]) * 100, **_EXIT_MARKER, color=color)
+        if s.chosen is not None:
+            xs.append(np.array([s.chosen[0] / 1e6]))
+            ax.plot([s.chosen[0] / 1e6], [s.chosen[1] * 100], **_CHOSEN_MARKER, color=color)
+    if any(s.exits is not None for s in series):
+        handles.append(Line2D([], [], **_EXIT_MARKER, color="gray", label=EXITS_LABEL))
+    if any(s.chosen is not None for s in series):
+        handles.append(Line2D([], [], **_CHOSEN_MARKER, color="gray", label=chosen_label))
+    handles += [
+        Patch(color="gray", alpha=0.2, label=f"mean ± std over {n} seeds") for n in sorted(bands)
+    ]
     if reference is not None:
-        ax.plot(
+        xs.append(np.array([reference["macs"] / 1e6]))
+        (star,) = ax.plot(
             [reference["macs"] / 1e6],
             [reference["accuracy"] * 100],
             marker="*",
@@ -72,12 +141,20 @@ def plot_tradeoff(
             color="black",
             label=reference["label"],
         )
-    ax.set_xlabel("expected MACs per image (M)")
+        handles.append(star)
+    x = np.concatenate(xs) if xs else np.zeros(0)
+    x = x[np.isfinite(x) & (x > 0)]
+    log = x.size > 0 and x.max() / x.min() > LOG_X_RATIO
+    if log:
+        _log_axis(ax)
+    ax.set_xlabel(f"expected MACs per image (M{', log scale' if log else ''})")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    # Beside the axes, not on them: no curve is ever hidden under the legend.
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     _save(fig, path)
+    return fig
 
 
 def plot_exit_distribution(
@@ -85,7 +162,7 @@ def plot_exit_distribution(
     exit_share: Sequence[float] | np.ndarray,
     exit_labels: Sequence[str],
     title: str,
-) -> None:
+) -> Figure:
     """Bar chart of the share of images (%) that leave at each exit."""
     share = np.asarray(exit_share, dtype=float) * 100
     if len(exit_labels) != len(share):
@@ -100,10 +177,14 @@ def plot_exit_distribution(
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     _save(fig, path)
+    return fig
 
 
-def _reference_star(reference: Reference) -> dict:
-    """The reference's test point, drawn as a star."""
+def _reference_star(reference: Reference) -> dict | None:
+    """The reference's test point, drawn as a star (none when it is the run's own final exit,
+    which the exit markers already show)."""
+    if reference.label == OWN_REFERENCE:
+        return None
     return {
         "label": f"{reference.label}, test",
         "macs": reference.macs,
@@ -125,7 +206,7 @@ def _bars(ax: Any, groups: dict[str, list[float | None]], ylabel: str, title: st
     ax.legend(fontsize=8)
 
 
-def plot_diagnostics(path: str | Path, report: Report) -> None:
+def plot_diagnostics(path: str | Path, report: Report) -> Figure:
     """`diagnostics.png`: per exit, calibration and ranking; the exit score on images the
     reference gets right and wrong; and where all and teacher-wrong images exit at the chosen
     threshold (without a reference run the teacher parts say n/a)."""
@@ -156,48 +237,80 @@ def plot_diagnostics(path: str | Path, report: Report) -> None:
     _bars(axes[2], shares, "images leaving here (%)", title)
     fig.suptitle(f"{report.model} ({report.method}): mechanism diagnostics", fontsize=11)
     _save(fig, path)
+    return fig
 
 
-def plot_run(out: ReportDir, summary: RunSummary) -> None:
-    """`tradeoff.png` (the val and test curves), `exits.png` (where test images exit at the
-    chosen threshold) and `diagnostics.png` of `erde evaluate`."""
-    r = summary.report
-    curves = {"val": summary.val_curve, "test": summary.test_curve}
+def plot_run(out: ReportDir, summary: RunSummary) -> dict[str, Figure]:
+    """`tradeoff.png` (the val and test curves, each exit and the chosen point on both),
+    `exits.png` (where test images exit at the chosen threshold) and `diagnostics.png` of
+    `erde evaluate`; the figures by file name."""
+    r, c = summary.report, summary.report.chosen
     series = [
-        {"label": s, "macs": c.expected_macs, "accuracy": c.accuracy, "std": None}
-        for s, c in curves.items()
+        Series(
+            split,
+            *break_gaps(curve),
+            exits=(r.exit_macs, r.per_exit_accuracy[split]),
+            chosen=chosen,
+        )
+        for split, curve, chosen in (
+            ("val", summary.val_curve, (c.val_expected_macs, c.val_accuracy)),
+            ("test", summary.test_curve, (c.test_expected_macs, c.test_accuracy)),
+        )
     ]
-    plot_tradeoff(
+    tradeoff = plot_tradeoff(
         out.tradeoff_png,
         series,
         _reference_star(r.reference),
         title=f"{r.model} ({r.method}): accuracy vs MACs, {r.policy} policy",
+        chosen_label=f"chosen operating point (threshold {c.threshold:.3g})",
     )
-    plot_exit_distribution(
+    exits = plot_exit_distribution(
         out.exits_png,
-        r.chosen.test_exit_share,
+        c.test_exit_share,
         [f"exit {i + 1}" for i in range(len(r.exit_macs))],
-        title=f"test split: where images exit at threshold {r.chosen.threshold:.3g}",
+        title=f"test split: where images exit at threshold {c.threshold:.3g}",
     )
-    plot_diagnostics(out.diagnostics_png, r)
+    return {
+        out.tradeoff_png.name: tradeoff,
+        out.exits_png.name: exits,
+        out.diagnostics_png.name: plot_diagnostics(out.diagnostics_png, r),
+    }
 
 
-def plot_comparison(path: str | Path, comparison: Comparison) -> None:
-    """Every group's test curve, seeds averaged (mean ± std band), and the reference's star."""
-    series = []
-    for label, runs in comparison.groups.items():
-        macs, mean, std = mean_std_curves([s.test_curve for s in runs])
-        series.append(
-            {
-                "label": f"{label}, n={len(runs)}",
-                "macs": macs,
-                "accuracy": mean,
-                "std": std if len(runs) > 1 else None,
-            }
-        )
-    plot_tradeoff(
+def _group_series(label: str, reports: list[Report], curves: list[Curve]) -> Series:
+    """A group's test curve, exits and chosen point, each the mean over its seeds."""
+    macs, mean, std = mean_std_curves(curves, max_gap=GAP)
+    n = len(reports)
+    return Series(
+        label if n == 1 else f"{label}, {n} seeds",
+        macs,
+        mean,
+        std if n > 1 else None,
+        seeds=n,
+        exits=(
+            reports[0].exit_macs,
+            np.mean([r.per_exit_accuracy["test"] for r in reports], axis=0),
+        ),
+        chosen=(
+            float(np.mean([r.chosen.test_expected_macs for r in reports])),
+            float(np.mean([r.chosen.test_accuracy for r in reports])),
+        ),
+    )
+
+
+def plot_comparison(path: str | Path, comparison: Comparison) -> Figure:
+    """Every group's test curve (seeds averaged, mean ± std band), its exits and chosen point
+    (means over the seeds), and the reference's star."""
+    groups = comparison.groups.values()
+    series = [
+        _group_series(label, [s.report for s in runs], [s.test_curve for s in runs])
+        for label, runs in comparison.groups.items()
+    ]
+    several = any(len(runs) > 1 for runs in groups)
+    return plot_tradeoff(
         path,
         series,
         _reference_star(comparison.reference),
         title=f"test split: accuracy vs expected MACs ({comparison.policy} policy)",
+        chosen_label="chosen operating point" + (" (mean over seeds)" if several else ""),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,12 +14,26 @@ from erde.evaluation.compare import Comparison, aggregate
 from erde.evaluation.diagnostics import TeacherOutputs
 from erde.evaluation.plots import plot_comparison, plot_run
 from erde.evaluation.render import render_comparison, render_report
-from erde.evaluation.summary import RunSummary, check_max_drop, reference_from_cache, summarize
+from erde.evaluation.summary import (
+    RunSummary,
+    check_max_drop,
+    chosen_rule,
+    reference_from_cache,
+    summarize,
+)
 from erde.evaluation.sweep import write_curve_csv
 from erde.files import write_json, write_text
-from erde.report import Reference, Report
+from erde.report import OWN_REFERENCE, Reference, Report, criterion_text, read_report
 from erde.run_lock import writer_lock
 from erde.rundir import ComparisonDir, ReportDir, RunDir
+
+log = logging.getLogger("erde.evaluate")
+
+
+def reference_label(run_dir: str | Path) -> str:
+    """How reports name a reference run: its method and model, final exit."""
+    info = ckpt.read_info(run_dir)
+    return f"{info.method} {info.name} (final exit)"
 
 
 def run_reference(
@@ -32,11 +47,10 @@ def run_reference(
     """
     cache = load_cache(run_dir, refresh=refresh, device=device)
     info = ckpt.read_info(run_dir)
-    label = f"{info.method} {info.name} (final exit)"
     teacher = TeacherOutputs(
         f"{info.method} {info.name} ({Path(run_dir)})", cache.logits["test"], cache.labels["test"]
     )
-    return reference_from_cache(cache, label, info.static_macs), teacher
+    return reference_from_cache(cache, reference_label(run_dir), info.static_macs), teacher
 
 
 def _summarize_run(
@@ -62,6 +76,63 @@ def write_evaluation(out: ReportDir, summary: RunSummary) -> None:
     write_text(out.report_md, render_report(summary.report))
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def evaluation_dir(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    policy: str = "entropy",
+    normalize: bool = False,
+    max_drop: float = 0.0,
+    budget: float | None = None,
+    replace_export: bool = False,
+) -> ReportDir:
+    """Where an evaluation goes: `out` when given; else `RUN/eval/`, whose threshold `erde export`
+    deploys, for the default criterion or with `replace_export`; else `RUN/eval-CRITERION/`."""
+    export = RunDir(run_dir).eval
+    if out is not None:
+        if replace_export and not _same_folder(Path(out), export.path):
+            raise ErdeError(
+                f"--replace-export writes {export.path}, the evaluation `erde export` deploys, "
+                f"not --out {out}; drop one of the two"
+            )
+        return ReportDir(out)
+    if replace_export:
+        return export
+    return RunDir(run_dir).eval_for(
+        policy=policy, normalize=normalize, max_drop=max_drop, budget=budget
+    )
+
+
+def _deployed_criterion(run_dir: str | Path, out: ReportDir) -> str | None:
+    """The criterion of the threshold `erde export` deploys, when `out` is the run's `eval/` and
+    holds a readable report (a damaged one deploys nothing, so nothing is lost replacing it)."""
+    if not out.report_json.is_file() or not _same_folder(out.path, RunDir(run_dir).eval.path):
+        return None
+    try:
+        return read_report(out.report_json).criterion
+    except ErdeError:
+        return None
+
+
+def _check_export_kept(
+    run_dir: str | Path, out: ReportDir, criterion: str, replace_export: bool
+) -> None:
+    """An evaluation never silently replaces the threshold `erde export` deploys with one chosen
+    by another criterion: that takes `replace_export` (the same criterion may rewrite it)."""
+    held = _deployed_criterion(run_dir, out)
+    if held is None or held == criterion or replace_export:
+        return
+    raise ErdeError(
+        f"{out.path} holds the threshold `erde export` deploys, chosen by {held}; this "
+        f"evaluation chooses by {criterion}. Pass --replace-export to deploy this one instead, "
+        "or --out DIR to write it elsewhere"
+    )
+
+
 def evaluate_run(
     run_dir: str | Path,
     *,
@@ -74,10 +145,14 @@ def evaluate_run(
     budgets: Sequence[float] = (0.25, 0.5),
     refresh: bool = False,
     device: str = "auto",
+    replace_export: bool = False,
 ) -> Report:
-    """Cache logits, sweep thresholds, calibrate on val, report on test; by default into
-    `RunDir.eval_for` the criterion (RUN/eval only for the default one, which export reads);
-    one writer at a time: not while `erde train` or another evaluation writes the folder."""
+    """Cache logits, sweep thresholds, calibrate on val, report on test, into `evaluation_dir`;
+    one writer at a time: not while `erde train` or another evaluation writes the folder.
+
+    `RUN/eval/` holds the threshold `erde export` deploys: an evaluation with another criterion
+    (rule, reference, policy) replaces it only with `replace_export`, and is refused, before any
+    work, without it (`_check_export_kept`)."""
     if not Path(run_dir).is_dir():
         ckpt.load_weights(run_dir)  # the message for a missing folder, before any lock file
     with writer_lock(run_dir):
@@ -86,6 +161,18 @@ def evaluate_run(
         check_max_drop(max_drop)
         if budget is not None:
             check_budget(resolve_budget(budget, macs[-1]), (macs[0], macs[-1]))
+        target = evaluation_dir(
+            run_dir,
+            out,
+            policy=policy,
+            normalize=normalize,
+            max_drop=max_drop,
+            budget=budget,
+            replace_export=replace_export,
+        )
+        label = reference_label(reference) if reference else OWN_REFERENCE
+        rule = chosen_rule(label, max_drop, budget)
+        _check_export_kept(run_dir, target, criterion_text(rule, policy, normalize), replace_export)
         ref = run_reference(reference, device=device) if reference else None
         summary = _summarize_run(
             run_dir,
@@ -98,10 +185,7 @@ def evaluate_run(
             budget=budget,
             budgets=budgets,
         )
-        if out is None:
-            criterion = {"policy": policy, "normalize": normalize, "max_drop": max_drop}
-            out = RunDir(run_dir).eval_for(**criterion, budget=budget).path
-        write_evaluation(ReportDir(out), summary)
+        write_evaluation(target, summary)
         return summary.report
 
 
@@ -121,7 +205,8 @@ def compare_runs(
     std) on one table and one plot; two runs of one seed in a group are refused.
 
     The runs in `evaluate_each` also get their own report in RUN/eval (`reproduce` passes the
-    runs it trained), so each can go to `erde export` as it is."""
+    runs it trained), so each can go to `erde export` as it is; one whose RUN/eval holds a
+    threshold chosen by another criterion keeps it, with a warning (`_write_study_evaluation`)."""
     if not run_dirs:
         raise ErdeError("give at least one run folder to compare")
     ref = run_reference(reference, device=device) if reference else None
@@ -131,10 +216,29 @@ def compare_runs(
     for run, summary in zip(run_dirs, summaries, strict=True):
         if Path(run) in own:
             with writer_lock(run):
-                write_evaluation(RunDir(run).eval, summary)
+                _write_study_evaluation(run, summary)
     comparison = aggregate(summaries, max_drop)
     files = ComparisonDir(out)
     plot_comparison(files.comparison_png, comparison)
     write_text(files.comparison_md, render_comparison(comparison))
     write_json(files.comparison_json, comparison.to_json())
     return comparison
+
+
+def _write_study_evaluation(run: str | Path, summary: RunSummary) -> None:
+    """A study's evaluation of one of its runs into RUN/eval, unless that holds the export
+    threshold of another criterion: a study never fails at its end for that, it says so."""
+    export = RunDir(run).eval
+    held = _deployed_criterion(run, export)
+    if held is not None and held != summary.report.criterion:
+        log.warning(
+            "%s kept: it holds the threshold `erde export` deploys, chosen by %s, and this study "
+            "chooses by %s; to deploy the study's, run `erde evaluate %s` with its criterion and "
+            "--replace-export",
+            export.path,
+            held,
+            summary.report.criterion,
+            run,
+        )
+        return
+    write_evaluation(export, summary)

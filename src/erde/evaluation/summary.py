@@ -24,7 +24,14 @@ from erde.evaluation.diagnostics import TeacherOutputs, diagnose
 from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.sweep import Curve, sweep
 from erde.model_info import ModelInfo
-from erde.report import OperatingPoint, Reference, Report
+from erde.report import (
+    OWN_REFERENCE,
+    OperatingPoint,
+    Reference,
+    Report,
+    budget_label,
+    keep_label,
+)
 
 
 @dataclass
@@ -52,6 +59,12 @@ def check_max_drop(max_drop: float) -> None:
     """Refused before any work: a negative drop would ask for more than the reference."""
     if not max_drop >= 0:
         raise ErdeError(f"--max-drop {max_drop} must be >= 0 accuracy points")
+
+
+def chosen_rule(reference_label: str, max_drop: float, budget: float | None) -> str:
+    """The rule that chooses the deployed point: the user's budget, else keeping the reference's
+    val accuracy (what `Report.chosen_by` records, known before any logits are computed)."""
+    return keep_label(reference_label, max_drop) if budget is None else budget_label(budget)
 
 
 def _budget_points(
@@ -96,9 +109,7 @@ def summarize(
     }
     per_exit = {s: per_exit_accuracy(cache.logits[s], cache.labels[s]).tolist() for s in SPLITS}
     if reference is None:
-        reference = Reference(
-            "the run's own final exit", per_exit["val"][-1], per_exit["test"][-1], full
-        )
+        reference = Reference(OWN_REFERENCE, per_exit["val"][-1], per_exit["test"][-1], full)
 
     def point(calibration: Calibration) -> OperatingPoint:
         test_logits, test_labels = cache.logits["test"], cache.labels["test"]
@@ -128,6 +139,7 @@ def summarize(
         at_own_full_accuracy=keep(per_exit["val"][-1]),
         at_budget_fraction=_budget_points(within, budgets),
         chosen=chosen,
+        chosen_by=chosen_rule(reference.label, max_drop, budget),
         diagnostics=diagnose(
             cache.logits["test"],
             cache.labels["test"],
