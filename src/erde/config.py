@@ -50,6 +50,16 @@ class DataConfig:
     val_size: float = 5000
     augment: bool = True
     crop_padding: int = 4
+    # Image folders: decoded into the device's memory, or streamed from the files by DataLoader
+    # workers (erde.data.stream); auto streams a folder whose decoded images exceed the budget.
+    stream: str = "auto"
+    device_budget_gb: float | None = None  # null: a quarter of the host's (and GPU's) memory
+    workers: int | None = None  # decoding processes; null: the cores, one left for training
+    image_size: int | None = None  # streamed input size; null: the first image's shorter side
+    eval_crop: float = 1.0  # streamed evaluation: centre crop of the resized image (0.875: 224/256)
+    # Per-channel statistics on the 0..1 scale; null: computed from the training images.
+    mean: list[float] | None = None
+    std: list[float] | None = None
 
 
 @dataclass
@@ -95,7 +105,7 @@ class DistillConfig:
     method: str = "teacher"  # a name in erde.methods.METHOD_TABLE
     teacher: str | None = None  # run folder of a finished teacher
     alpha: float = 0.5
-    beta: float = 1.0
+    beta: float = 0.1  # docs/results.md, issue 13: 1 was below kd; 0.1 ties it
     temperature: float = 4.0
     pairing: str = "depth"
     entropy_term: str = "uniform-ce"
@@ -150,6 +160,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("cosine", "multistep", "constant"),
     # auto: bf16 where the device computes it natively, else fp32 (erde.device.resolve_precision).
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
+    "data.stream": ("auto", "always", "never"),
     "distill.method": tuple(METHODS),
     "distill.pairing": PAIRINGS,
     "distill.entropy_term": ENTROPY_TERMS,
@@ -202,6 +213,12 @@ RANGES: dict[str, Range] = {
     "train.checkpoint_every": _NON_NEGATIVE,
     "data.val_size": _NON_NEGATIVE,
     "data.crop_padding": _NON_NEGATIVE,
+    "data.device_budget_gb": _POSITIVE,
+    "data.workers": _NON_NEGATIVE,
+    "data.image_size": _POSITIVE,
+    "data.eval_crop": Range(0, 1, low_open=True),
+    "data.mean": Range(0, 1, items="per-channel means on the 0..1 scale"),
+    "data.std": Range(0, low_open=True, items="per-channel standard deviations on the 0..1 scale"),
     "distill.alpha": Range(0, 1),
     "distill.exit_weights": Range(0, items="weights"),
     "train.milestones": Range(0, 1, low_open=True, items="fractions of the run"),
@@ -424,6 +441,7 @@ def validate(cfg: Config) -> None:
     for key, value in cfg.model.options.items():  # the one place floats escape the table
         if isinstance(value, float) and not math.isfinite(value):
             raise ErdeError(f"model.options.{key}={value} must be a finite number")
+    _validate_data(cfg.data)
     t, d = cfg.train, cfg.distill
     if t.warmup_epochs >= t.epochs:
         raise ErdeError(
@@ -440,6 +458,39 @@ def validate(cfg: Config) -> None:
         raise ErdeError(
             f"distill.teacher is set but distill.method={d.method} uses no teacher; "
             f"drop distill.teacher or pick {or_list(TEACHER_METHODS)}"
+        )
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Data keys that only mean something together."""
+    if (d.mean is None) != (d.std is None) or (d.mean and len(d.mean) != len(d.std)):
+        raise ErdeError(
+            f"data.mean={d.mean} and data.std={d.std}: give both, one value per channel, or "
+            "neither (then both are computed from the training images)"
+        )
+    if d.mean is not None and len(d.mean) not in (1, 3):
+        raise ErdeError(
+            f"data.mean={d.mean} has {len(d.mean)} values; images have 1 (grey) or 3 (colour) "
+            "channels"
+        )
+    if d.stream == "always" and d.source != "imagefolder":
+        raise ErdeError(
+            f"data.stream=always streams image folders (data.source=imagefolder); {d.source} is "
+            "read whole into memory: use data.stream=auto"
+        )
+    streamed_only = [
+        f"{key}={value:g}"
+        for key, value, default in (
+            ("data.image_size", d.image_size, None),
+            ("data.eval_crop", d.eval_crop, 1.0),
+        )
+        if value != default
+    ]
+    if streamed_only and d.stream != "always":
+        raise ErdeError(
+            f"{' and '.join(streamed_only)} resize streamed images, but data.stream={d.stream} "
+            "may decode the folder into memory, where images keep their size; set "
+            "data.stream=always, or drop them"
         )
 
 

@@ -29,6 +29,16 @@ HELP: dict[str, str] = {
     "data.val_size": "images held out of training for validation: a count or a fraction (< 1)",
     "data.augment": "random crop and horizontal flip of training images",
     "data.crop_padding": "pixels of zero padding before the random crop",
+    "data.stream": "image folders: decode into memory (never), stream the files (always), or "
+    "stream above data.device_budget_gb (auto)",
+    "data.device_budget_gb": "decoded size above which auto streams (null: a quarter of the "
+    "host's memory, and of the GPU's)",
+    "data.workers": "processes decoding streamed images (null: the cores, one left for training)",
+    "data.image_size": "streamed input size, RandomResizedCrop target (null: the first image's "
+    "shorter side)",
+    "data.eval_crop": "streamed evaluation: resize to image_size / eval_crop, crop the centre",
+    "data.mean": "per-channel mean on the 0..1 scale (null: from the training images)",
+    "data.std": "per-channel std on the 0..1 scale (null: from the training images)",
     "model.name": "registered model (`erde models` lists them)",
     "model.exits": '"default", "stages", "every:K" or 1-based block indices such as "3,6"',
     "model.options": "builder options, checked against its signature (model.options.width=16)",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from erde.config import Config, ReproduceConfig, stage_config, to_dict, to_yaml
+from erde.config import Config, ReproduceConfig, stage_config, structured, to_dict, to_yaml
 from erde.data.prepare import data_info, prepare_data
 from erde.errors import ErdeError
 from erde.evaluation.compare import Comparison
@@ -161,7 +161,10 @@ def check_study(recorded: Path, cfg: ReproduceConfig) -> None:
     key other than `methods` and `grid` (adding methods or grid values only adds runs)."""
     if not recorded.is_file():
         return
-    theirs = _flat(OmegaConf.to_container(OmegaConf.load(recorded)))
+    # Through the schema: a key added to erde after the study was recorded takes its default.
+    theirs = _flat(
+        to_dict(structured(ReproduceConfig, [(str(recorded), OmegaConf.load(recorded))]))
+    )
     ours = _flat(to_dict(cfg))
     keys = sorted(
         k

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from erde import checkpoint as ckpt
 from erde import distributed
 from erde.config import Config, to_dict
-from erde.data import DeviceBatches
 from erde.data.prepare import (
+    Batches,
     Split,
     check_split,
     data_info,
@@ -59,7 +59,7 @@ class EpochParts:
     model: nn.Module
     teacher: TeacherOutputs | None
     loss_fn: DistillLoss
-    batches: DeviceBatches
+    batches: Batches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -76,7 +76,7 @@ class Setup:
     net: nn.Module
     info: ModelInfo
     parts: EpochParts
-    val: DeviceBatches
+    val: Batches
     eval_model: nn.Module
 
 
@@ -188,12 +188,19 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
 
 
 def teacher_outputs(
-    cfg: Config, split: Split, batches: DeviceBatches, device: torch.device, world: World = SINGLE
+    cfg: Config, split: Split, batches: Batches, device: torch.device, world: World = SINGLE
 ) -> TeacherOutputs:
-    """The teacher behind its output cache (or bare, with `distill.teacher_cache=false`)."""
+    """The teacher behind its output cache (or bare, with `distill.teacher_cache=false` or
+    streamed data, whose stored outputs would grow with the data set: images x exits x classes
+    an epoch, about 10 GB for ImageNet in bf16)."""
     d, t = cfg.distill, cfg.train
     teacher = Teacher(d.teacher, data_info(split.data), device, t.channels_last)
-    if not d.teacher_cache:
+    if d.teacher_cache and split.streamed and world.main:
+        log.info(
+            "teacher cache off for streamed data: the teacher runs on every batch (its stored "
+            "outputs would grow with the data set, images x exits x classes an epoch)"
+        )
+    if not d.teacher_cache or split.streamed:
         return TeacherOutputs(teacher, None, world)
     key = CacheKey(
         teacher_sha256=sha256_file(RunDir(d.teacher).weights),
@@ -221,6 +228,8 @@ def fill_teacher_cache(cfg: Config, *, progress: bool = False) -> None:
     split = prepare_data(cfg)
     batches = train_batches(cfg, split, device)
     outputs = teacher_outputs(cfg, split, batches, device)
+    if outputs.cache is None:
+        return
     autocast = autocaster(device, resolve_precision(cfg.train.precision, device))
     for epoch in tqdm(
         range(cfg.train.epochs), desc="teacher cache", disable=None if progress else True
@@ -376,7 +385,7 @@ def restore_rng(state: dict, device: torch.device, world: World, seed: int, epoc
 
 @torch.no_grad()
 def exit_accuracy(
-    model: nn.Module, batches: DeviceBatches, autocast, world: World = SINGLE
+    model: nn.Module, batches: Batches, autocast, world: World = SINGLE
 ) -> list[float]:
     """Per-exit accuracy (fraction) over the batches of every rank, in eval mode; restores the
     caller's mode. Ranks count their own shard; the counts are summed, not the fractions."""

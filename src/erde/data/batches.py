@@ -7,13 +7,12 @@ resumed run sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erde.data.order import EpochOrder
 from erde.data.pixels import Normalize
 from erde.errors import ErdeError
 
@@ -23,8 +22,7 @@ class DeviceBatches:
 
     `augment` switches augmentation on: a random crop of the zero-padded image (`crop_padding`
     pixels each side; 0 disables it) and, if `hflip`, a horizontal flip with probability 1/2.
-    With `world_size` > 1 every rank draws the same permutation, pads it by wrapping around (or
-    truncates it with `drop_last`) to a multiple of `world_size`, and takes `rank::world_size`.
+    Which images each step takes, on which rank, is `EpochOrder`'s (shared with `StreamBatches`).
     Call `set_epoch` before each pass; without it every pass repeats epoch 0.
     """
 
@@ -53,59 +51,43 @@ class DeviceBatches:
             raise ValueError(f"y must be int64 of shape ({len(x)},), got {y.dtype} {y.shape}")
         if not len(mean) == len(std) == x.shape[3]:
             raise ValueError(f"mean/std need {x.shape[3]} values, got {len(mean)}/{len(std)}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        if batch_size < 1:
-            raise ErdeError(f"batch_size must be at least 1, got {batch_size}.")
         if crop_padding < 0:
             raise ErdeError(f"crop_padding must be 0 or more pixels, got {crop_padding}.")
+        self.order = EpochOrder(len(x), batch_size, seed, shuffle, drop_last, rank, world_size)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.padding = crop_padding if augment else 0
         self.flip = augment and hflip
         self.channels_last = channels_last
-        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.num_samples = self.order.per_rank
 
         self.x = x.to(self.device).permute(0, 3, 1, 2).contiguous()
         self.y = y.to(self.device)
-        n = len(x)
-        per_rank = n // world_size if drop_last else math.ceil(n / world_size)
-        self._total = per_rank * world_size
-        self.num_samples = per_rank
-        self._batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-        if self._batches == 0:
-            raise ErdeError(
-                f"{n} samples over {world_size} rank(s) give {per_rank} per rank, fewer than "
-                f"batch_size {batch_size} with drop_last: no batch at all. Lower batch_size."
-            )
         self._normalize = Normalize(mean, std, self.device)
 
     def __len__(self) -> int:
-        return self._batches
+        return self.order.steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def _plan(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's sample order, crop offsets and flips for the epoch (drawn on the CPU)."""
-        seed = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        gen = torch.Generator().manual_seed(int(seed))
-        n = len(self.x)
-        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
-        order = order.repeat(math.ceil(self._total / n))[: self._total]
+        gen = self.order.generator(self.epoch)
+        order = self.order.global_order(gen)
+        total = self.order.total
         shifts = (
-            torch.randint(0, 2 * self.padding + 1, (self._total, 2), generator=gen)
+            torch.randint(0, 2 * self.padding + 1, (total, 2), generator=gen)
             if self.padding
             else None
         )
-        flips = torch.rand(self._total, generator=gen) < 0.5 if self.flip else None
-        mine = slice(self.rank, None, self.world_size)
+        flips = torch.rand(total, generator=gen) < 0.5 if self.flip else None
+        mine = self.order.mine
         return (
-            order[mine],
-            None if shifts is None else shifts[mine],
-            None if flips is None else flips[mine],
+            mine(order),
+            None if shifts is None else mine(shifts),
+            None if flips is None else mine(flips),
         )
 
     def _augment(
@@ -129,8 +111,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, shifts, flips = (None if t is None else t.to(self.device) for t in self._plan())
-        for start in range(0, self._batches * self.batch_size, self.batch_size):
-            part = slice(start, start + self.batch_size)
+        for part in self.order.step_slices():
             idx = order[part]
             xb = self.x[idx]
             if shifts is not None or flips is not None:

@@ -48,11 +48,19 @@ def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]
 
     A 256-bin histogram per channel gives exact sums without a float copy of the whole set.
     """
+    counts = torch.stack(
+        [torch.bincount(x[..., c].reshape(-1), minlength=256) for c in range(x.shape[3])]
+    )
+    return stats_from_counts(counts)
+
+
+def stats_from_counts(counts: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and (population) std on the 0..1 scale from C x 256 pixel-value counts: the one
+    formula for images in memory and images streamed from files."""
     levels = torch.arange(256, dtype=torch.float64) / 255.0
     means, stds = [], []
-    for c in range(x.shape[3]):
-        counts = torch.bincount(x[..., c].reshape(-1), minlength=256).to(torch.float64)
-        p = counts / counts.sum()
+    for channel in counts.to(torch.float64):
+        p = channel / channel.sum()
         mean = float((p * levels).sum())
         var = float((p * (levels - mean) ** 2).sum())
         means.append(mean)

@@ -1,4 +1,5 @@
-"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays.
+"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays (or
+listed by `folder_samples` for streaming, `erde.data.stream`).
 
 Files are decoded by `erde.data.pixels.decode_image`, the decoder `erde infer` uses, so a model
 sees the same pixels from a file in training and in deployment. The set is grey (1 channel) when
@@ -53,16 +54,18 @@ def _samples(split_dir: str, class_to_idx: dict[str, int]) -> list[tuple[str, in
     return samples
 
 
-def _decode(path: str) -> np.ndarray:
-    """H x W x 1 for grey files, H x W x 3 for the others; the message says which loader failed."""
+def decode_file(path: str, channels: int | None = None, size: int | None = None) -> np.ndarray:
+    """`decode_image` with the message saying which loader failed: H x W x 1 for grey files,
+    H x W x 3 for the others (or `channels`)."""
     try:
-        return decode_image(path)
+        return decode_image(path, channels, size)
     except ErdeError as exc:
         raise ErdeError(f"imagefolder: {exc}") from None
 
 
-def load_image_folder(root: str) -> ImageData:
-    """Classes come from the train folder's subfolders (sorted); test may hold a subset of them."""
+def folder_samples(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """The class names (the train folder's subfolders, sorted; test may hold a subset of them)
+    and the (path, label) of every image of each split, without reading any image."""
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
     classes = _classes(train_dir)
     class_to_idx = {c: k for k, c in enumerate(classes)}
@@ -73,20 +76,29 @@ def load_image_folder(root: str) -> ImageData:
             f"{train_dir} lacks; every test class needs training images."
         )
     test_classes = {c: class_to_idx[c] for c in _classes(test_dir)}
-    splits = {"train": _samples(train_dir, class_to_idx), "test": _samples(test_dir, test_classes)}
+    return classes, {
+        "train": _samples(train_dir, class_to_idx),
+        "test": _samples(test_dir, test_classes),
+    }
+
+
+def load_image_folder(root: str) -> ImageData:
+    """Every image decoded into memory; all must share one size."""
+    classes, splits = folder_samples(root)
     decoded: dict[str, list[np.ndarray]] = {}
     first: tuple[str, tuple[int, int]] | None = None
     for split, samples in splits.items():
         decoded[split] = []
         for path, _ in samples:
-            image = _decode(path)
+            image = decode_file(path)
             if first is None:
                 first = (path, image.shape[:2])
             elif image.shape[:2] != first[1]:
                 raise ErdeError(
                     f"imagefolder: {path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
                     f"{first[0]} is {first[1][1]}x{first[1][0]}; all images must share one size. "
-                    "Resize them beforehand."
+                    "Resize them beforehand, or stream them (data.stream=always), which resizes "
+                    "them as it reads them."
                 )
             decoded[split].append(image)
     channels = max(im.shape[2] for images in decoded.values() for im in images)
