@@ -6,7 +6,10 @@ recommends; AVX512-VNNI and AVX-VNNI run it natively), MinMax ranges observed on
 validation images (the first `CALIBRATION_IMAGES`). `quant_pre_process` first folds BatchNorm into
 the convolutions. The exit-score nodes (everything computed from an exit's logits) stay float32:
 the score decides the exit, so it keeps the simulator's formula and precision, applied to the
-quantized logits.
+quantized logits. So do convolutions with fewer than `MIN_INT8_CHANNELS` input channels (the stem
+on the image): int8 kernels gain nothing on 1-3 channels, while quantizing the image and turning
+it to ONNX Runtime's int8 layout costs more than the float convolution (docs/benchmarks.md,
+"Batch-1 fixed cost": static int8 went from 1.45x to 1.58x the speed of fp32 at batch 1).
 
 Quantization moves the logits and hence the entropies, so the threshold calibrated on the fp32
 model would give another operating point. It is re-chosen on the quantized pieces' own
@@ -40,6 +43,7 @@ from erde.rundir import RunDir
 # the data in onnxruntime 1.32), so the count bounds memory: about 1 GB for a CIFAR ResNet-8.
 CALIBRATION_IMAGES = 1000
 CALIBRATION_BATCH = 100
+MIN_INT8_CHANNELS = 8  # fewer input channels: the convolution stays float32 (the stem)
 # The backbones' operators. Left out: BatchNormalization and AveragePool, which occur only in the
 # exit heads (the backbones' BatchNorms fold into convolutions): ONNX Runtime has no fused int8
 # BatchNorm, and its int8 average pool costs more than the float one on a head's small map.
@@ -84,6 +88,18 @@ class _Batches:
         return next(self.feeds, None)
 
 
+def _float_convs(graph: onnx.GraphProto) -> list[str]:
+    """Names of the convolutions with fewer than `MIN_INT8_CHANNELS` input channels."""
+    weights = {t.name: t.dims for t in graph.initializer}
+    names = []
+    for node in graph.node:
+        if node.op_type == "Conv" and node.input[1] in weights:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if weights[node.input[1]][1] * group < MIN_INT8_CHANNELS:
+                names.append(node.name)
+    return names
+
+
 def _score_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the nodes computed from a logits output (the exit score), kept in float32."""
     logits = {o.name for o in graph.output if o.name.startswith("logits")}
@@ -117,7 +133,7 @@ def quantize_graph(proto: onnx.ModelProto, inputs: torch.Tensor) -> onnx.ModelPr
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=QUANTIZED_OPS,
-            nodes_to_exclude=_score_nodes(model.graph),
+            nodes_to_exclude=_score_nodes(model.graph) + _float_convs(model.graph),
             calibrate_method=CalibrationMethod.MinMax,
         )
         quantized = onnx.load(str(out))
@@ -199,7 +215,7 @@ def quantize_export(
         "format": "QDQ",
         "weights": "int8, per channel",
         "activations": "uint8, per tensor (MinMax)",
-        "float32": "exit scores",
+        "float32": f"exit scores, convolutions with < {MIN_INT8_CHANNELS} input channels",
         "calibration_images": f"the first {min(len(val_x), CALIBRATION_IMAGES)} validation "
         f"images of {run_dir}",
         "per_exit_accuracy": summary.per_exit_accuracy,

@@ -33,13 +33,14 @@ from erde import checkpoint as ckpt
 from erde.config import load_config
 from erde.deploy.export import export_run, static_network
 from erde.deploy.images import normalize_images
-from erde.deploy.manifest import MANIFEST, Manifest, read_graph, read_manifest
+from erde.deploy.manifest import MANIFEST, Manifest, read_manifest
 from erde.deploy.onnx_export import export_graph
-from erde.deploy.runtime import EarlyExitRuntime, exit_logits, ort_session
+from erde.deploy.runtime import EarlyExitRuntime, exit_logits, export_session, ort_session
 from erde.deploy.threshold import has_calibration
 from erde.errors import ErdeError
 from erde.evaluation.metrics import per_exit_accuracy
 from erde.report import markdown_table
+from erde.resources import check_batch_memory
 from erde.rundir import RunDir
 
 
@@ -66,7 +67,7 @@ class BenchRow:
 
 @dataclass
 class _Timed:
-    """One configuration under measurement: `run(batch) -> (classes, exit indices or None)`."""
+    """One configuration under measurement: `run(batch) -> (classes, exits (1-based) or None)`."""
 
     name: str
     threshold: float | None
@@ -91,7 +92,7 @@ def _early_exit_runner(
 
     def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         pred = runtime.predict(x, form=form)
-        return pred.classes, pred.exit_index
+        return pred.classes, pred.exits
 
     return run
 
@@ -148,7 +149,7 @@ def _student(
     own = manifest.deployment.threshold
     chosen = sorted({own, *(thresholds or [0.0, *manifest.budget_thresholds.values()])})
     runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
-    static = ort_session(read_graph(export_dir, manifest.static), threads)
+    static = export_session(export_dir, manifest.static, threads)
     name = manifest.info.name + ("" if manifest.precision == "fp32" else f" {manifest.precision}")
     configs = [
         _Timed(f"student {name}, static", None, _static_runner(static), manifest.info.static_macs)
@@ -199,8 +200,9 @@ def _measure(
             if taken is None:
                 macs[k] += configs[k].static_macs * len(yb)
             else:
-                macs[k] += float(cost[taken].sum())
-                exits[k] += np.bincount(taken, minlength=n_exits)
+                index = taken - 1  # exits are 1-based
+                macs[k] += float(cost[index].sum())
+                exits[k] += np.bincount(index, minlength=n_exits)
     n_images = batch * repeats
     base = sum(seconds[0])
     rows = []
@@ -246,6 +248,8 @@ def _check_options(
             f"--int8 quantizes a run, and {target} is an export; give the run folder, or bench "
             "an `erde export --int8` folder without --int8"
         )
+    info = read_manifest(target).info if is_export_dir else ckpt.read_info(target)
+    check_batch_memory(max(batch_sizes), info.data.in_channels, info.data.input_size, "--batch")
 
 
 def benchmark(

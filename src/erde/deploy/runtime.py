@@ -5,7 +5,9 @@ give piece 2 only the undecided images, and so on. *Single* (one image): one ONN
 the export's `single.onnx`, whose `If` nodes decide inside the runtime (erde.deploy.single), so
 nothing returns to Python between exits. The rule (`form="auto"`): a batch of one image takes the
 single call when the export has one, larger batches are split; `form="split"` or `"single"`
-(image by image) forces one.
+(image by image) forces one. A threshold of 0 at every exit lets no image leave early (scores are
+>= 0 and the rule is strict), so `auto` then runs the export's static network (`static.onnx`, no
+intermediate heads): the same final-exit answers without paying for heads no image can use.
 
 Each piece returns its exit score, computed with the simulator's own formula
 (`erde.evaluation.policy.exit_scores`, traced into the ONNX graph by `erde export`), and the
@@ -18,7 +20,10 @@ against; split form only).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from erde import checkpoint as ckpt
-from erde.deploy.images import check_channels, load_image, normalize_images
+from erde.deploy.images import check_channels, normalize_images, read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
 from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
 from erde.deploy.threshold import deployment
@@ -40,19 +45,21 @@ from erde.model_info import ModelInfo
 Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
 # The single-call form: (one image 1 x C x H x W, float32 thresholds) -> (logits 1 x K, exit).
 Single = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, int]]
+Static = Callable[[np.ndarray], np.ndarray]
 FORMS = ("auto", "single", "split")
 
 
 @dataclass
 class Prediction:
-    """Per image: class index, softmax of the answering exit, exit index (0-based), its logits.
+    """Per image: class index, softmax of the answering exit, the exit that answered (1-based,
+    as every report and `erde infer` number exits), its logits.
 
-    `images_per_piece[i]` is how many images piece i computed: the work really done.
+    `images_per_piece[i]` is how many images piece i (exit i + 1) computed: the work really done.
     """
 
     classes: np.ndarray  # N, int64
     probabilities: np.ndarray  # N x K, float32
-    exit_index: np.ndarray  # N, int64
+    exits: np.ndarray  # N, int64, 1 = the first exit
     logits: np.ndarray  # N x K, float32
     images_per_piece: list[int]
 
@@ -64,13 +71,16 @@ class Prediction:
 
 @dataclass
 class FileResult:
-    """One row of `classify_files`: a class and exit (1-based), or why the file failed."""
+    """One row of `classify_files`: a class and exit (1-based), or why the file failed; and a
+    warning when the file had to be converted so much that the answer may mean nothing."""
 
     file: str
+    class_index: int | None = None
     class_name: str | None = None
     exit: int | None = None
     confidence: float | None = None
     error: str | None = None
+    warning: str | None = None
 
 
 def ort_piece(session) -> Piece:
@@ -88,6 +98,15 @@ def _ort_single(session) -> Single:
     def run(x: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, int]:
         logits, exit_index = session.run([LOGITS, EXIT], {"image": x, THRESHOLDS: thresholds})
         return logits, int(exit_index[0])
+
+    return run
+
+
+def _ort_static(session) -> Static:
+    name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run([output], {name: x})[0]
 
     return run
 
@@ -127,7 +146,24 @@ def ort_session(model: bytes | str, threads: int | None = None):
     options.intra_op_num_threads = 0 if threads is None else int(threads)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4  # fatal only: a failure raises with its message anyway, and
+    # ONNX Runtime's own log lines on stderr would break erde's one-line errors
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def export_session(export_dir: Path, entry: dict, threads: int | None = None):
+    """A session of one graph of an export, checked against its manifest entry first. A graph
+    can match an edited checksum and still be damaged: ONNX Runtime's refusal is then a message."""
+    blob = read_graph(export_dir, entry)
+    try:  # ONNX Runtime prints its fallback attempt on stdout, where the results go
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ort_session(blob, threads)
+    except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+        raise ErdeError(
+            f"{Path(export_dir) / entry['file']} is a graph ONNX Runtime cannot load "
+            f"({type(exc).__name__}: {reason}); re-create the folder with `erde export`"
+        ) from None
 
 
 class EarlyExitRuntime:
@@ -141,12 +177,14 @@ class EarlyExitRuntime:
         *,
         backend: str,
         single: Single | None = None,
+        static: Static | None = None,
     ) -> None:
         check_policy(point.policy)
         if len(pieces) != info.num_exits:
             raise ValueError(f"{len(pieces)} pieces but {info.num_exits} exits")
         self.pieces = list(pieces)
         self.single = single
+        self.static = static
         self.info = info
         self.policy = point.policy
         self.normalize = bool(point.normalize)
@@ -200,14 +238,16 @@ class EarlyExitRuntime:
         """ONNX Runtime on CPU; every file is checked against the manifest before it is used."""
         export_dir = Path(export_dir)
         m = read_manifest(export_dir)
-        sessions = [ort_session(read_graph(export_dir, p), threads) for p in m.pieces]
-        single = _ort_single(ort_session(read_graph(export_dir, m.single), threads))
+        sessions = [export_session(export_dir, p, threads) for p in m.pieces]
+        single = _ort_single(export_session(export_dir, m.single, threads))
+        static = _ort_static(export_session(export_dir, m.static, threads))
         return cls(
             [ort_piece(s) for s in sessions],
             m.info,
             m.deployment,
             backend=f"onnxruntime {m.precision}",
             single=single,
+            static=static,
         )
 
     @classmethod
@@ -264,27 +304,41 @@ class EarlyExitRuntime:
         else:
             cutoffs = exit_thresholds(threshold, self.num_exits)
             cutoffs_np = cutoffs.numpy()
+        if form == "auto" and self.static is not None and not (cutoffs_np > 0).any():
+            return self._predict_static(x.numpy())
         if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
             return self._predict_single(x.numpy(), cutoffs_np)
         return self._predict_split(x, cutoffs)
+
+    def _predict_static(self, x: np.ndarray) -> Prediction:
+        """The plain network: every image answers at the last exit, as no threshold lets one out."""
+        logits = self.static(x) if len(x) else np.zeros((0, len(self.classes)), np.float32)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return Prediction(
+            classes=logits.argmax(axis=1),
+            probabilities=shifted / shifted.sum(axis=1, keepdims=True),
+            exits=np.full(len(x), self.num_exits, np.int64),
+            logits=logits,
+            images_per_piece=[len(x)] * self.num_exits,
+        )
 
     def _predict_single(self, x: np.ndarray, cutoffs: np.ndarray) -> Prediction:
         """One session call per image; the graph's If nodes stop it at its exit. Lean on
         purpose: at batch 1 every microsecond of Python is a share of the saving."""
         if len(x) == 1:
-            logits, exit_at = self.single(x, cutoffs)
-            exit_index = np.array([exit_at], np.int64)
+            logits, exit_at = self.single(x, cutoffs)  # the graph's exit index is 0-based
+            exits = np.array([exit_at + 1], np.int64)
             work = [int(i <= exit_at) for i in range(self.num_exits)]
         else:
             runs = [self.single(x[j : j + 1], cutoffs) for j in range(len(x))]
             logits = np.concatenate([r[0] for r in runs]).reshape(len(x), len(self.classes))
-            exit_index = np.array([r[1] for r in runs], np.int64)
-            work = np.bincount(exit_index, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
+            exits = np.array([r[1] + 1 for r in runs], np.int64)
+            work = np.bincount(exits - 1, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(
             classes=logits.argmax(axis=1),
             probabilities=shifted / shifted.sum(axis=1, keepdims=True),
-            exit_index=exit_index,
+            exits=exits,
             logits=logits,
             images_per_piece=work,
         )
@@ -297,38 +351,38 @@ class EarlyExitRuntime:
             k = len(self.classes)
             empty = np.zeros((0, k), np.float32)
             return Prediction(np.zeros(0, np.int64), empty, np.zeros(0, np.int64), empty, work)
-        answered = []  # (image indices, or None for all n in order; exit; their logits)
+        answered = []  # (image indices, or None for all n in order; exit, 1-based; logits)
         active = None
         for i, piece in enumerate(self.pieces):
             work[i] = len(x)
             features, out, scores = piece(x)
             if i == last:
-                answered.append((active, i, out))
+                answered.append((active, i + 1, out))
                 break
             done = scores < cutoffs[i]
             n_done = int(done.sum())
             if n_done == len(out):
-                answered.append((active, i, out))
+                answered.append((active, i + 1, out))
                 break
             if n_done:
                 ids = torch.arange(n) if active is None else active
                 stay = ~done
-                answered.append((ids[done], i, out[done]))
+                answered.append((ids[done], i + 1, out[done]))
                 active, features = ids[stay], features[stay]
             x = features
         if len(answered) == 1 and answered[0][0] is None:  # one exit answered the whole batch
             logits = answered[0][2]
-            exit_index = torch.full((n,), answered[0][1], dtype=torch.int64)
+            exits = torch.full((n,), answered[0][1], dtype=torch.int64)
         else:
             logits = torch.empty(n, len(self.classes), dtype=torch.float32)
-            exit_index = torch.empty(n, dtype=torch.int64)
-            for ids, i, out in answered:
+            exits = torch.empty(n, dtype=torch.int64)
+            for ids, exit_, out in answered:
                 logits[ids] = out
-                exit_index[ids] = i
+                exits[ids] = exit_
         return Prediction(
             classes=logits.argmax(dim=1).numpy(),
             probabilities=torch.softmax(logits, dim=1).numpy(),
-            exit_index=exit_index.numpy(),
+            exits=exits.numpy(),
             logits=logits.numpy(),
             images_per_piece=work,
         )
@@ -340,7 +394,8 @@ class EarlyExitRuntime:
         batch_size: int = 64,
         form: str = "auto",
     ) -> list[FileResult]:
-        """One row per file, in order; a file that cannot be read gets a row saying why."""
+        """One row per file, in order; a file that cannot be read gets a row saying why, one
+        converted so much that the answer may mean nothing a warning (`images.read_image`)."""
         check_channels(self.in_channels)
         if batch_size < 1:
             raise ErdeError(f"batch size must be at least 1, got {batch_size}")
@@ -348,9 +403,11 @@ class EarlyExitRuntime:
         good: list[tuple[int, np.ndarray]] = []
         for i, path in enumerate(paths):
             try:
-                good.append((i, load_image(path, self.in_channels, self.input_size)))
+                pixels, rows[i].warning = read_image(path, self.in_channels, self.input_size)
             except ErdeError as exc:
                 rows[i].error = str(exc)
+            else:
+                good.append((i, pixels))
         for start in range(0, len(good), batch_size):
             part = good[start : start + batch_size]
             x = normalize_images(
@@ -358,7 +415,8 @@ class EarlyExitRuntime:
             )
             pred = self.predict(x, threshold, form)
             for j, (i, _) in enumerate(part):
-                rows[i].class_name = self.classes[int(pred.classes[j])]
-                rows[i].exit = int(pred.exit_index[j]) + 1
+                rows[i].class_index = int(pred.classes[j])
+                rows[i].class_name = self.classes[rows[i].class_index]
+                rows[i].exit = int(pred.exits[j])
                 rows[i].confidence = float(pred.confidence[j])
         return rows
