@@ -93,8 +93,12 @@ def reference(
                 if method == "erde" and not (entropy_exits == "intermediate" and last):
                     ent += (1.0 - right) * ref_entropy(s_row, entropy_term)
         n = len(labels)
-        comps[f"ce/{i}"], comps[f"kl/{i}"], comps[f"entropy/{i}"] = ce / n, kl / n, ent / n
-        comps[f"teacher_wrong/{i}"] = wrong / n
+        comps[f"ce/{i + 1}"], comps[f"kl/{i + 1}"], comps[f"entropy/{i + 1}"] = (
+            ce / n,
+            kl / n,
+            ent / n,
+        )
+        comps[f"teacher_wrong/{i + 1}"] = wrong / n
         comps["ce"] += weights[i] * alpha * ce / n
         comps["kl"] += weights[i] * (1 - alpha) * kl / n
         comps["entropy"] += weights[i] * beta * ent / n
@@ -106,6 +110,7 @@ def tensors(nested, dtype=torch.float64, requires_grad=False):
 
 
 def run(method, student=STUDENT, teacher=TEACHER, labels=LABELS, **kwargs):
+    kwargs.setdefault("beta", 1.0)  # the hand-worked references weigh the entropy term by 1
     loss = make_loss(method, num_exits=len(student), **kwargs)
     return loss(tensors(student), torch.tensor(labels), tensors(teacher))
 
@@ -153,29 +158,29 @@ def test_hand_computed_values_at_uniform_logits():
     log3 = math.log(3)
     # Per exit: 0.5 * log3 + 0 + 1.0 * (2/3) * log3; two exits.
     assert result.total.item() == pytest.approx(2 * (0.5 * log3 + 2 / 3 * log3))
-    assert result.components["teacher_wrong/0"].item() == pytest.approx(2 / 3)
-    assert result.components["kl/1"].item() == pytest.approx(0.0, abs=1e-12)
+    assert result.components["teacher_wrong/1"].item() == pytest.approx(2 / 3)
+    assert result.components["kl/2"].item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_teacher_mask_follows_pairing():
     default = run("kd-masked")
-    # Exit 0 pairs teacher exit 0 (wrong on sample 2), exit 1 teacher exit 1 (wrong on sample 1).
-    assert default.components["teacher_wrong/0"].item() == pytest.approx(1 / 3)
+    # Exit 1 pairs teacher exit 1 (wrong on sample 2), exit 2 teacher exit 2 (wrong on sample 1).
     assert default.components["teacher_wrong/1"].item() == pytest.approx(1 / 3)
+    assert default.components["teacher_wrong/2"].item() == pytest.approx(1 / 3)
     masked_kl = sum(ref_kl(TEACHER[0][n], STUDENT[0][n], 4.0) for n in (0, 1)) / 3
-    assert default.components["kl/0"].item() == pytest.approx(masked_kl, rel=1e-9)
+    assert default.components["kl/1"].item() == pytest.approx(masked_kl, rel=1e-9)
 
     final = run("kd-masked", pairing=[1, 1])
-    # Exit 0 now learns from teacher exit 1: masked on sample 1 instead of sample 2.
+    # Exit 1 now learns from teacher exit 2 (pairing is 0-based): masked on sample 1, not 2.
     kl_from_final = sum(ref_kl(TEACHER[1][n], STUDENT[0][n], 4.0) for n in (0, 2)) / 3
-    assert final.components["kl/0"].item() == pytest.approx(kl_from_final, rel=1e-9)
+    assert final.components["kl/1"].item() == pytest.approx(kl_from_final, rel=1e-9)
 
 
 def test_teacher_always_wrong_masks_all_distillation():
     wrong_teacher = [[[0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]] * 2
     result = run("erde", teacher=wrong_teacher)
     assert result.components["kl"].item() == 0.0
-    assert result.components["teacher_wrong/0"].item() == 1.0
+    assert result.components["teacher_wrong/1"].item() == 1.0
     expected_entropy = (
         sum(ref_entropy(STUDENT[i][n], "uniform-ce") for i in range(2) for n in range(3)) / 3
     )
@@ -197,7 +202,7 @@ def test_kd_ignores_the_mask():
     # Teacher wrong on some samples: kd still distils them, kd-masked does not.
     kd, masked = run("kd"), run("kd-masked")
     unmasked_kl = sum(ref_kl(TEACHER[0][n], STUDENT[0][n], 4.0) for n in range(3)) / 3
-    assert kd.components["kl/0"].item() == pytest.approx(unmasked_kl, rel=1e-9)
+    assert kd.components["kl/1"].item() == pytest.approx(unmasked_kl, rel=1e-9)
     assert kd.total.item() > masked.total.item() + 1e-3
 
 
@@ -209,7 +214,7 @@ def test_ce_and_teacher_need_no_teacher_and_force_alpha_one():
         result = make_loss(method, alpha=0.2, num_exits=2)(student, labels)
         assert result.total.item() == pytest.approx(expected, rel=1e-9)
         assert result.components["kl"].item() == 0.0
-        assert result.components["teacher_wrong/1"].item() == 0.0
+        assert result.components["teacher_wrong/2"].item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -222,7 +227,7 @@ def test_entropy_term_is_minimal_at_uniform(kind, at_uniform):
     always_wrong = [torch.tensor([[0.0, 9.0, 0.0, 0.0, 0.0]], dtype=torch.float64)]
     uniform = torch.zeros(1, 5, dtype=torch.float64, requires_grad=True)
     result = loss([uniform], labels, always_wrong)
-    assert result.components["entropy/0"].item() == pytest.approx(at_uniform, rel=1e-12)
+    assert result.components["entropy/1"].item() == pytest.approx(at_uniform, rel=1e-12)
     # Stationary at the uniform output: the gradient left after CE's (p - onehot) is zero.
     grad = torch.autograd.grad(result.total, uniform)[0][0].tolist()
     ce_grad = [0.2 - 1.0, 0.2, 0.2, 0.2, 0.2]
@@ -232,7 +237,7 @@ def test_entropy_term_is_minimal_at_uniform(kind, at_uniform):
     rng = np.random.default_rng(0)
     for _ in range(20):
         row = rng.normal(0, 3, size=5).tolist()
-        value = loss(tensors([[row]]), labels, always_wrong).components["entropy/0"].item()
+        value = loss(tensors([[row]]), labels, always_wrong).components["entropy/1"].item()
         assert value > at_uniform
         assert value == pytest.approx(ref_entropy(row, kind), rel=1e-9)
 
@@ -248,7 +253,7 @@ def test_kl_scales_with_temperature_squared():
         manual = sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q, strict=True))
         loss = make_loss("kd", alpha=0.0, temperature=temp, num_exits=1)
         result = loss(tensors([[s_row]]), torch.tensor([0]), tensors([[t_row]]))
-        assert result.components["kl/0"].item() == pytest.approx(temp**2 * manual, rel=1e-9)
+        assert result.components["kl/1"].item() == pytest.approx(temp**2 * manual, rel=1e-9)
         assert result.total.item() == pytest.approx(temp**2 * manual, rel=1e-9)
 
 
@@ -256,7 +261,7 @@ def test_exit_weights_scale_each_exit():
     unit = run("erde")
     weighted = run("erde", exit_weights=[2.0, 0.0])
     per_exit0 = sum(
-        unit.components[k].item() * s for k, s in (("ce/0", 0.5), ("kl/0", 0.5), ("entropy/0", 1.0))
+        unit.components[k].item() * s for k, s in (("ce/1", 0.5), ("kl/1", 0.5), ("entropy/1", 1.0))
     )
     assert weighted.total.item() == pytest.approx(2.0 * per_exit0, rel=1e-9)
 
@@ -264,10 +269,10 @@ def test_exit_weights_scale_each_exit():
 def test_intermediate_entropy_skips_the_last_exit():
     everywhere = run("erde")
     intermediate = run("erde", entropy_exits="intermediate")
-    assert everywhere.components["entropy/1"].item() > 0.0
-    assert intermediate.components["entropy/1"].item() == 0.0
-    assert intermediate.components["entropy/0"].item() == pytest.approx(
-        everywhere.components["entropy/0"].item(), rel=1e-12
+    assert everywhere.components["entropy/2"].item() > 0.0
+    assert intermediate.components["entropy/2"].item() == 0.0
+    assert intermediate.components["entropy/1"].item() == pytest.approx(
+        everywhere.components["entropy/1"].item(), rel=1e-12
     )
     # Teacher exit 1 is wrong on sample 1 only.
     expected_gap = ref_entropy(STUDENT[1][1], "uniform-ce") / 3
@@ -336,7 +341,7 @@ def test_extreme_logits_stay_finite(method):
 def test_half_precision_is_computed_in_float32(method, dtype):
     student = tensors(STUDENT, dtype=dtype)
     teacher = tensors(TEACHER, dtype=dtype)
-    result = make_loss(method, num_exits=2)(student, torch.tensor(LABELS), teacher)
+    result = make_loss(method, num_exits=2, beta=1.0)(student, torch.tensor(LABELS), teacher)
     assert result.total.dtype == torch.float32
     # Same inputs rounded to half, then evaluated exactly by the reference.
     rounded_s = [s.double().tolist() for s in student]
@@ -422,5 +427,5 @@ def test_property_totals_are_finite_nonnegative_and_consistent(
     elif method != "erde":
         scale["entropy"] = 0.0
     for key, factor in scale.items():
-        per_exit = sum(w * factor * comps[f"{key}/{i}"] for i, w in enumerate(weights))
+        per_exit = sum(w * factor * comps[f"{key}/{i}"] for i, w in enumerate(weights, start=1))
         assert comps[key] == pytest.approx(per_exit, rel=1e-9, abs=1e-9)
