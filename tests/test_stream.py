@@ -180,6 +180,16 @@ def test_streamed_training_runs_evaluates_and_resumes(tmp_path):
     assert all(0 <= r["val/acc/1"] <= 1 for r in rows)
     meta = json.loads((straight / "model.json").read_text())["data"]
     assert (meta["input_size"], meta["in_channels"], meta["classes"]) == (32, 3, list(CLASSES))
+    # `erde evaluate` streams val and test through the engine's own eval path: its val accuracy
+    # per exit is the last epoch's, which training measured on the same split.
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "erde", "evaluate", str(straight), "--device", "cpu"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads((straight / "eval" / "report.json").read_text())
+    exits = sorted(k for k in rows[-1] if k.startswith("val/acc/"))
+    assert report["per_exit_accuracy"]["val"] == pytest.approx([rows[-1][k] for k in exits])
 
     interrupted = tmp_path / "interrupted"
     fit(load_config("digits-teacher", [*options, "train.epochs=2"]), interrupted,

@@ -107,9 +107,9 @@ def _test_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch
             f"the run this export came from ({run_dir}) is not available ({config} is "
             "missing), so there are no test images to time; give the run folder instead"
         )
-    data = prepare_data(load_config(str(config))).data
+    x, y = prepare_data(load_config(str(config))).test  # a message for streamed data
     d = manifest.info.data
-    return normalize_images(data.test_x, d.mean, d.std), data.test_y
+    return normalize_images(x, d.mean, d.std), y
 
 
 def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None) -> _Timed:

@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from erde import checkpoint as ckpt
 from erde.config import load_config
 from erde.data import DeviceBatches
-from erde.data.prepare import prepare_data
+from erde.data.prepare import eval_batches, prepare_data
 from erde.device import resolve_device
 from erde.errors import ErdeError
 from erde.files import sha256_file, write_bytes
@@ -59,19 +59,9 @@ def build_cache(run_dir: str | Path, device: str = "auto") -> LogitsCache:
     dev = resolve_device(device)
     model.to(dev)
     split = prepare_data(cfg)
-    data = split.data
-    parts = {"val": split.val, "test": split.test}
     logits, labels = {}, {}
-    for name, (x, y) in parts.items():
-        if len(y) == 0:
-            raise ErdeError(
-                f"run {run} has an empty {name} split; thresholds are chosen on "
-                "validation data, so train with data.val_size > 0"
-            )
-        batches = DeviceBatches(
-            x, y, batch_size=cfg.train.eval_batch_size, mean=data.mean, std=data.std, device=dev
-        )
-        logits[name], labels[name] = collect_logits(model, batches)
+    for name in ("val", "test"):  # the training engine's own eval batches: in memory or streamed
+        logits[name], labels[name] = collect_logits(model, eval_batches(cfg, split, name, dev))
     return LogitsCache(logits, labels, list(info.exit_macs), sha256_file(run.weights))
 
 
