@@ -83,6 +83,22 @@ def accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:
     return macs, acc
 
 
+def common_grid(
+    curves: Sequence[Curve], n_points: int
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Each curve as accuracy of MACs, and an even grid over the range every one covers (nothing
+    extrapolated)."""
+    functions = [accuracy_of_macs(c) for c in curves]
+    lo = max(m[0] for m, _ in functions)
+    hi = min(m[-1] for m, _ in functions)
+    if lo > hi:
+        raise ErdeError(
+            f"these curves share no MACs range ([{lo:.6g}, {hi:.6g}] is empty); average or "
+            "compare only models whose exits cover a common compute range."
+        )
+    return np.linspace(lo, hi, n_points), functions
+
+
 def mean_std_curves(
     curves: Sequence[Curve], n_points: int = 200, max_gap: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,15 +113,7 @@ def mean_std_curves(
     """
     if not curves:
         raise ValueError("mean_std_curves needs at least one curve")
-    functions = [accuracy_of_macs(c) for c in curves]
-    lo = max(m[0] for m, _ in functions)
-    hi = min(m[-1] for m, _ in functions)
-    if lo > hi:
-        raise ErdeError(
-            f"these curves share no MACs range ([{lo:.6g}, {hi:.6g}] is empty); average only "
-            "seeds of the same model."
-        )
-    grid = np.linspace(lo, hi, n_points)
+    grid, functions = common_grid(curves, n_points)
     acc = np.stack([np.interp(grid, m, a) for m, a in functions])
     if max_gap is not None:
         for row, (m, _), c in zip(acc, functions, curves, strict=True):

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from erde.errors import ErdeError
-from erde.evaluation.compare import accuracy_of_macs
+from erde.evaluation.compare import common_grid
 from erde.evaluation.sweep import Curve
 
 ABOVE, BELOW, WITHIN = "above", "below", "within spread"
@@ -60,15 +59,7 @@ def versus(a: Sequence[Curve], b: Sequence[Curve], n_points: int = 400) -> Versu
     """The MACs range every curve of `a` and `b` covers, cut into stretches of one verdict."""
     if not a or not b:
         raise ValueError("versus needs at least one curve on each side")
-    functions = [accuracy_of_macs(c) for c in (*a, *b)]
-    lo = max(m[0] for m, _ in functions)
-    hi = min(m[-1] for m, _ in functions)
-    if lo > hi:
-        raise ErdeError(
-            f"the two groups share no MACs range ([{lo:.6g}, {hi:.6g}] is empty); compare "
-            "students whose exits cover a common compute range."
-        )
-    grid = np.linspace(lo, hi, n_points)
+    grid, functions = common_grid([*a, *b], n_points)
     acc = np.stack([np.interp(grid, m, y) for m, y in functions])
     acc_a, acc_b = acc[: len(a)], acc[len(a) :]
     mean_a, mean_b = acc_a.mean(axis=0), acc_b.mean(axis=0)
