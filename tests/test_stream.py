@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -171,6 +172,7 @@ def test_streamed_training_runs_evaluates_and_resumes(tmp_path):
         [sys.executable, "-m", "erde", "train", "digits-teacher", *options, "train.epochs=2",
          "--out", str(straight), "--no-progress"],
         capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same sums as fit
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "streaming the images from their files with 0 worker(s)" in done.stdout
