@@ -225,6 +225,7 @@ class EarlyExitRuntime:
         # Validated and converted once: float32, the precision the simulator compares in.
         cutoffs = exit_thresholds(value, self.num_exits)
         self._cutoffs, self._cutoffs_np = cutoffs.tolist(), cutoffs.numpy()
+        self._none_leave = not (self._cutoffs_np > 0).any()  # once, not per batch-1 call
         self._threshold = float(value) if np.ndim(value) == 0 else [float(v) for v in value]
 
     def with_threshold(self, threshold: float | Sequence[float]) -> EarlyExitRuntime:
@@ -300,11 +301,12 @@ class EarlyExitRuntime:
                 "has one); use form 'split' or 'auto'"
             )
         if threshold is None:
-            cutoffs, cutoffs_np = self._cutoffs, self._cutoffs_np
+            cutoffs, cutoffs_np, none_leave = self._cutoffs, self._cutoffs_np, self._none_leave
         else:
             cutoffs = exit_thresholds(threshold, self.num_exits)
             cutoffs_np = cutoffs.numpy()
-        if form == "auto" and self.static is not None and not (cutoffs_np > 0).any():
+            none_leave = not (cutoffs_np > 0).any()
+        if form == "auto" and self.static is not None and none_leave:
             return self._predict_static(x.numpy())
         if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
             return self._predict_single(x.numpy(), cutoffs_np)
