@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 
 _RULE = re.compile(r"\|(?:---\|)+")
 _CELL_SEPARATOR = re.compile(r"(?<!\\)\|")
@@ -33,3 +34,10 @@ def table_rows(md: str, column: str) -> list[dict[str, str]]:
     assert len(found) == 1, f"{len(found)} tables have a column {column!r}"
     headers, rows = found[0]
     return [dict(zip(headers, row, strict=True)) for row in rows]
+
+
+def seeds_text(values: list[float], unit: str = "") -> str:
+    """A number over seeds as reports write it: mean ± sample std, 2 decimals."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}{unit}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"

@@ -8,12 +8,11 @@ cache, so random logits make a run in milliseconds.
 
 import json
 import logging
-import statistics
 import zlib
 
 import pytest
 import torch
-from markdown_tables import markdown_tables, table_rows
+from markdown_tables import markdown_tables, seeds_text, table_rows
 from safetensors.torch import save as safetensors_bytes
 
 from erde.cli import main
@@ -189,13 +188,6 @@ def test_evaluate_writes_the_diagnostics_with_the_paired_teacher_exit(tmp_path):
     assert "paired with in training (teacher exits 1, 2, 3)" in md
     rows = table_rows(md, "teacher exit")
     assert [(r["exit"], r["teacher exit"]) for r in rows] == [("1", "1"), ("2", "2"), ("3", "3")]
-
-
-def seeds_text(values: list[float], unit: str = "") -> str:
-    """A number over seeds as reports write it: mean ± sample std, 2 decimals."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}{unit}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
 
 
 def test_comparison_md_states_what_comparison_json_holds(tmp_path):

@@ -3,12 +3,11 @@ import json
 import math
 import os
 import re
-import statistics
 
 import numpy as np
 import pytest
 import torch
-from markdown_tables import markdown_tables, table_rows
+from markdown_tables import markdown_tables, seeds_text, table_rows
 
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
@@ -263,13 +262,6 @@ def check_tables(md: str) -> None:
 
 def pct(x: float) -> str:
     return f"{100 * x:.2f}"
-
-
-def seeds_text(values: list[float], unit: str = "") -> str:
-    """A number over seeds as the reports write it: mean ± sample std, 2 decimals."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}{unit}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
 
 
 def test_report_markdown_tables_read_on_their_own(tmp_path):
