@@ -2,7 +2,7 @@
 
 For the `cifar10-cpu` student step (CIFAR ResNet-8, erde loss, teacher outputs from the cache,
 batch 128, channels_last) and the teacher run's step (CIFAR ResNet-20, teacher loss), in fp32
-and bf16: the engine's own epoch loop (`erde.train.train_epoch`) eager and compiled. Compile
+and bf16: the engine's own epoch loop (`erde.train.engine.train_epoch`) eager and compiled. Compile
 cost = the compiled model's first 2 steps minus 2 eager steps; steady cost = median of
 `--repeats` runs of K steps. Break-even = compile cost / saving per step, against the steps of
 one `cifar10-cpu` run (351 a epoch; 10 student / 12 teacher epochs). Run from the repository root:
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from train_throughput import DEFAULT_ROOT, FirstSteps, random_teacher
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.prepare import prepare_data
-from erde.train import fill_teacher_cache, setup, train_epoch
+from erde.train.engine import fill_teacher_cache, setup, train_epoch
 
 RUN_EPOCHS = {"student": 10, "teacher": 12}
 

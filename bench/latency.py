@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from erde.deploy.commands import add_bench_arguments, bench_command
+from erde.cli.deploy import add_bench_arguments, bench_command
 from erde.errors import ErdeError
 
 

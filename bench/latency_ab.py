@@ -27,7 +27,7 @@ import torch
 from erde.deploy.latency import _early_exit_runner, _static_runner, _test_images
 from erde.deploy.manifest import read_manifest
 from erde.deploy.runtime import EarlyExitRuntime, export_session
-from erde.report import markdown_table
+from erde.run.report import markdown_table
 
 
 def _configs(label: str, export_dir: Path, threads: int) -> list[tuple]:

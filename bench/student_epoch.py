@@ -2,7 +2,7 @@
 
 The `cifar10-cpu` pair (teacher CIFAR ResNet-20 with random weights: the cost is the same whatever
 it learnt; student CIFAR ResNet-8), real CIFAR-10, batch 128, channels_last, the `erde` loss. Each
-variant is the real engine (`erde.train.train_epoch`) over the first K steps of an epoch:
+variant is the real engine (`erde.train.engine.train_epoch`) over the first K steps of an epoch:
 
   today       fp32, the teacher's forward pass on every step (`distill.teacher_cache=false`)
   bf16        bf16 autocast, teacher forward on every step
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from train_throughput import DEFAULT_ROOT, FirstSteps, random_teacher
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.prepare import prepare_data
-from erde.train import fill_teacher_cache, setup, train_epoch
+from erde.train.engine import fill_teacher_cache, setup, train_epoch
 
 VARIANTS = {
     "today (fp32, teacher every step)": ["train.precision=fp32", "distill.teacher_cache=false"],

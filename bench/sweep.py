@@ -16,7 +16,7 @@ import torch
 
 from erde.evaluation.policy import confidence_scores
 from erde.evaluation.sweep import sweep, sweep_from_scores
-from erde.report import markdown_table
+from erde.run.report import markdown_table
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -5,7 +5,7 @@ The `cifar10-cpu` pair: teacher CIFAR ResNet-20, student CIFAR ResNet-8 (exits a
 and 2), batch 128, channels_last, fp32 (`--precision bf16` for GPUs), the `erde` loss. Three ways
 of running K steps:
 
-(a) engine   `erde.train.train_epoch` over `DeviceBatches` with augmentation (crop + flip on the
+(a) engine   `erde.train.engine.train_epoch` on `DeviceBatches` with augmentation (crop + flip on
              device), with all its bookkeeping (loss components, non-finite check, progress),
              stopped after K steps;
 (b) bound    the bare step (teacher forward, student forward + backward, SGD) on K batches built
@@ -36,13 +36,13 @@ import torch
 from pil_baseline import cifar_images
 from torch.utils.data import DataLoader, RandomSampler
 
-from erde import checkpoint as ckpt
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.prepare import data_info, prepare_data
-from erde.macs import exit_macs, static_macs
-from erde.model_info import ModelInfo
 from erde.models import create_model
-from erde.train import setup, train_epoch
+from erde.models.macs import exit_macs, static_macs
+from erde.run import checkpoint as ckpt
+from erde.run.model_info import ModelInfo
+from erde.train.engine import setup, train_epoch
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")
 
@@ -64,7 +64,7 @@ class FirstSteps:
 
 
 def random_teacher(data, folder: str) -> None:
-    """A ResNet-20 teacher run folder with untrained weights, readable by `erde.train.Teacher`."""
+    """A ResNet-20 teacher run folder with untrained weights, readable as a teacher."""
     torch.manual_seed(0)
     net = create_model("resnet20", num_classes=data.num_classes, input_size=32)
     info = ModelInfo(

@@ -21,8 +21,8 @@ def shared_cifar10():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A finished one-epoch digits ResNet-8 teacher, trained once per test module that asks."""
-    from erde.config import load_config
-    from erde.train import fit
+    from erde.config.schema import load_config
+    from erde.train.engine import fit
 
     run = tmp_path_factory.mktemp("runs") / "teacher"
     overrides = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]

@@ -12,7 +12,7 @@ import signal
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from erde.cli import main
+from erde.cli.main import main
 
 # A digits student in seconds: the smallest network, one epoch.
 FAST = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0", "train.epochs=1"]

@@ -14,7 +14,7 @@ from erde.evaluation.calibrate import (
 )
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, sweep
-from erde.model_info import DataInfo, ModelInfo
+from erde.run.model_info import DataInfo, ModelInfo
 
 K = 4
 EXIT_MACS = [10.0, 20.0, 40.0]

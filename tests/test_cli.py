@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from erde.cli import main
-from erde.macs import macs_table
+from erde.cli.main import main
 from erde.models import create_model, list_models
+from erde.models.macs import macs_table
 
 
 def run_cli(capsys, *argv):

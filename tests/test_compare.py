@@ -15,8 +15,8 @@ import torch
 from markdown_tables import markdown_tables, seeds_text, table_rows
 from safetensors.torch import save as safetensors_bytes
 
-from erde.cli import main
-from erde.config import load_config, to_dict, to_yaml
+from erde.cli.main import main
+from erde.config.schema import load_config, to_dict, to_yaml
 from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, save_cache
@@ -26,8 +26,8 @@ from erde.evaluation.render import render_comparison
 from erde.evaluation.runs import compare_runs, evaluate_run, evaluation_dir
 from erde.evaluation.summary import summarize
 from erde.files import sha256_file, write_bytes, write_text
-from erde.model_info import DataInfo, ModelInfo
-from erde.rundir import RunDir
+from erde.run.layout import RunDir
+from erde.run.model_info import DataInfo, ModelInfo
 
 EXIT_MACS = [1_000_000, 2_000_000, 4_000_000]
 STATIC_MACS = 3_500_000

@@ -7,8 +7,9 @@ import re
 import pytest
 import yaml
 
-from erde.comma_list import comma_list_type, parse_comma_list
-from erde.config import (
+from erde.config.comma_list import comma_list_type, parse_comma_list
+from erde.config.methods import METHOD_TABLE, METHODS, STUDENT_METHODS, TEACHER_METHODS
+from erde.config.schema import (
     CHOICES,
     RANGES,
     Config,
@@ -18,9 +19,8 @@ from erde.config import (
     load_reproduce_config,
     to_yaml,
 )
+from erde.distill.losses import make_loss, pair_exits
 from erde.errors import ErdeError
-from erde.losses import make_loss, pair_exits
-from erde.methods import METHOD_TABLE, METHODS, STUDENT_METHODS, TEACHER_METHODS
 
 # ---------------------------------------------------------------- the method table
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from erde.cli import main
-from erde.config import Config, ReproduceConfig
-from erde.config_help import HELP, schema_keys, show_config, table_key
+from erde.cli.main import main
+from erde.config.help import HELP, schema_keys, show_config, table_key
+from erde.config.schema import Config, ReproduceConfig
 
 
 @pytest.mark.parametrize("schema", [Config, ReproduceConfig])

@@ -18,20 +18,20 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.checkpoint import load_model
-from erde.config import load_config
+from erde.cli.deploy import add_commands
+from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
-from erde.deploy.commands import add_commands
 from erde.deploy.images import load_image, normalize_images
 from erde.deploy.latency import benchmark, render_benchmark
 from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.runs import evaluate_run
-from erde.model_info import DataInfo, ModelInfo
-from erde.train import fit
+from erde.models.load import load_model
+from erde.run.model_info import DataInfo, ModelInfo
+from erde.train.engine import fit
 
 TIE = 1e-5  # scores this close to the threshold may fall either way between ORT and PyTorch
 LOGITS_ATOL = 1e-4  # ONNX Runtime vs PyTorch, float32

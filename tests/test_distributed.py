@@ -9,17 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import data_info, prepare_data, train_batches
+from erde.distill.teacher import Teacher
 from erde.distributed import World
 from erde.errors import ErdeError
 from erde.files import read_jsonl
-from erde.macs import exit_macs
 from erde.models.build import build_model
-from erde.optim import build_optimizer
-from erde.teacher import Teacher
-from erde.train import build_loss, check_world, dropout_seed, exit_accuracy, fit, restore_rng
+from erde.models.macs import exit_macs
+from erde.train.engine import build_loss, check_world, dropout_seed, exit_accuracy, fit, restore_rng
+from erde.train.optim import build_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -183,17 +183,17 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     script.write_text(
         "import sys, torch\n"
         "from erde import distributed\n"
-        "from erde.cli import main\n"
+        "from erde.cli.main import main\n"
         "from erde.errors import ErdeError\n"
-        "import erde.train\n"
-        "from erde.losses import LossResult\n"
-        "real_epoch, nan = erde.train.train_epoch, float('nan')\n"
+        "import erde.train.engine\n"
+        "from erde.distill.losses import LossResult\n"
+        "real_epoch, nan = erde.train.engine.train_epoch, float('nan')\n"
         "def blowing_up(p, epoch):  # from epoch 2 the loss is NaN\n"
         "    if epoch == 1:\n"
         "        fn = p.loss_fn\n"
         "        p.loss_fn = lambda *a: LossResult(fn(*a).total * nan, fn(*a).components)\n"
         "    return real_epoch(p, epoch)\n"
-        "erde.train.train_epoch = blowing_up\n"
+        "erde.train.engine.train_epoch = blowing_up\n"
         "with distributed.process_group(torch.device('cpu')) as world:\n"
         "    try:\n"
         "        with distributed.agreed(world):\n"

@@ -30,11 +30,11 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.config import load_config, load_reproduce_config, to_yaml
+from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
 from erde.evaluation.cache import load_cache
 from erde.evaluation.runs import evaluate_run
-from erde.train import fit
+from erde.train.engine import fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -66,8 +66,9 @@ CATALOGUE = read_catalogue(DOC.read_text(encoding="utf-8"))
 
 FORK_SERVER = r"""
 import json, os, runpy, signal, sys, traceback
-import erde.cli, erde.evaluation.runs, erde.macs, erde.reproduce, erde.train  # the slow imports
-erde.cli.build_parser()  # and those the parser makes
+import erde.cli.main, erde.evaluation.runs, erde.models.macs  # the slow imports
+import erde.study.reproduce, erde.train.engine
+erde.cli.main.build_parser()  # and those the parser makes
 for line in sys.stdin:
     argv, out, err = json.loads(line)
     pid = os.fork()

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from erde.checkpoint import load_model
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.deploy import EarlyExitRuntime, export_run, onnx_export
 from erde.deploy.single import single_graph
 from erde.errors import ErdeError
 from erde.evaluation.policy import confidence_scores, simulate
-from erde.train import fit
+from erde.models.load import load_model
+from erde.train.engine import fit
 
 
 @pytest.fixture(scope="module")

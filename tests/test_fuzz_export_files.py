@@ -26,13 +26,13 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from PIL import Image
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
 from erde.deploy.manifest import read_manifest
 from erde.deploy.runtime import FileResult, export_session
 from erde.errors import ErdeError
-from erde.train import fit
+from erde.train.engine import fit
 
 GRAPHS = ("exit1.onnx", "exit2.onnx", "exit3.onnx", "single.onnx", "static.onnx")
 # Two digits: the runtime's own choice, one single.onnx call each, or one batch split by pieces.

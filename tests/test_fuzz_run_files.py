@@ -14,9 +14,9 @@ from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, run
 from hypothesis import given
 from hypothesis import strategies as st
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.evaluation.runs import evaluate_run
-from erde.train import fit
+from erde.train.engine import fit
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,14 @@ import re
 
 import pytest
 
-from erde.cli import main
-from erde.config import load_reproduce_config, to_yaml
+from erde.cli.main import main
+from erde.config.schema import load_reproduce_config, to_yaml
 from erde.errors import ErdeError
-from erde.grid import expand, parse_grid_options
 from erde.logs import log_to_stdout
-from erde.reproduce import check_study, train_students
-from erde.run_lock import run_lock
-from erde.shard import Shard, parse_shard
+from erde.run.lock import run_lock
+from erde.study.grid import expand, parse_grid_options
+from erde.study.reproduce import check_study, train_students
+from erde.study.shard import Shard, parse_shard
 
 # `main` logs to the sys.stdout of its first call: bind it now, not to a test's capsys stream,
 # which is closed once that test ends.
@@ -149,7 +149,7 @@ def test_shards_train_their_slices_and_the_last_one_compares(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_run_another_process_holds_is_skipped(tmp_path):
-    from erde.config import stage_config
+    from erde.config.schema import stage_config
 
     cfg = load_reproduce_config("quickstart", TINY)
     runs = [

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from erde.cli import build_parser
-from erde.config import preset_names
-from erde.deploy import commands
+from erde.cli import deploy as commands
+from erde.cli.main import build_parser
+from erde.config.schema import preset_names
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "optuna", "timm",
          "matplotlib", "sklearn", "scipy")  # fmt: skip
@@ -53,7 +53,7 @@ def test_command_help_imports_no_heavy_library():
     """Every `erde COMMAND --help`, in a fresh process, leaves the heavy libraries unloaded."""
     code = (
         "import sys\n"
-        "from erde.cli import main\n"
+        "from erde.cli.main import main\n"
         f"for name in {sorted(subcommands())!r}:\n"
         "    try:\n"
         "        main([name, '--help'])\n"

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from erde.cli import main
+from erde.cli.deploy import INFER_FIELDS, bench_notes
+from erde.cli.main import main
 from erde.deploy import EarlyExitRuntime, export_run
-from erde.deploy.commands import INFER_FIELDS, bench_notes
+from erde.deploy.early_exit_model import EarlyExitModel
 from erde.deploy.images import load_image, read_image
 from erde.deploy.latency import BenchRow
-from erde.early_exit_model import EarlyExitModel
 
 
 def save(path, pixels, mode=None):

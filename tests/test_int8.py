@@ -9,13 +9,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.pixels import normalize_images
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, benchmark, export_run, render_benchmark
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.runs import evaluate_run
-from erde.train import fit
+from erde.train.engine import fit
 
 TIE = 1e-5
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from erde.parallel import cores
+from erde.study.parallel import cores
 
 pytestmark = pytest.mark.slow
 

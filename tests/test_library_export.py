@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.checkpoint import load_model
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
 from erde.evaluation.policy import confidence_scores, simulate
-from erde.train import fit
+from erde.models.load import load_model
+from erde.train.engine import fit
 
 pytest.importorskip("timm")
 pytest.importorskip("onnxscript")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from erde.errors import ErdeError
-from erde.macs import exit_macs, static_macs
 from erde.models import create_model
+from erde.models.macs import exit_macs, static_macs
 
 pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -132,9 +132,9 @@ def test_pretrained_true_says_it_cannot_download(monkeypatch):
 
 
 def test_freeze_backbone_trains_only_the_exit_heads():
-    from erde.config import ModelConfig
-    from erde.model_info import DataInfo
+    from erde.config.schema import ModelConfig
     from erde.models.build import build_model
+    from erde.run.model_info import DataInfo
 
     data = DataInfo("x", [str(i) for i in range(4)], [0.5] * 3, [0.25] * 3, 64, 3)
     net = build_model(ModelConfig(name="torchvision/resnet18"), data, freeze_backbone=True)

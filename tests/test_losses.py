@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from erde.distill.losses import METHODS, LossResult, make_loss, pair_exits
 from erde.errors import ErdeError
-from erde.losses import METHODS, LossResult, make_loss, pair_exits
 
 # 3 samples, 3 classes, 2 exits. Labels 0, 1, 2.
 LABELS = [0, 1, 2]

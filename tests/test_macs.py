@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from erde.macs import exit_macs, macs_table, static_macs
 from erde.models import create_model, list_models
+from erde.models.macs import exit_macs, macs_table, static_macs
 
 # Hand counts: one MAC per multiply-accumulate of a conv or linear layer, nothing else.
 
@@ -166,7 +166,8 @@ def test_backbone_macs_match_hand_count_and_literature(name, hand, published_m, 
 
 def test_resnet56_with_projection_shortcuts_matches_option_b_figure():
     # erde's ResNet-56 with its two zero-padding shortcuts swapped for the 1x1 conv + BN
-    # projections of option-B ports: erde.macs must count them and reach that published figure.
+    # projections of option-B ports: erde.models.macs must count them and reach that published
+    # figure.
     model = create_model("resnet56")
     blocks = [m for m in model.modules() if getattr(m, "downsample", None) is not None]
     assert len(blocks) == 2

@@ -24,9 +24,9 @@ from erde.evaluation.plots import (
 )
 from erde.evaluation.summary import RunSummary, summarize
 from erde.evaluation.sweep import Curve
-from erde.model_info import DataInfo, ModelInfo
-from erde.report import Reference
-from erde.rundir import ReportDir
+from erde.run.layout import ReportDir
+from erde.run.model_info import DataInfo, ModelInfo
+from erde.run.report import Reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXIT_MACS = (1e6, 2e6, 4e6)

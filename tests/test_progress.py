@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from erde import train
-from erde.cli import main
+from erde.cli.main import main
 from erde.logs import Heartbeat
+from erde.train import engine as train
 
 
 def test_heartbeat_is_due_once_per_period():

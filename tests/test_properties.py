@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from erde.config.methods import ENTROPY_TERMS, METHODS
+from erde.distill.losses import make_loss
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.sweep import sweep
-from erde.losses import make_loss
-from erde.methods import ENTROPY_TERMS, METHODS
 
 POLICIES = [("entropy", False), ("entropy", True), ("maxprob", False)]
 

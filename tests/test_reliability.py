@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.image_data import build_image_data
 from erde.data.image_folder import load_image_folder
 from erde.data.pixels import decode_image
@@ -24,9 +24,9 @@ from erde.data.walk import files_under
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, cache_problem
 from erde.files import read_jsonl
-from erde.model_info import ModelInfo
 from erde.models import create_model
-from erde.run_lock import writer_lock
+from erde.run.lock import writer_lock
+from erde.run.model_info import ModelInfo
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FAST = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
@@ -266,6 +266,6 @@ def test_integers_too_long_for_python_or_float_are_damage_not_tracebacks(tmp_pat
     (tmp_path / "report.json").write_text(f'{{"threshold": {huge}}}')
     with pytest.raises(ErdeError, match="is corrupt"):
         read_json(tmp_path / "report.json", "report")
-    from erde.model_info import _finite
+    from erde.run.model_info import _finite
 
     assert not _finite(10**400) and _finite(10**300) and not _finite(True)

@@ -17,8 +17,8 @@ from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, write_curve_csv
 from erde.files import write_json
-from erde.model_info import DataInfo, ModelInfo
-from erde.report import Reference, markdown_table, read_report
+from erde.run.model_info import DataInfo, ModelInfo
+from erde.run.report import Reference, markdown_table, read_report
 
 
 def curve(macs, accuracy, exit_macs=(10.0, 40.0)) -> Curve:

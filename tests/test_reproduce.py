@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from erde.cli import main
-from erde.config import load_reproduce_config, preset_names, stage_config
+from erde.cli.main import main
+from erde.config.schema import load_reproduce_config, preset_names, stage_config
 from erde.data import ImageData
 from erde.data.prepare import data_info
 from erde.errors import ErdeError

@@ -14,10 +14,10 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from erde.cli import main
-from erde.config import load_config, load_reproduce_config
+from erde.cli.main import main
+from erde.config.schema import load_config, load_reproduce_config
 from erde.errors import ErdeError
-from erde.train import fit
+from erde.train.engine import fit
 
 CACHE = "logits.safetensors"  # the run-folder layout, spelled out independently of the code
 

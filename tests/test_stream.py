@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from erde.config import load_config, load_reproduce_config, stage_config, to_yaml
+from erde.config.schema import load_config, load_reproduce_config, stage_config, to_yaml
 from erde.data import DeviceBatches, load_source
 from erde.data.budget import decoded_bytes
 from erde.data.image_folder import folder_samples
@@ -26,8 +26,8 @@ from erde.errors import ErdeError
 from erde.files import read_jsonl
 from erde.models import create_model
 from erde.models.build import build_model
-from erde.reproduce import check_study
-from erde.train import fill_teacher_cache, fit
+from erde.study.reproduce import check_study
+from erde.train.engine import fill_teacher_cache, fit
 
 CLASSES = ("ant", "bee", "cat", "dog")
 FAST = [

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from erde.config import load_config
-from erde.train import fill_teacher_cache, fit
+from erde.config.schema import load_config
+from erde.train.engine import fill_teacher_cache, fit
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import erde.train
-from erde.cli import main
-from erde.config import load_config
+import erde.train.engine
+from erde.cli.main import main
+from erde.config.schema import load_config
+from erde.distill.losses import LossResult
 from erde.files import read_jsonl
-from erde.losses import LossResult
-from erde.optim import lr_factor
-from erde.train import fit
+from erde.train.engine import fit
+from erde.train.optim import lr_factor
 
 FAST = ["model.name=resnet8", "train.batch_size=128", "train.lr=0.1", "data.crop_padding=1"]
 
@@ -240,7 +240,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     run = tmp_path / "blowup"
     # Epoch 1 trains normally; from epoch 2 the loss is NaN (no valid setting makes it so:
     # momentum >= 1 and a growing learning rate are refused by the config).
-    real_epoch = erde.train.train_epoch
+    real_epoch = erde.train.engine.train_epoch
 
     def blowing_up(p, epoch):
         if epoch == 1:
@@ -250,7 +250,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
             )
         return real_epoch(p, epoch)
 
-    monkeypatch.setattr(erde.train, "train_epoch", blowing_up)
+    monkeypatch.setattr(erde.train.engine, "train_epoch", blowing_up)
     code, _, err = run_cli(
         capsys, "train", "digits-student", *FAST, "train.epochs=2", "--out", str(run),
         "--no-progress",

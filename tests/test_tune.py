@@ -8,12 +8,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import erde.tune
-from erde.cli import main
-from erde.config import load_reproduce_config
+import erde.study.tune
+from erde.cli.main import main
+from erde.config.schema import load_reproduce_config
 from erde.logs import log_to_stdout
-from erde.train import fit
-from erde.tune import open_storage, space, study_name, trial_config, tune
+from erde.study.tune import open_storage, space, study_name, trial_config, tune
+from erde.train.engine import fit
 
 # `main` logs to the sys.stdout of its first call: bind it now, not to a test's capsys stream,
 # which is closed once that test ends.
@@ -78,13 +78,13 @@ def test_a_two_trial_study_end_to_end(tmp_path, capsys):
 def test_a_study_stopped_by_ctrl_c_resumes_the_interrupted_trial(tmp_path, monkeypatch):
     out = tmp_path / "study"
     cfg = load_reproduce_config("quickstart", [*TINY, "methods=[kd]"])
-    report = erde.tune._report
+    report = erde.study.tune._report
 
     def interrupt_after_epoch_1(trial, row):
         report(trial, row)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(erde.tune, "_report", interrupt_after_epoch_1)
+    monkeypatch.setattr(erde.study.tune, "_report", interrupt_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         tune(cfg, out, trials=2, progress=False)
     monkeypatch.undo()

@@ -24,8 +24,8 @@ except metadata.PackageNotFoundError:  # a source tree on sys.path, never instal
 _LAZY = {
     "create_model": "erde.models",
     "list_models": "erde.models",
-    "EarlyExitModel": "erde.early_exit_model",
-    "Predictions": "erde.early_exit_model",
+    "EarlyExitModel": "erde.deploy.early_exit_model",
+    "Predictions": "erde.deploy.early_exit_model",
     "EarlyExitRuntime": "erde.deploy",
     "export_run": "erde.deploy",
     "load_config": "erde.config",

@@ -1,5 +1,5 @@
 import sys
 
-from erde.cli import main
+from erde.cli.main import main
 
 sys.exit(main())

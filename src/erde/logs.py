@@ -8,7 +8,7 @@ import sys
 import time
 
 # Bookkeeping that belongs in a run's train.log, not on the terminal (below WARNING).
-LOG_ONLY = "erde.train.cache"
+LOG_ONLY = "erde.train.engine.cache"
 
 
 def _for_the_terminal(record: logging.LogRecord) -> bool:

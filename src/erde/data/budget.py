@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from erde.data.image_folder import decode_file
-from erde.resources import machine_memory
+from erde.device import machine_memory
 
 SHARE = 0.25  # of the memory, when data.device_budget_gb is not set
 SAMPLE = 32  # files decoded to estimate the folder's decoded size

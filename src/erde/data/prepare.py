@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from erde.config import Config
+from erde.config.schema import Config
 from erde.data.batches import DeviceBatches
 from erde.data.budget import budget_bytes, decoded_bytes
 from erde.data.image_data import ImageData
@@ -28,7 +28,7 @@ from erde.data.stream import StreamBatches, default_workers
 from erde.device import resolve_device
 from erde.distributed import World
 from erde.errors import ErdeError
-from erde.model_info import DataInfo
+from erde.run.model_info import DataInfo
 
 log = logging.getLogger("erde.data")
 

@@ -2,7 +2,7 @@
 its latency benchmark.
 
 The names below are imported on first use (PEP 562), so that importing a light submodule
-(`erde.deploy.commands` for `erde --help`) does not load PyTorch and ONNX.
+(`erde.cli.deploy` for `erde --help`) does not load PyTorch and ONNX.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import onnx
 import torch
 from torch import nn
 
-from erde import checkpoint as ckpt
 from erde.deploy.manifest import MANIFEST, Deployment, Manifest, is_export
 from erde.deploy.onnx_export import OPSET, check_exporter, check_opset, export_graph, save_graph
 from erde.deploy.single import single_graph
@@ -31,7 +30,8 @@ from erde.deploy.threshold import budget_thresholds, deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
 from erde.files import sha256_file, write_json
-from erde.rundir import RunDir
+from erde.models.load import load_model
+from erde.run.layout import RunDir
 
 STATIC, SINGLE = "static.onnx", "single.onnx"
 
@@ -111,7 +111,7 @@ def export_run(
     check_opset(opset)
     check_exporter()
     run, out_dir = RunDir(run_dir), Path(out_dir)
-    model, info = ckpt.load_model(run.path)
+    model, info = load_model(run.path)
     point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, overwrite)
     pieces, static = _export_graphs(

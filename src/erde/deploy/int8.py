@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data.pixels import normalize_images
 from erde.data.prepare import prepare_data
 from erde.deploy.manifest import Deployment
@@ -34,9 +34,9 @@ from erde.deploy.runtime import exit_logits, ort_piece, ort_session
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
 from erde.evaluation.summary import summarize
-from erde.model_info import ModelInfo
-from erde.report import Report, read_report
-from erde.rundir import RunDir
+from erde.run.layout import RunDir
+from erde.run.model_info import ModelInfo
+from erde.run.report import Report, read_report
 
 # MinMax ranges come from the first images of the val split (a random hold-out): the calibrator
 # keeps every intermediate tensor of every image until the end (its option to flush early drops

@@ -29,19 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erde import checkpoint as ckpt
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.deploy.export import export_run, static_network
 from erde.deploy.images import normalize_images
 from erde.deploy.manifest import MANIFEST, Manifest, read_manifest
 from erde.deploy.onnx_export import export_graph
 from erde.deploy.runtime import EarlyExitRuntime, exit_logits, export_session, ort_session
 from erde.deploy.threshold import has_calibration
+from erde.device import check_batch_memory
 from erde.errors import ErdeError
 from erde.evaluation.metrics import per_exit_accuracy
-from erde.report import markdown_table
-from erde.resources import check_batch_memory
-from erde.rundir import RunDir
+from erde.models.load import load_model
+from erde.run import checkpoint as ckpt
+from erde.run.layout import RunDir
+from erde.run.report import markdown_table
 
 
 @dataclass
@@ -114,7 +115,7 @@ def _test_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch
 
 def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None) -> _Timed:
     """The reference run's plain network, exported and run like the static student."""
-    model, info = ckpt.load_model(reference)
+    model, info = load_model(reference)
     key = info.data.mismatch(manifest.info.data)
     if key is not None:
         raise ErdeError(

@@ -25,7 +25,7 @@ from erde.deploy.onnx_export import shapes
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES
 from erde.files import read_json, sha256_bytes
-from erde.model_info import ModelInfo
+from erde.run.model_info import ModelInfo
 
 FORMAT = "erde-early-exit-onnx"
 FORMAT_VERSION = 2

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erde import checkpoint as ckpt
 from erde.deploy.images import check_channels, normalize_images, read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
 from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
 from erde.deploy.threshold import deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
-from erde.model_info import ModelInfo
+from erde.models.load import load_model
+from erde.run.model_info import ModelInfo
 
 # A piece maps its input to (features for the next piece, logits, exit score); the last piece
 # gives (None, logits, None).
@@ -261,7 +261,7 @@ class EarlyExitRuntime:
         normalize: bool | None = None,
     ) -> EarlyExitRuntime:
         """PyTorch eager on the run's checkpoint; threshold as `erde.deploy.export_run` picks it."""
-        model, info = ckpt.load_model(run_dir)
+        model, info = load_model(run_dir)
         point = deployment(run_dir, threshold, policy, normalize)
         n = len(model.segments)
         pieces = [

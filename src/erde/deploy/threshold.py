@@ -8,8 +8,8 @@ from pathlib import Path
 from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
-from erde.report import Report, read_report
-from erde.rundir import RunDir
+from erde.run.layout import RunDir
+from erde.run.report import Report, read_report
 
 
 def _report(run_dir: str | Path) -> tuple[Report | None, Path]:

@@ -17,14 +17,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from erde import checkpoint as ckpt
-from erde.config import load_config
+from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import eval_batches, prepare_data
 from erde.device import resolve_device
 from erde.errors import ErdeError
 from erde.files import sha256_file, write_bytes
-from erde.rundir import RunDir
+from erde.models.load import load_model
+from erde.run import checkpoint as ckpt
+from erde.run.layout import RunDir
 
 SPLITS = ("val", "test")
 
@@ -54,7 +55,7 @@ def collect_logits(
 def build_cache(run_dir: str | Path, device: str = "auto") -> LogitsCache:
     """One pass of the run's model over its own validation split and the test split."""
     run = RunDir(run_dir)
-    model, info = ckpt.load_model(run)
+    model, info = load_model(run)
     cfg = load_config(str(run.config))
     dev = resolve_device(device)
     model.to(dev)

@@ -17,7 +17,7 @@ import torch
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_logits, simulate
 from erde.evaluation.sweep import Curve, check_exit_macs, check_labels
-from erde.report import OperatingPoint
+from erde.run.report import OperatingPoint
 
 
 @dataclass

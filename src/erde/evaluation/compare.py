@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from erde.config.methods import METHOD_TABLE
 from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, differing_keys, experiment_keys, group_label
 from erde.evaluation.summary import RunSummary
 from erde.evaluation.sweep import Curve
-from erde.methods import METHOD_TABLE
-from erde.report import Reference
+from erde.run.report import Reference
 
 
 @dataclass(frozen=True)

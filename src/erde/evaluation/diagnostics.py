@@ -17,7 +17,7 @@ from scipy.stats import rankdata
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import confidence_scores, simulate
-from erde.report import Diagnostics, ExitDiagnostics
+from erde.run.report import Diagnostics, ExitDiagnostics
 
 ECE_BINS = 15
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from erde.config.method_keys import applies
+from erde.config.methods import METHOD_TABLE
 from erde.errors import ErdeError
-from erde.method_keys import applies
-from erde.methods import METHOD_TABLE
 
 # Keys that never make a different experiment: the seed (counted, not grouped), the method and
 # model (already in the label), where data, teacher and caches live, and speed or bookkeeping

@@ -25,8 +25,8 @@ from erde.evaluation.compare import Comparison, mean_std_curves
 from erde.evaluation.summary import RunSummary
 from erde.evaluation.sweep import Curve
 from erde.files import write_bytes
-from erde.report import OWN_REFERENCE, Reference, Report
-from erde.rundir import ReportDir
+from erde.run.layout import ReportDir
+from erde.run.report import OWN_REFERENCE, Reference, Report
 
 DPI = 150
 # A log MACs axis when the largest MACs drawn exceed the smallest this many times: on a linear

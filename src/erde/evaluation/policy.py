@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from erde.config import CHOICES
+from erde.config.schema import CHOICES
 from erde.errors import ErdeError
 
 POLICIES = CHOICES["evaluate.policy"]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from erde.evaluation.compare import Comparison
-from erde.report import (
+from erde.run.report import (
     OWN_REFERENCE,
     Diagnostics,
     ExitDiagnostics,

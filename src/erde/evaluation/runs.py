@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from erde import checkpoint as ckpt
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import check_budget, resolve_budget
@@ -23,9 +22,10 @@ from erde.evaluation.summary import (
 )
 from erde.evaluation.sweep import write_curve_csv
 from erde.files import write_json, write_text
-from erde.report import OWN_REFERENCE, Reference, Report, criterion_text, read_report
-from erde.run_lock import writer_lock
-from erde.rundir import ComparisonDir, ReportDir, RunDir
+from erde.run import checkpoint as ckpt
+from erde.run.layout import ComparisonDir, ReportDir, RunDir
+from erde.run.lock import writer_lock
+from erde.run.report import OWN_REFERENCE, Reference, Report, criterion_text, read_report
 
 log = logging.getLogger("erde.evaluate")
 

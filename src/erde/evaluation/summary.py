@@ -23,8 +23,8 @@ from erde.evaluation.calibrate import (
 from erde.evaluation.diagnostics import TeacherOutputs, diagnose
 from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.sweep import Curve, sweep
-from erde.model_info import ModelInfo
-from erde.report import (
+from erde.run.model_info import ModelInfo
+from erde.run.report import (
     OWN_REFERENCE,
     OperatingPoint,
     Reference,

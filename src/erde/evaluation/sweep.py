@@ -87,7 +87,7 @@ def check_exit_macs(exit_macs: Sequence[float] | np.ndarray, n_exits: int) -> np
     if macs.shape != (n_exits,) or not np.all(np.isfinite(macs)) or np.any(macs <= 0):
         raise ErdeError(
             f"cumulative MACs must be {n_exits} positive numbers, one per exit; got "
-            f"{macs.tolist()}. Recompute them with erde.macs for this model."
+            f"{macs.tolist()}. Recompute them with erde.models.macs for this model."
         )
     if np.any(np.diff(macs) <= 0):
         raise ErdeError(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from erde.config import ModelConfig
-from erde.model_info import DataInfo
+from erde.config.schema import ModelConfig
 from erde.models.early_exit import EarlyExitNet
 from erde.models.registry import create_model
+from erde.run.model_info import DataInfo
 
 _LIBRARY_WEIGHTS = ("true", "yes", "on", "1")  # how a YAML/CLI `true` reaches a str key
 

@@ -45,7 +45,7 @@ def model_names(pattern: str = "*") -> list[str]:
 def describe(name: str) -> ModelRow:
     """The row of one model at its own input size (ImageNet's 1000 classes for library
     models, 10 for the others)."""
-    from erde.macs import static_macs
+    from erde.models.macs import static_macs
 
     library = name.split("/")[0] if "/" in name else None
     net = _build(name, 1000 if library else 10)

@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from erde.comma_list import parse_comma_list
+from erde.config.comma_list import parse_comma_list
 from erde.errors import ErdeError
 
 FORMS = '"default", "stages", "every:K", or a list of block indices such as [3, 6] or "3,6"'

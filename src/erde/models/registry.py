@@ -12,12 +12,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from erde.device import check_model_memory
 from erde.errors import ErdeError
 from erde.models.early_exit import Backbone, EarlyExitNet
 from erde.models.exit_spec import parse_exits
 from erde.models.plugins import import_plugin, load_entry_points
 from erde.models.pretrained import load_pretrained
-from erde.resources import check_model_memory
 
 Builder = Callable[..., Backbone]
 _BUILDERS: dict[str, Builder] = {}

@@ -2,10 +2,10 @@
 
 OmegaConf structured configs give type checking and unknown-key errors for free; this module
 turns their exceptions into messages that name the key and the fix, and checks what types cannot
-express against one table next to the schema: `CHOICES` (the allowed strings; the methods and
-loss options come from `erde.methods`) and `RANGES`. Enum-typed fields would do the choices too,
-but OmegaConf writes an Enum's *name* to YAML (`KD_MASKED`, not `kd-masked`) and hands code Enum
-objects, so the keys stay plain strings and the table checks them.
+express against one table next to the schema: `CHOICES` (the allowed strings; the methods
+and loss options come from `erde.config.methods`) and `RANGES`. Enum-typed fields would do the
+choices too, but OmegaConf writes an Enum's *name* to YAML (`KD_MASKED`, not `kd-masked`) and
+hands code Enum objects, so the keys stay plain strings and the table checks them.
 
 A config is data. YAML is read with a safe loader (no `!!python/...` tags), and an interpolation
 may only name another key (`${train.lr}`) or an environment variable (`${oc.env:NAME}` or
@@ -27,8 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from erde.errors import ErdeError
-from erde.methods import (
+from erde.config.methods import (
     ENTROPY_EXITS,
     ENTROPY_TERMS,
     METHOD_TABLE,
@@ -38,6 +37,7 @@ from erde.methods import (
     TEACHER_METHODS,
     or_list,
 )
+from erde.errors import ErdeError
 
 
 @dataclass
@@ -102,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "teacher"  # a name in erde.methods.METHOD_TABLE
+    method: str = "teacher"  # a name in erde.config.methods.METHOD_TABLE
     teacher: str | None = None  # run folder of a finished teacher
     alpha: float = 0.5
     beta: float = 0.1  # docs/results.md, issue 13: 1 was below kd; 0.1 ties it
@@ -112,7 +112,8 @@ class DistillConfig:
     entropy_exits: str = "all"
     exit_weights: list[float] | None = None
     # Reuse the teacher's outputs on the augmented training batches across students (exact; see
-    # erde.teacher_cache). Stored in teacher_cache_dir, by default TEACHER_RUN/teacher-cache.
+    # erde.distill.teacher_cache). Stored in teacher_cache_dir, by default
+    # TEACHER_RUN/teacher-cache.
     teacher_cache: bool = True
     teacher_cache_dir: str | None = None
 
@@ -152,7 +153,7 @@ class ReproduceConfig:
     methods: list[str] = field(default_factory=lambda: list(STUDENT_METHODS))
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     # Ablation grid: dotted student.*/distill.* key -> values, one run per combination
-    # (erde.grid; typed by the schema when expanded).
+    # (erde.study.grid; typed by the schema when expanded).
     grid: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -231,7 +232,7 @@ def check_value(key: str, value: Any) -> None:
     """Check one value against `CHOICES` or `RANGES`; ErdeError with the key and the fix.
 
     `validate` runs it on every key of a config; library code that takes these values without a
-    config (`erde.losses`) runs it too, so both refuse the same values with the same words.
+    config (`erde.distill.losses`) runs it too, so both refuse the same values with the same words.
     """
     if key in CHOICES:
         choices = CHOICES[key]
@@ -249,7 +250,7 @@ def check_value(key: str, value: Any) -> None:
             verb = "be" if r.high is None or finite else "lie"
             raise ErdeError(f"{key}={value} must {verb} {finite}{r.rule()}")
     else:
-        raise KeyError(f"{key} has no entry in erde.config.CHOICES or RANGES")
+        raise KeyError(f"{key} has no entry in erde.config.schema.CHOICES or RANGES")
 
 
 RESOLVERS = ("oc.env",)
@@ -258,7 +259,7 @@ _RESOLVER_CALL = re.compile(r"\$\{\s*([^\s:{}]+)\s*:")
 
 def preset_names(kind: str = "train") -> list[str]:
     """Presets shipped inside the package, so `erde` works from any install, not only a checkout."""
-    folder = resources.files("erde") / "configs" / kind
+    folder = resources.files("erde.config") / "presets" / kind
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -272,7 +273,7 @@ def preset_path(name_or_path: str, kind: str = "train") -> Path:
                 f"preset name ({', '.join(preset_names(kind))})"
             )
         return path
-    shipped = resources.files("erde") / "configs" / kind / f"{name_or_path}.yaml"
+    shipped = resources.files("erde.config") / "presets" / kind / f"{name_or_path}.yaml"
     if not shipped.is_file():
         raise ErdeError(
             f"unknown {kind} preset {name_or_path!r}; choose one of "

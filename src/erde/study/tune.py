@@ -3,10 +3,10 @@ on the validation split only; then each method's best setting trained with sever
 compared on test.
 
 Fair by construction: every method gets `trials` finished (complete or pruned) trials of one
-seeded TPE sampler over the keys its loss reads (`SPACE` filtered by `erde.method_keys`), with
-the same teacher, schedule and seed. The objective is the AUC of the validation
-accuracy-versus-MACs curve over the student's own MACs range (`erde.evaluation.metrics.auc`,
-the function behind a report's `test_auc`), and a median pruner stops a trial whose mean
+seeded TPE sampler over the keys its loss reads (`SPACE` filtered by
+`erde.config.method_keys`), with the same teacher, schedule and seed. The objective is the AUC
+of the validation accuracy-versus-MACs curve over the student's own MACs range
+(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner stops a trial whose mean
 validation accuracy over the exits falls below the median of earlier trials at the same epoch.
 
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
@@ -32,21 +32,21 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from erde.config import Config, EvalConfig, ReproduceConfig, stage_config, to_yaml
+from erde.config.method_keys import applies
+from erde.config.methods import ENTROPY_EXITS, ENTROPY_TERMS, or_list
+from erde.config.schema import Config, EvalConfig, ReproduceConfig, stage_config, to_yaml
 from erde.data.prepare import data_info, prepare_data
+from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.compare import Comparison
 from erde.evaluation.metrics import auc
 from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
-from erde.method_keys import applies
-from erde.methods import ENTROPY_EXITS, ENTROPY_TERMS, or_list
-from erde.reproduce import check_study, compare_protocol, ensure_run, train_students
-from erde.run_lock import run_lock
-from erde.teacher import check_teacher
+from erde.run.lock import run_lock
+from erde.study.reproduce import check_study, compare_protocol, ensure_run, train_students
 
-log = logging.getLogger("erde.tune")
+log = logging.getLogger("erde.study.tune")
 
 # The search space: float keys (low, high, log scale) and choice keys.
 FLOATS: dict[str, tuple[float, float, bool]] = {

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erde import checkpoint as ckpt
 from erde.data.pixels import Normalize
 from erde.deploy.images import read_image
 from erde.errors import ErdeError
 from erde.evaluation.policy import simulate
-from erde.model_info import ModelInfo
-from erde.report import read_report
-from erde.rundir import RunDir
+from erde.models.load import load_model
+from erde.run import checkpoint as ckpt
+from erde.run.layout import RunDir
+from erde.run.model_info import ModelInfo
+from erde.run.report import read_report
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class EarlyExitModel:
     def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> EarlyExitModel:
         """A run folder (or a `save_pretrained` folder); the threshold `erde evaluate` chose on
         val (RUN/eval/report.json, the one `erde export` deploys), else 0: the final exit."""
-        net, info = ckpt.load_model(run_dir, device)
+        net, info = load_model(run_dir, device)
         report = RunDir(run_dir).eval.report_json
         if not report.is_file():
             return cls(net, info)

@@ -2,8 +2,8 @@
 
 Each run is an ordinary run folder inside the output folder, so a stopped reproduction picks up
 where it stopped: finished runs are kept, an interrupted one resumes, missing ones are trained.
-Grids (`erde.grid`) add named runs; shards (`erde.shard`) split the runs between processes that
-share the folder, coordinated by lock files (`erde.run_lock`).
+Grids (`erde.study.grid`) add named runs; shards (`erde.study.shard`) split the runs between
+processes that share the folder, coordinated by lock files (`erde.run.lock`).
 """
 
 from __future__ import annotations
@@ -15,23 +15,23 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from erde.config import Config, ReproduceConfig, stage_config, structured, to_dict, to_yaml
+from erde.config.methods import METHOD_TABLE
+from erde.config.schema import Config, ReproduceConfig, stage_config, structured, to_dict, to_yaml
 from erde.data.prepare import data_info, prepare_data
+from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
 from erde.evaluation.compare import Comparison
 from erde.evaluation.runs import compare_runs
 from erde.files import write_text
-from erde.grid import expand
-from erde.methods import METHOD_TABLE
-from erde.model_info import ModelInfo
-from erde.parallel import run_parallel
-from erde.run_lock import run_lock
-from erde.rundir import ComparisonDir, RunDir
-from erde.shard import Shard
-from erde.teacher import check_teacher
-from erde.train import fill_teacher_cache, fit
+from erde.run.layout import ComparisonDir, RunDir
+from erde.run.lock import run_lock
+from erde.run.model_info import ModelInfo
+from erde.study.grid import expand
+from erde.study.parallel import run_parallel
+from erde.study.shard import Shard
+from erde.train.engine import fill_teacher_cache, fit
 
-log = logging.getLogger("erde.reproduce")
+log = logging.getLogger("erde.study.reproduce")
 
 
 def ensure_run(
@@ -45,6 +45,11 @@ def ensure_run(
         fit(None, run_dir, resume=True, progress=progress, on_epoch=on_epoch)
     else:
         fit(cfg, run_dir, progress=progress, on_epoch=on_epoch)
+
+
+def train_quietly(cfg: Config, run_dir: Path) -> None:
+    """`ensure_run` without a progress bar: what each `--jobs` process runs."""
+    ensure_run(cfg, run_dir, progress=False)
 
 
 def reproduce(
@@ -64,7 +69,7 @@ def reproduce(
     a teacher for every seed (each student then learns from the teacher of its own seed).
     `jobs` trains that many students at once, in separate processes sharing the cores; the
     teachers and their output caches come first, so the students never run a teacher.
-    `cfg.grid` adds one student per combination of values (`erde.grid`); `shard` trains only
+    `cfg.grid` adds one student per combination of values (`erde.study.grid`); `shard` trains only
     its slice of the students (after the teachers they need, which the first process to get
     there trains while the others wait). Returns None, and logs which runs are missing, while
     runs of other shards are unfinished: the last shard to finish writes the comparison.
@@ -248,7 +253,7 @@ def _train_held(todo: list[tuple[Config, Path]], jobs: int, progress: bool) -> N
             log.info("%s: run %d of %d", r.name, i, len(todo))
             ensure_run(c, r, progress)
         return
-    failures = run_parallel(todo, jobs)
+    failures = run_parallel(train_quietly, todo, jobs)
     if failures:
         listed = "; ".join(f"{r.name}: {why}" for r, why in failures)
         raise ErdeError(

@@ -1,4 +1,4 @@
-"""Which methods each loss key matters for, read off `erde.methods.METHOD_TABLE`.
+"""Which methods each loss key matters for, read off `erde.config.methods.METHOD_TABLE`.
 
 A grid over `distill.beta` adds runs only for methods whose loss has the entropy term, and the
 tuner searches only the keys a method's loss reads; every other key (`student.*`,
@@ -7,7 +7,7 @@ tuner searches only the keys a method's loss reads; every other key (`student.*`
 
 from __future__ import annotations
 
-from erde.methods import METHOD_TABLE
+from erde.config.methods import METHOD_TABLE
 
 # Read by the KL term to the teacher (methods with a teacher).
 KD_KEYS: tuple[str, ...] = ("distill.alpha", "distill.temperature", "distill.pairing")

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from erde.config.methods import STUDENT_METHODS
 from erde.errors import ErdeError
 from erde.logs import log_to_stdout
-from erde.methods import STUDENT_METHODS
 
 
 def _models(args: argparse.Namespace) -> None:
     from erde.models.catalogue import describe, model_names
-    from erde.report import markdown_table
+    from erde.run.report import markdown_table
 
     names = model_names(args.pattern)
     if not names:
@@ -40,9 +40,9 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _macs(args: argparse.Namespace) -> None:
-    from erde.macs import macs_table
     from erde.models import create_model
-    from erde.report import markdown_table
+    from erde.models.macs import macs_table
+    from erde.run.report import markdown_table
 
     model = create_model(
         args.model,
@@ -71,18 +71,18 @@ def _macs(args: argparse.Namespace) -> None:
 
 
 def _config_show(args: argparse.Namespace) -> None:
-    from erde.config_help import show_config
+    from erde.config.help import show_config
 
     print(show_config(args.config, args.overrides, reproduce=args.reproduce), end="")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from erde.config import load_config
+    from erde.config.schema import load_config
 
     cfg = (
         None if (args.resume and args.config is None) else load_config(args.config, args.overrides)
     )
-    from erde.train import fit  # after the config: a typo is reported without loading torch
+    from erde.train.engine import fit  # after the config: a typo is reported without loading torch
 
     row = fit(
         cfg,
@@ -135,7 +135,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import compare_runs
-    from erde.rundir import ComparisonDir
+    from erde.run.layout import ComparisonDir
 
     compare_runs(
         args.runs,
@@ -152,13 +152,13 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from erde.config import load_reproduce_config
-    from erde.grid import parse_grid_options
-    from erde.shard import parse_shard
+    from erde.config.schema import load_reproduce_config
+    from erde.study.grid import parse_grid_options
+    from erde.study.shard import parse_shard
 
     shard = parse_shard(args.shard) if args.shard else None
     cfg = load_reproduce_config(args.preset, args.overrides, parse_grid_options(args.grid))
-    from erde.reproduce import reproduce  # after the config, as in _train
+    from erde.study.reproduce import reproduce  # after the config, as in _train
 
     comparison = reproduce(
         cfg,
@@ -178,10 +178,10 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from erde.config import load_reproduce_config
+    from erde.config.schema import load_reproduce_config
 
     cfg = load_reproduce_config(args.preset, args.overrides)
-    from erde.tune import tune  # after the config, as in _train
+    from erde.study.tune import tune  # after the config, as in _train
 
     result = tune(
         cfg,
@@ -208,7 +208,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 def _seeds(text: str) -> list[int]:
     """`--seeds 0,1,2`: distinct seeds, since a repeated seed would train the same run twice."""
-    from erde.comma_list import comma_list_type
+    from erde.config.comma_list import comma_list_type
 
     seeds = comma_list_type(int)(text)
     if len(set(seeds)) != len(seeds):
@@ -246,7 +246,7 @@ class _Help(argparse.HelpFormatter):
 
 
 def _presets(kind: str) -> str:
-    from erde.config import preset_names  # omegaconf only; no torch
+    from erde.config.schema import preset_names  # omegaconf only; no torch
 
     return ", ".join(preset_names(kind))
 
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines stay)")
 
-    from erde.deploy.commands import add_commands
+    from erde.cli.deploy import add_commands
 
     add_commands(sub, command)
     return parser

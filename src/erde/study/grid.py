@@ -4,7 +4,7 @@ A grid is a mapping `key: [values]` (the `grid:` section of a reproduce preset, 
 KEY=V1,V2,...` on the command line). Keys are `student.*` and `distill.*` scalars: the teacher and
 the data are shared by every run of a study, so `teacher.*`, `data.*` and `evaluate.*` are not
 gridded (train another study, or pass `--teacher`). A key expands only the methods whose loss
-reads it (`erde.method_keys`), so `distill.beta` adds `erde` runs and leaves `kd` at one.
+reads it (`erde.config.method_keys`), so `distill.beta` adds `erde` runs and leaves `kd` at one.
 Values are typed and checked by the schema like any override. A run's name is its method plus
 every key whose value differs from the base config (`erde-beta0.3-entropy_exits-intermediate`),
 so the combination equal to the base config is the plain `erde` run of an ungridded study.
@@ -20,10 +20,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from erde.config import ReproduceConfig, stage_config, structured, validate
+from erde.config.method_keys import applies
+from erde.config.methods import METHOD_TABLE
+from erde.config.schema import ReproduceConfig, stage_config, structured, validate
 from erde.errors import ErdeError
-from erde.method_keys import applies
-from erde.methods import METHOD_TABLE
 
 GRID_SECTIONS = ("student.", "distill.")
 _NOT_GRIDDED = {

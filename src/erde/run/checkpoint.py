@@ -17,8 +17,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from erde.errors import ErdeError
 from erde.files import write_bytes
-from erde.model_info import ModelInfo
-from erde.rundir import RunDir
+from erde.run.layout import RunDir
+from erde.run.model_info import ModelInfo
 
 # What `fit` stores in the state file and needs back to resume (a multi-process run adds
 # per-rank streams).
@@ -89,34 +89,3 @@ def load_state(run_dir: Path) -> dict | None:
             "start the run again with --overwrite"
         )
     return state
-
-
-def _check_dtypes(state: dict, expected: dict, path: Path) -> None:
-    """Each tensor in the dtype the model holds: load_state_dict would cast silently (int64
-    weights into float32, say), turning a foreign or damaged file into a wrong model."""
-    for key, tensor in state.items():
-        if key in expected and tensor.dtype != expected[key].dtype:
-            raise ErdeError(
-                f"{path}: tensor {key!r} is {tensor.dtype} where the model holds "
-                f"{expected[key].dtype}; the file was not written by erde or is damaged: "
-                "retrain the run or restore the file"
-            )
-
-
-def load_model(
-    run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, ModelInfo]:
-    """The trained EarlyExitNet of a run folder, in eval mode, and its sidecar."""
-    from erde.models import create_model
-
-    state, info = load_weights(run_dir)
-    model = create_model(**info.arch)
-    _check_dtypes(state, model.state_dict(), RunDir(run_dir).weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ErdeError(
-            f"the weights in {run_dir} do not fit the architecture its sidecar names "
-            f"({str(exc).splitlines()[0]}); the folder mixes files of two runs"
-        ) from None
-    return model.to(device).eval(), info

@@ -2,7 +2,8 @@
 the loss (docs/method.md).
 
 `fit` = checks -> `setup` (data, model, teacher, loss, optimiser) -> `resume` -> the epoch loop.
-Files are `RunWriter`'s job, data preparation `erde.data.prepare`'s, the schedule `erde.optim`'s.
+Files are `RunWriter`'s job, data preparation `erde.data.prepare`'s, the schedule
+`erde.train.optim`'s.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from erde import checkpoint as ckpt
 from erde import distributed
-from erde.config import Config, to_dict
+from erde.config.schema import Config, to_dict
 from erde.data.prepare import (
     Batches,
     Split,
@@ -33,20 +33,21 @@ from erde.data.prepare import (
     train_batches,
 )
 from erde.device import resolve_device, resolve_precision
+from erde.distill.losses import DistillLoss, make_loss, pair_exits
+from erde.distill.teacher import Teacher
+from erde.distill.teacher_cache import CacheKey, TeacherCache, TeacherOutputs, indices_digest
 from erde.distributed import World
 from erde.errors import ErdeError
 from erde.files import read_jsonl, sha256_file
 from erde.logs import Heartbeat
-from erde.losses import DistillLoss, make_loss, pair_exits
-from erde.macs import exit_macs, static_macs
-from erde.model_info import ModelInfo
 from erde.models.build import build_model
-from erde.optim import build_optimizer
-from erde.run_lock import writer_lock
-from erde.run_writer import RunWriter, check_run_dir, log
-from erde.rundir import RunDir
-from erde.teacher import Teacher
-from erde.teacher_cache import CacheKey, TeacherCache, TeacherOutputs, indices_digest
+from erde.models.macs import exit_macs, static_macs
+from erde.run import checkpoint as ckpt
+from erde.run.layout import RunDir
+from erde.run.lock import writer_lock
+from erde.run.model_info import ModelInfo
+from erde.train.optim import build_optimizer
+from erde.train.writer import RunWriter, check_run_dir, log
 
 SINGLE = World()
 

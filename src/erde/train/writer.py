@@ -13,14 +13,14 @@ import shutil
 
 from torch import nn
 
-from erde import checkpoint as ckpt
-from erde.config import Config, load_config, to_dict, to_yaml
+from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
 from erde.files import read_jsonl, temporaries, write_text
-from erde.model_info import ModelInfo
-from erde.rundir import RunDir
+from erde.run import checkpoint as ckpt
+from erde.run.layout import RunDir
+from erde.run.model_info import ModelInfo
 
-log = logging.getLogger("erde.train")
+log = logging.getLogger("erde.train.engine")
 
 
 def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: bool) -> Config:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from erde.config import TrainConfig
+from erde.config.schema import TrainConfig
 
 
 def lr_factor(t: TrainConfig, step: int, steps_per_epoch: int) -> float:

@@ -82,7 +82,7 @@ def render_results(rows: Sequence, fmt: str) -> str:
         writer.writerow(INFER_FIELDS)
         writer.writerows([getattr(r, k) for k in INFER_FIELDS] for r in rows)
         return out.getvalue()
-    from erde.report import markdown_table
+    from erde.run.report import markdown_table
 
     return markdown_table(
         ["file", "class", "exit", "confidence"],
@@ -136,7 +136,7 @@ def bench_notes(result: dict) -> str:
 
 def _number_list(kind: type) -> Callable[[str], list]:
     """An argparse `type=` for `--thresholds 0.5,1` and `--batch 1,8`: erde's one comma list."""
-    from erde.comma_list import comma_list_type
+    from erde.config.comma_list import comma_list_type
 
     return comma_list_type(kind)
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from erde.config import Config
+from erde.config.schema import Config
 from erde.errors import ErdeError
 
-log = logging.getLogger("erde.reproduce")
+log = logging.getLogger("erde.study.reproduce")
 
 
 def _start_worker(threads: int) -> None:
@@ -28,12 +29,6 @@ def _start_worker(threads: int) -> None:
     log_to_stdout()
 
 
-def _train(cfg: Config, run: Path) -> None:
-    from erde.reproduce import ensure_run
-
-    ensure_run(cfg, run, progress=False)
-
-
 def cores() -> int:
     """The cores this process may use (its CPU affinity where the OS tells)."""
     try:
@@ -42,8 +37,11 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def run_parallel(runs: list[tuple[Config, Path]], jobs: int) -> list[tuple[Path, str]]:
-    """Train `runs` with `jobs` processes; returns (run, message) of each run that failed with a
+def run_parallel(
+    train: Callable[[Config, Path], None], runs: list[tuple[Config, Path]], jobs: int
+) -> list[tuple[Path, str]]:
+    """`train(cfg, run)` for every run with `jobs` processes (`train`: a module-level function,
+    so a spawned process can import it); returns (run, message) of each run that failed with a
     user-facing error (a bug in one run still raises, after the others have stopped)."""
     threads = max(1, cores() // jobs)
     log.info("training %d runs, %d at a time, %d thread(s) each", len(runs), jobs, threads)
@@ -55,7 +53,7 @@ def run_parallel(runs: list[tuple[Config, Path]], jobs: int) -> list[tuple[Path,
         initargs=(threads,),
     )
     try:
-        pending: dict[Future, Path] = {pool.submit(_train, c, r): r for c, r in runs}
+        pending: dict[Future, Path] = {pool.submit(train, c, r): r for c, r in runs}
         done_count = 0
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -1,9 +1,10 @@
 """Training losses: teacher, ce, kd, kd-masked and ERDE (docs/method.md, "Losses").
 
 One engine trains every method; the method only chooses which per-exit terms enter the total (its
-row in `erde.methods.METHOD_TABLE`), so a comparison between methods changes nothing but the loss.
-Arguments are checked with the config schema's own table (`erde.config.check_value`), so a direct
-Python caller gets the message `erde train` gives for the same value.
+row in `erde.config.methods.METHOD_TABLE`), so a comparison between methods changes nothing but
+the loss. Arguments are checked with the config schema's own table
+(`erde.config.schema.check_value`), so a direct Python caller gets the message `erde train`
+gives for the same value.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from erde.config import DistillConfig, check_value
+from erde.config.methods import ENTROPY_EXITS, ENTROPY_TERMS, METHOD_TABLE, METHODS, PAIRINGS
+from erde.config.schema import DistillConfig, check_value
 from erde.errors import ErdeError
-from erde.methods import ENTROPY_EXITS, ENTROPY_TERMS, METHOD_TABLE, METHODS, PAIRINGS
 
 __all__ = [
     "ENTROPY_EXITS",
@@ -88,7 +89,8 @@ class LossResult:
 class DistillLoss:
     """One method's loss; it holds only constants, so there is nothing to checkpoint.
 
-    Options left out take the config's defaults (`erde.config.DistillConfig`, docs/method.md).
+    Options left out take the config's defaults (`erde.config.schema.DistillConfig`,
+    docs/method.md).
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class DistillLoss:
             if len(pairing) != num_exits or not all(isinstance(j, int) and j >= 0 for j in pairing):
                 raise ErdeError(
                     f"pairing must give one teacher exit index (>= 0) per student exit "
-                    f"({num_exits}), got {pairing}; build it with erde.losses.pair_exits"
+                    f"({num_exits}), got {pairing}; build it with erde.distill.losses.pair_exits"
                 )
         self.method = method
         self.spec = METHOD_TABLE[method]
@@ -212,7 +214,7 @@ class DistillLoss:
         if max(pairing) >= len(teacher_logits):
             raise ErdeError(
                 f"pairing {pairing} names a teacher exit beyond the teacher's "
-                f"{len(teacher_logits)} exits; build it with erde.losses.pair_exits"
+                f"{len(teacher_logits)} exits; build it with erde.distill.losses.pair_exits"
             )
         return pairing
 

@@ -139,7 +139,7 @@ class RunDir:
 
     @property
     def teacher_cache(self) -> Path:
-        """A teacher's outputs on students' training batches (`erde.teacher_cache`)."""
+        """A teacher's outputs on students' training batches (`erde.distill.teacher_cache`)."""
         return self.path / "teacher-cache"
 
     @property

@@ -4,7 +4,7 @@ A method is fully described by which terms of the loss it uses (docs/method.md, 
 method has the label cross-entropy; a method with a teacher adds the KL term on every sample
 (`kd`) or only where the paired teacher exit is right (`kd-masked`, `erde`); `erde` also adds the
 maximum-entropy term where that teacher exit is wrong. Adding a method is one row here plus its
-term in `erde.losses`, and the config schema, `erde reproduce` and the messages follow.
+term in `erde.distill.losses`, and the config schema, `erde reproduce` and the messages follow.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 STUDENT_METHODS: tuple[str, ...] = tuple(n for n, m in METHOD_TABLE.items() if m.student)
 TEACHER_METHODS: tuple[str, ...] = tuple(n for n, m in METHOD_TABLE.items() if m.needs_teacher)
 
-# The loss's options (docs/method.md, "Losses"); `erde.losses` implements each one.
+# The loss's options (docs/method.md, "Losses"); `erde.distill.losses` implements each one.
 PAIRINGS: tuple[str, ...] = ("same", "depth", "final")
 ENTROPY_TERMS: tuple[str, ...] = ("uniform-ce", "neg-entropy")
 ENTROPY_EXITS: tuple[str, ...] = ("all", "intermediate")

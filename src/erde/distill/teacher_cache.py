@@ -34,7 +34,7 @@ from erde.distributed import World
 from erde.errors import ErdeError
 from erde.files import write_bytes
 
-log = logging.getLogger("erde.train.cache")  # train.log only, below warnings
+log = logging.getLogger("erde.train.engine.cache")  # train.log only, below warnings
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from erde import checkpoint as ckpt
 from erde.errors import ErdeError
-from erde.model_info import DataInfo, ModelInfo
+from erde.models.load import load_model
+from erde.run.model_info import DataInfo, ModelInfo
 
 
 def check_teacher(run_dir: str | Path, data: DataInfo) -> tuple[nn.Module, ModelInfo]:
     """A finished run trained on the student's data: its model (CPU, eval mode) and sidecar.
     `erde reproduce` calls it before training any student, `Teacher` when distillation starts."""
-    model, info = ckpt.load_model(run_dir)
+    model, info = load_model(run_dir)
     if not info.finished:
         raise ErdeError(
             f"teacher run {run_dir} has not finished training; finish it "

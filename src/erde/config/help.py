@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from erde.config import (
+from erde.config.schema import (
     CHOICES,
     RANGES,
     load_config,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from erde.errors import ErdeError
 
-log = logging.getLogger("erde.reproduce")
+log = logging.getLogger("erde.study.reproduce")
 _HELD: dict[Path, int] = {}  # writer locks this process holds: how often it entered each
 
 

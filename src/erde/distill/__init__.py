@@ -1,0 +1,1 @@
+"""Distillation: the per-exit losses, the frozen teacher and its exact output cache."""

@@ -1,0 +1,1 @@
+"""Studies of many runs: the protocol (`reproduce`), grids, shards, parallel jobs, tuning."""
