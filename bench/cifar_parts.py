@@ -5,7 +5,7 @@ files written outside the checkout while it stays warm. So `split` cuts train.np
 byte stream, in that order) into parts of at most `--part-mib` MiB with a manifest, one part is
 carried per command and copied to a folder outside the checkout, and `assemble` joins them there.
 Re-encoding does not pay: PNG/lzma of the uint8 arrays measured 0.66-0.70 of the raw bytes, still
-three parts of 56 MiB, so the .npz bytes travel as they are (the assembled files are byte-identical).
+three parts of 56 MiB, so the .npz bytes travel as they are (assembled files: byte-identical).
 
 Array digest (recorded in the manifest, checked by `assemble`): per split, SHA-256 of `x.tobytes()`
 (uint8, C order, N x 32 x 32 x 3) followed by `y.tobytes()` (uint8, N).
@@ -52,14 +52,21 @@ def split(root: str, out: str, part_mib: float) -> dict:
         path = os.path.join(root, f"{name}.npz")
         with open(path, "rb") as fh:
             data = fh.read()
-        files.append({"name": f"{name}.npz", "offset": len(stream), "size": len(data),
-                      "file_sha256": sha256(data), "array_sha256": array_digest(path)})
+        files.append(
+            {
+                "name": f"{name}.npz",
+                "offset": len(stream),
+                "size": len(data),
+                "file_sha256": sha256(data),
+                "array_sha256": array_digest(path),
+            }
+        )
         stream += data
     size = int(part_mib * MiB)
     os.makedirs(out, exist_ok=True)
     parts = []
     for i, start in enumerate(range(0, len(stream), size)):
-        chunk, name = stream[start:start + size], f"part-{i:02d}"
+        chunk, name = stream[start : start + size], f"part-{i:02d}"
         with open(os.path.join(out, name), "wb") as fh:
             fh.write(chunk)
         parts.append({"name": name, "size": len(chunk), "sha256": sha256(chunk)})
@@ -85,7 +92,7 @@ def assemble(parts_dir: str, out: str) -> str | None:
         stream += chunk
     os.makedirs(out, exist_ok=True)
     for f in manifest["files"]:
-        data = stream[f["offset"]:f["offset"] + f["size"]]
+        data = stream[f["offset"] : f["offset"] + f["size"]]
         path = os.path.join(out, f["name"])
         with open(path, "wb") as fh:
             fh.write(data)
