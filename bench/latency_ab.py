@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erde.deploy.latency import _early_exit_runner, _static_runner, _test_images
+from erde.deploy.latency import early_exit_runner, held_out_images, static_runner
 from erde.deploy.manifest import read_manifest
 from erde.deploy.runtime import EarlyExitRuntime, export_session
 from erde.run.report import markdown_table
@@ -34,11 +34,11 @@ def _configs(label: str, export_dir: Path, threads: int) -> list[tuple]:
     """(label, name, threshold or None, run) of one export; `run(batch) -> (classes, exits or
     None)` is `erde bench`'s own runner."""
     m = read_manifest(export_dir)
-    static = _static_runner(export_session(export_dir, m.static, threads))
+    static = static_runner(export_session(export_dir, m.static, threads))
     runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
     thresholds = sorted({0.0, m.deployment.threshold, *m.budget_thresholds.values()})
     return [(label, f"{m.precision} static", None, static)] + [
-        (label, f"{m.precision} early exit", t, _early_exit_runner(runtime, t, "auto"))
+        (label, f"{m.precision} early exit", t, early_exit_runner(runtime, t, "auto"))
         for t in thresholds
     ]
 
@@ -55,7 +55,7 @@ def main() -> None:
         parser.error("give every export as LABEL=EXPORT_DIR, e.g. before=/tmp/old")
     exports = [(s.split("=", 1)[0], Path(s.split("=", 1)[1])) for s in args.exports]
     first = read_manifest(exports[0][1])
-    x, _ = _test_images(Path(first.source_run), first)
+    x, _ = held_out_images(Path(first.source_run), first)
     configs = [c for label, d in exports for c in _configs(label, d, args.threads)]
     wall = np.zeros((len(configs), args.repeats))
     cpu = np.zeros_like(wall)

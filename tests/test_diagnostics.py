@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 
 from erde.errors import ErdeError
 from erde.evaluation.diagnostics import (
-    TeacherOutputs,
+    ReferenceLogits,
     correctness_auroc,
     diagnose,
     expected_calibration_error,
@@ -97,7 +97,7 @@ STUDENT = logits_of(
     ]
 )
 # Teacher exit 1 right on images 0 and 2, teacher exit 2 (final) right on images 0 and 1.
-TEACHER = TeacherOutputs(
+TEACHER = ReferenceLogits(
     "teacher",
     logits_of(
         [[[0.9, 0.1]] * 2, [[0.2, 0.8], [0.8, 0.2]], [[0.1, 0.9], [0.9, 0.1]], [[0.3, 0.7]] * 2]
@@ -150,21 +150,21 @@ def test_without_a_reference_the_teacher_entries_say_why():
 
 def test_entropy_scores_and_a_group_without_images():
     labels = torch.tensor([0, 0, 0, 0])
-    itself = TeacherOutputs("teacher", STUDENT, labels)
+    itself = ReferenceLogits("teacher", STUDENT, labels)
     d = diagnose(STUDENT, labels, threshold=0.5, teacher=itself, pairing=[1, 1])
     entropy = -(STUDENT.softmax(-1) * STUDENT.log_softmax(-1)).sum(-1)[:, 1]
     teacher_right = torch.tensor([True, True, False, True])  # teacher exit 2 predicts 0 0 1 0
     assert d.per_exit[1].mean_score_teacher_right == pytest.approx(
         float(entropy[teacher_right].mean()), abs=1e-6
     )
-    d = diagnose(STUDENT, LABELS, threshold=0.5, teacher=TeacherOutputs("t", STUDENT, LABELS))
+    d = diagnose(STUDENT, LABELS, threshold=0.5, teacher=ReferenceLogits("t", STUDENT, LABELS))
     assert d.per_exit[1].mean_score_teacher_wrong is None  # the final exit is never wrong
     assert d.teacher_wrong_share == 0.0 and d.per_exit[0].teacher_wrong_exit_share is None
     assert math.isfinite(d.per_exit[0].ece)
 
 
 def test_a_reference_of_other_data_or_fewer_exits_is_refused():
-    other = TeacherOutputs("teacher X", TEACHER.logits, torch.tensor([1, 0, 1, 0]))
+    other = ReferenceLogits("teacher X", TEACHER.logits, torch.tensor([1, 0, 1, 0]))
     with pytest.raises(ErdeError, match="other test images or classes"):
         diagnose(STUDENT, LABELS, threshold=0.1, teacher=other)
     with pytest.raises(ErdeError, match=r"teacher exits \[1, 3\].*has 2 exits"):

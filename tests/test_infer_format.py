@@ -71,12 +71,12 @@ def test_bench_notes_count_the_images_of_every_row():
     def row(batch):
         return BenchRow("student", None, batch, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
-    result = {"rows": [row(1), row(1), row(64)], "repeats": 100, "test_images": 360}
+    result = {"rows": [row(1), row(1), row(64)], "repeats": 100, "held_out_images": 360}
     notes = bench_notes(result)
     assert "100 at batch 1, 6,400 at batch 64 (100 timed batches x batch size)" in notes
     assert "the 360 test images are taken again from the start" in notes
     assert "fixed cost" in notes and "head" in notes
-    result["test_images"] = 10_000
+    result["held_out_images"] = 10_000
     assert "taken again" not in bench_notes(result)
 
 

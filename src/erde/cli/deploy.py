@@ -116,7 +116,7 @@ def bench_command(args: argparse.Namespace) -> None:
 def bench_notes(result: dict) -> str:
     """What the table alone does not say: how many images each row timed, and why batch-1 rows
     can fall short of the MACs prediction (docs/benchmarks.md measures the causes)."""
-    repeats, pool = result["repeats"], result["test_images"]
+    repeats, pool = result["repeats"], result["held_out_images"]
     batches = sorted({r.batch for r in result["rows"]})
     used = ", ".join(f"{b * repeats:,} at batch {b}" for b in batches)
     reused = (
@@ -144,6 +144,24 @@ def _number_list(kind: type) -> Callable[[str], list]:
 def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     """Register export, infer and bench on the CLI's sub-parsers `sub`, each through the
     CLI's `command(name, func, help, examples)` helper, which creates it on `sub`."""
+    _add_export(command)
+    _add_infer(command)
+    add_bench_arguments(
+        command(
+            "bench",
+            bench_command,
+            "latency of early exit against the static student and teacher, on the run's test "
+            "images: realised versus MACs-predicted speed-up",
+            [
+                "erde bench runs/erde --reference runs/teacher",
+                "erde bench exported/erde-int8 --batch 1 --repeats 300 --warmup 30",
+                "erde bench runs/erde --int8 --thresholds 0,0.5,1",
+            ],
+        )
+    )
+
+
+def _add_export(command: Callable) -> None:
     p = command(
         "export",
         export_command,
@@ -183,6 +201,8 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
         "--overwrite", action="store_true", help="replace a non-empty folder that is no export"
     )
 
+
+def _add_infer(command: Callable) -> None:
     p = command(
         "infer",
         infer_command,
@@ -211,20 +231,6 @@ def add_commands(sub: argparse._SubParsersAction, command: Callable) -> None:
     )
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
     _form_argument(p)
-
-    add_bench_arguments(
-        command(
-            "bench",
-            bench_command,
-            "latency of early exit against the static student and teacher, on the run's test "
-            "images: realised versus MACs-predicted speed-up",
-            [
-                "erde bench runs/erde --reference runs/teacher",
-                "erde bench exported/erde-int8 --batch 1 --repeats 300 --warmup 30",
-                "erde bench runs/erde --int8 --thresholds 0,0.5,1",
-            ],
-        )
-    )
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,7 @@ class _Timed:
     tag: str = ""
 
 
-def _static_runner(session) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]:
+def static_runner(session) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]:
     name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> tuple[np.ndarray, None]:
@@ -86,7 +86,7 @@ def _static_runner(session) -> Callable[[torch.Tensor], tuple[np.ndarray, None]]
     return run
 
 
-def _early_exit_runner(
+def early_exit_runner(
     runtime: EarlyExitRuntime, threshold: float, form: str
 ) -> Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]:
     runtime = runtime.with_threshold(threshold)
@@ -98,7 +98,7 @@ def _early_exit_runner(
     return run
 
 
-def _test_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+def held_out_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's test split, normalised as in training, and its labels."""
     from erde.data.prepare import prepare_data
 
@@ -135,7 +135,7 @@ def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None
     return _Timed(
         f"teacher {info.name}, static",
         None,
-        _static_runner(ort_session(proto.SerializeToString(), threads)),
+        static_runner(ort_session(proto.SerializeToString(), threads)),
         info.static_macs,
     )
 
@@ -153,7 +153,7 @@ def _student(
     static = export_session(export_dir, manifest.static, threads)
     name = manifest.info.name + ("" if manifest.precision == "fp32" else f" {manifest.precision}")
     configs = [
-        _Timed(f"student {name}, static", None, _static_runner(static), manifest.info.static_macs)
+        _Timed(f"student {name}, static", None, static_runner(static), manifest.info.static_macs)
     ]
     source = manifest.deployment.threshold_source
     tag = " (given)" if source == "given" else f" ({source.split(' on ')[0]})"
@@ -161,7 +161,7 @@ def _student(
         _Timed(
             f"student {name}, early exit",
             t,
-            _early_exit_runner(runtime, t, form),
+            early_exit_runner(runtime, t, form),
             None,
             tag if t == own else "",
         )
@@ -291,7 +291,7 @@ def benchmark(
             configs += timed
             manifests.append(manifest)
             if len(manifests) == 1:
-                x, y = _test_images(Path(manifest.source_run), manifest)
+                x, y = held_out_images(Path(manifest.source_run), manifest)
             logits = exit_logits(runtime.pieces, x)
             accuracy[manifest.precision] = per_exit_accuracy(logits, y).tolist()
         first = manifests[0]
@@ -322,7 +322,7 @@ def benchmark(
         "warmup": warmup,
         "form": form,
         "data_source": info.data.source,
-        "test_images": len(y),
+        "held_out_images": len(y),
     }
 
 
@@ -354,7 +354,7 @@ def render_benchmark(result: dict) -> str:
         f"{result['threads'] or 'default'} intra-op thread(s); early exit in form "
         f"{result['form']!r}; {result['repeats']} timed batches per batch size after "
         f"{result['warmup']} warm-up batches, drawn in order from the "
-        f"{result['test_images']:,} test images"
+        f"{result['held_out_images']:,} test images"
     )
     exits = len(result["exit_macs"])
     accuracy = markdown_table(
@@ -385,6 +385,6 @@ def render_benchmark(result: dict) -> str:
             ],
             rows,
         )
-        + f"\nTest accuracy (%) per exit, all {result['test_images']:,} test images, exported "
+        + f"\nTest accuracy (%) per exit, all {result['held_out_images']:,} test images, exported "
         "pieces:\n\n" + accuracy
     )

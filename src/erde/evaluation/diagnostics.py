@@ -23,7 +23,7 @@ ECE_BINS = 15
 
 
 @dataclass(frozen=True)
-class TeacherOutputs:
+class ReferenceLogits:
     """The reference run's test logits (N x F x K) and labels, and its name for the report."""
 
     label: str
@@ -69,7 +69,7 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def _teacher_exits(
-    pairing: list[int] | None, n_exits: int, teacher: TeacherOutputs
+    pairing: list[int] | None, n_exits: int, teacher: ReferenceLogits
 ) -> tuple[list[int], str]:
     """The reference exit that decides "teacher right" for each exit, and the note saying so."""
     n_teacher = teacher.logits.shape[1]
@@ -91,7 +91,7 @@ def _teacher_exits(
     return list(pairing), note
 
 
-def _check_teacher(teacher: TeacherOutputs, labels: torch.Tensor, k: int) -> None:
+def _check_teacher(teacher: ReferenceLogits, labels: torch.Tensor, k: int) -> None:
     if teacher.logits.shape[2] != k or not torch.equal(teacher.labels, labels):
         raise ErdeError(
             f"the reference {teacher.label} was evaluated on other test images or classes than "
@@ -128,7 +128,7 @@ def diagnose(
     policy: str = "entropy",
     normalize: bool = False,
     pairing: list[int] | None = None,
-    teacher: TeacherOutputs | None = None,
+    teacher: ReferenceLogits | None = None,
 ) -> Diagnostics:
     """The diagnostics of one run's test logits (N x E x K) at the chosen `threshold`.
 

@@ -10,7 +10,7 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import check_budget, resolve_budget
 from erde.evaluation.compare import Comparison, aggregate
-from erde.evaluation.diagnostics import TeacherOutputs
+from erde.evaluation.diagnostics import ReferenceLogits
 from erde.evaluation.plots import plot_comparison, plot_run
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import (
@@ -38,7 +38,7 @@ def reference_label(run_dir: str | Path) -> str:
 
 def run_reference(
     run_dir: str | Path, *, refresh: bool = False, device: str = "auto"
-) -> tuple[Reference, TeacherOutputs]:
+) -> tuple[Reference, ReferenceLogits]:
     """A finished run (normally the teacher) as the accuracy to keep and the MACs to beat, and
     its test outputs, which tell the diagnostics the images it gets right and wrong.
 
@@ -47,7 +47,7 @@ def run_reference(
     """
     cache = load_cache(run_dir, refresh=refresh, device=device)
     info = ckpt.read_info(run_dir)
-    teacher = TeacherOutputs(
+    teacher = ReferenceLogits(
         f"{info.method} {info.name} ({Path(run_dir)})", cache.logits["test"], cache.labels["test"]
     )
     return reference_from_cache(cache, reference_label(run_dir), info.static_macs), teacher
@@ -55,7 +55,7 @@ def run_reference(
 
 def _summarize_run(
     run_dir: str | Path,
-    reference: tuple[Reference, TeacherOutputs] | None,
+    reference: tuple[Reference, ReferenceLogits] | None,
     refresh: bool,
     device: str,
     **options,

@@ -20,7 +20,7 @@ from erde.evaluation.calibrate import (
     calibrate_for_budget,
     resolve_budget,
 )
-from erde.evaluation.diagnostics import TeacherOutputs, diagnose
+from erde.evaluation.diagnostics import ReferenceLogits, diagnose
 from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.sweep import Curve, sweep
 from erde.run.model_info import ModelInfo
@@ -91,7 +91,7 @@ def summarize(
     max_drop: float = 0.0,
     budgets: Sequence[float] = (0.25, 0.5),
     budget: float | None = None,
-    teacher: TeacherOutputs | None = None,
+    teacher: ReferenceLogits | None = None,
 ) -> RunSummary:
     """Per-exit accuracy, AUC, the val-calibrated operating points and what they give on test,
     and the diagnostics at the chosen point.

@@ -6,8 +6,9 @@ Fair by construction: every method gets `trials` finished (complete or pruned) t
 seeded TPE sampler over the keys its loss reads (`SPACE` filtered by
 `erde.config.method_keys`), with the same teacher, schedule and seed. The objective is the AUC
 of the validation accuracy-versus-MACs curve over the student's own MACs range
-(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner stops a trial whose mean
-validation accuracy over the exits falls below the median of earlier trials at the same epoch.
+(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner
+stops a trial whose mean validation accuracy over the exits falls below the median of earlier
+trials at the same epoch.
 
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
 (the default storage), `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`),

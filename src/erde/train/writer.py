@@ -15,7 +15,7 @@ from torch import nn
 
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
-from erde.files import read_jsonl, temporaries, write_text
+from erde.files import temporaries, write_text
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -115,10 +115,6 @@ class RunWriter:
             self._handler.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
-
-    def history(self, epochs: int) -> list[dict]:
-        """The metrics rows of the epochs a resumed run keeps."""
-        return read_jsonl(self.run.metrics)[:epochs]
 
     def save_epoch(self, net: nn.Module, state: dict, history: list[dict], info: ModelInfo) -> None:
         """Weights first, then the state that says the epoch is done: a crash between them
