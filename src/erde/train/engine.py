@@ -408,6 +408,29 @@ def exit_accuracy(
     return [c / seen_all for c in correct_all]
 
 
+def _epoch_bar(p: EpochParts, epoch: int) -> tqdm:
+    """The epoch's progress bar over the training batches."""
+    return tqdm(
+        p.batches,
+        total=len(p.batches),
+        desc=f"epoch {epoch + 1}/{p.epochs}",
+        disable=None if p.progress else True,  # None: only on a terminal, not in CI logs
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def _non_finite_loss(epoch: int, bad: int) -> ErdeError:
+    """The error for a NaN or infinite training loss at step `bad` of `epoch`."""
+    return ErdeError(
+        f"the training loss became NaN or infinite at epoch {epoch + 1}, step "
+        f"{bad + 1}; the last good checkpoint is kept. Lower train.lr or "
+        "train.momentum, shorten the ramp (raise train.warmup_epochs), lower "
+        "distill.beta or raise distill.temperature, use train.precision=fp32, or check the "
+        "data"
+    )
+
+
 def train_epoch(p: EpochParts, epoch: int) -> dict:
     """One pass over the training batches; returns the epoch's metrics row.
 
@@ -423,14 +446,7 @@ def train_epoch(p: EpochParts, epoch: int) -> dict:
     first_bad = torch.full((), never, device=p.batches.device)  # first non-finite step
     bad = never
     seen, started, beat = 0, time.perf_counter(), Heartbeat()
-    bar = tqdm(
-        p.batches,
-        total=len(p.batches),
-        desc=f"epoch {epoch + 1}/{p.epochs}",
-        disable=None if p.progress else True,  # None: only on a terminal, not in CI logs
-        leave=False,
-        dynamic_ncols=True,
-    )
+    bar = _epoch_bar(p, epoch)
     for step, (x, y) in enumerate(bar):
         with p.autocast():
             teacher_logits = p.teacher(x, step) if p.teacher is not None else None
@@ -461,13 +477,7 @@ def train_epoch(p: EpochParts, epoch: int) -> dict:
     if p.teacher is not None and bad == never:
         p.teacher.end_epoch()
     if bad < never:
-        raise ErdeError(
-            f"the training loss became NaN or infinite at epoch {epoch + 1}, step "
-            f"{bad + 1}; the last good checkpoint is kept. Lower train.lr or "
-            "train.momentum, shorten the ramp (raise train.warmup_epochs), lower "
-            "distill.beta or raise distill.temperature, use train.precision=fp32, or check the "
-            "data"
-        )
+        raise _non_finite_loss(epoch, bad)
     return epoch_row(p, epoch, sums, seen, time.perf_counter() - started)
 
 
