@@ -1,5 +1,6 @@
 """The command line as a user meets it: real commands, exit status 2 and one message on mistakes."""
 
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,27 @@ def test_console_script_entry_point_runs():
     ).stdout
     names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
     assert set(list_models()) <= set(names)
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_torchrun_worker_leaves_without_teardown_and_keeps_its_output(world_size):
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('interpreter torn down'))\n"
+        "sys.argv = ['erde', *sys.argv[1:]]\n"
+        "from erde.cli.main import command\n"
+        "command()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world_size:
+        env["WORLD_SIZE"] = world_size
+    for argv, code in ((["models"], 0), (["config", "no-such-preset"], 2)):
+        done = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == code
+        assert ("| resnet8" in done.stdout) if code == 0 else ("no-such-preset" in done.stderr)
+        assert ("interpreter torn down" in done.stdout) == (world_size is None)
 
 
 def test_macs_table_prints_the_library_numbers(capsys):

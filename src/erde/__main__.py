@@ -1,5 +1,3 @@
-import sys
+from erde.cli.main import command
 
-from erde.cli.main import main
-
-sys.exit(main())
+command()

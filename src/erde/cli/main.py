@@ -8,6 +8,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -528,6 +529,22 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def command() -> NoReturn:
+    """The `erde` command (`python -m erde` too): `main`, then the exit.
+
+    A `torchrun` worker, its work done and its process group closed, leaves without interpreter
+    teardown: under load Gloo's threads can still abort a worker there ("terminate called without
+    an active exception", exit -6), and torchrun then reports a finished job as failed.
+    """
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -556,4 +573,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
