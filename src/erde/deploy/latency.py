@@ -278,13 +278,7 @@ def benchmark(
     _check_options(target, is_export_dir, thresholds, batch_sizes, repeats, warmup, int8)
     with tempfile.TemporaryDirectory(prefix="erde-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        exports = [target] if is_export_dir else [tmp / "fp32"]
-        if not is_export_dir:
-            given = None if thresholds is None or has_calibration(target) else thresholds[0]
-            export_run(target, exports[0], threshold=given)
-            if int8:
-                exports.append(tmp / "int8")
-                export_run(target, exports[1], threshold=given, int8=True)
+        exports = _exports(target, is_export_dir, tmp, thresholds, int8)
         configs, manifests, accuracy = [], [], {}
         for export_dir in exports:
             timed, manifest, runtime = _student(export_dir, thresholds, threads, form)
@@ -308,15 +302,7 @@ def benchmark(
     return {
         "rows": rows,
         "per_exit_accuracy": accuracy,
-        "run": first.source_run,
-        "reference": None if reference is None else str(reference),
-        "model": info.name,
-        "policy": first.deployment.policy,
-        "normalize": first.deployment.normalize,
-        "export_threshold": first.deployment.threshold,
-        "threshold_source": first.deployment.threshold_source,
-        "exit_macs": info.exit_macs,
-        "static_macs": info.static_macs,
+        **_bench_info(first, reference),
         "threads": threads,
         "repeats": repeats,
         "warmup": warmup,
@@ -326,28 +312,77 @@ def benchmark(
     }
 
 
+def _exports(
+    target: Path, is_export_dir: bool, tmp: Path, thresholds: list[float] | None, int8: bool
+) -> list[Path]:
+    """The export folders to time: `target` itself, or fresh exports of the run (fp32, int8)."""
+    if is_export_dir:
+        return [target]
+    exports = [tmp / "fp32"]
+    given = None if thresholds is None or has_calibration(target) else thresholds[0]
+    export_run(target, exports[0], threshold=given)
+    if int8:
+        exports.append(tmp / "int8")
+        export_run(target, exports[1], threshold=given, int8=True)
+    return exports
+
+
+def _bench_info(first: Manifest, reference: str | Path | None) -> dict:
+    """What the benchmark measured, read from the first export's manifest."""
+    info = first.info
+    return {
+        "run": first.source_run,
+        "reference": None if reference is None else str(reference),
+        "model": info.name,
+        "policy": first.deployment.policy,
+        "normalize": first.deployment.normalize,
+        "export_threshold": first.deployment.threshold,
+        "threshold_source": first.deployment.threshold_source,
+        "exit_macs": info.exit_macs,
+        "static_macs": info.static_macs,
+    }
+
+
+_BENCH_COLUMNS = [
+    "model",
+    "threshold",
+    "batch",
+    "median ms/batch",
+    "p90 ms/batch",
+    "images/s",
+    "test accuracy (%)",
+    "MACs/image (M)",
+    "% of static MACs",
+    "exit shares",
+    "speed-up, MACs-predicted",
+    "speed-up, realised",
+    "realised / predicted (%)",
+]
+
+
+def _bench_cells(r: BenchRow, static_macs: int) -> list:
+    """One benchmark row's table cells, in the order of _BENCH_COLUMNS."""
+    thr = "-" if r.threshold is None else f"{r.threshold:.4g}{r.tag}"
+    return [
+        r.model,
+        thr,
+        r.batch,
+        f"{r.median_ms:.3f}",
+        f"{r.p90_ms:.3f}",
+        f"{r.images_per_s:,.0f}",
+        f"{100 * r.accuracy:.2f}",
+        f"{r.expected_macs / 1e6:.3f}",
+        f"{100 * r.expected_macs / static_macs:.0f}",
+        "-" if r.exit_share is None else " / ".join(f"{s:.2f}" for s in r.exit_share),
+        f"{r.predicted_speedup:.2f}x",
+        f"{r.realised_speedup:.2f}x",
+        f"{100 * r.realised_fraction:.0f}",
+    ]
+
+
 def render_benchmark(result: dict) -> str:
     """The benchmark as a markdown table (milliseconds per batch call, images/s, MACs in M)."""
-    rows = []
-    for r in result["rows"]:
-        thr = "-" if r.threshold is None else f"{r.threshold:.4g}{r.tag}"
-        rows.append(
-            [
-                r.model,
-                thr,
-                r.batch,
-                f"{r.median_ms:.3f}",
-                f"{r.p90_ms:.3f}",
-                f"{r.images_per_s:,.0f}",
-                f"{100 * r.accuracy:.2f}",
-                f"{r.expected_macs / 1e6:.3f}",
-                f"{100 * r.expected_macs / result['static_macs']:.0f}",
-                "-" if r.exit_share is None else " / ".join(f"{s:.2f}" for s in r.exit_share),
-                f"{r.predicted_speedup:.2f}x",
-                f"{r.realised_speedup:.2f}x",
-                f"{100 * r.realised_fraction:.0f}",
-            ]
-        )
+    rows = [_bench_cells(r, result["static_macs"]) for r in result["rows"]]
     head = (
         f"{result['model']} on {result['data_source']} test images, policy {result['policy']}"
         f"{' (normalised)' if result['normalize'] else ''}; ONNX Runtime CPU, "
@@ -367,24 +402,7 @@ def render_benchmark(result: dict) -> str:
     return (
         head
         + "\n\n"
-        + markdown_table(
-            [
-                "model",
-                "threshold",
-                "batch",
-                "median ms/batch",
-                "p90 ms/batch",
-                "images/s",
-                "test accuracy (%)",
-                "MACs/image (M)",
-                "% of static MACs",
-                "exit shares",
-                "speed-up, MACs-predicted",
-                "speed-up, realised",
-                "realised / predicted (%)",
-            ],
-            rows,
-        )
+        + markdown_table(_BENCH_COLUMNS, rows)
         + f"\nTest accuracy (%) per exit, all {result['held_out_images']:,} test images, exported "
         "pieces:\n\n" + accuracy
     )

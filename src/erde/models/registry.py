@@ -66,27 +66,12 @@ def create_model(
     if module:
         import_plugin(module)
     key = name.strip().lower() if isinstance(name, str) else name
-    builder, options = _builder(key), dict(kwargs)
-    _check_count("num_classes", num_classes, 2)
-    _check_count("in_channels", in_channels, 1)
-    if input_size is not None:
-        _check_count("input_size", input_size, 1)
-    check_model_memory(num_classes, in_channels, input_size)
-    if pretrained is True:
-        options["pretrained"] = True
-    params = inspect.signature(builder).parameters
-    if "input_size" in params:
-        options["input_size"] = input_size
-    _check_options(key, builder, kwargs, pretrained is True)
-
+    builder = _builder(key)
+    _check_sizes(num_classes, in_channels, input_size)
+    options = _builder_options(key, builder, kwargs, input_size, pretrained)
     backbone = builder(num_classes=num_classes, in_channels=in_channels, **options)
     size = input_size or backbone.input_size
-    if size < backbone.min_input_size:
-        raise ErdeError(
-            f"input_size={size} is too small for {key}: its strides need images of at "
-            f"least {backbone.min_input_size}x{backbone.min_input_size}; resize the images up or "
-            "pick a backbone with fewer downsampling stages"
-        )
+    _check_input_size(key, backbone, size)
     exit_blocks = parse_exits(
         exits,
         model=key,
@@ -114,6 +99,40 @@ def create_model(
     if isinstance(pretrained, str):
         load_pretrained(net, pretrained)
     return net
+
+
+def _check_sizes(num_classes: int, in_channels: int, input_size: int | None) -> None:
+    """Reject bad class, channel and image-size counts, and models too big for memory."""
+    _check_count("num_classes", num_classes, 2)
+    _check_count("in_channels", in_channels, 1)
+    if input_size is not None:
+        _check_count("input_size", input_size, 1)
+    check_model_memory(num_classes, in_channels, input_size)
+
+
+def _builder_options(
+    key: str, builder: Any, kwargs: dict, input_size: int | None, pretrained: bool | str | None
+) -> dict:
+    """The builder's keyword arguments: `kwargs`, plus pretrained and input_size where it takes
+    them (the user's `kwargs` checked against what the builder accepts)."""
+    options = dict(kwargs)
+    if pretrained is True:
+        options["pretrained"] = True
+    params = inspect.signature(builder).parameters
+    if "input_size" in params:
+        options["input_size"] = input_size
+    _check_options(key, builder, kwargs, pretrained is True)
+    return options
+
+
+def _check_input_size(key: str, backbone: Any, size: int) -> None:
+    """Reject images smaller than the backbone's strides allow."""
+    if size < backbone.min_input_size:
+        raise ErdeError(
+            f"input_size={size} is too small for {key}: its strides need images of at "
+            f"least {backbone.min_input_size}x{backbone.min_input_size}; resize the images up or "
+            "pick a backbone with fewer downsampling stages"
+        )
 
 
 def _builder(key: str) -> Builder:
