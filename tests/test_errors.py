@@ -233,7 +233,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
     piece.write_bytes(bytes(tampered))
     p["EXPORT_NO_PIECE"] = copy_run(p["EXPORT"], root / "export-no-piece", drop=("exit3.onnx",))
     edited = {
-        "EXPORT_NEWER": {**manifest, "format_version": 3},
+        "EXPORT_NEWER": {**manifest, "format_version": 4},
+        "EXPORT_OLDER": {**manifest, "format_version": 2},
         "EXPORT_NO_KEYS": {k: v for k, v in manifest.items() if k != "pieces"},
         "EXPORT_ORPHAN": {**manifest, "source_run": str(p["MISSING"])},
         **export_tampering(p["EXPORT"], manifest, root / "outside"),

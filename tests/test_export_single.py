@@ -95,7 +95,7 @@ def test_single_graph_answers_at_the_first_exit_below_its_own_threshold(n_exits)
         want = next((k for k in range(n_exits - 1) if image[0, k] + k < cut[k]), n_exits - 1)
         seen.add(want)
         logits, exit_index = session.run(None, {"image": image, "thresholds": cut})
-        assert exit_index.tolist() == [want]
+        assert exit_index.tolist() == [want + 1]
         np.testing.assert_allclose(logits, (image + want) @ weights[want], atol=1e-5)
     assert seen == set(range(n_exits))
 
@@ -119,7 +119,7 @@ def test_single_graph_decides_inside_onnx_runtime(exported, inputs):
     for k in range(len(x)):
         out, exit_index = session.run(None, {"image": x[k : k + 1].numpy(), "thresholds": cut})
         if (scores[k] - torch.tensor(threshold)).abs().min() > 1e-5:  # not a tie
-            assert exit_index.tolist() == [int(want[k])]
+            assert exit_index.tolist() == [int(want[k]) + 1]
             np.testing.assert_allclose(out[0], logits[k, want[k]].numpy(), atol=1e-4)
 
 
@@ -202,3 +202,24 @@ def test_inference_needs_no_onnxscript(exported):
     )
     assert done.stdout.split("\n")[1] == "False"
     assert done.stdout.split("\n")[0] in ("[1]", "[2]", "[3]")
+
+
+@pytest.mark.slow
+def test_single_onnx_numbers_exits_from_one_as_the_runtime_does(exported, inputs):
+    """A plain ONNX Runtime call on single.onnx gives the exit `erde infer` reports (1..n)."""
+    session = ort.InferenceSession(
+        str(exported[1] / "single.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rt = EarlyExitRuntime.from_export(exported[1], threads=1)
+    x, logits = inputs
+    scores = confidence_scores(logits, "entropy")[:, :2]
+    threshold = [float(scores[:, 0].quantile(0.3)), float(scores[:, 1].quantile(0.5))]
+    split = rt.predict(x, threshold, form="split").exits
+    single = rt.predict(x, threshold, form="single").exits
+    cut = np.asarray(threshold, np.float32)
+    plain = [
+        int(session.run(["exit"], {"image": x[k : k + 1].numpy(), "thresholds": cut})[0][0])
+        for k in range(len(x))
+    ]
+    assert set(plain) == {1, 2, 3}
+    assert plain == single.tolist() == split.tolist()

@@ -28,7 +28,7 @@ from erde.files import read_json, sha256_bytes
 from erde.run.model_info import ModelInfo
 
 FORMAT = "erde-early-exit-onnx"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: single.onnx numbers exits 1..n (2 numbered them from 0)
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "int8")
 # The smallest pixel std (0..1 scale) a manifest may give. A channel that is not constant has a

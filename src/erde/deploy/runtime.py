@@ -328,13 +328,13 @@ class EarlyExitRuntime:
         """One session call per image; the graph's If nodes stop it at its exit. Lean on
         purpose: at batch 1 every microsecond of Python is a share of the saving."""
         if len(x) == 1:
-            logits, exit_at = self.single(x, cutoffs)  # the graph's exit index is 0-based
-            exits = np.array([exit_at + 1], np.int64)
-            work = [int(i <= exit_at) for i in range(self.num_exits)]
+            logits, exit_at = self.single(x, cutoffs)  # the graph numbers exits 1..n
+            exits = np.array([exit_at], np.int64)
+            work = [int(i < exit_at) for i in range(self.num_exits)]
         else:
             runs = [self.single(x[j : j + 1], cutoffs) for j in range(len(x))]
             logits = np.concatenate([r[0] for r in runs]).reshape(len(x), len(self.classes))
-            exits = np.array([r[1] + 1 for r in runs], np.int64)
+            exits = np.array([r[1] for r in runs], np.int64)
             work = np.bincount(exits - 1, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(

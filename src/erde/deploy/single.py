@@ -4,7 +4,7 @@ Built from the exported pieces with the `onnx` helper API, so it holds exactly t
 weights (fp32 or quantized alike):
 
     piece 1 -> (features1, logits1, score1)
-    If score1 < thresholds[0]:  then (logits1, exit 0)
+    If score1 < thresholds[0]:  then (logits1, exit 1)
                                 else piece 2 -> ... If score2 < thresholds[1] ... else last piece
 
 ONNX Runtime evaluates only the branch taken, so one session call runs each image exactly as far
@@ -64,14 +64,14 @@ def _from(pieces: list[onnx.GraphProto], k: int, classes: int) -> tuple[list, li
         logits = piece.output[0].name
         nodes += [
             helper.make_node("Identity", [logits], [f"logits_at{k}"]),
-            helper.make_node("Constant", [], [f"exit_at{k}"], value_ints=[k]),
+            helper.make_node("Constant", [], [f"exit_at{k}"], value_ints=[k + 1]),
         ]
         return nodes, inits, f"logits_at{k}", f"exit_at{k}"
     logits, score = piece.output[1].name, piece.output[2].name
     then = helper.make_graph(
         [
             helper.make_node("Identity", [logits], [f"then{k}/logits"]),
-            helper.make_node("Constant", [], [f"then{k}/exit"], value_ints=[k]),
+            helper.make_node("Constant", [], [f"then{k}/exit"], value_ints=[k + 1]),
         ],
         f"exit{k + 1}",
         [],
@@ -103,7 +103,7 @@ def _from(pieces: list[onnx.GraphProto], k: int, classes: int) -> tuple[list, li
 def single_graph(pieces: list[onnx.ModelProto]) -> onnx.ModelProto:
     """The pieces (as exported, in exit order) as one batch-1 graph with an `If` per exit:
     inputs `image` (1 x C x H x W) and `thresholds`; outputs `logits` (1 x K) and `exit` (1,
-    0-based)."""
+    numbered 1..n, as every report and `erde infer` number exits)."""
     graphs = [p.graph for p in pieces]
     classes = graphs[-1].output[0].type.tensor_type.shape.dim[1].dim_value
     nodes, inits, logits, exit_name = _from(graphs, 0, classes)
