@@ -85,6 +85,25 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     ]
 
 
+def test_metrics_rows_are_appended_and_a_resume_drops_rows_its_state_never_saw(tmp_path):
+    run = tmp_path / "run"
+    inodes = []  # the same file grows: a rewrite would replace it (a new inode) every epoch
+    fit(cfg("train.epochs=3"), run, progress=False, stop_after=2,
+        on_epoch=lambda row: inodes.append((run / "metrics.jsonl").stat().st_ino))  # fmt: skip
+    assert len(inodes) == 2 and inodes[0] == inodes[1]
+    saved = (run / "metrics.jsonl").read_text().splitlines()
+    # Killed after appending epoch 3's row, before its state, and again mid-line.
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(saved[-1].replace('"epoch": 2', '"epoch": 3') + "\n" + saved[0][:17])
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["epoch"] = 1  # and the state is epoch 1's: the rows of epochs 2 and 3 run again
+    torch.save(state, run / "state.pt")
+    fit(None, run, resume=True, progress=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == saved[0]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
     one_epoch = cfg("train.epochs=1", "train.warmup_epochs=0")

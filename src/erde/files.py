@@ -122,15 +122,18 @@ def read_json(path: Path, what: str) -> Any:
         raise ErdeError(f"{what} {path} is corrupt ({exc}); retrain or restore the file") from None
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     """A metrics file: one JSON object of numbers per line, with `epoch` and the per-exit
-    `val/acc/1..n` (the schema of metrics.jsonl);
-    ErdeError naming the line and the field when a line is damaged."""
+    `val/acc/1..n` (the schema of metrics.jsonl); only the first `limit` rows are read (a resumed
+    run's, whose later lines may be half written). ErdeError naming the line and the field when a
+    line is damaged."""
     if not Path(path).is_file():
         return []
-    rows = []
+    rows: list[dict] = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             try:

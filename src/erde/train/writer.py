@@ -1,13 +1,12 @@
 """Everything a training run writes into its folder, owned by one object on rank 0.
 
 `check_run_dir` only reads (every rank of a multi-process run calls it); `RunWriter` then writes
-the config, `train.log`, TensorBoard events, the per-epoch weights, metrics and state, and the
-kept checkpoints. The loop never names a file.
+the config and `train.log`, and hands each epoch to its `Checkpointer` and loggers
+(`erde.train.loggers`). The loop never names a file.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
@@ -16,11 +15,17 @@ from torch import nn
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
 from erde.files import temporaries, write_text
-from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
-
-log = logging.getLogger("erde.train.engine")
+from erde.train.checkpointer import Checkpointer
+from erde.train.loggers import (
+    Console,
+    EpochLogger,
+    MetricsFile,
+    TensorBoard,
+    log,
+    tensorboard_class,
+)
 
 
 def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: bool) -> Config:
@@ -62,25 +67,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def tensorboard_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ErdeError(
-            "train.tensorboard=true needs the tensorboard package: pip install 'erde[tensorboard]'"
-        ) from None
-    return SummaryWriter
-
-
 class RunWriter:
-    """Rank 0's files of one run. Use as a context manager: the log handler and TensorBoard
-    writer are closed however the run ends."""
+    """Rank 0's files of one run: the folder, `train.log`, a `Checkpointer` and the epoch loggers.
+    Use as a context manager: the log handler and the loggers are closed however the run ends."""
 
     def __init__(self, run: RunDir, cfg: Config) -> None:
         self.run, self.cfg = run, cfg
         self._summary_class = tensorboard_class() if cfg.train.tensorboard else None
         self._handler: logging.Handler | None = None
-        self._tensorboard = None
+        self.checkpointer = Checkpointer(run, cfg.train.checkpoint_every)
+        self.metrics = MetricsFile(run.metrics)
+        self.loggers: list[EpochLogger] = []
 
     def start(self, *, resume: bool) -> None:
         """A fresh folder holding the resolved config (a checked, replaceable run is removed),
@@ -105,49 +102,22 @@ class RunWriter:
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(self._handler)
         log.setLevel(logging.INFO)
+        self.loggers = [self.metrics, Console(self.cfg.train.epochs)]
         if self._summary_class is not None:
-            self._tensorboard = self._summary_class(str(self.run.tensorboard))
+            self.loggers.append(TensorBoard(self.run.tensorboard, self._summary_class))
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handler is not None:
             log.removeHandler(self._handler)
             self._handler.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for logger in self.loggers:
+            logger.close()
 
-    def save_epoch(self, net: nn.Module, state: dict, history: list[dict], info: ModelInfo) -> None:
-        """Weights first, then the state that says the epoch is done: a crash between them
-        resumes the epoch again and overwrites the weights, never the reverse."""
-        ckpt.save_weights(self.run.weights, net, info, self.run.sidecar)
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-        write_text(self.run.metrics, lines)
-        ckpt.save_state(self.run.path, state)
-        every = self.cfg.train.checkpoint_every
-        if every and info.epoch % every == 0 and not info.finished:
-            ckpt.save_weights(self.run.checkpoint(info.epoch), net, info)
-
-    def log_epoch(self, row: dict) -> None:
-        """One line a person can follow (every number is in metrics.jsonl too)."""
-        if self._tensorboard is not None:
-            for key, value in row.items():
-                self._tensorboard.add_scalar(key, value, row["epoch"])
-        epochs = self.cfg.train.epochs
-        accuracy = " / ".join(
-            f"{100 * row[k]:.2f}" for k in sorted(row, key=_exit_order) if k.startswith("val/acc/")
-        )
-        left = (epochs - row["epoch"]) * row["epoch_s"]
-        log.info(
-            "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.1f s, %.0f img/s%s",
-            row["epoch"],
-            epochs,
-            row["train/loss"],
-            accuracy,
-            row["epoch_s"],
-            row["images_per_s"],
-            f", about {left / 60:.1f} min left" if left else "",
-        )
-
-
-def _exit_order(key: str) -> int:
-    return int(key.rsplit("/", 1)[1]) if key.startswith("val/acc/") else -1
+    def save_epoch(self, net: nn.Module, state: dict, row: dict, info: ModelInfo) -> None:
+        """The weights, the row, then the state that says the epoch is done (see
+        `erde.train.checkpointer`); on resume `MetricsFile.keep` drops a row saved without it."""
+        self.checkpointer.save_weights(net, info)
+        for logger in self.loggers:
+            logger.log(row)
+        self.checkpointer.save_state(state)
