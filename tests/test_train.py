@@ -194,6 +194,51 @@ def test_finished_run_is_not_replaced_without_overwrite(teacher, capsys):
     assert (run / "model.safetensors").read_bytes() == before
 
 
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_files_erde_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"  # the reproduction: a config.yaml among the user's files
+    (mine / "src").mkdir(parents=True)
+    (mine / "config.yaml").write_text("lr: 1\n")
+    (mine / "data.txt").write_text("x\n")
+    (mine / "src" / "a.py").write_text("print()\n")
+    before = tree(mine)
+    one = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0", "--no-progress"]
+    code, _, err = run_cli(capsys, "train", "digits-student", *one, "--overwrite",
+                           "--out", str(mine))  # fmt: skip
+    assert code == 2 and "files erde did not write (data.txt, src)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert tree(mine) == before
+
+    run = tmp_path / "run"  # a real run with its evaluation is erde's own: replaced
+    assert run_cli(capsys, "train", "digits-teacher", *one, "--out", str(run))[0] == 0
+    assert run_cli(capsys, "evaluate", str(run))[0] == 0
+    assert run_cli(capsys, "train", "digits-teacher", *one, "--overwrite",
+                   "--out", str(run))[0] == 0  # fmt: skip
+    assert not (run / "eval").exists()
+
+    (run / "notes.md").write_text("mine\n")  # ... until the user puts a file of theirs in it
+    before = tree(run)
+    code, _, err = run_cli(capsys, "train", "digits-teacher", *one, "--overwrite",
+                           "--out", str(run))  # fmt: skip
+    assert code == 2 and "(notes.md)" in err
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_the_teacher(teacher, tmp_path, capsys):
+    run, _ = teacher
+    before = tree(run)
+    argv = ["digits-student", "distill.method=kd", f"distill.teacher={run}", "--overwrite"]
+    code, _, err = run_cli(capsys, "train", *argv, "--out", str(run))
+    assert code == 2 and "which --overwrite would delete" in err
+    assert tree(run) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "teacher_arg, message",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 from torch import nn
 
@@ -44,6 +45,8 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
         return saved
     if cfg is None:
         raise ErdeError("give a config (preset name or YAML file) to start a run")
+    if run.has_run():
+        _check_replaceable(run, cfg, overwrite)
     if run.has_run() and not overwrite:
         finished = run.sidecar.is_file() and ModelInfo.read(run.sidecar).finished
         state = "a finished run" if finished else "an unfinished run (continue it with --resume)"
@@ -57,6 +60,29 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
             "empty folder for --out"
         )
     return cfg
+
+
+def _check_replaceable(run: RunDir, cfg: Config, overwrite: bool) -> None:
+    """A run folder that holds other files, or the teacher, is not erde's to delete."""
+    foreign = run.foreign_entries()
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (
+            f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        )
+        raise ErdeError(
+            f"{run} holds a run and files erde did not write ({shown}), which "
+            "--overwrite would delete; move them away or choose another --out"
+        )
+    teacher = cfg.distill.teacher
+    inside = teacher and run.path.resolve() in (
+        Path(teacher).resolve(),
+        *Path(teacher).resolve().parents,
+    )
+    if overwrite and inside:
+        raise ErdeError(
+            f"--out {run} holds distill.teacher={teacher}, which --overwrite would delete; "
+            "choose another --out"
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
