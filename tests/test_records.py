@@ -18,7 +18,7 @@ from erde.config.schema import Config, ReproduceConfig, load_reproduce_config, r
 from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, experiment_keys
 from erde.evaluation.policy import POLICIES
-from erde.study.grid import check_key
+from erde.study.grid import check_key, expand
 from erde.study.tune import SEARCH_CHOICES, SEARCH_FLOATS, space
 
 
@@ -135,3 +135,11 @@ def test_stage_messages_name_the_reproduce_key():
     assert str(info.value) == (
         "the teacher stage: teacher.model.options.width=nan must be a finite number"
     )
+
+
+def test_a_grid_message_names_the_student_key():
+    cfg = load_reproduce_config(
+        "quickstart", ["methods=[kd]"], grid={"student.train.warmup_epochs": ["100"]}
+    )
+    with pytest.raises(ErdeError, match=r"^student\.train\.warmup_epochs=100\.0 must be below "):
+        expand(cfg)
