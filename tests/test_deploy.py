@@ -8,6 +8,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import shutil
 import warnings
 
@@ -167,6 +168,13 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     # An earlier export is replaced without --overwrite.
     assert export_run(run, out, threshold=2.0)["threshold"] == 2.0
     assert json.loads((out / "manifest.json").read_text())["threshold"] == 2.0
+
+
+@pytest.mark.parametrize("threads", [-1, len(os.sched_getaffinity(0)) + 1, 100000])
+def test_a_thread_count_beyond_the_cores_is_refused_before_any_session(exported, threads):
+    with pytest.raises(ErdeError, match=f"threads={threads}: give 0"):
+        EarlyExitRuntime.from_export(exported[0], threads=threads)
+    assert len(EarlyExitRuntime.from_export(exported[0], threads=len(os.sched_getaffinity(0))).pieces) == 3
 
 
 @pytest.mark.slow

@@ -54,6 +54,25 @@ def test_a_key_expands_only_the_methods_whose_loss_reads_it():
     assert by_name["erde-beta3"].changes == (("distill.beta", 3.0),)
 
 
+def test_values_that_print_alike_name_distinct_runs():
+    cfg = grid_config({"distill.beta": ["0.1234561", "0.1234562", "2"]}, "[erde]")
+    by_name = {v.name: v.config.distill.beta for v in expand(cfg)}
+    assert by_name == {"erde-beta0.1234561": 0.1234561, "erde-beta0.1234562": 0.1234562,
+                       "erde-beta2": 2.0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value", ["../../../w.safetensors", "torchvision/resnet18", "..", "/abs/w.safetensors"]
+)
+def test_a_text_value_names_one_folder_inside_the_study(tmp_path, value):
+    cfg = grid_config({"student.model.pretrained": [value, "other"]}, "[ce]")
+    names = [v.name for v in expand(cfg)]
+    assert len(set(names)) == 2
+    for name in names:
+        assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+        assert "/" not in name and not name.startswith(".")
+
+
 def test_student_keys_apply_to_every_method_and_values_are_typed():
     cfg = grid_config({"student.train.lr": ["0.05", "0.050", "0.2"]}, "[ce,kd]")
     variants = expand(cfg)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from erde.study.parallel import cores
+from erde.device import cores
 
 pytestmark = pytest.mark.slow
 

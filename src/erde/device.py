@@ -1,5 +1,5 @@
 """The machine a command runs on: which device (`auto` picks a visible GPU, else the CPU), which
-precision, and whether a size fits its memory.
+precision, its cores, and whether a size fits its memory.
 
 Sizes from the command line or from files are checked against the machine's memory before
 anything is allocated: a typo such as `--input-size 100000` is a message, not an attempt to
@@ -8,13 +8,17 @@ allocate terabytes (which the kernel may grant lazily and then kill the process 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from erde.errors import ErdeError
 
+if TYPE_CHECKING:  # torch loads with the first device chosen: `erde infer` needs none
+    import torch
+
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -29,6 +33,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
+    import torch
+
     """`auto`: bf16 where the device computes it natively (CUDA with bf16, a CPU with
     AVX512-BF16 or AMX), else fp32. Other names pass through."""
     if name != "auto":
@@ -46,6 +52,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
 # several exits).
 _BYTES_PER_PIXEL = 1024
 _BYTES_PER_CLASS = 4 * 2048 * 4
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def machine_memory() -> int:

@@ -15,6 +15,8 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from erde.cli.numbers import whole_number
+from erde.device import cores
 from erde.errors import ErdeError
 
 OPSET_HELP = "ONNX opset, 18-20 (default: 18)"  # erde.deploy.onnx_export.OPSETS and OPSET
@@ -229,7 +231,11 @@ def _add_infer(command: Callable) -> None:
         type=float,
         help="exit threshold; 0: every image to the last exit (default: the export's own)",
     )
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all)")
+    p.add_argument(
+        "--threads",
+        type=whole_number(1, cores()),
+        help="ONNX Runtime intra-op threads, at most the cores (default: all)",
+    )
     _form_argument(p)
 
 
@@ -250,11 +256,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--batch", type=_number_list(int), default=[1, 64], help="batch sizes (default: 1,64)"
     )
     p.add_argument(
-        "--repeats", type=int, default=100, help="timed batches per batch size (default: 100)"
+        "--repeats",
+        type=whole_number(1),
+        default=100,
+        help="timed batches per batch size (default: 100)",
     )
-    p.add_argument("--warmup", type=int, default=10, help="untimed batches first (default: 10)")
     p.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: all; default: 1)"
+        "--warmup", type=whole_number(0), default=10, help="untimed batches first (default: 10)"
+    )
+    p.add_argument(
+        "--threads",
+        type=whole_number(0, cores()),
+        default=1,
+        help="ONNX Runtime intra-op threads, at most the cores (0: all; default: 1)",
     )
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"

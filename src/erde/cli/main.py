@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from erde.cli.numbers import whole_number
 from erde.config.methods import STUDENT_METHODS
 from erde.errors import ErdeError
 from erde.logs import log_to_stdout
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--stop-after",
-        type=int,
+        type=whole_number(1),
         metavar="N",
         help="stop after N epochs of this call; continue later with --resume (default: run to "
         "the end)",

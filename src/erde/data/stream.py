@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from erde.data.image_folder import decode_file
 from erde.data.order import EpochOrder
 from erde.data.pixels import Normalize
+from erde.device import cores
 from erde.errors import ErdeError
 
 _SEED_HIGH = 2**63 - 1
@@ -33,12 +34,8 @@ def default_workers() -> int:
     """Decoding processes per training process when `data.workers` is not set: the cores this
     process may use, shared among the processes torchrun started on this machine, one left for
     the training loop itself (at least one worker)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(16, cores // max(1, local) - 1))
+    return max(1, min(16, cores() // max(1, local) - 1))
 
 
 def train_transform(size: int, hflip: bool) -> Callable[[torch.Tensor], torch.Tensor]:

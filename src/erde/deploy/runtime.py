@@ -35,6 +35,7 @@ from erde.deploy.images import check_channels, normalize_images, read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
 from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
 from erde.deploy.threshold import deployment
+from erde.device import cores
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
 from erde.models.load import load_model
@@ -236,7 +237,13 @@ class EarlyExitRuntime:
 
     @classmethod
     def from_export(cls, export_dir: str | Path, *, threads: int | None = None) -> EarlyExitRuntime:
-        """ONNX Runtime on CPU; every file is checked against the manifest before it is used."""
+        """ONNX Runtime on CPU; every file is checked against the manifest before it is used.
+        `threads`: intra-op threads, 0 to the cores (0 or None: all)."""
+        if threads is not None and not 0 <= threads <= cores():
+            raise ErdeError(
+                f"threads={threads}: give 0 (all) to {cores()}, the cores of this machine "
+                "(more threads than cores only slow ONNX Runtime down, 100000 hangs it)"
+            )
         export_dir = Path(export_dir)
         m = read_manifest(export_dir)
         sessions = [export_session(export_dir, p, threads) for p in m.pieces]

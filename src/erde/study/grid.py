@@ -14,7 +14,9 @@ so the combination equal to the base config is the plain `erde` run of an ungrid
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -106,9 +108,23 @@ def typed_values(cfg: ReproduceConfig, key: str, items: list[str]) -> list[Any]:
 
 
 def _label(short: str, value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{short}-{str(value).lower() if isinstance(value, bool) else value}"
-    return f"{short}{value:g}"
+    """The part of a run's name for one grid value: `beta0.3`; a float `:g` would round to
+    another value's label in full (`0.1234561`), and a text value becomes one safe name."""
+    if isinstance(value, bool):
+        return f"{short}-{str(value).lower()}"
+    if isinstance(value, (int, float)):
+        text = f"{value:g}"
+        return f"{short}{text if float(text) == value else repr(value)}"
+    return f"{short}-{_path_safe(str(value))}"
+
+
+def _path_safe(text: str) -> str:
+    """`text` as one folder name inside the study (no `/`, no `..`), told apart by a digest
+    of the original when characters had to be replaced."""
+    safe = re.sub(r"[^A-Za-z0-9_.+=-]", "_", text).lstrip(".")
+    if safe == text:
+        return text
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:

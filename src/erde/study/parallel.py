@@ -8,13 +8,13 @@ what they had written is resumable.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
 from erde.config.schema import Config
+from erde.device import cores
 from erde.errors import ErdeError
 
 log = logging.getLogger("erde.study.reproduce")
@@ -27,14 +27,6 @@ def _start_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     log_to_stdout()
-
-
-def cores() -> int:
-    """The cores this process may use (its CPU affinity where the OS tells)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def run_parallel(
