@@ -174,7 +174,8 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
 def test_a_thread_count_beyond_the_cores_is_refused_before_any_session(exported, threads):
     with pytest.raises(ErdeError, match=f"threads={threads}: give 0"):
         EarlyExitRuntime.from_export(exported[0], threads=threads)
-    assert len(EarlyExitRuntime.from_export(exported[0], threads=len(os.sched_getaffinity(0))).pieces) == 3
+    cores = len(os.sched_getaffinity(0))
+    assert len(EarlyExitRuntime.from_export(exported[0], threads=cores).pieces) == 3
 
 
 @pytest.mark.slow
