@@ -163,11 +163,24 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     with pytest.raises(ErdeError, match="non-negative"):
         export_run(run, tmp_path / "bad", threshold=-1.0)
-    export_run(run, out, threshold=1.0, overwrite=True)
-    assert not (out / "notes.txt").exists()
-    # An earlier export is replaced without --overwrite.
-    assert export_run(run, out, threshold=2.0)["threshold"] == 2.0
-    assert json.loads((out / "manifest.json").read_text())["threshold"] == 2.0
+    with pytest.raises(ErdeError, match="not empty and holds no erde export"):
+        export_run(run, out, threshold=1.0, overwrite=True)  # not erde's folder to empty
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    mine = tmp_path / "mine"
+    export_run(run, mine, threshold=1.0)
+    # An earlier export is replaced without --overwrite ...
+    assert export_run(run, mine, threshold=2.0)["threshold"] == 2.0
+    assert json.loads((mine / "manifest.json").read_text())["threshold"] == 2.0
+    # ... unless it also holds a file of the user's: then only with --overwrite.
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ErdeError, match=r"files it did not write \(notes.txt\)"):
+        export_run(run, mine, threshold=3.0)
+    assert (mine / "notes.txt").read_text() == "mine"
+    export_run(run, mine, threshold=3.0, overwrite=True)
+    assert not (mine / "notes.txt").exists()
+    for around in (run, run.parent, run / "export"):
+        with pytest.raises(ErdeError, match="inside it or above it"):
+            export_run(run, around, threshold=1.0, overwrite=True)
 
 
 @pytest.mark.parametrize("threads", [-1, len(os.sched_getaffinity(0)) + 1, 100000])

@@ -232,6 +232,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
     tampered[-1] ^= 1  # one bit of the last byte
     piece.write_bytes(bytes(tampered))
     p["EXPORT_NO_PIECE"] = copy_run(p["EXPORT"], root / "export-no-piece", drop=("exit3.onnx",))
+    p["EXPORT_WITH_NOTES"] = copy_run(p["EXPORT"], root / "export-with-notes")
+    (p["EXPORT_WITH_NOTES"] / "notes.txt").write_text("mine\n")
     edited = {
         "EXPORT_NEWER": {**manifest, "format_version": 4},
         "EXPORT_OLDER": {**manifest, "format_version": 2},

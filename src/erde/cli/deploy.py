@@ -200,7 +200,9 @@ def _add_export(command: Callable) -> None:
         help="static int8 (QDQ, per-channel) calibrated on val; threshold re-chosen on it",
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a non-empty folder that is no export"
+        "--overwrite",
+        action="store_true",
+        help="re-export into an earlier export that also holds other files, deleting them",
     )
 
 

@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from erde.deploy.manifest import MANIFEST, Deployment, Manifest, is_export
+from erde.deploy.manifest import MANIFEST, Deployment, Manifest, export_files, is_export
 from erde.deploy.onnx_export import OPSET, check_exporter, check_opset, export_graph, save_graph
 from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment
@@ -70,13 +70,29 @@ def static_network(model: nn.Module) -> nn.Module:
     return nn.Sequential(*model.segments, model.heads[-1]).eval()
 
 
-def _check_destination(out_dir: Path, overwrite: bool) -> None:
+def _check_destination(out_dir: Path, run: RunDir, overwrite: bool) -> None:
+    """An export replaces its folder whole, so the folder must be erde's own export (or new, or
+    empty), never the run, a folder inside it or one above it."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ErdeError(f"--out {out_dir} is a file; give a folder path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_export(out_dir) and not overwrite:
+    source, out = run.path.resolve(), out_dir.resolve()
+    if out == source or out in source.parents or source in out.parents:
         raise ErdeError(
-            f"{out_dir} is not empty and holds no erde export; choose another --out folder, "
-            "or pass --overwrite to replace its contents"
+            f"--out {out_dir} is the run {run}, inside it or above it, and an export replaces "
+            "its folder whole; choose a folder outside the run"
+        )
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not is_export(out_dir):
+        raise ErdeError(
+            f"{out_dir} is not empty and holds no erde export; erde replaces only folders it "
+            "exported into: choose a new or empty --out folder"
+        )
+    foreign = sorted({p.name for p in out_dir.iterdir()} - export_files(out_dir))
+    if foreign and not overwrite:
+        raise ErdeError(
+            f"{out_dir} holds an erde export and files it did not write ({', '.join(foreign)}), "
+            "which a new export would delete; move them away, or pass --overwrite to delete them"
         )
 
 
@@ -106,8 +122,9 @@ def export_run(
     `out_dir`; returns the manifest as written.
 
     The threshold defaults to the one `erde evaluate` calibrated on val (re-chosen on the int8
-    model with `int8=True`). An earlier erde export in `out_dir` is replaced; any other non-empty
-    folder only with `overwrite=True`.
+    model with `int8=True`). An earlier erde export in `out_dir` is replaced (one that also holds
+    files it did not write only with `overwrite=True`); any other non-empty folder, the run, or
+    a folder around it, never.
     """
     check_opset(opset)
     check_exporter()
@@ -115,7 +132,7 @@ def export_run(
     model, info = load_model(run.path)
     check_finished(run.path, info, "run", "exporting it")
     point = deployment(run.path, threshold, policy, normalize)
-    _check_destination(out_dir, overwrite)
+    _check_destination(out_dir, run, overwrite)
     pieces, static = _export_graphs(
         model, info.data.in_channels, info.data.input_size, point, opset
     )

@@ -299,6 +299,24 @@ def is_export(path: Path) -> bool:
         return False
 
 
+def export_files(path: Path) -> set[str]:
+    """The names an export wrote into its folder: the manifest and every file it lists."""
+    found = {MANIFEST}
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("file"), str):
+                found.add(Path(value["file"]).parts[0])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(json.loads((path / MANIFEST).read_text(encoding="utf-8")))
+    return found
+
+
 def read_verified(export_dir: Path, entry: dict) -> bytes:
     """A file of the export, inside the folder and matching the manifest's SHA-256 (read once,
     then used: what was checked is what runs)."""
