@@ -173,7 +173,8 @@ def evaluate_run(
         label = reference_label(reference) if reference else OWN_REFERENCE
         rule = chosen_rule(label, max_drop, budget)
         _check_export_kept(run_dir, target, criterion_text(rule, policy, normalize), replace_export)
-        ref = run_reference(reference, device=device) if reference else None
+        # --refresh recomputes every cache the report reads: the reference's too.
+        ref = run_reference(reference, refresh=refresh, device=device) if reference else None
         summary = _summarize_run(
             run_dir,
             ref,
