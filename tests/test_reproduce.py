@@ -17,6 +17,7 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, load_cache, read_cache, save_cache
 from erde.evaluation.policy import simulate
 from erde.models.build import build_model
+from erde.run.report import read_report
 
 CACHE = "logits.safetensors"  # the run-folder layout, spelled out independently of the code
 SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
@@ -199,6 +200,39 @@ def test_refresh_recomputes_the_reference_cache_too(quick, tmp_path):
     labels = read_cache(teacher / CACHE).labels["test"]
     accuracy = (expected[:, -1].argmax(1) == labels).double().mean().item()
     assert report["reference"]["test_accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "criterion, folder",
+    [
+        (["--policy", "maxprob"], "eval-maxprob"),
+        (["--max-drop", "0.5"], "eval-drop0.5"),
+        (["--normalize"], "eval-normalized"),
+    ],
+)
+def test_a_criterion_folder_is_never_replaced_by_another_reference(
+    quick, tmp_path, capsys, criterion, folder
+):
+    """As RUN/eval/: an evaluation whose criterion (here: the reference) differs from the one in
+    RUN/eval-CRITERION/ is refused before any work; the same criterion may rewrite it."""
+    run = tmp_path / "erde"
+    shutil.copytree(quick / "erde-s0", run, ignore=shutil.ignore_patterns("eval*"))
+    teacher = ["--reference", str(quick / "teacher")]
+    assert main(["evaluate", str(run), *criterion, *teacher]) == 0
+    held = read_report(run / folder / "report.json").criterion
+    assert "teacher resnet20" in held
+    before = {p: p.read_bytes() for p in (run / folder).iterdir()}
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *criterion]) == 2  # its own final exit as the reference
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(run / folder) in err and held in err and "--out" in err
+    assert {p: p.read_bytes() for p in (run / folder).iterdir()} == before
+    assert not (run / "eval").exists()
+    assert main(["evaluate", str(run), *criterion, *teacher]) == 0  # the same criterion
+    assert main(["evaluate", str(run), *criterion, "--out", str(tmp_path / "own")]) == 0
+    assert read_report(tmp_path / "own" / "report.json").criterion != held
 
 
 def test_logits_cache_round_trip_and_full_disk(tmp_path):
