@@ -15,7 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from erde.data import SOURCES, DeviceBatches, load_source, stratified_split
-from erde.data.pixels import Normalize, decode_image, normalize_images
+from erde.data.pixels import Normalize, Renormalize, decode_image, normalize_images
 from erde.errors import ErdeError
 
 # ---------------------------------------------------------------- official formats, hand-written
@@ -685,3 +685,30 @@ def test_batch_options_errors():
         make_batches(x, batch_size=2, crop_padding=-1)
     with pytest.raises(ErdeError, match="Lower batch_size"):
         make_batches(x, batch_size=8, drop_last=True, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "student, teacher",
+    [
+        (([0.2], [0.5]), ([0.1307], [0.3081])),
+        (([0.0], [1e-3]), ([0.9], [2.0])),  # extreme scales both ways
+        (([0.49, 0.48, 0.45], [0.25, 0.24, 0.26]), ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])),
+    ],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_renormalised_batches_are_the_teachers_own_bit_for_bit(student, teacher, channels_last):
+    """Every pixel level 0..255 normalised with the student's statistics, renormalised: exactly
+    (x / 255 - mean) / std with the teacher's, in the batch's memory layout."""
+    c = len(student[0])
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(c * 4).view(4, c, 16, 16)
+    x = Normalize(*student)(pixels)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = Renormalize(student, teacher)(x)
+    mean64, std64 = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in teacher)
+    by_hand = (pixels.double() - (mean64 * 255).float().double()).float()
+    by_hand = by_hand * (1 / (std64 * 255)).float()
+    assert torch.equal(out, by_hand)
+    if channels_last:  # (a one-channel batch is both layouts at once)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert Renormalize(teacher, teacher)(x) is x  # the same statistics: the batch unchanged

@@ -222,6 +222,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
     (p["BAD_CACHE"] / "logits.safetensors").write_bytes(b"x")
     p["EVALUATED"] = copy_run(run, root / "evaluated")
     evaluate_run(p["EVALUATED"], device="cpu")  # calibrates an entropy threshold on val
+    p["EVALUATED_MAXPROB"] = copy_run(run, root / "evaluated-maxprob")
+    evaluate_run(p["EVALUATED_MAXPROB"], reference=p["TEACHER"], policy="maxprob", device="cpu")
 
     p["EXPORT"] = root / "export"
     export_run(run, p["EXPORT"], threshold=1.0)

@@ -76,6 +76,77 @@ def test_the_writer_lock_is_reentrant_in_one_process(tmp_path):
         pass
 
 
+# Holds a lock of the folder argv[2] ("writer" or "run" lock, argv[1]) until stdin closes;
+# prints "held", or "busy" when another process holds the run lock.
+HOLD = """
+import sys
+from pathlib import Path
+from erde.run.lock import run_lock, writer_lock
+path = Path(sys.argv[2])
+lock = writer_lock(path) if sys.argv[1] == "writer" else run_lock(path, wait=False)
+with lock as held:
+    print("busy" if held is False else "held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def holding(kind: str, path: Path) -> subprocess.Popen:
+    """A live process holding `kind` lock of `path` (once this returns)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, kind, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def linked_run(tmp_path: Path) -> tuple[Path, Path]:
+    """A run folder and a symbolic link to it from another folder (another `.locks/`)."""
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    link = tmp_path / "elsewhere" / "alias"
+    link.parent.mkdir()
+    link.symlink_to(run, target_is_directory=True)
+    return run, link
+
+
+@pytest.mark.parametrize("holds_link", [False, True])
+def test_a_writer_through_a_symbolic_link_meets_the_same_lock(tmp_path, holds_link):
+    run, link = linked_run(tmp_path)
+    held, tried = (link, run) if holds_link else (run, link)
+    holder = holding("writer", held)
+    try:
+        for argv in (
+            ["evaluate", str(tried)],
+            ["train", "digits-student", *FAST, "train.epochs=1", "--out", str(tried)],
+        ):
+            second = erde(*argv, cwd=tmp_path)
+            assert second.returncode == 2, second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in second.stderr
+            assert f"is being written by another live process (pid {holder.pid}: " in lines[0]
+            assert "-c" in lines[0]  # the holder's command line, as it wrote it
+        assert not (run / "config.yaml").exists()  # the refused train wrote nothing
+    finally:
+        holder.communicate(input="", timeout=60)
+    with writer_lock(tried):  # released with its process
+        pass
+
+
+def test_a_run_lock_through_a_symbolic_link_meets_the_same_lock(tmp_path):
+    run, link = linked_run(tmp_path)
+    holder = holding("run", run)
+    try:
+        other = subprocess.run(
+            [sys.executable, "-c", HOLD, "run", str(link)],
+            input="", capture_output=True, text=True, env=ENV, timeout=120,
+        )  # fmt: skip
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.strip() == "busy"
+    finally:
+        holder.communicate(input="", timeout=60)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

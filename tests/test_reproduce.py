@@ -17,6 +17,7 @@ from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, load_cache, read_cache, save_cache
 from erde.evaluation.policy import simulate
 from erde.models.build import build_model
+from erde.run.report import read_report
 
 CACHE = "logits.safetensors"  # the run-folder layout, spelled out independently of the code
 SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
@@ -152,6 +153,86 @@ def test_a_bad_budget_is_refused_before_the_model_runs(quick, tmp_path, capsys, 
         assert (run / CACHE).stat().st_mtime_ns == stamp and (run / CACHE).read_bytes() == before
     else:
         assert not (run / CACHE).exists()
+
+
+@pytest.mark.slow
+def test_refresh_recomputes_the_reference_cache_too(quick, tmp_path):
+    """A reference cache altered in a way the normal path trusts (valid digest, the weights' own
+    SHA-256): `--refresh` recomputes it, equal to the teacher run by hand on the test images."""
+    import os
+    import subprocess
+    import sys
+
+    from erde.config.schema import load_config
+    from erde.data.prepare import prepare_data
+    from erde.models.load import load_model
+
+    teacher, run = tmp_path / "teacher", tmp_path / "erde"
+    shutil.copytree(quick / "teacher", teacher, ignore=shutil.ignore_patterns("eval*"))
+    shutil.copytree(quick / "erde-s0", run, ignore=shutil.ignore_patterns("eval*"))
+    true = load_cache(teacher)
+    altered = LogitsCache(
+        {s: z.roll(1, dims=2) for s, z in true.logits.items()},  # every prediction shifted
+        true.labels, true.exit_macs, true.weights_sha256,
+    )  # fmt: skip
+    save_cache(teacher / CACHE, altered)
+    assert read_cache(teacher / CACHE).logits["test"].equal(altered.logits["test"])  # trusted
+    argv = ["evaluate", str(run), "--reference", str(teacher), "--refresh", "--device", "cpu"]
+    done = subprocess.run(
+        [sys.executable, "-m", "erde", *argv],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # By hand: the test images, (x / 255 - mean) / std with the teacher's model.json statistics.
+    cfg = load_config(str(teacher / "config.yaml"))
+    images = prepare_data(cfg).data.test_x.permute(0, 3, 1, 2).float()
+    stats = json.loads((teacher / "model.json").read_text())["data"]
+    shift = (torch.tensor(stats["mean"], dtype=torch.float64) * 255).float().view(1, -1, 1, 1)
+    scale = (1 / (torch.tensor(stats["std"], dtype=torch.float64) * 255)).float()
+    model, _ = load_model(teacher)
+    with torch.no_grad():
+        chunks = images.split(cfg.train.eval_batch_size)  # the evaluation's own batches
+        expected = torch.cat(
+            [torch.stack(model((c - shift) * scale.view(1, -1, 1, 1)), 1) for c in chunks]
+        )
+    assert torch.equal(read_cache(teacher / CACHE).logits["test"], expected)
+    report = json.loads((run / "eval" / "report.json").read_text())
+    labels = read_cache(teacher / CACHE).labels["test"]
+    accuracy = (expected[:, -1].argmax(1) == labels).double().mean().item()
+    assert report["reference"]["test_accuracy"] == pytest.approx(accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "criterion, folder",
+    [
+        (["--policy", "maxprob"], "eval-maxprob"),
+        (["--max-drop", "0.5"], "eval-drop0.5"),
+        (["--normalize"], "eval-normalized"),
+    ],
+)
+def test_a_criterion_folder_is_never_replaced_by_another_reference(
+    quick, tmp_path, capsys, criterion, folder
+):
+    """As RUN/eval/: an evaluation whose criterion (here: the reference) differs from the one in
+    RUN/eval-CRITERION/ is refused before any work; the same criterion may rewrite it."""
+    run = tmp_path / "erde"
+    shutil.copytree(quick / "erde-s0", run, ignore=shutil.ignore_patterns("eval*"))
+    teacher = ["--reference", str(quick / "teacher")]
+    assert main(["evaluate", str(run), *criterion, *teacher]) == 0
+    held = read_report(run / folder / "report.json").criterion
+    assert "teacher resnet20" in held
+    before = {p: p.read_bytes() for p in (run / folder).iterdir()}
+    capsys.readouterr()
+    assert main(["evaluate", str(run), *criterion]) == 2  # its own final exit as the reference
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(run / folder) in err and held in err and "--out" in err
+    assert {p: p.read_bytes() for p in (run / folder).iterdir()} == before
+    assert not (run / "eval").exists()
+    assert main(["evaluate", str(run), *criterion, *teacher]) == 0  # the same criterion
+    assert main(["evaluate", str(run), *criterion, "--out", str(tmp_path / "own")]) == 0
+    assert read_report(tmp_path / "own" / "report.json").criterion != held
 
 
 def test_logits_cache_round_trip_and_full_disk(tmp_path):

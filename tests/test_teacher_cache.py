@@ -141,3 +141,143 @@ def test_two_students_filling_one_cache_at_once(teacher, tmp_path):
     fit(student(teacher, f"distill.teacher_cache_dir={folder}"), tmp_path / "c", progress=False)
     assert (tmp_path / "c" / "train.log").read_text().count("read from") == 2
     assert not list(folder.rglob("*.tmp"))
+
+
+# The student's own statistics, away from the digits' (the teacher's, computed from its split).
+OWN_STATS = ["data.mean=[0.2]", "data.std=[0.5]"]
+
+
+def test_a_student_with_its_own_statistics_gets_the_same_weights_with_the_cache(teacher, tmp_path):
+    """A cache filled by a student on the default statistics, then students on other statistics
+    (filling the cache, then reading it): bit for bit the weights of the one without a cache."""
+    folder = tmp_path / "cache"
+    fill_teacher_cache(student(teacher, f"distill.teacher_cache_dir={folder}"))
+    off = tmp_path / "off"
+    fit(student(teacher, *OWN_STATS, "distill.teacher_cache=false"), off, progress=False)
+    cfg = student(teacher, *OWN_STATS, f"distill.teacher_cache_dir={folder}")
+    fit(cfg, tmp_path / "fills", progress=False)  # its own key: computed, then stored
+    fit(cfg, tmp_path / "reads", progress=False)
+    assert (tmp_path / "reads" / "train.log").read_text().count("read from") == 2
+    assert same_weights(off, tmp_path / "fills") and same_weights(off, tmp_path / "reads")
+
+
+def test_the_teacher_reads_its_own_normalisation_inside_a_student_run(teacher, tmp_path):
+    """The stored teacher outputs of a student on other statistics equal the teacher run by hand
+    on the epoch's raw pixels normalised with the teacher's own statistics (model.json)."""
+    import json
+
+    import torch
+
+    from erde.data.prepare import prepare_data, train_batches
+    from erde.models.load import load_model
+
+    folder = tmp_path / "cache"
+    fit(student(teacher, *OWN_STATS, f"distill.teacher_cache_dir={folder}"), tmp_path / "s")
+    stored = load_file(str(epoch_files(folder)[0]))["logits"]
+    # The epoch's raw augmented pixels: batches "normalised" with mean 0, std 1/255 (x * 1.0).
+    raw_cfg = student(teacher, "data.mean=[0.0]", f"data.std=[{1 / 255!r}]")
+    batches = train_batches(raw_cfg, prepare_data(raw_cfg), torch.device("cpu"))
+    batches.set_epoch(0)
+    pixels = torch.cat([x for x, _ in batches])
+    assert pixels.eq(pixels.round()).all() and pixels.max() <= 255
+    own = json.loads((teacher / "model.json").read_text())["data"]
+    mean, std = torch.tensor(own["mean"]), torch.tensor(own["std"])
+    assert not torch.allclose(mean, torch.tensor([0.2]))  # the student's differ
+    # (x / 255 - mean) / std as the teacher's own batches compute it (erde.data.pixels).
+    shift = (mean.double() * 255).float().view(1, -1, 1, 1)
+    scale = (1 / (std.double() * 255)).float().view(1, -1, 1, 1)
+    model, _ = load_model(teacher)
+    with torch.no_grad():
+        expected = torch.stack(model.eval()((pixels - shift) * scale), dim=1)
+    assert stored.shape == expected.shape
+    assert torch.equal(stored, expected)
+
+
+def cache_of(cfg):
+    """The teacher cache a student of `cfg` would read (no training)."""
+    import torch
+
+    from erde.data.prepare import prepare_data, train_batches
+    from erde.train.engine import teacher_outputs
+
+    split = prepare_data(cfg)
+    cpu = torch.device("cpu")
+    return teacher_outputs(cfg, split, train_batches(cfg, split, cpu), cpu).cache
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "data.mean=[0.3]",
+        "data.std=[0.6]",
+        "data.augment=false",
+        "data.crop_padding=2",
+        "data.val_size=0.3",
+        "train.precision=bf16",
+        "train.channels_last=true",
+        "train.batch_size=64",
+        "train.seed=1",
+    ],
+)
+def test_every_setting_the_teacher_outputs_depend_on_changes_the_key(teacher, tmp_path, change):
+    folder = tmp_path / "cache"
+    base = student(teacher, *OWN_STATS, f"distill.teacher_cache_dir={folder}")
+    fill_teacher_cache(base)
+    assert cache_of(base).read(0) is not None
+    other = cache_of(student(teacher, *OWN_STATS, f"distill.teacher_cache_dir={folder}", change))
+    assert other.key.digest != cache_of(base).key.digest
+    assert other.read(0) is None  # a miss: that student computes its own
+
+
+def test_a_teacher_whose_statistics_differ_gets_another_key(teacher, tmp_path):
+    """The same weights with other statistics in model.json: another teacher to its students."""
+    import json
+    import shutil
+
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    info = json.loads((copy / "model.json").read_text())
+    info["data"]["mean"] = [0.3]
+    (copy / "model.json").write_text(json.dumps(info))
+    folder = tmp_path / "cache"
+    a = cache_of(student(teacher, f"distill.teacher_cache_dir={folder}"))
+    b = cache_of(student(copy, f"distill.teacher_cache_dir={folder}"))
+    assert a.key.teacher_sha256 == b.key.teacher_sha256
+    assert a.key.digest != b.key.digest
+
+
+def test_every_field_of_the_key_is_in_its_digest_and_its_files(tmp_path):
+    """Each field changed alone: another digest, and a file of the first key is refused."""
+    import dataclasses
+
+    import torch
+
+    from erde.distill.teacher_cache import CacheKey, TeacherCache
+
+    base = CacheKey(
+        teacher_sha256="a" * 64, teacher_mean=(0.1,), teacher_std=(0.2,), source="digits",
+        train_indices_sha256="b" * 64, num_train=4, batch_size=2, mean=(0.3,), std=(0.4,),
+        steps=2, augment=True, crop_padding=1, hflip=False, seed=0, precision="fp32",
+        channels_last=False, device_type="cpu",
+    )  # fmt: skip
+    TeacherCache(tmp_path, base).write(0, torch.ones(4, 2, 3))
+    assert TeacherCache(tmp_path, base).read(0) is not None
+
+    def changed(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, int):
+            return value + 1
+        if isinstance(value, tuple):
+            return tuple(v + 0.5 for v in value)
+        return value + "x"
+
+    for field in dataclasses.fields(CacheKey):
+        other = dataclasses.replace(base, **{field.name: changed(getattr(base, field.name))})
+        assert other.digest != base.digest, field.name
+        assert TeacherCache(tmp_path, other).read(0) is None, field.name
+        # The first key's file under the other key's name is refused too.
+        moved = TeacherCache(tmp_path, other)
+        moved.folder.mkdir(parents=True, exist_ok=True)
+        moved.path(0).write_bytes(TeacherCache(tmp_path, base).path(0).read_bytes())
+        assert moved.read(0) is None, field.name

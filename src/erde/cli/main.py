@@ -400,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         help="report folder (default: RUN/eval, or RUN/eval-CRITERION for another criterion)",
     )
-    p.add_argument("--refresh", action="store_true", help="recompute the logits cache")
+    p.add_argument(
+        "--refresh",
+        action="store_true",
+        help="recompute the logits caches: the run's and the --reference run's",
+    )
     p.add_argument(
         "--replace-export",
         action="store_true",

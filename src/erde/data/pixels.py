@@ -158,6 +158,33 @@ class Normalize:
         return x.to(torch.float32).sub_(self.shift).mul_(self.scale)
 
 
+class Renormalize:
+    """Batches normalised with one set of statistics -> the same pixels normalised with another.
+
+    A teacher must read images normalised as it was trained, whatever its student's statistics.
+    Every batch is `Normalize` of uint8 pixels, so the pixels come back exactly by rounding (the
+    float32 error is far below half a level) and go through the other `Normalize`: the teacher
+    sees bit for bit what its own batches would hold. Equal statistics: the batch unchanged.
+    """
+
+    def __init__(
+        self,
+        source: tuple[Sequence[float], Sequence[float]],
+        target: tuple[Sequence[float], Sequence[float]],
+        device: str | torch.device = "cpu",
+    ) -> None:
+        same = [list(map(float, v)) for v in source] == [list(map(float, v)) for v in target]
+        self._source = None if same else Normalize(*source, device)
+        self._target = Normalize(*target, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._source is None:
+            return x
+        s = self._source
+        pixels = x.div(s.scale).add_(s.shift).round_().clamp_(0, 255).to(torch.uint8)
+        return self._target(pixels)
+
+
 def normalize_images(
     images: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -168,4 +195,4 @@ def normalize_images(
     return Normalize(mean, std)(x.permute(0, 3, 1, 2)).contiguous()
 
 
-__all__ = ["Normalize", "check_channels", "decode_image", "normalize_images"]
+__all__ = ["Normalize", "Renormalize", "check_channels", "decode_image", "normalize_images"]

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from erde.data.pixels import Renormalize
 from erde.errors import ErdeError
 from erde.models.load import load_model
 from erde.run.checkpoint import check_finished
@@ -29,7 +30,11 @@ def check_teacher(run_dir: str | Path, data: DataInfo) -> tuple[nn.Module, Model
 
 
 class Teacher:
-    """A finished run, frozen: eval mode, no gradients, on the student's device and layout."""
+    """A finished run, frozen: eval mode, no gradients, on the student's device and layout.
+
+    It reads the student's batches renormalised with its own statistics (its model.json): a
+    student may normalise with others (`data.mean`, `data.std`), but the teacher's weights only
+    make sense of the inputs it was trained on."""
 
     def __init__(
         self, run_dir: str | Path, data: DataInfo, device: torch.device, channels_last: bool
@@ -42,6 +47,8 @@ class Teacher:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
         self.info = info
+        own = (info.data.mean, info.data.std)
+        self.inputs = Renormalize((data.mean, data.std), own, device)
 
     @property
     def exit_macs(self) -> list[int]:
@@ -49,4 +56,4 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model(x)
+        return self.model(self.inputs(x))

@@ -2,10 +2,11 @@
 reused by every student that would compute the same numbers.
 
 With `DeviceBatches` (seed, epoch)-pure, what the frozen teacher outputs at step s of epoch e is
-fixed by `CacheKey` (teacher weights, data split, augmentation, seed, global batch, precision,
-memory layout, device type). The first student of a key computes them as usual and stores them
-(one file per epoch, in the dtype the teacher produced them: float32, or bfloat16/float16 under
-autocast, so the loss sees bit for bit what it would have computed); later students read them.
+fixed by `CacheKey` (teacher weights and statistics, data split, the student's normalisation,
+augmentation, seed, global batch, precision, memory layout, device type). The first student of a
+key computes them as usual and stores them (one file per epoch, in the dtype the teacher produced
+them: float32, or bfloat16/float16 under autocast, so the loss sees bit for bit what it would
+have computed); later students read them.
 Precomputing every epoch before the students start (`fill`) makes parallel students free of
 the teacher's forward pass.
 
@@ -39,13 +40,21 @@ log = logging.getLogger("erde.train.engine.cache")  # train.log only, below warn
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that determines the teacher's outputs on one epoch's training batches."""
+    """Everything that determines the teacher's outputs on one epoch's training batches.
+
+    Both normalisations are in: the teacher reads the batches renormalised from the student's
+    statistics (`mean`, `std`) to its own (`teacher_mean`, `teacher_std`, from its model.json,
+    which its weights' digest does not cover)."""
 
     teacher_sha256: str
+    teacher_mean: tuple[float, ...]
+    teacher_std: tuple[float, ...]
     source: str
     train_indices_sha256: str  # the split (seed and val_size) and the data's labels
     num_train: int
     batch_size: int  # global
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     steps: int
     augment: bool
     crop_padding: int

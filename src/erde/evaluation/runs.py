@@ -107,10 +107,11 @@ def evaluation_dir(
     )
 
 
-def _deployed_criterion(run_dir: str | Path, out: ReportDir) -> str | None:
-    """The criterion of the threshold `erde export` deploys, when `out` is the run's `eval/` and
-    holds a readable report (a damaged one deploys nothing, so nothing is lost replacing it)."""
-    if not out.report_json.is_file() or not _same_folder(out.path, RunDir(run_dir).eval.path):
+def _held_criterion(run_dir: str | Path, out: ReportDir) -> str | None:
+    """The criterion of the evaluation in `out`, when `out` is one of the run's own evaluation
+    folders (`eval/`, `eval-CRITERION/`) holding a readable report (a damaged one holds no
+    result, so nothing is lost replacing it)."""
+    if not out.report_json.is_file() or not _is_eval_folder(run_dir, out.path):
         return None
     try:
         return read_report(out.report_json).criterion
@@ -118,13 +119,30 @@ def _deployed_criterion(run_dir: str | Path, out: ReportDir) -> str | None:
         return None
 
 
-def _check_export_kept(
+def _is_eval_folder(run_dir: str | Path, folder: Path) -> bool:
+    """`folder` is the run's `eval/` or an `eval-CRITERION/` (however the path is spelled)."""
+    name = folder.resolve().name
+    in_run = _same_folder(folder.resolve().parent, Path(run_dir))
+    return in_run and (name == "eval" or name.startswith("eval-"))
+
+
+def _check_criterion_kept(
     run_dir: str | Path, out: ReportDir, criterion: str, replace_export: bool
 ) -> None:
-    """An evaluation never silently replaces the threshold `erde export` deploys with one chosen
-    by another criterion: that takes `replace_export` (the same criterion may rewrite it)."""
-    held = _deployed_criterion(run_dir, out)
-    if held is None or held == criterion or replace_export:
+    """An evaluation never silently replaces one chosen by another criterion in the run's
+    evaluation folders: `eval/` (the threshold `erde export` deploys) takes `replace_export`,
+    an `eval-CRITERION/` (its name leaves out the reference) `--out` or deleting it; the same
+    criterion may rewrite either."""
+    held = _held_criterion(run_dir, out)
+    if held is None or held == criterion:
+        return
+    if not _same_folder(out.path, RunDir(run_dir).eval.path):
+        raise ErdeError(
+            f"{out.path} holds an evaluation chosen by {held}; this evaluation chooses by "
+            f"{criterion}. Pass --out DIR to write it elsewhere, or delete {out.path} to "
+            "replace it"
+        )
+    if replace_export:
         return
     raise ErdeError(
         f"{out.path} holds the threshold `erde export` deploys, chosen by {held}; this "
@@ -152,7 +170,8 @@ def evaluate_run(
 
     `RUN/eval/` holds the threshold `erde export` deploys: an evaluation with another criterion
     (rule, reference, policy) replaces it only with `replace_export`, and is refused, before any
-    work, without it (`_check_export_kept`)."""
+    work, without it; an `eval-CRITERION/` holding another reference's is refused likewise
+    (`_check_criterion_kept`)."""
     if not Path(run_dir).is_dir():
         ckpt.load_weights(run_dir)  # the message for a missing folder, before any lock file
     with writer_lock(run_dir):
@@ -172,8 +191,10 @@ def evaluate_run(
         )
         label = reference_label(reference) if reference else OWN_REFERENCE
         rule = chosen_rule(label, max_drop, budget)
-        _check_export_kept(run_dir, target, criterion_text(rule, policy, normalize), replace_export)
-        ref = run_reference(reference, device=device) if reference else None
+        criterion = criterion_text(rule, policy, normalize)
+        _check_criterion_kept(run_dir, target, criterion, replace_export)
+        # --refresh recomputes every cache the report reads: the reference's too.
+        ref = run_reference(reference, refresh=refresh, device=device) if reference else None
         summary = _summarize_run(
             run_dir,
             ref,
@@ -229,7 +250,7 @@ def _write_study_evaluation(run: str | Path, summary: RunSummary) -> None:
     """A study's evaluation of one of its runs into RUN/eval, unless that holds the export
     threshold of another criterion: a study never fails at its end for that, it says so."""
     export = RunDir(run).eval
-    held = _deployed_criterion(run, export)
+    held = _held_criterion(run, export)
     if held is not None and held != summary.report.criterion:
         log.warning(
             "%s kept: it holds the threshold `erde export` deploys, chosen by %s, and this study "

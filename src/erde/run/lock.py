@@ -8,19 +8,25 @@ process never leaves a run locked.
 
 `writer_lock` is the other rule: one writer per run folder. `erde train` and `erde evaluate` hold
 it while they write a run, and a second process is refused at once with the pid and command of
-the first (a POSIX record lock, whose holder the system can name; the lock file never changes).
+the first, which it reads from the lock file: the holder writes them there once it holds the lock
+(plain `flock` and file contents, the same on every POSIX system).
+
+Both are keyed by the folder's resolved path (`os.path.realpath`): a folder reached through a
+symbolic link, or spelled with `..`, has the one lock of the folder it names.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
+import json
 import logging
 import os
-import struct
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from erde.errors import ErdeError
 
@@ -28,8 +34,14 @@ log = logging.getLogger("erde.study.reproduce")
 _HELD: dict[Path, int] = {}  # writer locks this process holds: how often it entered each
 
 
+def resolved(folder: str | Path) -> Path:
+    """The folder a path names, links and `..` followed: what a lock is keyed by."""
+    return Path(os.path.realpath(folder))
+
+
 def lock_path(run: Path) -> Path:
     """The lock file of a run folder (or of any folder, such as a teacher cache)."""
+    run = resolved(run)
     return run.parent / ".locks" / f"{run.name}.lock"
 
 
@@ -54,26 +66,36 @@ def run_lock(run: Path, *, wait: bool) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _holder(fd: int) -> str:
-    """The process holding the POSIX lock on `fd`'s file: its pid and, where /proc shows it,
-    its command line (nothing is written into the lock file, which never changes)."""
-    layout = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
-    probe = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    pid = struct.unpack(layout, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[4]
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except (OSError, UnicodeDecodeError):
-        command = ""
-    return f"pid {pid}" + (f": {command.strip()[:200]}" if command.strip() else "")
+def _sign(fh: IO[str]) -> None:
+    """Write this process's pid and command line into the lock file it has just locked."""
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "command": " ".join(sys.orig_argv)}))
+    fh.flush()
+
+
+def _holder(path: Path) -> str:
+    """Who holds the writer lock at `path`, as its holder wrote it there. A holder that has
+    only just taken the lock may not have written yet: the file is read again for a second."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            raw = json.loads(path.read_text())
+            pid, command = int(raw["pid"]), " ".join(str(raw.get("command", "")).split())
+            return f"pid {pid}" + (f": {command[:200]}" if command else "")
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() > deadline:
+                return "pid unknown"
+            time.sleep(0.05)
 
 
 @contextmanager
 def writer_lock(folder: str | Path) -> Iterator[None]:
     """One writer per run folder: hold `folder`'s writer lock for the `with` block, or raise
-    ErdeError naming the live process that holds it. A POSIX record lock, so the other process
-    can be named, and dropped by the system when its process dies. The same process may enter
-    it again (`erde reproduce` trains runs it already holds)."""
-    folder = Path(folder).absolute()
+    ErdeError naming the live process that holds it (from the pid it wrote into the lock file).
+    The system drops the lock when its process dies. The same process may enter it again
+    (`erde reproduce` trains runs it already holds)."""
+    folder = resolved(folder)
     if folder in _HELD:
         _HELD[folder] += 1
         try:
@@ -83,22 +105,22 @@ def writer_lock(folder: str | Path) -> Iterator[None]:
         return
     path = folder.parent / ".locks" / f"{folder.name}.writer"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    with open(path, "a+") as fh:
         try:
-            fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise ErdeError(
-                f"{folder} is being written by another live process ({_holder(fh.fileno())}); "
+                f"{folder} is being written by another live process ({_holder(path)}); "
                 "wait for it to finish or stop it, or choose another folder"
             ) from None
+        _sign(fh)
         _HELD[folder] = 1
         try:
             yield
         finally:
             del _HELD[folder]
-            fcntl.lockf(fh, fcntl.LOCK_UN)
+            fh.truncate(0)  # no stale pid left for the next holder's first moment
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 __all__ = ["lock_path", "run_lock", "writer_lock"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -207,10 +207,14 @@ def teacher_outputs(
         return TeacherOutputs(teacher, None, world)
     key = CacheKey(
         teacher_sha256=sha256_file(RunDir(d.teacher).weights),
+        teacher_mean=floats(teacher.info.data.mean),
+        teacher_std=floats(teacher.info.data.std),
         source=split.data.name,
         train_indices_sha256=indices_digest(split.train_idx, split.data.train_y),
         num_train=len(split.train_idx),
         batch_size=t.batch_size,
+        mean=floats(split.data.mean),
+        std=floats(split.data.std),
         steps=len(batches),
         augment=cfg.data.augment,
         crop_padding=cfg.data.crop_padding,
@@ -222,6 +226,11 @@ def teacher_outputs(
     )
     folder = Path(d.teacher_cache_dir) if d.teacher_cache_dir else RunDir(d.teacher).teacher_cache
     return TeacherOutputs(teacher, TeacherCache(folder, key), world)
+
+
+def floats(values: Sequence[float]) -> tuple[float, ...]:
+    """Statistics as plain floats, for a key that must read the same in JSON everywhere."""
+    return tuple(float(v) for v in values)
 
 
 def fill_teacher_cache(cfg: Config, *, progress: bool = False) -> None:
