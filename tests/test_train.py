@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import erde.train.engine
 from erde.cli.main import main
 from erde.config.schema import load_config
 from erde.distill.losses import LossResult
+from erde.errors import ErdeError
 from erde.files import read_jsonl
 from erde.train.engine import fit
 from erde.train.optim import lr_factor
@@ -227,6 +229,20 @@ def test_overwrite_never_deletes_files_erde_did_not_write(tmp_path, capsys):
                            "--out", str(run))  # fmt: skip
     assert code == 2 and "(notes.md)" in err
     assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_teacher_replaced_since_the_run_began(teacher, tmp_path):
+    mine = tmp_path / "teacher"
+    shutil.copytree(teacher[0], mine)
+    student = tmp_path / "student"
+    kd = cfg("distill.method=kd", f"distill.teacher={mine}", "train.epochs=2")
+    fit(kd, student, progress=False, stop_after=1)
+    other = ["train.epochs=1", "train.warmup_epochs=0", "train.seed=5"]
+    fit(load_config("digits-teacher", [*FAST, *other]), mine, overwrite=True, progress=False)
+    with pytest.raises(ErdeError, match="has other weights than when this run started"):
+        fit(None, student, resume=True, progress=False)
+    assert json.loads((student / "model.json").read_text())["epoch"] == 1
 
 
 @pytest.mark.slow

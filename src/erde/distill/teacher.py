@@ -9,8 +9,10 @@ from torch import nn
 
 from erde.data.pixels import Renormalize
 from erde.errors import ErdeError
+from erde.files import sha256_file
 from erde.models.load import load_model
 from erde.run.checkpoint import check_finished
+from erde.run.layout import RunDir
 from erde.run.model_info import DataInfo, ModelInfo
 
 
@@ -47,6 +49,8 @@ class Teacher:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
         self.info = info
+        # What the student's cache and training state are tied to: a replaced teacher is seen.
+        self.weights_sha256 = sha256_file(RunDir(run_dir).weights)
         own = (info.data.mean, info.data.std)
         self.inputs = Renormalize((data.mean, data.std), own, device)
 

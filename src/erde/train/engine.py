@@ -38,7 +38,7 @@ from erde.distill.teacher import Teacher
 from erde.distill.teacher_cache import CacheKey, TeacherCache, TeacherOutputs, indices_digest
 from erde.distributed import World
 from erde.errors import ErdeError
-from erde.files import read_jsonl, sha256_file
+from erde.files import read_jsonl
 from erde.logs import Heartbeat
 from erde.models.build import build_model
 from erde.models.macs import exit_macs, static_macs
@@ -206,7 +206,7 @@ def teacher_outputs(
     if not d.teacher_cache or split.streamed:
         return TeacherOutputs(teacher, None, world)
     key = CacheKey(
-        teacher_sha256=sha256_file(RunDir(d.teacher).weights),
+        teacher_sha256=teacher.weights_sha256,
         teacher_mean=floats(teacher.info.data.mean),
         teacher_std=floats(teacher.info.data.std),
         source=split.data.name,
@@ -300,6 +300,13 @@ def restore(s: Setup, state: dict | None, device: torch.device, seed: int) -> in
         if p.world.distributed:
             torch.manual_seed(dropout_seed(seed, p.world.rank, 0))
         return 0
+    saved = state.get("teacher_sha256")
+    if p.teacher is not None and saved not in (None, p.teacher.teacher.weights_sha256):
+        raise ErdeError(
+            f"the teacher {s.info.teacher} has other weights than when this run started "
+            "(replaced or retrained since); resume with the teacher it began with, or start "
+            "the student again with --overwrite"
+        )
     try:
         s.net.load_state_dict(state["model"])
         p.optimizer.load_state_dict(state["optimizer"])
@@ -518,6 +525,8 @@ def training_state(net: nn.Module, p: EpochParts, epoch: int) -> dict:
         "epoch": epoch,
         "rng_cpu": torch.get_rng_state(),
     }
+    if p.teacher is not None:
+        state["teacher_sha256"] = p.teacher.teacher.weights_sha256
     device = p.batches.device
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state(device)
