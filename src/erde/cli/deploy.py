@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from erde.cli.numbers import whole_number
 from erde.device import cores
 from erde.errors import ErdeError
+from erde.files import jsonable
 
 OPSET_HELP = "ONNX opset, 18-20 (default: 18)"  # erde.deploy.onnx_export.OPSETS and OPSET
 FORMS = ("auto", "single", "split")  # erde.deploy.runtime.FORMS
@@ -77,7 +78,8 @@ def render_results(rows: Sequence, fmt: str) -> str:
     """`erde infer`'s rows (`FileResult`s) as a markdown table, one JSON list of objects, or CSV
     with a header row; JSON and CSV keep every field, with null / an empty cell where none."""
     if fmt == "json":
-        return json.dumps([{k: getattr(r, k) for k in INFER_FIELDS} for r in rows], indent=2) + "\n"
+        return json.dumps(jsonable([{k: getattr(r, k) for k in INFER_FIELDS} for r in rows]),
+                          indent=2, allow_nan=False) + "\n"  # fmt: skip
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")

@@ -70,6 +70,19 @@ def static_network(model: nn.Module) -> nn.Module:
     return nn.Sequential(*model.segments, model.heads[-1]).eval()
 
 
+def _check_finite(model: nn.Module, run: RunDir) -> None:
+    """Weights that hold NaN answer NaN for every image: refused before an export ships them."""
+    bad = [
+        k for k, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()
+    ]
+    if bad:
+        raise ErdeError(
+            f"{run.weights} holds NaN or infinite values ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); the run diverged: retrain "
+            "it (a lower train.lr, or train.precision=fp32) before exporting"
+        )
+
+
 def _check_destination(out_dir: Path, run: RunDir, overwrite: bool) -> None:
     """An export replaces its folder whole, so the folder must be erde's own export (or new, or
     empty), never the run, a folder inside it or one above it."""
@@ -131,6 +144,7 @@ def export_run(
     run, out_dir = RunDir(run_dir), Path(out_dir)
     model, info = load_model(run.path)
     check_finished(run.path, info, "run", "exporting it")
+    _check_finite(model, run)
     point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, run, overwrite)
     pieces, static = _export_graphs(
