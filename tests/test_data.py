@@ -504,6 +504,26 @@ def test_decode_mistakes_are_one_line_errors_naming_the_file(tmp_path, monkeypat
         decode_image(tmp_path / "big.png")
 
 
+def test_damaged_files_of_lazily_decoded_formats_are_one_quiet_line(tmp_path, recwarn):
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "good.dds", format="DDS")
+    dds = bytearray((tmp_path / "good.dds").read_bytes())
+    dds[82] = 0  # the pixel format's flags: Pillow raises NotImplementedError for these
+    (tmp_path / "flags.dds").write_bytes(bytes(dds))
+    with pytest.raises(ErdeError, match=r"flags\.dds: cannot decode the image \(NotImpl"):
+        decode_image(tmp_path / "flags.dds", 1, 8)
+    Image.fromarray(pixels).save(tmp_path / "good.tif")
+    tif = bytearray((tmp_path / "good.tif").read_bytes())
+    assert len(tif) == 378  # the 16 x 16 grey TIFF this Pillow writes: its tags at the end
+    tif[113] = 0xFF  # a tag's count: "Tag data larger than file" warnings, then it decodes
+    (tmp_path / "tags.tif").write_bytes(bytes(tif))
+    try:
+        decode_image(tmp_path / "tags.tif", 1, 8)
+    except ErdeError as exc:
+        assert "\n" not in str(exc)
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_normalize_images_matches_numpy_and_device_batches():
     x = random_images(6, 5, 4, 3)
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.05)

@@ -81,6 +81,7 @@ def _open(path: str | Path) -> Image.Image:
                 f"{path}: not a regular file (a folder, pipe, device or socket); give image files"
             )
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: one line, below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
@@ -92,7 +93,10 @@ def _open(path: str | Path) -> Image.Image:
             f"{path}: refused as a possible decompression bomb ({exc}); shrink the image below "
             f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
         ) from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's ways of saying "not an image"
+    except ErdeError:
+        raise
+    except Exception as exc:  # a damaged file fails in its decoder's own way: OSError,
+        # SyntaxError, NotImplementedError from a DDS header's pixel format, ...
         raise ErdeError(
             f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); replace it with "
             "a readable PNG, JPEG or other Pillow-supported file"
