@@ -102,9 +102,9 @@ def export_run(
     opset: int = OPSET,
     int8: bool = False,
     overwrite: bool = False,
-) -> dict:
+) -> Manifest:
     """Write one ONNX piece per exit, `single.onnx`, `static.onnx` and `manifest.json` into
-    `out_dir`; returns the manifest as written.
+    `out_dir`; returns the manifest as written (`Manifest.to_json()` is the file's contents).
 
     The threshold defaults to the one `erde evaluate` calibrated on val (re-chosen on the int8
     model with `int8=True`). An earlier erde export in `out_dir` is replaced; any other non-empty
@@ -178,8 +178,8 @@ def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, o
         exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         source_run=str(run.path.resolve()),
         weights_sha256=sha256_file(run.weights),
-    ).to_json()
-    write_json(folder / MANIFEST, manifest)
+    )
+    write_json(folder / MANIFEST, manifest.to_json())
     return manifest
 
 
