@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,7 +28,7 @@ from erde.run.layout import ComparisonDir, RunDir
 from erde.run.lock import run_lock
 from erde.run.model_info import ModelInfo
 from erde.study.grid import Variant, expand
-from erde.study.parallel import run_parallel
+from erde.study.parallel import run_parallel, run_serial
 from erde.study.shard import Shard
 from erde.train.engine import fill_teacher_cache, fit
 
@@ -262,11 +263,9 @@ def _train_held(todo: list[tuple[Config, Path]], jobs: int, progress: bool) -> N
         log.info("--jobs %d: only %d run(s) to train, so %d at once", jobs, len(todo), len(todo))
         jobs = len(todo)
     if jobs == 1:
-        for i, (c, r) in enumerate(todo, start=1):
-            log.info("%s: run %d of %d", r.name, i, len(todo))
-            ensure_run(c, r, progress)
-        return
-    failures = run_parallel(train_quietly, todo, jobs)
+        failures = run_serial(partial(ensure_run, progress=progress), todo)
+    else:
+        failures = run_parallel(train_quietly, todo, jobs)
     if failures:
         listed = "; ".join(f"{r.name}: {why}" for r, why in failures)
         raise ErdeError(
