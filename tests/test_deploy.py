@@ -85,9 +85,9 @@ def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
 
 @pytest.mark.slow
 def test_export_writes_checked_pieces_and_manifest(run, exported):
-    out, manifest = exported
-    on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == manifest
+    out, written = exported
+    manifest = json.loads((out / "manifest.json").read_text())  # the file, key by key
+    assert manifest == written.to_json()
     meta = json.loads((run / "model.json").read_text())
     assert manifest["exit_macs"] == meta["exit_macs"]
     assert manifest["static_macs"] == meta["static_macs"]
@@ -143,14 +143,13 @@ def test_static_graph_is_the_final_exit(exported, images, torch_logits):
 def test_default_threshold_is_the_calibrated_one(run, tmp_path):
     report = evaluate_run(run, device="cpu")
     manifest = export_run(run, tmp_path / "calibrated")
-    assert manifest["threshold"] == report.chosen.threshold
-    assert manifest["policy"] == report.policy == "entropy"
-    assert manifest["threshold_source"].startswith("calibrated on val")
+    assert manifest.deployment.threshold == report.chosen.threshold
+    assert manifest.deployment.policy == report.policy == "entropy"
+    assert manifest.deployment.threshold_source.startswith("calibrated on val")
     with pytest.raises(ErdeError, match="calibrated for policy 'entropy'"):
         export_run(run, tmp_path / "other", policy="maxprob")
-    assert export_run(run, tmp_path / "other", policy="maxprob", threshold=0.1)["policy"] == (
-        "maxprob"
-    )
+    other = export_run(run, tmp_path / "other", policy="maxprob", threshold=0.1)
+    assert other.deployment.policy == "maxprob"
 
 
 @pytest.mark.slow
@@ -169,7 +168,7 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     mine = tmp_path / "mine"
     export_run(run, mine, threshold=1.0)
     # An earlier export is replaced without --overwrite ...
-    assert export_run(run, mine, threshold=2.0)["threshold"] == 2.0
+    assert export_run(run, mine, threshold=2.0).deployment.threshold == 2.0
     assert json.loads((mine / "manifest.json").read_text())["threshold"] == 2.0
     # ... unless it also holds a file of the user's: then only with --overwrite.
     (mine / "notes.txt").write_text("mine")
@@ -232,7 +231,7 @@ def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, 
             pred = rt.predict(x, threshold, form=form)
             same = pred.exits == exit_index.numpy() + 1  # simulate's exits are 0-based
             assert np.all(same | tie), f"{rt.backend} {form}: {(~same & ~tie).sum()} differ"
-            assert np.all((pred.classes == prediction.numpy()) | tie)
+            assert np.all((pred.labels == prediction.numpy()) | tie)
             want = torch_logits[torch.arange(n), exit_index].numpy()
             np.testing.assert_allclose(pred.logits[same], want[same], atol=LOGITS_ATOL, rtol=0)
             np.testing.assert_allclose(
@@ -307,7 +306,7 @@ def test_split_batches_return_results_in_input_order():
     pred = rt.predict(torch.tensor(ids, dtype=torch.float32).view(10, 1, 1, 1))
     want_exit = [1 if k % 2 == 0 else 2 if k % 3 == 0 else 3 for k in ids]
     assert pred.exits.tolist() == want_exit
-    assert pred.classes.tolist() == [(k + e - 1) % 4 for k, e in zip(ids, want_exit, strict=True)]
+    assert pred.labels.tolist() == [(k + e - 1) % 4 for k, e in zip(ids, want_exit, strict=True)]
     assert seen == [(0, ids), (1, [1, 3, 5, 7, 9]), (2, [1, 5, 7])]
     assert pred.images_per_piece == [10, 5, 3]
 
@@ -375,7 +374,7 @@ def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_
     assert rows[1].error is not None and "broken.png" in rows[1].error
     want = rt.predict(x[:3])  # PNGs are lossless, so they give the same input as the data set
     good = [rows[0], rows[2], rows[3]]
-    assert [r.class_name for r in good] == [rt.classes[c] for c in want.classes]
+    assert [r.class_name for r in good] == [rt.classes[c] for c in want.labels]
     assert [r.exit for r in good] == want.exits.tolist()
     np.testing.assert_allclose([r.confidence for r in good], want.confidence, atol=1e-6)
     assert rows[4].error is None and rows[4].class_name in rt.classes
@@ -395,11 +394,12 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     result = benchmark(
         run, reference=run, thresholds=[0.0, 1e9], batch_sizes=[1, 8], repeats=4, warmup=1
     )
-    rows = result["rows"]
-    calibrated = result["export_threshold"]  # the report of an earlier test, if it ran first
+    rows = result.rows
+    # the calibrated threshold: the report of an earlier test, if it ran first
+    calibrated = result.export.deployment.threshold
     n_thresholds = len({0.0, 1e9, calibrated})
     assert len(rows) == 2 * (2 + n_thresholds)
-    exit_macs = result["exit_macs"]
+    exit_macs, static_macs = result.export.info.exit_macs, result.export.info.static_macs
     for batch in (1, 8):
         part = {(r.model, r.threshold): r for r in rows if r.batch == batch}
         static = part[("student resnet8, static", None)]
@@ -408,7 +408,7 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
         assert none.expected_macs == exit_macs[-1] and none.exit_share == [0.0, 0.0, 1.0]
         first = part[("student resnet8, early exit", 1e9)]
         assert first.expected_macs == exit_macs[0] and first.exit_share == [1.0, 0.0, 0.0]
-        assert first.predicted_speedup == pytest.approx(result["static_macs"] / exit_macs[0])
+        assert first.predicted_speedup == pytest.approx(static_macs / exit_macs[0])
         teacher = part[("teacher resnet8, static", None)]
         assert teacher.predicted_speedup == 1.0
         assert teacher.accuracy == static.accuracy == none.accuracy
@@ -422,7 +422,7 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     assert out.count("| student resnet8, early exit |") == len({0.0, calibrated})
     # Both tables: the timed rows and per-exit accuracy (header, fp32), each with a header.
     assert render_benchmark(result).count("\n| ") == len(rows) + 1 + 2
-    accuracy = result["per_exit_accuracy"]["fp32"]
+    accuracy = result.per_exit_accuracy["fp32"]
     labels = prepare_data(load_config(str(run / "config.yaml"))).data.test_y
     want = (torch_logits[-len(labels) :].argmax(-1) == labels[:, None]).float().mean(0)
     np.testing.assert_allclose(accuracy, want.numpy(), atol=1.5 / len(labels))

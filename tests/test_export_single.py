@@ -174,7 +174,7 @@ def test_threshold_zero_runs_the_static_network(exported, inputs):
         assert got.exits.tolist() == [3] * len(batch)
         assert got.images_per_piece == [len(batch)] * 3
         np.testing.assert_allclose(got.logits, logits[: len(batch), 2].numpy(), atol=1e-4)
-        assert got.classes.tolist() == logits[: len(batch), 2].argmax(dim=1).tolist()
+        assert got.labels.tolist() == logits[: len(batch), 2].argmax(dim=1).tolist()
     assert calls == {"static": 2, "single": 0}
     assert rt.predict(x[:1], 0.0, form="single").exits.tolist() == [3]
     assert calls == {"static": 2, "single": 1}

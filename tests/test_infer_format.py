@@ -5,6 +5,7 @@ images decoded and normalised here by hand with Pillow and numpy."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -19,7 +20,9 @@ from erde.cli.main import main
 from erde.deploy import EarlyExitRuntime, export_run
 from erde.deploy.early_exit_model import EarlyExitModel
 from erde.deploy.images import load_image, read_image
-from erde.deploy.latency import BenchRow
+from erde.deploy.latency import Benchmark, BenchRow, render_benchmark
+from erde.deploy.manifest import Deployment, Manifest
+from erde.run.model_info import DataInfo, ModelInfo
 
 
 def save(path, pixels, mode=None):
@@ -71,13 +74,40 @@ def test_bench_notes_count_the_images_of_every_row():
     def row(batch):
         return BenchRow("student", None, batch, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
-    result = {"rows": [row(1), row(1), row(64)], "repeats": 100, "held_out_images": 360}
+    data = DataInfo("digits", ["0", "1"], [0.5], [0.25], 8, 1)
+    export = Manifest(
+        info=ModelInfo({"name": "student"}, [10, 20], 18, data),
+        deployment=Deployment(0.5, "entropy", False, "given"),
+        pieces=[],
+        static={},
+        single={},
+        precision="fp32",
+        budget_thresholds={},
+        quantization=None,
+        opset=18,
+        exporter="",
+        source_run="runs/student",
+        weights_sha256="",
+    )
+    result = Benchmark(
+        rows=[row(1), row(1), row(64)],
+        per_exit_accuracy={"fp32": [0.5, 1.0]},
+        export=export,
+        reference=None,
+        threads=1,
+        repeats=100,
+        warmup=1,
+        form="auto",
+        held_out_images=360,
+    )
     notes = bench_notes(result)
     assert "100 at batch 1, 6,400 at batch 64 (100 timed batches x batch size)" in notes
     assert "the 360 test images are taken again from the start" in notes
     assert "fixed cost" in notes and "head" in notes
-    result["held_out_images"] = 10_000
-    assert "taken again" not in bench_notes(result)
+    assert "taken again" not in bench_notes(dataclasses.replace(result, held_out_images=10_000))
+    table = render_benchmark(result)  # what the export and the settings say, read from them
+    assert table.startswith("student on digits test images, policy entropy; ONNX Runtime CPU, 1 ")
+    assert "| export | exit 1 | exit 2 |" in table and "| fp32 | 50.00 | 100.00 |" in table
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +169,8 @@ def check_rows(rows, files, rt, pred):
     assert [r["file"] for r in rows] == [str(p) for p in files]
     for k, r in enumerate(rows[:-1]):
         assert r["error"] is None
-        assert r["class_index"] == int(pred.classes[k])
-        assert r["class_name"] == rt.classes[int(pred.classes[k])]
+        assert r["class_index"] == int(pred.labels[k])
+        assert r["class_name"] == rt.classes[int(pred.labels[k])]
         assert r["exit"] == int(pred.exits[k])
         assert r["confidence"] == pytest.approx(float(pred.confidence[k]), abs=1e-5)
     broken = rows[-1]
@@ -192,7 +222,7 @@ def test_infer_table_is_the_default_and_unchanged(capsys, exported, files, expec
     for k, line in enumerate(lines[2:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == str(files[k])
-        assert cells[1] == rt.classes[int(pred.classes[k])]
+        assert cells[1] == rt.classes[int(pred.labels[k])]
         assert int(cells[2]) == int(pred.exits[k])
         assert float(cells[3]) == pytest.approx(float(pred.confidence[k]), abs=1e-4)
 

@@ -64,7 +64,7 @@ def quantized_logits(export_dir, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_graphs_are_qdq_with_per_channel_weights_and_float_scores(exported):
     out, manifest = exported
-    assert manifest["precision"] == "int8" and manifest["quantization"]["format"] == "QDQ"
+    assert manifest.precision == "int8" and manifest.quantization["format"] == "QDQ"
     graph = onnx.load(str(out / "exit2.onnx")).graph
     weights = {t.name: t for t in graph.initializer}
     conv_weights = [n.input[1] for n in graph.node if n.op_type == "Conv"]
@@ -83,7 +83,7 @@ def test_graphs_are_qdq_with_per_channel_weights_and_float_scores(exported):
         convs = [n for n in g.node if n.op_type == "Conv"]
         assert convs[0].input[0] == "image" and convs[0].input[1] in floats
         assert not any(n.input[1] in floats for n in convs[1:])
-    assert "input channels" in manifest["quantization"]["float32"]
+    assert "input channels" in manifest.quantization["float32"]
     # Nothing downstream of the logits (the exit score) is quantized.
     reached = {"logits2"}
     for node in graph.node:
@@ -102,7 +102,7 @@ def test_int8_runtime_agrees_with_the_simulator_on_quantized_logits(exported, sp
     rt = EarlyExitRuntime.from_export(out, threads=1)
     per_exit = [float(scores[:, 0].quantile(0.3)), float(scores[:, 1].quantile(0.5))]
     for threshold in (per_exit, float(scores[:, 0].quantile(0.5))):
-        want, classes = simulate(logits, threshold)
+        want, labels = simulate(logits, threshold)
         assert len(set(want.tolist())) >= 2
         cut = torch.tensor(threshold).expand(2)
         reached = torch.arange(2)[None, :] <= want[:, None]
@@ -111,27 +111,27 @@ def test_int8_runtime_agrees_with_the_simulator_on_quantized_logits(exported, sp
             pred = rt.predict(x, threshold, form=form)
             same = pred.exits == want.numpy() + 1  # simulate's exits are 0-based
             assert np.all(same | tie), f"{form}: {(~same & ~tie).sum()} differ"
-            assert np.all((pred.classes == classes.numpy()) | tie)
+            assert np.all((pred.labels == labels.numpy()) | tie)
 
 
 @pytest.mark.slow
 def test_threshold_is_rechosen_on_the_int8_validation_outputs(run, exported, splits):
     _, report = run
     out, manifest = exported
-    assert manifest["threshold_source"].startswith("re-calibrated on the int8 model's val")
-    assert manifest["quantization"]["fp32_threshold"] == report.chosen.threshold
+    assert manifest.deployment.threshold_source.startswith("re-calibrated on the int8 model's val")
+    assert manifest.quantization["fp32_threshold"] == report.chosen.threshold
     val_x, val_y = splits["val"]
     logits = quantized_logits(out, val_x)
-    threshold = manifest["threshold"]
+    threshold = manifest.deployment.threshold
     target = report.reference.val_accuracy - report.max_drop_points / 100
     accuracy = float((simulate(logits, threshold)[1] == val_y).float().mean())
-    if "not reached" in manifest["threshold_source"]:
+    if "not reached" in manifest.deployment.threshold_source:
         assert threshold == 0.0
     else:
         assert accuracy >= target
     # The accuracy per exit the manifest records is that of the quantized pieces.
     per_exit = (logits.argmax(-1) == val_y[:, None]).float().mean(0).tolist()
-    np.testing.assert_allclose(manifest["quantization"]["per_exit_accuracy"]["val"], per_exit)
+    np.testing.assert_allclose(manifest.quantization["per_exit_accuracy"]["val"], per_exit)
     # Quantization costs little accuracy at the final exit here either.
     assert abs(per_exit[-1] - report.per_exit_accuracy["val"][-1]) < 0.03
 
@@ -139,8 +139,9 @@ def test_threshold_is_rechosen_on_the_int8_validation_outputs(run, exported, spl
 @pytest.mark.slow
 def test_bench_times_int8_next_to_fp32(run, exported, splits):
     result = benchmark(run[0], int8=True, batch_sizes=[1, 4], repeats=3, warmup=1)
-    rows = {(r.model, r.threshold, r.batch): r for r in result["rows"]}
-    int8_threshold = exported[1]["threshold"]  # the same export, made again by the benchmark
+    rows = {(r.model, r.threshold, r.batch): r for r in result.rows}
+    # the same export, made again by the benchmark
+    int8_threshold = exported[1].deployment.threshold
     for batch in (1, 4):
         assert ("student resnet8 int8, static", None, batch) in rows
         own = rows[("student resnet8 int8, early exit", int8_threshold, batch)]
@@ -148,6 +149,6 @@ def test_bench_times_int8_next_to_fp32(run, exported, splits):
         assert rows[("student resnet8, static", None, batch)].realised_speedup == 1.0
     test_x, test_y = splits["test"]
     want = (quantized_logits(exported[0], test_x).argmax(-1) == test_y[:, None]).float().mean(0)
-    np.testing.assert_allclose(result["per_exit_accuracy"]["int8"], want.numpy(), atol=1e-6)
-    assert set(result["per_exit_accuracy"]) == {"fp32", "int8"}
+    np.testing.assert_allclose(result.per_exit_accuracy["int8"], want.numpy(), atol=1e-6)
+    assert set(result.per_exit_accuracy) == {"fp32", "int8"}
     assert "| int8 |" in render_benchmark(result)

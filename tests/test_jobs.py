@@ -46,11 +46,12 @@ def test_jobs_write_the_runs_a_serial_run_writes(tmp_path):
     assert (serial / "comparison.md").read_text() == (parallel / "comparison.md").read_text()
 
 
-def test_a_failing_job_is_reported_after_the_others_finish(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_failing_job_is_reported_after_the_others_finish(tmp_path, jobs):
     out = tmp_path / "out"
-    (out / "kd-s0").mkdir(parents=True)
+    (out / "kd-s0").mkdir(parents=True)  # the second of the four students
     (out / "kd-s0" / "notes.txt").write_text("not a run folder")
-    done = quickstart(out, "--jobs", "2")
+    done = quickstart(out, "--jobs", jobs)
     assert done.returncode == 2
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -100,7 +100,7 @@ def test_exported_library_model_exits_where_the_simulator_says(run, images, tmp_
             pred = rt.predict(x, threshold, form=form)
             same = pred.exits == exit_index.numpy() + 1  # simulate's exits are 0-based
             assert np.all(same | tie), f"{form}: {(~same & ~tie).sum()} of {n} exits differ"
-            assert np.all((pred.classes == prediction.numpy()) | tie)
+            assert np.all((pred.labels == prediction.numpy()) | tie)
             want = torch_logits[torch.arange(n), exit_index].numpy()
             np.testing.assert_allclose(pred.logits[same], want[same], atol=LOGITS_ATOL, rtol=0)
 
@@ -114,4 +114,4 @@ def test_exported_library_model_exits_where_the_simulator_says(run, images, tmp_
     want = rt.predict(x[:6])
     assert [r.error for r in rows] == [None] * 6
     assert [r.exit for r in rows] == want.exits.tolist()
-    assert [r.class_name for r in rows] == [rt.classes[c] for c in want.classes]
+    assert [r.class_name for r in rows] == [rt.classes[c] for c in want.labels]

@@ -11,11 +11,14 @@ from markdown_tables import markdown_tables, seeds_text, table_rows
 
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
-from erde.evaluation.calibrate import Calibration
+from erde.evaluation.calibrate import Calibration, apply, calibrate_for_budget
 from erde.evaluation.compare import aggregate, mean_std_curves
+from erde.evaluation.diagnostics import ReferenceLogits, diagnose
+from erde.evaluation.metrics import auc
+from erde.evaluation.policy import confidence_scores
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import summarize
-from erde.evaluation.sweep import Curve, write_curve_csv
+from erde.evaluation.sweep import Curve, sweep, write_curve_csv
 from erde.files import write_json
 from erde.run.model_info import DataInfo, ModelInfo
 from erde.run.report import Reference, markdown_table, read_report
@@ -370,3 +373,39 @@ def test_a_report_of_an_earlier_erde_reads_with_its_rule_and_exits_from_one(tmp_
     assert earlier.chosen_by == report.chosen_by  # an evaluation after the update is no conflict
     assert earlier.criterion == "keep the run's own final exit val accuracy - 0 pt (entropy policy)"
     assert [x.teacher_exit for x in earlier.diagnostics.per_exit] == [1, 2, 3]
+
+
+class CountingScore:
+    """The exit-score function, recording each logits tensor it scores."""
+
+    def __init__(self):
+        self.scored: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, policy: str, normalize: bool) -> torch.Tensor:
+        self.scored.append(logits)
+        return confidence_scores(logits, policy, normalize)
+
+
+def test_summarize_scores_each_split_once_and_reports_what_the_separate_steps_give():
+    g = torch.Generator().manual_seed(3)
+    labels = {s: torch.randint(0, 4, (80,), generator=g) for s in ("val", "test")}
+    logits = {s: torch.randn(80, 3, 4, generator=g) * 2 for s in ("val", "test")}
+    cache = LogitsCache(logits, labels, EXIT_MACS, "")
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, EXIT_MACS, 3_500_000, data, method="erde", seed=0)
+    teacher = ReferenceLogits("t", logits["test"].flip(1), labels["test"])
+    count = CountingScore()
+    options = {"policy": "maxprob", "budget": 0.6, "teacher": teacher, "budgets": (0.5, 0.9)}
+    report = summarize(cache, info, "runs/x", score=count, **options).report
+    # every sweep, operating point (4 of them) and the diagnostics read one scoring per split
+    assert len(count.scored) == 2
+    assert count.scored[0] is logits["val"] and count.scored[1] is logits["test"]
+    # ... and say what scoring again at each step says
+    val_curve = sweep(logits["val"], labels["val"], EXIT_MACS, policy="maxprob")
+    budget = calibrate_for_budget(val_curve, 0.6 * EXIT_MACS[-1])
+    assert report.chosen == apply(logits["test"], labels["test"], EXIT_MACS, budget, "maxprob")
+    test = (logits["test"], labels["test"])
+    diagnostics = diagnose(*test, threshold=budget.threshold, policy="maxprob", teacher=teacher)
+    assert report.diagnostics == diagnostics
+    test_curve = sweep(logits["test"], labels["test"], EXIT_MACS, policy="maxprob")
+    assert report.test_auc == auc(test_curve, EXIT_MACS[-1])

@@ -14,11 +14,15 @@ import io
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from erde.cli.numbers import whole_number
 from erde.device import cores
 from erde.errors import ErdeError
 from erde.files import jsonable
+
+if TYPE_CHECKING:  # the CLI imports nothing heavy before a handler runs
+    from erde.deploy.latency import Benchmark
 
 OPSET_HELP = "ONNX opset, 18-20 (default: 18)"  # erde.deploy.onnx_export.OPSETS and OPSET
 FORMS = ("auto", "single", "split")  # erde.deploy.runtime.FORMS
@@ -41,18 +45,19 @@ def export_command(args: argparse.Namespace) -> None:
         int8=args.int8,
         overwrite=args.overwrite,
     )
-    files = ", ".join(p["file"] for p in m["pieces"])
+    files = ", ".join(p["file"] for p in m.pieces)
     print(
-        f"exported {m['model']} ({m['precision']}, ONNX opset {m['opset']}) from {args.run} to "
-        f"{args.out}: {files} (one per exit), {m['single']['file']} (one call per image) and "
-        f"{m['static']['file']} (no early exit)"
+        f"exported {m.info.name} ({m.precision}, ONNX opset {m.opset}) from {args.run} to "
+        f"{args.out}: {files} (one per exit), {m.single['file']} (one call per image) and "
+        f"{m.static['file']} (no early exit)"
     )
-    if m["quantization"] is not None:
-        accuracy = m["quantization"]["per_exit_accuracy"]["val"]
+    if m.quantization is not None:
+        accuracy = m.quantization["per_exit_accuracy"]["val"]
         print("int8 val accuracy per exit: " + " / ".join(f"{100 * a:.2f}" for a in accuracy))
+    d = m.deployment
     print(
-        f"policy {m['policy']}{' (normalised)' if m['normalize'] else ''}, threshold "
-        f"{m['threshold']:.4g} ({m['threshold_source']})"
+        f"policy {d.policy}{' (normalised)' if d.normalize else ''}, threshold "
+        f"{d.threshold:.4g} ({d.threshold_source})"
     )
 
 
@@ -117,11 +122,11 @@ def bench_command(args: argparse.Namespace) -> None:
     print(bench_notes(result), end="")
 
 
-def bench_notes(result: dict) -> str:
+def bench_notes(result: Benchmark) -> str:
     """What the table alone does not say: how many images each row timed, and why batch-1 rows
     can fall short of the MACs prediction (docs/benchmarks.md measures the causes)."""
-    repeats, pool = result["repeats"], result["held_out_images"]
-    batches = sorted({r.batch for r in result["rows"]})
+    repeats, pool = result.repeats, result.held_out_images
+    batches = sorted({r.batch for r in result.rows})
     used = ", ".join(f"{b * repeats:,} at batch {b}" for b in batches)
     reused = (
         f"; the {pool:,} test images are taken again from the start when a row needs more"

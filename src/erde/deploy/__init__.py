@@ -12,8 +12,10 @@ from typing import Any
 
 # name -> module that defines it
 _LAZY = {
+    "Benchmark": "erde.deploy.latency",
     "EarlyExitRuntime": "erde.deploy.runtime",
     "FileResult": "erde.deploy.runtime",
+    "Manifest": "erde.deploy.manifest",
     "Prediction": "erde.deploy.runtime",
     "benchmark": "erde.deploy.latency",
     "export_run": "erde.deploy.export",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -33,6 +34,7 @@ from erde.files import sha256_file, write_json
 from erde.models.load import load_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
+from erde.run.model_info import ModelInfo
 
 STATIC, SINGLE = "static.onnx", "single.onnx"
 
@@ -130,9 +132,9 @@ def export_run(
     opset: int = OPSET,
     int8: bool = False,
     overwrite: bool = False,
-) -> dict:
+) -> Manifest:
     """Write one ONNX piece per exit, `single.onnx`, `static.onnx` and `manifest.json` into
-    `out_dir`; returns the manifest as written.
+    `out_dir`; returns the manifest as written (`Manifest.to_json()` is the file's contents).
 
     The threshold defaults to the one `erde evaluate` calibrated on val (re-chosen on the int8
     model with `int8=True`). An earlier erde export in `out_dir` is replaced (one that also holds
@@ -147,47 +149,70 @@ def export_run(
     _check_finite(model, run)
     point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, run, overwrite)
-    pieces, static = _export_graphs(
-        model, info.data.in_channels, info.data.input_size, point, opset
-    )
-    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path)
-    quantization = None
-    if int8:
-        from erde.deploy.int8 import quantize_export
-
-        q = quantize_export(run.path, info, pieces, static, point)
-        pieces, static, point, budgets, quantization = (
-            q.pieces,
-            q.static,
-            q.point,
-            q.budget_thresholds,
-            q.record,
-        )
+    graphs = _graphs(run, model, info, point, opset, int8)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
     try:
-        manifest = Manifest(
-            info=info,
-            deployment=point,
-            pieces=[
-                {"exit": i + 1, **save_graph(p, staging / f"exit{i + 1}.onnx")}
-                for i, p in enumerate(pieces)
-            ],
-            static=save_graph(static, staging / STATIC),
-            single=save_graph(single_graph(pieces), staging / SINGLE),
-            precision="int8" if int8 else "fp32",
-            budget_thresholds=budgets,
-            quantization=quantization,
-            opset=opset,
-            exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            source_run=str(run.path.resolve()),
-            weights_sha256=sha256_file(run.weights),
-        ).to_json()
-        write_json(staging / MANIFEST, manifest)
+        manifest = _write_export(staging, run, info, graphs, opset)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return manifest
+
+
+@dataclass(frozen=True)
+class _Graphs:
+    """What an export writes: its graphs, the deployment they decide with, and, for int8, the
+    manifest's record of the quantization."""
+
+    pieces: list[onnx.ModelProto]
+    static: onnx.ModelProto
+    point: Deployment
+    budget_thresholds: dict[str, float]
+    quantization: dict | None = None
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.quantization is None else "int8"
+
+
+def _graphs(
+    run: RunDir, model: nn.Module, info: ModelInfo, point: Deployment, opset: int, int8: bool
+) -> _Graphs:
+    """The fp32 graphs, or with `int8` their quantized forms and the threshold re-chosen on them."""
+    pieces, static = _export_graphs(
+        model, info.data.in_channels, info.data.input_size, point, opset
+    )
+    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path)
+    if not int8:
+        return _Graphs(pieces, static, point, budgets)
+    from erde.deploy.int8 import quantize_export
+
+    q = quantize_export(run.path, info, pieces, static, point)
+    return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.record)
+
+
+def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int) -> dict:
+    """Every graph and the manifest that ties them into `folder`; returns the manifest."""
+    manifest = Manifest(
+        info=info,
+        deployment=graphs.point,
+        pieces=[
+            {"exit": i + 1, **save_graph(p, folder / f"exit{i + 1}.onnx")}
+            for i, p in enumerate(graphs.pieces)
+        ],
+        static=save_graph(graphs.static, folder / STATIC),
+        single=save_graph(single_graph(graphs.pieces), folder / SINGLE),
+        precision=graphs.precision,
+        budget_thresholds=graphs.budget_thresholds,
+        quantization=graphs.quantization,
+        opset=opset,
+        exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        source_run=str(run.path.resolve()),
+        weights_sha256=sha256_file(run.weights),
+    )
+    write_json(folder / MANIFEST, manifest.to_json())
     return manifest
 
 

@@ -66,6 +66,22 @@ class BenchRow:
         return self.realised_speedup / self.predicted_speedup
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """What `benchmark` measured: the timed rows, each export's per-exit test accuracy, and the
+    export and settings they were measured with (what `render_benchmark` states beside them)."""
+
+    rows: list[BenchRow]
+    per_exit_accuracy: dict[str, list[float]]  # precision (fp32, int8) -> accuracy per exit
+    export: Manifest  # the first export timed: its model, exit rule and MACs
+    reference: str | None  # the teacher run timed beside the student, if any
+    threads: int | None  # ONNX Runtime intra-op threads; None: its default
+    repeats: int  # timed batches per batch size
+    warmup: int  # untimed batches before them
+    form: str  # the early-exit form asked for (auto, single, split)
+    held_out_images: int  # the test images the batches are drawn from
+
+
 @dataclass
 class _Timed:
     """One configuration under measurement: `run(batch) -> (classes, exits (1-based) or None)`."""
@@ -93,7 +109,7 @@ def early_exit_runner(
 
     def run(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         pred = runtime.predict(x, form=form)
-        return pred.classes, pred.exits
+        return pred.labels, pred.exits
 
     return run
 
@@ -264,14 +280,12 @@ def benchmark(
     threads: int | None = 1,
     int8: bool = False,
     form: str = "auto",
-) -> dict:
+) -> Benchmark:
     """Latency rows of (a) the static student, (b) early exit per threshold, (c) both again in
     int8 when asked, (d) the teacher; per-exit test accuracy of each export.
 
     `target` is a run folder (exported to a temporary folder first) or an `erde export` folder.
     The export's own threshold (the calibrated one, by default) is always among the thresholds.
-    Returns {"rows": [BenchRow, ...], "per_exit_accuracy": {precision: [...]}, and what was
-    measured and how}.
     """
     target = Path(target)
     is_export_dir = (target / MANIFEST).is_file()
@@ -299,17 +313,17 @@ def benchmark(
                 configs, x, y, batch, warmup, repeats, info.exit_macs, info.static_macs
             )
         ]
-    return {
-        "rows": rows,
-        "per_exit_accuracy": accuracy,
-        **_bench_info(first, reference),
-        "threads": threads,
-        "repeats": repeats,
-        "warmup": warmup,
-        "form": form,
-        "data_source": info.data.source,
-        "held_out_images": len(y),
-    }
+    return Benchmark(
+        rows=rows,
+        per_exit_accuracy=accuracy,
+        export=first,
+        reference=None if reference is None else str(reference),
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        form=form,
+        held_out_images=len(y),
+    )
 
 
 def _exports(
@@ -325,22 +339,6 @@ def _exports(
         exports.append(tmp / "int8")
         export_run(target, exports[1], threshold=given, int8=True)
     return exports
-
-
-def _bench_info(first: Manifest, reference: str | Path | None) -> dict:
-    """What the benchmark measured, read from the first export's manifest."""
-    info = first.info
-    return {
-        "run": first.source_run,
-        "reference": None if reference is None else str(reference),
-        "model": info.name,
-        "policy": first.deployment.policy,
-        "normalize": first.deployment.normalize,
-        "export_threshold": first.deployment.threshold,
-        "threshold_source": first.deployment.threshold_source,
-        "exit_macs": info.exit_macs,
-        "static_macs": info.static_macs,
-    }
 
 
 _BENCH_COLUMNS = [
@@ -380,29 +378,30 @@ def _bench_cells(r: BenchRow, static_macs: int) -> list:
     ]
 
 
-def render_benchmark(result: dict) -> str:
+def render_benchmark(result: Benchmark) -> str:
     """The benchmark as a markdown table (milliseconds per batch call, images/s, MACs in M)."""
-    rows = [_bench_cells(r, result["static_macs"]) for r in result["rows"]]
+    info, deployed = result.export.info, result.export.deployment
+    rows = [_bench_cells(r, info.static_macs) for r in result.rows]
     head = (
-        f"{result['model']} on {result['data_source']} test images, policy {result['policy']}"
-        f"{' (normalised)' if result['normalize'] else ''}; ONNX Runtime CPU, "
-        f"{result['threads'] or 'default'} intra-op thread(s); early exit in form "
-        f"{result['form']!r}; {result['repeats']} timed batches per batch size after "
-        f"{result['warmup']} warm-up batches, drawn in order from the "
-        f"{result['held_out_images']:,} test images"
+        f"{info.name} on {info.data.source} test images, policy {deployed.policy}"
+        f"{' (normalised)' if deployed.normalize else ''}; ONNX Runtime CPU, "
+        f"{result.threads or 'default'} intra-op thread(s); early exit in form "
+        f"{result.form!r}; {result.repeats} timed batches per batch size after "
+        f"{result.warmup} warm-up batches, drawn in order from the "
+        f"{result.held_out_images:,} test images"
     )
-    exits = len(result["exit_macs"])
+    exits = len(info.exit_macs)
     accuracy = markdown_table(
         ["export", *(f"exit {i + 1}" for i in range(exits))],
         [
             [precision, *(f"{100 * a:.2f}" for a in values)]
-            for precision, values in result["per_exit_accuracy"].items()
+            for precision, values in result.per_exit_accuracy.items()
         ],
     )
     return (
         head
         + "\n\n"
         + markdown_table(_BENCH_COLUMNS, rows)
-        + f"\nTest accuracy (%) per exit, all {result['held_out_images']:,} test images, exported "
+        + f"\nTest accuracy (%) per exit, all {result.held_out_images:,} test images, exported "
         "pieces:\n\n" + accuracy
     )

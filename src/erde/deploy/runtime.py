@@ -52,13 +52,14 @@ FORMS = ("auto", "single", "split")
 
 @dataclass
 class Prediction:
-    """Per image: class index, softmax of the answering exit, the exit that answered (1-based,
+    """Per image: class index (`labels`, as in `EarlyExitModel.predict`; the runtime's `classes`
+    are their names), softmax of the answering exit, the exit that answered (1-based,
     as every report and `erde infer` number exits), its logits.
 
     `images_per_piece[i]` is how many images piece i (exit i + 1) computed: the work really done.
     """
 
-    classes: np.ndarray  # N, int64
+    labels: np.ndarray  # N, int64 class indices
     probabilities: np.ndarray  # N x K, float32
     exits: np.ndarray  # N, int64, 1 = the first exit
     logits: np.ndarray  # N x K, float32
@@ -67,7 +68,7 @@ class Prediction:
     @property
     def confidence(self) -> np.ndarray:
         """Probability of the predicted class."""
-        return self.probabilities.max(axis=1) if len(self.classes) else np.zeros(0, np.float32)
+        return self.probabilities.max(axis=1) if len(self.labels) else np.zeros(0, np.float32)
 
 
 @dataclass
@@ -324,7 +325,7 @@ class EarlyExitRuntime:
         logits = self.static(x) if len(x) else np.zeros((0, len(self.classes)), np.float32)
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(
-            classes=logits.argmax(axis=1),
+            labels=logits.argmax(axis=1),
             probabilities=shifted / shifted.sum(axis=1, keepdims=True),
             exits=np.full(len(x), self.num_exits, np.int64),
             logits=logits,
@@ -345,7 +346,7 @@ class EarlyExitRuntime:
             work = np.bincount(exits - 1, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(
-            classes=logits.argmax(axis=1),
+            labels=logits.argmax(axis=1),
             probabilities=shifted / shifted.sum(axis=1, keepdims=True),
             exits=exits,
             logits=logits,
@@ -389,7 +390,7 @@ class EarlyExitRuntime:
                 logits[ids] = out
                 exits[ids] = exit_
         return Prediction(
-            classes=logits.argmax(dim=1).numpy(),
+            labels=logits.argmax(dim=1).numpy(),
             probabilities=torch.softmax(logits, dim=1).numpy(),
             exits=exits.numpy(),
             logits=logits.numpy(),
@@ -424,7 +425,7 @@ class EarlyExitRuntime:
             )
             pred = self.predict(x, threshold, form)
             for j, (i, _) in enumerate(part):
-                rows[i].class_index = int(pred.classes[j])
+                rows[i].class_index = int(pred.labels[j])
                 rows[i].class_name = self.classes[rows[i].class_index]
                 rows[i].exit = int(pred.exits[j])
                 rows[i].confidence = float(pred.confidence[j])

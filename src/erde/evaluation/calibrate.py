@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from erde.errors import ErdeError
-from erde.evaluation.policy import check_logits, simulate
-from erde.evaluation.sweep import Curve, check_exit_macs, check_labels
+from erde.evaluation.policy import check_logits
+from erde.evaluation.scores import ExitScores, check_labels
+from erde.evaluation.sweep import Curve, check_exit_macs
 from erde.run.report import OperatingPoint
 
 
@@ -139,9 +140,22 @@ def apply(
     """
     check_logits(test_logits)
     n, e, k = test_logits.shape
-    labels = check_labels(test_labels, n, k)
+    check_labels(test_labels, n, k)
+    check_exit_macs(exit_macs, e)  # before scoring: mistakes are named in the same order
+    test = ExitScores.of(test_logits, test_labels, policy, normalize)
+    return apply_scores(test, exit_macs, calibration, reference_macs)
+
+
+def apply_scores(
+    test: ExitScores,
+    exit_macs: Sequence[float] | np.ndarray,
+    calibration: Calibration,
+    reference_macs: float | None = None,
+) -> OperatingPoint:
+    """``apply`` to a test split scored once, so every operating point reuses its scores."""
+    n, e = test.scores.shape
     macs = check_exit_macs(exit_macs, e)
-    exit_index, prediction = simulate(test_logits, calibration.threshold, policy, normalize)
+    exit_index, prediction = test.simulate(calibration.threshold)
     share = torch.bincount(exit_index, minlength=e).double().numpy() / max(n, 1)
     expected_macs = float(share @ macs)
     reference = float(macs[-1]) if reference_macs is None else float(reference_macs)
@@ -150,7 +164,7 @@ def apply(
         criterion=calibration.criterion,
         val_accuracy=calibration.val_accuracy,
         val_expected_macs=calibration.val_expected_macs,
-        test_accuracy=float((prediction == labels).double().mean()) if n else float("nan"),
+        test_accuracy=float((prediction == test.labels).double().mean()) if n else float("nan"),
         test_expected_macs=expected_macs,
         test_exit_share=share.tolist(),
         reduction_vs_reference=reference / expected_macs,

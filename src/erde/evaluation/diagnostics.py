@@ -16,7 +16,7 @@ import torch
 from scipy.stats import rankdata
 
 from erde.errors import ErdeError
-from erde.evaluation.policy import confidence_scores, simulate
+from erde.evaluation.scores import ExitScores
 from erde.run.report import Diagnostics, ExitDiagnostics
 
 ECE_BINS = 15
@@ -135,11 +135,23 @@ def diagnose(
     `pairing`: the teacher exit each exit learned from (the run's model.json); `teacher`: the
     reference run's test outputs, without which the teacher entries are None.
     """
+    test = ExitScores.of(logits, labels, policy, normalize)
+    return diagnose_scores(test, threshold=threshold, pairing=pairing, teacher=teacher)
+
+
+def diagnose_scores(
+    test: ExitScores,
+    *,
+    threshold: float,
+    pairing: list[int] | None = None,
+    teacher: ReferenceLogits | None = None,
+) -> Diagnostics:
+    """``diagnose`` of a test split scored once, so the report needs no second scoring."""
+    logits, labels = test.logits, test.labels
     n, e, k = logits.shape
-    scores = confidence_scores(logits, policy, normalize).numpy()
-    correct = (logits.argmax(dim=-1) == labels[:, None]).numpy()
+    scores, correct = test.scores.numpy(), test.correct.numpy()
     confidence = torch.softmax(logits.double(), dim=-1).amax(dim=-1).numpy()
-    exit_index, prediction = simulate(logits, threshold, policy, normalize)
+    exit_index, prediction = test.simulate(threshold)
     early = (exit_index < e - 1).numpy()
     exits: list[int | None] = [None] * e
     note = "n/a: no reference run given (--reference TEACHER)"

@@ -10,7 +10,8 @@ from scipy.integrate import trapezoid
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_logits
-from erde.evaluation.sweep import Curve, check_labels
+from erde.evaluation.scores import check_labels
+from erde.evaluation.sweep import Curve
 
 
 def per_exit_accuracy(logits: torch.Tensor, labels: torch.Tensor | np.ndarray) -> np.ndarray:

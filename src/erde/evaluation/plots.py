@@ -102,52 +102,12 @@ def plot_tradeoff(
     (val/test) in ``title`` or the labels.
     """
     fig, ax = _figure((6.4, 4.4))
-    handles: list[Any] = []
-    xs: list[np.ndarray] = []
-    bands: set[int] = set()
-    for s in series:
-        macs = np.asarray(s.macs, dtype=float) / 1e6
-        acc = np.asarray(s.accuracy, dtype=float) * 100
-        (line,) = ax.plot(macs, acc, label=s.label, linewidth=1.5)
-        handles.append(line)
-        xs.append(macs)
-        color = line.get_color()
-        if s.std is not None:
-            std = np.asarray(s.std, dtype=float) * 100
-            ax.fill_between(macs, acc - std, acc + std, color=color, alpha=0.2, linewidth=0)
-            bands.add(s.seeds)
-        if s.exits is not None:
-            exit_macs = np.asarray(s.exits[0], dtype=float) / 1e6
-            xs.append(exit_macs)
-            ax.plot(exit_macs, np.asarray(s.exits[1]) * 100, **_EXIT_MARKER, color=color)
-        if s.chosen is not None:
-            xs.append(np.array([s.chosen[0] / 1e6]))
-            ax.plot([s.chosen[0] / 1e6], [s.chosen[1] * 100], **_CHOSEN_MARKER, color=color)
-    if any(s.exits is not None for s in series):
-        handles.append(Line2D([], [], **_EXIT_MARKER, color="gray", label=EXITS_LABEL))
-    if any(s.chosen is not None for s in series):
-        handles.append(Line2D([], [], **_CHOSEN_MARKER, color="gray", label=chosen_label))
-    handles += [
-        Patch(color="gray", alpha=0.2, label=f"mean ± std over {n} seeds") for n in sorted(bands)
-    ]
+    xs: list[np.ndarray] = []  # every x drawn, which decides the axis scale
+    handles = [_draw_series(ax, s, xs) for s in series]
+    handles += _marker_handles(series, chosen_label)
     if reference is not None:
-        xs.append(np.array([reference["macs"] / 1e6]))
-        (star,) = ax.plot(
-            [reference["macs"] / 1e6],
-            [reference["accuracy"] * 100],
-            marker="*",
-            markersize=12,
-            linestyle="none",
-            color="black",
-            label=reference["label"],
-        )
-        handles.append(star)
-    x = np.concatenate(xs) if xs else np.zeros(0)
-    x = x[np.isfinite(x) & (x > 0)]
-    log = x.size > 0 and x.max() / x.min() > LOG_X_RATIO
-    if log:
-        _log_axis(ax)
-    ax.set_xlabel(f"expected MACs per image (M{', log scale' if log else ''})")
+        handles.append(_draw_reference(ax, reference, xs))
+    _macs_axis(ax, xs)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -155,6 +115,64 @@ def plot_tradeoff(
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     _save(fig, path)
     return fig
+
+
+def _draw_series(ax: Any, s: Series, xs: list[np.ndarray]) -> Any:
+    """One series' line, std band, exit and chosen markers in one colour; adds its x to `xs`."""
+    macs = np.asarray(s.macs, dtype=float) / 1e6
+    acc = np.asarray(s.accuracy, dtype=float) * 100
+    (line,) = ax.plot(macs, acc, label=s.label, linewidth=1.5)
+    xs.append(macs)
+    color = line.get_color()
+    if s.std is not None:
+        std = np.asarray(s.std, dtype=float) * 100
+        ax.fill_between(macs, acc - std, acc + std, color=color, alpha=0.2, linewidth=0)
+    if s.exits is not None:
+        exit_macs = np.asarray(s.exits[0], dtype=float) / 1e6
+        xs.append(exit_macs)
+        ax.plot(exit_macs, np.asarray(s.exits[1]) * 100, **_EXIT_MARKER, color=color)
+    if s.chosen is not None:
+        xs.append(np.array([s.chosen[0] / 1e6]))
+        ax.plot([s.chosen[0] / 1e6], [s.chosen[1] * 100], **_CHOSEN_MARKER, color=color)
+    return line
+
+
+def _marker_handles(series: Sequence[Series], chosen_label: str) -> list[Any]:
+    """One gray legend entry per kind of marker or band the series carry."""
+    handles: list[Any] = []
+    if any(s.exits is not None for s in series):
+        handles.append(Line2D([], [], **_EXIT_MARKER, color="gray", label=EXITS_LABEL))
+    if any(s.chosen is not None for s in series):
+        handles.append(Line2D([], [], **_CHOSEN_MARKER, color="gray", label=chosen_label))
+    bands = sorted({s.seeds for s in series if s.std is not None})
+    return handles + [
+        Patch(color="gray", alpha=0.2, label=f"mean ± std over {n} seeds") for n in bands
+    ]
+
+
+def _draw_reference(ax: Any, reference: dict, xs: list[np.ndarray]) -> Any:
+    """The reference as a black star; adds its x to `xs`."""
+    xs.append(np.array([reference["macs"] / 1e6]))
+    (star,) = ax.plot(
+        [reference["macs"] / 1e6],
+        [reference["accuracy"] * 100],
+        marker="*",
+        markersize=12,
+        linestyle="none",
+        color="black",
+        label=reference["label"],
+    )
+    return star
+
+
+def _macs_axis(ax: Any, xs: list[np.ndarray]) -> None:
+    """Logarithmic when the MACs drawn span more than `LOG_X_RATIO`, and labelled so."""
+    x = np.concatenate(xs) if xs else np.zeros(0)
+    x = x[np.isfinite(x) & (x > 0)]
+    log = x.size > 0 and x.max() / x.min() > LOG_X_RATIO
+    if log:
+        _log_axis(ax)
+    ax.set_xlabel(f"expected MACs per image (M{', log scale' if log else ''})")
 
 
 def plot_exit_distribution(

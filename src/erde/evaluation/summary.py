@@ -14,15 +14,16 @@ from typing import Any
 from erde.errors import ErdeError
 from erde.evaluation.cache import SPLITS, LogitsCache
 from erde.evaluation.calibrate import (
-    Calibration,
-    apply,
+    apply_scores,
     calibrate_for_accuracy,
     calibrate_for_budget,
     resolve_budget,
 )
-from erde.evaluation.diagnostics import ReferenceLogits, diagnose
+from erde.evaluation.diagnostics import ReferenceLogits, diagnose_scores
 from erde.evaluation.metrics import auc, per_exit_accuracy
-from erde.evaluation.sweep import Curve, sweep
+from erde.evaluation.policy import confidence_scores
+from erde.evaluation.scores import ExitScores, ScoreFunction
+from erde.evaluation.sweep import Curve, sweep_scores
 from erde.run.model_info import ModelInfo
 from erde.run.report import (
     OWN_REFERENCE,
@@ -80,6 +81,28 @@ def _budget_points(
     return points
 
 
+@dataclass(frozen=True)
+class _Points:
+    """Operating points: chosen on the val curve, then applied to the once-scored test split."""
+
+    test: ExitScores
+    val_curve: Curve
+    exit_macs: Sequence[float]
+    reference_macs: float
+    max_drop: float
+
+    def keep(self, accuracy: float) -> OperatingPoint:
+        """The cheapest val point within `max_drop` accuracy points of `accuracy`."""
+        calibration = calibrate_for_accuracy(self.val_curve, accuracy - self.max_drop / 100.0)
+        return apply_scores(self.test, self.exit_macs, calibration, self.reference_macs)
+
+    def within(self, fraction: float) -> OperatingPoint:
+        """The most accurate val point within a budget (a fraction of the full model, or MACs)."""
+        budget = resolve_budget(fraction, float(self.exit_macs[-1]))
+        calibration = calibrate_for_budget(self.val_curve, budget)
+        return apply_scores(self.test, self.exit_macs, calibration, self.reference_macs)
+
+
 def summarize(
     cache: LogitsCache,
     info: ModelInfo,
@@ -92,6 +115,7 @@ def summarize(
     budgets: Sequence[float] = (0.25, 0.5),
     budget: float | None = None,
     teacher: ReferenceLogits | None = None,
+    score: ScoreFunction = confidence_scores,
 ) -> RunSummary:
     """Per-exit accuracy, AUC, the val-calibrated operating points and what they give on test,
     and the diagnostics at the chosen point.
@@ -99,30 +123,21 @@ def summarize(
     `max_drop` is in accuracy points below the reference; `budgets` are default operating points
     (skipped when outside the model's range); `budget` is the user's own one and must fit;
     `teacher`, the reference run's test outputs, splits images into teacher-right and -wrong.
+    Each split is scored once, with `score`, and every number reads those scores.
     """
     check_max_drop(max_drop)
     macs = cache.exit_macs
     full = float(macs[-1])
-    curves = {
-        s: sweep(cache.logits[s], cache.labels[s], macs, policy=policy, normalize=normalize)
-        for s in SPLITS
+    split = {
+        s: ExitScores.of(cache.logits[s], cache.labels[s], policy, normalize, score) for s in SPLITS
     }
-    per_exit = {s: per_exit_accuracy(cache.logits[s], cache.labels[s]).tolist() for s in SPLITS}
+    curves = {s: sweep_scores(split[s], macs) for s in SPLITS}
+    per_exit = {s: split[s].correct.double().mean(dim=0).tolist() for s in SPLITS}
     if reference is None:
         reference = Reference(OWN_REFERENCE, per_exit["val"][-1], per_exit["test"][-1], full)
-
-    def point(calibration: Calibration) -> OperatingPoint:
-        test_logits, test_labels = cache.logits["test"], cache.labels["test"]
-        return apply(test_logits, test_labels, macs, calibration, policy, normalize, reference.macs)
-
-    def keep(accuracy: float) -> OperatingPoint:
-        return point(calibrate_for_accuracy(curves["val"], accuracy - max_drop / 100.0))
-
-    def within(fraction: float) -> OperatingPoint:
-        return point(calibrate_for_budget(curves["val"], resolve_budget(fraction, full)))
-
-    at_reference = keep(reference.val_accuracy)
-    chosen = at_reference if budget is None else within(budget)
+    points = _Points(split["test"], curves["val"], macs, reference.macs, max_drop)
+    at_reference = points.keep(reference.val_accuracy)
+    chosen = at_reference if budget is None else points.within(budget)
     report = Report(
         run=run,
         model=info.name,
@@ -136,18 +151,12 @@ def summarize(
         reference=reference,
         max_drop_points=max_drop,
         at_reference_accuracy=at_reference,
-        at_own_full_accuracy=keep(per_exit["val"][-1]),
-        at_budget_fraction=_budget_points(within, budgets),
+        at_own_full_accuracy=points.keep(per_exit["val"][-1]),
+        at_budget_fraction=_budget_points(points.within, budgets),
         chosen=chosen,
         chosen_by=chosen_rule(reference.label, max_drop, budget),
-        diagnostics=diagnose(
-            cache.logits["test"],
-            cache.labels["test"],
-            threshold=chosen.threshold,
-            policy=policy,
-            normalize=normalize,
-            pairing=info.pairing,
-            teacher=teacher,
+        diagnostics=diagnose_scores(
+            split["test"], threshold=chosen.threshold, pairing=info.pairing, teacher=teacher
         ),
     )
     return RunSummary(report, curves["val"], curves["test"], info.config)

@@ -22,6 +22,7 @@ import torch
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_logits, confidence_scores
+from erde.evaluation.scores import ExitScores, check_labels
 from erde.files import write_text
 
 
@@ -63,22 +64,6 @@ def write_curve_csv(path: str | Path, curve: Curve) -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(Path(path), buf.getvalue())
-
-
-def check_labels(labels: torch.Tensor | np.ndarray, n: int, k: int) -> torch.Tensor:
-    """Labels as int64 N, each a valid class; a mismatched cache is a user-visible mistake."""
-    labels = torch.as_tensor(labels)
-    if labels.shape != (n,) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ErdeError(
-            f"labels must be {n} integer class indices (one per image in the logits); got "
-            f"{labels.dtype} of shape {tuple(labels.shape)}. Re-create the logits cache."
-        )
-    if n and (labels.min() < 0 or labels.max() >= k):
-        raise ErdeError(
-            f"labels must lie in [0, {k - 1}] for {k}-class logits; got [{int(labels.min())}, "
-            f"{int(labels.max())}]. Check that the model and the data have the same classes."
-        )
-    return labels.long()
 
 
 def check_exit_macs(exit_macs: Sequence[float] | np.ndarray, n_exits: int) -> np.ndarray:
@@ -171,9 +156,19 @@ def sweep(
     """
     check_logits(logits)
     n, e, k = logits.shape
-    labels = check_labels(labels, n, k)
-    macs = check_exit_macs(exit_macs, e)
-    scores = confidence_scores(logits, policy, normalize).numpy()
+    check_labels(labels, n, k)
+    check_exit_macs(exit_macs, e)  # before scoring: mistakes are named in the same order
+    return sweep_scores(ExitScores.of(logits, labels, policy, normalize), exit_macs, thresholds)
+
+
+def sweep_scores(
+    split: ExitScores,
+    exit_macs: Sequence[float] | np.ndarray,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+) -> Curve:
+    """``sweep`` of a split scored once, so its curve costs no second scoring."""
+    macs = check_exit_macs(exit_macs, split.n_exits)
+    scores = split.scores.numpy()
     if thresholds is None:
         thresholds = grid_from_scores(scores)
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
@@ -182,5 +177,4 @@ def sweep(
             "sweep thresholds must be a non-empty list of non-negative numbers; "
             "leave them out to use the default grid."
         )
-    correct = (logits.argmax(dim=-1) == labels[:, None]).numpy()
-    return sweep_from_scores(scores, correct, macs, thresholds)
+    return sweep_from_scores(scores, split.correct.numpy(), macs, thresholds)

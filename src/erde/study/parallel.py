@@ -29,6 +29,33 @@ def _start_worker(threads: int) -> None:
     log_to_stdout()
 
 
+def failure(run: Path, exc: BaseException) -> tuple[Path, str] | None:
+    """(run, message) for a user-facing error (`ErdeError`, `OSError`), logged; None for a bug,
+    which the caller raises."""
+    if not isinstance(exc, (ErdeError, OSError)):
+        return None
+    log.error("%s: failed: %s", run.name, exc)
+    return run, " ".join(str(exc).split())
+
+
+def run_serial(
+    train: Callable[[Config, Path], None], runs: list[tuple[Config, Path]]
+) -> list[tuple[Path, str]]:
+    """`train(cfg, run)` for every run in turn, in this process; a failing run does not stop
+    the others. Returns what `run_parallel` returns."""
+    failures: list[tuple[Path, str]] = []
+    for i, (cfg, run) in enumerate(runs, start=1):
+        log.info("%s: run %d of %d", run.name, i, len(runs))
+        try:
+            train(cfg, run)
+        except Exception as exc:
+            failed = failure(run, exc)
+            if failed is None:
+                raise
+            failures.append(failed)
+    return failures
+
+
 def run_parallel(
     train: Callable[[Config, Path], None], runs: list[tuple[Config, Path]], jobs: int
 ) -> list[tuple[Path, str]]:
@@ -55,11 +82,11 @@ def run_parallel(
                 exc = future.exception()
                 if exc is None:
                     log.info("%s: finished (%d of %d)", run.name, done_count, len(runs))
-                elif isinstance(exc, (ErdeError, OSError)):
-                    failures.append((run, " ".join(str(exc).split())))
-                    log.error("%s: failed: %s", run.name, exc)
-                else:
+                    continue
+                failed = failure(run, exc)
+                if failed is None:
                     raise exc
+                failures.append(failed)
     except BaseException:
         # Ctrl-C reaches the workers too (one process group); a kill of this process alone
         # must not leave them training: stop them, their folders stay resumable.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -26,8 +27,8 @@ from erde.files import write_text
 from erde.run.layout import ComparisonDir, RunDir
 from erde.run.lock import run_lock
 from erde.run.model_info import ModelInfo
-from erde.study.grid import expand
-from erde.study.parallel import run_parallel
+from erde.study.grid import Variant, expand
+from erde.study.parallel import run_parallel, run_serial
 from erde.study.shard import Shard
 from erde.train.engine import fill_teacher_cache, fit
 
@@ -85,7 +86,32 @@ def reproduce(
     out.mkdir(parents=True, exist_ok=True)
     write_text(files.reproduce_yaml, to_yaml(cfg))
     teachers = _teacher_runs(cfg, out, seeds, teacher, teacher_per_seed)
-    students = [
+    students = _student_runs(variants, seeds, teachers, out)
+    mine = shard.pick(students) if shard else students
+    if shard:
+        log.info("shard %s: %d of the %d student runs", shard, len(mine), len(students))
+    if teacher is None:
+        _ensure_teachers(cfg, {teachers[c.train.seed] for c, _ in mine}, teachers, progress)
+    train_students(mine, jobs=jobs, progress=progress)
+    if not _all_finished([r for _, r in students]):
+        return None
+    return compare_protocol(
+        cfg,
+        [*sorted(set(teachers.values())), *(run for _, run in students)],
+        out,
+        reference=teachers[seeds[0]],
+        evaluate_each=[
+            *(r for r in set(teachers.values()) if teacher is None),
+            *(run for _, run in students),
+        ],
+    )
+
+
+def _student_runs(
+    variants: Sequence[Variant], seeds: Sequence[int], teachers: dict[int, Path], out: Path
+) -> list[tuple[Config, Path]]:
+    """Every student's config and run folder: one per seed and variant, in that order."""
+    return [
         (
             stage_config(
                 v.config,
@@ -99,13 +125,11 @@ def reproduce(
         for seed in seeds
         for v in variants
     ]
-    mine = shard.pick(students) if shard else students
-    if shard:
-        log.info("shard %s: %d of the %d student runs", shard, len(mine), len(students))
-    if teacher is None:
-        _ensure_teachers(cfg, {teachers[c.train.seed] for c, _ in mine}, teachers, progress)
-    train_students(mine, jobs=jobs, progress=progress)
-    missing = [r.name for _, r in students if not _finished(r)]
+
+
+def _all_finished(runs: Sequence[Path]) -> bool:
+    """Whether the comparison can be written; if not, the log says which runs it waits for."""
+    missing = [r.name for r in runs if not _finished(r)]
     if missing:
         log.warning(
             "no comparison yet: %d run(s) not finished (%s); they belong to other shards or are "
@@ -114,17 +138,7 @@ def reproduce(
             len(missing),
             ", ".join(missing),
         )
-        return None
-    return compare_protocol(
-        cfg,
-        [*sorted(set(teachers.values())), *(run for _, run in students)],
-        out,
-        reference=teachers[seeds[0]],
-        evaluate_each=[
-            *(r for r in set(teachers.values()) if teacher is None),
-            *(run for _, run in students),
-        ],
-    )
+    return not missing
 
 
 def compare_protocol(
@@ -249,11 +263,9 @@ def _train_held(todo: list[tuple[Config, Path]], jobs: int, progress: bool) -> N
         log.info("--jobs %d: only %d run(s) to train, so %d at once", jobs, len(todo), len(todo))
         jobs = len(todo)
     if jobs == 1:
-        for i, (c, r) in enumerate(todo, start=1):
-            log.info("%s: run %d of %d", r.name, i, len(todo))
-            ensure_run(c, r, progress)
-        return
-    failures = run_parallel(train_quietly, todo, jobs)
+        failures = run_serial(partial(ensure_run, progress=progress), todo)
+    else:
+        failures = run_parallel(train_quietly, todo, jobs)
     if failures:
         listed = "; ".join(f"{r.name}: {why}" for r, why in failures)
         raise ErdeError(
