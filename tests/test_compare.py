@@ -25,6 +25,7 @@ from erde.evaluation.groups import experiment_keys
 from erde.evaluation.render import render_comparison
 from erde.evaluation.runs import compare_runs, evaluate_run, evaluation_dir
 from erde.evaluation.summary import summarize
+from erde.evaluation.versus import describe, versus
 from erde.files import sha256_file, write_bytes, write_text
 from erde.run.layout import RunDir
 from erde.run.model_info import DataInfo, ModelInfo
@@ -172,6 +173,29 @@ def test_compare_cli_refuses_a_repeated_seed_and_groups_a_grid(tmp_path, capsys)
     err = capsys.readouterr().err
     assert f"{a} and {again} are both seed 0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_compare_versus_says_where_each_group_stands_against_the_method(tmp_path, capsys):
+    teacher = write_run(tmp_path / "teacher", "teacher", 0, data_seed=99)
+    kd = [write_run(tmp_path / f"kd-s{i}", "kd", i) for i in (0, 1)]
+    erde = [write_run(tmp_path / f"erde-s{i}", "erde", i) for i in (0, 1)]
+    out = tmp_path / "cmp"
+    argv = ["compare", *map(str, kd + erde), "--reference", str(teacher), "--out", str(out)]
+    assert main([*argv, "--versus", "kd"]) == 0
+    text = (out / "versus.md").read_text()
+    assert text in capsys.readouterr().out
+    comparison = compare_runs(kd + erde, out=tmp_path / "again", reference=teacher)
+    (label,) = [k for k in comparison.groups if k.startswith("erde")]
+    kd_label = next(k for k in comparison.groups if k.startswith("kd"))
+    expected = versus(
+        [s.test_curve for s in comparison.groups[label]],
+        [s.test_curve for s in comparison.groups[kd_label]],
+    )
+    assert f"- {describe(expected, label, 'kd')}" in text.splitlines()
+    other = ["compare", *map(str, kd + erde), "--out", str(tmp_path / "c3")]
+    assert main([*other, "--versus", "kd-masked"]) == 2
+    err = capsys.readouterr().err
+    assert "--versus kd-masked: the compared runs hold no group of method kd-masked" in err
 
 
 def test_evaluate_writes_the_diagnostics_with_the_paired_teacher_exit(tmp_path):

@@ -139,7 +139,7 @@ def _compare(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import compare_runs
     from erde.run.layout import ComparisonDir
 
-    compare_runs(
+    comparison = compare_runs(
         args.runs,
         out=args.out,
         reference=args.reference,
@@ -151,6 +151,13 @@ def _compare(args: argparse.Namespace) -> None:
     files = ComparisonDir(args.out)
     print(files.comparison_md.read_text(encoding="utf-8"))
     print(f"plot: {files.comparison_png}")
+    if args.versus:
+        from erde.evaluation.versus import against, render_versus
+        from erde.files import write_text
+
+        text = render_versus(against(comparison, args.versus), args.versus)
+        write_text(files.versus_md, text)
+        print(text)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -421,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="finished run folders")
     policy_options(p)
     p.add_argument("--out", required=True, help="folder for comparison.md/.json/.png")
+    p.add_argument(
+        "--versus",
+        metavar="METHOD",
+        choices=STUDENT_METHODS,
+        help="also say where each group is above, within spread or below this method's group "
+        "over the shared MACs range (versus.md), e.g. kd",
+    )
 
     def reproduce_options(p: argparse.ArgumentParser, out: str) -> None:
         p.add_argument(

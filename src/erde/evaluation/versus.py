@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from erde.evaluation.compare import common_grid
+from erde.errors import ErdeError
+from erde.evaluation.compare import Comparison, common_grid
 from erde.evaluation.sweep import Curve
 
 ABOVE, BELOW, WITHIN = "above", "below", "within spread"
@@ -100,4 +101,40 @@ def describe(v: Versus, name_a: str, name_b: str) -> str:
     return (
         f"{name_a} ({v.seeds_a} seeds) against {name_b} ({v.seeds_b} seeds) over "
         f"{v.lo_macs / 1e6:.2f}-{v.hi_macs / 1e6:.2f} M MACs: " + "; ".join(parts) + "."
+    )
+
+
+def against(comparison: Comparison, method: str) -> dict[str, Versus]:
+    """Every other student group of a comparison against the one group of `method` (the
+    `--versus` of `erde compare`), on the test curves."""
+    groups = comparison.groups
+    base = [label for label, runs in groups.items() if runs[0].report.method == method]
+    if len(base) != 1:
+        found = "no group" if not base else f"{len(base)} groups ({'; '.join(base)})"
+        raise ErdeError(
+            f"--versus {method}: the compared runs hold {found} of method {method}; give runs "
+            "of one setting of it (a grid makes one group per setting: compare one at a time)"
+        )
+    curves = [s.test_curve for s in groups[base[0]]]
+    return {
+        label: versus([s.test_curve for s in runs], curves)
+        for label, runs in groups.items()
+        if label != base[0] and runs[0].report.method != "teacher"
+    }
+
+
+def render_versus(results: dict[str, Versus], method: str) -> str:
+    """`versus.md`: one `describe` sentence per group against `method`'s group."""
+    return "\n".join(
+        [
+            f"# Against {method}",
+            "",
+            "Test accuracy over the MACs range every curve of both sides covers: *above* where a "
+            "group's mean ± std band lies above the other's, *below* in the mirror case, *within "
+            "spread* where they overlap (`erde.evaluation.versus`). With one seed a side any "
+            "difference counts.",
+            "",
+            *(f"- {describe(v, label, method)}" for label, v in results.items()),
+            "",
+        ]
     )

@@ -74,6 +74,11 @@ class ComparisonDir:
         return self.path / "comparison.png"
 
     @property
+    def versus_md(self) -> Path:
+        """`erde compare --versus METHOD`: every group against that method."""
+        return self.path / "versus.md"
+
+    @property
     def reproduce_yaml(self) -> Path:
         """The resolved protocol config `erde reproduce` ran."""
         return self.path / "reproduce.yaml"
