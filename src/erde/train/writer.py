@@ -7,7 +7,6 @@ kept checkpoints. The loop never names a file.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
@@ -15,7 +14,7 @@ from torch import nn
 
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
-from erde.files import temporaries, write_text
+from erde.files import metrics_lines, temporaries, write_text
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -120,8 +119,7 @@ class RunWriter:
         """Weights first, then the state that says the epoch is done: a crash between them
         resumes the epoch again and overwrites the weights, never the reverse."""
         ckpt.save_weights(self.run.weights, net, info, self.run.sidecar)
-        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-        write_text(self.run.metrics, lines)
+        write_text(self.run.metrics, metrics_lines(history))
         ckpt.save_state(self.run.path, state)
         every = self.cfg.train.checkpoint_every
         if every and info.epoch % every == 0 and not info.finished:
