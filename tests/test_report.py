@@ -198,7 +198,10 @@ def test_report_json_round_trip_keeps_its_keys(tmp_path):
             lambda raw: raw["at_budget_fraction"].update({"0.5": [1]}),
             "field 'at_budget_fraction.0.5': input should be a dictionary",
         ),
-        (lambda raw: raw.update(normalize="no"), "field 'normalize': input should be a valid boolean"),
+        (
+            lambda raw: raw.update(normalize="no"),
+            "field 'normalize': input should be a valid boolean",
+        ),
         (lambda raw: raw["reference"].pop("macs"), "field 'reference.macs': missing"),
         (lambda raw: raw["diagnostics"].pop("per_exit"), "field 'diagnostics.per_exit': missing"),
         (
