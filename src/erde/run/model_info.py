@@ -122,10 +122,13 @@ def _agree(info: ModelInfo) -> ModelInfo:
             raise field_problem(
                 f"data.{key}", f"must list one number per channel ({d.in_channels})"
             )
-    for key, expected in (("num_classes", len(d.classes)), ("in_channels", d.in_channels)):
+    for key, expected, what in (
+        ("num_classes", len(d.classes), "classes"),
+        ("in_channels", d.in_channels, "channels"),
+    ):
         if key in info.arch and info.arch[key] != expected:
             raise field_problem(
-                f"arch.{key}", f"is {info.arch[key]!r} but 'data' implies {expected}"
+                f"arch.{key}", f"is {info.arch[key]!r} but the data has {expected} {what}"
             )
     return info
 
