@@ -3,10 +3,10 @@
 `model.json`, `metrics.jsonl`, `eval/report.json` and an export's `manifest.json` are described
 as pydantic types (`erde.run.model_info`, `erde.files`, `erde.run.report`,
 `erde.deploy.manifest`) built from the field types below, so a field two formats share (the
-cumulative `ExitMacs`, the `Classes`, a `Sha256`) obeys one rule in both. `read_versioned` brings
-a file of an older format version up to date through the format's explicit migration functions,
-refuses a newer or retired one with the command that rewrites it, and turns pydantic's first
-validation error into one line that names the file, the field and the fix.
+cumulative `ExitMacs`, the `Classes`, a `Sha256`) obeys one rule in both. `check_version` brings
+a file of an older format version up to date through the format's explicit migration functions
+and refuses a newer or retired one with the command that rewrites it; `validate` turns pydantic's
+first validation error into one line that names the file, the field and the fix.
 """
 
 from __future__ import annotations
@@ -96,10 +96,6 @@ class FieldProblem(ValueError):
         self.field, self.problem = field, problem
 
 
-def field_problem(field: str, problem: str) -> FieldProblem:
-    return FieldProblem(field, problem)
-
-
 def _field(loc: Sequence[int | str], rename: Callable[[str], str]) -> str:
     text = ""
     for part in loc:
@@ -167,16 +163,3 @@ def validate(adapter: TypeAdapter[T], raw: Any, path: Path | str, fix: str, rena
         return adapter.validate_python(raw)
     except ValidationError as exc:
         raise ErdeError(one_line(path, exc, fix, rename or (lambda f: f))) from None
-
-
-def read_versioned(
-    adapter: TypeAdapter[T],
-    raw: Any,
-    path: Path | str,
-    *,
-    current: int,
-    migrations: Mapping[int, Callable[[dict], dict]],
-    fix: str,
-) -> T:
-    """A parsed JSON file of one format, migrated to the current version and validated."""
-    return validate(adapter, check_version(raw, path, current, migrations, fix), path, fix)

@@ -35,13 +35,13 @@ from erde.evaluation.policy import POLICIES
 from erde.files import parse_json, read_json, sha256_bytes
 from erde.formats import (
     VERSION_KEY,
+    FieldProblem,
     Flag,
     NonNegative,
     Sha256,
     Text,
     Whole,
     check_version,
-    field_problem,
     validate,
 )
 from erde.run.model_info import ModelInfo, checked
@@ -244,17 +244,17 @@ def _check_files(file: ManifestFile, info: ModelInfo) -> None:
     n_exits = info.num_exits
     pieces = file.pieces
     if len(pieces) != n_exits:
-        raise field_problem("pieces", f"must list one file per exit ({n_exits})")
+        raise FieldProblem("pieces", f"must list one file per exit ({n_exits})")
     for k, piece in enumerate(pieces):
         if piece.get("exit") != k + 1:
-            raise field_problem(
+            raise FieldProblem(
                 "pieces", f"out of order (entry {k + 1} says exit {piece.get('exit')})"
             )
         want = 1 if k == n_exits - 1 else 3
         if len(piece["inputs"]) != 1 or len(piece["outputs"]) != want:
-            raise field_problem(f"pieces[{k}]", f"must have 1 input and {want} output(s)")
+            raise FieldProblem(f"pieces[{k}]", f"must have 1 input and {want} output(s)")
         if k and piece["inputs"][0] != pieces[k - 1]["outputs"][0]:
-            raise field_problem("pieces", f"does not chain piece {k} to piece {k + 1}")
+            raise FieldProblem("pieces", f"does not chain piece {k} to piece {k + 1}")
     d = info.data
     images = [pieces[0]["inputs"][0], file.static["inputs"][0], file.single["inputs"][0]]
     if any(v["shape"][1:] != [d.in_channels, d.input_size, d.input_size] for v in images):

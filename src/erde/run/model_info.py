@@ -19,13 +19,13 @@ from erde.formats import (
     Classes,
     Count,
     ExitMacs,
+    FieldProblem,
     Flag,
     PixelMean,
     PixelStd,
     Text,
     Whole,
     check_version,
-    field_problem,
     validate,
 )
 
@@ -119,15 +119,13 @@ def _agree(info: ModelInfo) -> ModelInfo:
     d = info.data
     for key in ("mean", "std"):
         if len(getattr(d, key)) != d.in_channels:
-            raise field_problem(
-                f"data.{key}", f"must list one number per channel ({d.in_channels})"
-            )
+            raise FieldProblem(f"data.{key}", f"must list one number per channel ({d.in_channels})")
     for key, expected, what in (
         ("num_classes", len(d.classes), "classes"),
         ("in_channels", d.in_channels, "channels"),
     ):
         if key in info.arch and info.arch[key] != expected:
-            raise field_problem(
+            raise FieldProblem(
                 f"arch.{key}", f"is {info.arch[key]!r} but the data has {expected} {what}"
             )
     return info

@@ -23,13 +23,13 @@ from erde.files import read_json, write_json
 from erde.formats import (
     VERSION_KEY,
     ExitMacs,
+    FieldProblem,
     Flag,
     Measured,
     Number,
     Text,
     Whole,
     check_version,
-    field_problem,
     validate,
 )
 
@@ -37,7 +37,7 @@ from erde.formats import (
 # `chosen_by` existed also numbered the teacher exits from 0 (`_from_version_1`).
 FORMAT_VERSION = 2
 FIX = "rewrite it with `erde evaluate RUN --refresh` (RUN: the run it reports on)"
-Accuracies = Annotated[list[Measured], MinLen(1)]
+PerExit = Annotated[list[Measured], MinLen(1)]  # one number per exit (accuracies, shares)
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class OperatingPoint:
     val_expected_macs: Measured
     test_accuracy: Measured
     test_expected_macs: Measured
-    test_exit_share: Accuracies
+    test_exit_share: PerExit
     reduction_vs_reference: Measured
     reduction_vs_own_full: Measured
     reached: Flag = True
@@ -118,8 +118,8 @@ class Diagnostics:
 class PerSplit(TypedDict):
     """One accuracy per exit on each split."""
 
-    val: Accuracies
-    test: Accuracies
+    val: PerExit
+    test: PerExit
 
 
 OWN_REFERENCE = "the run's own final exit"
@@ -193,7 +193,7 @@ class Report:
 def _one_entry_per_exit(report: Report) -> Report:
     d = report.diagnostics
     if d is not None and len(d.per_exit) != len(report.exit_macs):
-        raise field_problem("diagnostics.per_exit", "must hold one entry per exit")
+        raise FieldProblem("diagnostics.per_exit", "must hold one entry per exit")
     return report
 
 
