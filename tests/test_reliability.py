@@ -240,6 +240,7 @@ def logits_cache(**changes) -> LogitsCache:
     [
         (logits_cache(exit_macs=[]), "'exit_macs'"),
         (logits_cache(exit_macs=[10, "20"]), "'exit_macs'"),
+        (logits_cache(exit_macs=[20, 10]), "'exit_macs'"),
         (logits_cache(weights_sha256="abc"), "'weights_sha256'"),
         (logits_cache(logits={"val": torch.zeros(3, 3, 4), "test": torch.zeros(3, 2, 4)}),
          "'val/logits'"),
