@@ -76,6 +76,9 @@ def write_run(
         seed,
         pairing=pairing,
         config=resolved,
+        epoch=1,
+        epochs=1,
+        finished=True,
     )
     info.write(run.sidecar)
     logits, labels = outputs(data_seed, final)

@@ -3,13 +3,13 @@
 import pytest
 
 from erde.cli.main import main
-from erde.config.help import HELP, schema_keys, show_config, table_key
-from erde.config.schema import Config, ReproduceConfig
+from erde.config.help import show_config
+from erde.config.schema import Config, ReproduceConfig, records
 
 
 @pytest.mark.parametrize("schema", [Config, ReproduceConfig])
 def test_every_schema_key_has_a_help_line(schema):
-    missing = [k for k in schema_keys(schema) if not HELP.get(table_key(k))]
+    missing = [k for k, record in records(schema).items() if not record.help.strip()]
     assert missing == []
 
 

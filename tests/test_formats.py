@@ -11,9 +11,10 @@ import pytest
 from erde.cli.main import main
 from erde.deploy.manifest import read_manifest
 from erde.errors import ErdeError
-from erde.files import metrics_lines, read_jsonl
+from erde.files import read_jsonl
 from erde.run.model_info import ModelInfo
 from erde.run.report import read_report
+from erde.train.loggers import MetricsFile
 
 V1 = Path(__file__).parent / "fixtures" / "formats_v1"
 
@@ -52,7 +53,9 @@ def test_version_1_metrics_rows_read_and_are_rewritten_with_only_their_version_a
     rows = read_jsonl(V1 / "metrics.jsonl")
     assert rows == raw and [r["epoch"] for r in rows] == [1, 2]
     assert isinstance(rows[0]["epoch"], int)
-    (tmp_path / "metrics.jsonl").write_text(metrics_lines(rows))
+    written = MetricsFile(tmp_path / "metrics.jsonl")  # what `erde train` appends per epoch
+    for row in rows:
+        written.log(row)
     again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.pop("format_version") for r in again] == [2, 2]
     assert again == raw

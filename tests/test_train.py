@@ -85,6 +85,25 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     ]
 
 
+def test_metrics_rows_are_appended_and_a_resume_drops_rows_its_state_never_saw(tmp_path):
+    run = tmp_path / "run"
+    inodes = []  # the same file grows: a rewrite would replace it (a new inode) every epoch
+    fit(cfg("train.epochs=3"), run, progress=False, stop_after=2,
+        on_epoch=lambda row: inodes.append((run / "metrics.jsonl").stat().st_ino))  # fmt: skip
+    assert len(inodes) == 2 and inodes[0] == inodes[1]
+    saved = (run / "metrics.jsonl").read_text().splitlines()
+    # Killed after appending epoch 3's row, before its state, and again mid-line.
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(saved[-1].replace('"epoch": 2', '"epoch": 3') + "\n" + saved[0][:17])
+    state = torch.load(run / "state.pt", weights_only=True)
+    state["epoch"] = 1  # and the state is epoch 1's: the rows of epochs 2 and 3 run again
+    torch.save(state, run / "state.pt")
+    fit(None, run, resume=True, progress=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == saved[0]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, capsys):
     one_epoch = cfg("train.epochs=1", "train.warmup_epochs=0")
@@ -173,6 +192,51 @@ def test_finished_run_is_not_replaced_without_overwrite(teacher, capsys):
     assert "already holds a finished run" in err and "--overwrite" in err
     assert "Traceback" not in err
     assert (run / "model.safetensors").read_bytes() == before
+
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_files_erde_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"  # the issue's reproduction: a config.yaml among the user's files
+    (mine / "src").mkdir(parents=True)
+    (mine / "config.yaml").write_text("lr: 1\n")
+    (mine / "data.txt").write_text("x\n")
+    (mine / "src" / "a.py").write_text("print()\n")
+    before = tree(mine)
+    one = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0", "--no-progress"]
+    code, _, err = run_cli(capsys, "train", "digits-student", *one, "--overwrite",
+                           "--out", str(mine))  # fmt: skip
+    assert code == 2 and "files erde did not write (data.txt, src)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert tree(mine) == before
+
+    run = tmp_path / "run"  # a real run with its evaluation is erde's own: replaced
+    assert run_cli(capsys, "train", "digits-teacher", *one, "--out", str(run))[0] == 0
+    assert run_cli(capsys, "evaluate", str(run))[0] == 0
+    assert run_cli(capsys, "train", "digits-teacher", *one, "--overwrite",
+                   "--out", str(run))[0] == 0  # fmt: skip
+    assert not (run / "eval").exists()
+
+    (run / "notes.md").write_text("mine\n")  # ... until the user puts a file of theirs in it
+    before = tree(run)
+    code, _, err = run_cli(capsys, "train", "digits-teacher", *one, "--overwrite",
+                           "--out", str(run))  # fmt: skip
+    assert code == 2 and "(notes.md)" in err
+    assert tree(run) == before
+
+
+@pytest.mark.slow
+def test_overwrite_never_deletes_the_teacher(teacher, tmp_path, capsys):
+    run, _ = teacher
+    before = tree(run)
+    argv = ["digits-student", "distill.method=kd", f"distill.teacher={run}", "--overwrite"]
+    code, _, err = run_cli(capsys, "train", *argv, "--out", str(run))
+    assert code == 2 and "which --overwrite would delete" in err
+    assert tree(run) == before
 
 
 @pytest.mark.slow

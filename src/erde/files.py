@@ -155,11 +155,9 @@ class MetricsRow(BaseModel):
         return self
 
 
-def metrics_lines(rows: list[dict]) -> str:
-    """metrics.jsonl: one key-sorted JSON object per epoch, each with its format version."""
-    return "".join(
-        json.dumps({**r, VERSION_KEY: METRICS_VERSION}, sort_keys=True) + "\n" for r in rows
-    )
+def metrics_line(row: dict) -> str:
+    """One epoch's line of metrics.jsonl: a key-sorted JSON object with its format version."""
+    return json.dumps({**row, VERSION_KEY: METRICS_VERSION}, sort_keys=True) + "\n"
 
 
 def _metrics_from_version_1(row: dict) -> dict:
@@ -170,14 +168,17 @@ def _metrics_from_version_1(row: dict) -> dict:
 _METRICS_MIGRATIONS = {1: _metrics_from_version_1}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """A metrics file (`MetricsRow` per line), without the version key;
-    ErdeError naming the line and the field when a line is damaged."""
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    """A metrics file (`MetricsRow` per line), without the version key; only the first `limit`
+    rows are read (a resumed run's, whose later lines may be half written). ErdeError naming the
+    line and the field when a line is damaged."""
     if not Path(path).is_file():
         return []
-    rows = []
+    rows: list[dict] = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
             where = f"{path} line {number} is damaged"

@@ -20,6 +20,7 @@ _NAMES = (
     "TrainConfig",
     "load_config",
     "load_reproduce_config",
+    "records",
 )
 
 

@@ -1,28 +1,22 @@
-"""Which methods each loss key matters for, read off `erde.config.methods.METHOD_TABLE`.
+"""Which methods each config key matters for, read off the key's record (`Record.term`).
 
-A grid over `distill.beta` adds runs only for methods whose loss has the entropy term, and the
-tuner searches only the keys a method's loss reads; every other key (`student.*`,
+A grid over `distill.beta` adds runs only for methods whose loss has the entropy term, the tuner
+searches only the keys a method's loss reads, and a comparison does not split a method's runs
+on a loss option it never reads; every key without a term (`student.*`,
 `distill.exit_weights`) matters for every method.
 """
 
 from __future__ import annotations
 
-from erde.config.methods import METHOD_TABLE
-
-# Read by the KL term to the teacher (methods with a teacher).
-KD_KEYS: tuple[str, ...] = ("distill.alpha", "distill.temperature", "distill.pairing")
-# Read by the maximum-entropy term (methods with `entropy`).
-ENTROPY_KEYS: tuple[str, ...] = ("distill.beta", "distill.entropy_term", "distill.entropy_exits")
+from erde.config.records import Record, record_of
+from erde.config.schema import records
 
 
-def applies(key: str, method: str) -> bool:
-    """Whether changing `key` (a dotted reproduce-config key) changes what `method` trains."""
-    m = METHOD_TABLE[method]
-    if key in ENTROPY_KEYS:
-        return m.entropy
-    if key in KD_KEYS:
-        return m.needs_teacher
-    return True
+def applies(key: str, method: str, table: dict[str, Record] | None = None) -> bool:
+    """Whether changing `key` (dotted, as a train or reproduce config spells it) changes what
+    `method` trains; a key no record describes (an older version's) is assumed to."""
+    record = record_of(records() if table is None else table, key)
+    return record is None or record.applies(method)
 
 
-__all__ = ["ENTROPY_KEYS", "KD_KEYS", "applies"]
+__all__ = ["applies"]

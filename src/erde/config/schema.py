@@ -2,10 +2,12 @@
 
 OmegaConf structured configs give type checking and unknown-key errors for free; this module
 turns their exceptions into messages that name the key and the fix, and checks what types cannot
-express against one table next to the schema: `CHOICES` (the allowed strings; the methods
-and loss options come from `erde.config.methods`) and `RANGES`. Enum-typed fields would do the
-choices too, but OmegaConf writes an Enum's *name* to YAML (`KD_MASKED`, not `kd-masked`) and
-hands code Enum objects, so the keys stay plain strings and the table checks them.
+express against each key's record (`erde.config.records`), written once beside its field: the
+allowed strings (the methods and loss options come from `erde.config.methods`) or the range, the
+help line, and how grids, comparisons and the tuner treat the key; `records()` collects them.
+Enum-typed fields would do the choices too, but OmegaConf writes an Enum's *name* to YAML
+(`KD_MASKED`, not `kd-masked`) and hands code Enum objects, so the keys stay plain strings and
+their records check them.
 
 A config is data. YAML is read with a safe loader (no `!!python/...` tags), and an interpolation
 may only name another key (`${train.lr}`) or an environment variable (`${oc.env:NAME}` or
@@ -16,6 +18,8 @@ loaded, and a run folder's config.yaml records the resolved values.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -37,85 +41,314 @@ from erde.config.methods import (
     TEACHER_METHODS,
     or_list,
 )
+from erde.config.records import NON_NEGATIVE, POSITIVE, Range, Record, key, walk_records
 from erde.errors import ErdeError
 
 
 @dataclass
 class DataConfig:
-    source: str = "digits"
-    root: str | None = None
-    download: bool = False
-    verify: bool = True
+    source: str = field(
+        default="digits",
+        metadata=key(
+            "where the images come from: digits, cifar10, cifar100, svhn, npz, imagefolder"
+        ),
+    )
+    root: str | None = field(
+        default=None,
+        metadata=key(
+            "folder of the data set (absolute, or relative to where erde runs)", experiment=False
+        ),
+    )
+    download: bool = field(
+        default=False,
+        metadata=key(
+            "download an official data set into data.root where the network allows",
+            experiment=False,
+        ),
+    )
+    verify: bool = field(
+        default=True, metadata=key("check the official archives' checksums", experiment=False)
+    )
     # Validation images held out of the training split: a count (>= 1) or a fraction (< 1).
-    val_size: float = 5000
-    augment: bool = True
-    crop_padding: int = 4
+    val_size: float = field(
+        default=5000,
+        metadata=key(
+            "images held out of training for validation: a count or a fraction (< 1)",
+            range=NON_NEGATIVE,
+        ),
+    )
+    augment: bool = field(
+        default=True, metadata=key("random crop and horizontal flip of training images")
+    )
+    crop_padding: int = field(
+        default=4,
+        metadata=key("pixels of zero padding before the random crop", range=NON_NEGATIVE),
+    )
     # Image folders: decoded into the device's memory, or streamed from the files by DataLoader
     # workers (erde.data.stream); auto streams a folder whose decoded images exceed the budget.
-    stream: str = "auto"
-    device_budget_gb: float | None = None  # null: a quarter of the host's (and GPU's) memory
-    workers: int | None = None  # decoding processes; null: the cores, one left for training
-    image_size: int | None = None  # streamed input size; null: the first image's shorter side
-    eval_crop: float = 1.0  # streamed evaluation: centre crop of the resized image (0.875: 224/256)
+    stream: str = field(
+        default="auto",
+        metadata=key(
+            "image folders: decode into memory (never), stream the files (always), or "
+            "stream above data.device_budget_gb (auto)",
+            choices=("auto", "always", "never"),
+        ),
+    )
+    device_budget_gb: float | None = field(
+        default=None,
+        metadata=key(
+            "decoded size above which auto streams (null: a quarter of the host's memory, and "
+            "of the GPU's)",
+            range=POSITIVE,
+        ),
+    )
+    workers: int | None = field(
+        default=None,
+        metadata=key(
+            "processes decoding streamed images (null: the cores, one left for training)",
+            range=NON_NEGATIVE,
+            experiment=False,
+        ),
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata=key(
+            "streamed input size, RandomResizedCrop target (null: the first image's shorter side)",
+            range=POSITIVE,
+        ),
+    )
+    eval_crop: float = field(
+        default=1.0,  # 0.875: 224/256
+        metadata=key(
+            "streamed evaluation: resize to image_size / eval_crop, crop the centre",
+            range=Range(0, 1, low_open=True),
+        ),
+    )
     # Per-channel statistics on the 0..1 scale; null: computed from the training images.
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = field(
+        default=None,
+        metadata=key(
+            "per-channel mean on the 0..1 scale (null: from the training images)",
+            range=Range(0, 1, items="per-channel means on the 0..1 scale"),
+        ),
+    )
+    std: list[float] | None = field(
+        default=None,
+        metadata=key(
+            "per-channel std on the 0..1 scale (null: from the training images)",
+            range=Range(
+                0, low_open=True, items="per-channel standard deviations on the 0..1 scale"
+            ),
+        ),
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet20"
-    # "default", "stages", "every:K" or 1-based block indices such as "3,6".
-    exits: str = "default"
-    # Builder options, checked against the builder's signature (model.options.width_mult=0.5).
-    options: dict[str, Any] = field(default_factory=dict)
-    # The Python module that registers model.name (a plugin without an entry point).
-    module: str | None = None
-    # Backbone weights: a safetensors or PyTorch state-dict file, or true for timm/torchvision's.
-    pretrained: str | None = None
+    name: str = field(
+        default="resnet20",
+        metadata=key(
+            "registered model (`erde models` lists them)",
+            experiment=False,  # already in a comparison's label
+        ),
+    )
+    exits: str = field(
+        default="default",
+        metadata=key('"default", "stages", "every:K" or 1-based block indices such as "3,6"'),
+    )
+    # Checked against the builder's signature (model.options.width_mult=0.5).
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=key("builder options, checked against its signature (model.options.width=16)"),
+    )
+    module: str | None = field(
+        default=None,
+        metadata=key("Python module that registers model.name (a plugin without an entry point)"),
+    )
+    # A safetensors or PyTorch state-dict file, or true for timm/torchvision's.
+    pretrained: str | None = field(
+        default=None,
+        metadata=key("backbone weights (safetensors or state dict), or true for the library's"),
+    )
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # one of CHOICES[key]; likewise every choice below
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    # Under torchrun on CUDA: BatchNorm statistics over the global batch, not each process's share.
-    sync_bn: bool = False
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 0  # keep a copy every N epochs (0: only `last`)
-    freeze_backbone: bool = False  # train only the exit heads (erde.models.EarlyExitNet)
-    tensorboard: bool = False
+    epochs: int = field(default=30, metadata=key("passes over the training split", range=POSITIVE))
+    batch_size: int = field(
+        default=128, metadata=key("images per step, over all processes together", range=POSITIVE)
+    )
+    lr: float = field(default=0.1, metadata=key("peak learning rate (SGD)", range=POSITIVE))
+    momentum: float = field(
+        default=0.9,
+        # Above 1 the velocity grows without bound: momentum=7 trains to a loss in the thousands.
+        metadata=key("SGD momentum", range=Range(0, 1, high_open=True)),
+    )
+    nesterov: bool = field(default=True, metadata=key("Nesterov momentum"))
+    weight_decay: float = field(default=5e-4, metadata=key("L2 weight decay", range=NON_NEGATIVE))
+    schedule: str = field(
+        default="cosine",
+        metadata=key(
+            "learning-rate schedule after the warmup",
+            choices=("cosine", "multistep", "constant"),
+        ),
+    )
+    milestones: list[float] = field(
+        default_factory=lambda: [0.5, 0.75],
+        metadata=key(
+            "multistep: where the rate drops, as fractions of the epochs",
+            range=Range(0, 1, low_open=True, items="fractions of the run"),
+        ),
+    )
+    gamma: float = field(
+        default=0.1,
+        metadata=key(
+            "multistep: factor applied at each milestone", range=Range(0, 1, low_open=True)
+        ),
+    )
+    warmup_epochs: float = field(
+        default=0.0,
+        metadata=key("linear warmup length in epochs (below train.epochs)", range=NON_NEGATIVE),
+    )
+    seed: int = field(
+        default=0,
+        metadata=key(
+            "seed of initialisation, split, batches and augmentation",
+            range=NON_NEGATIVE,
+            experiment=False,  # a comparison counts seeds, it does not group by them
+        ),
+    )
+    device: str = field(
+        default="auto", metadata=key("auto, cpu, cuda, cuda:N or mps", experiment=False)
+    )
+    precision: str = field(
+        default="fp32",
+        # auto: bf16 where the device computes it natively, else fp32 (erde.device).
+        metadata=key(
+            "fp32, bf16 or fp16 autocast; auto picks bf16 where it is native",
+            choices=("fp32", "bf16", "fp16", "auto"),
+        ),
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata=key(
+            "channels-last memory layout (faster convolutions on some hardware)",
+            experiment=False,
+        ),
+    )
+    compile: bool = field(default=False, metadata=key("torch.compile the model", experiment=False))
+    sync_bn: bool = field(
+        default=False,
+        metadata=key("under torchrun on CUDA: BatchNorm statistics over the global batch"),
+    )
+    eval_batch_size: int = field(
+        default=1000,
+        metadata=key("images per validation batch, per process", range=POSITIVE, experiment=False),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=key(
+            "keep a copy of the weights every N epochs (0: only the last)",
+            range=NON_NEGATIVE,
+            experiment=False,
+        ),
+    )
+    freeze_backbone: bool = field(
+        default=False,
+        metadata=key("train only the exit heads"),  # erde.models.EarlyExitNet
+    )
+    tensorboard: bool = field(
+        default=False,
+        metadata=key("write TensorBoard events into the run folder", experiment=False),
+    )
+
+
+_SAME_MODEL = "it does not change what a run learns"
 
 
 @dataclass
 class DistillConfig:
-    method: str = "teacher"  # a name in erde.config.methods.METHOD_TABLE
-    teacher: str | None = None  # run folder of a finished teacher
-    alpha: float = 0.5
-    beta: float = 0.1  # docs/results.md, issue 13: 1 was below kd; 0.1 ties it
-    temperature: float = 4.0
-    pairing: str = "depth"
-    entropy_term: str = "uniform-ce"
-    entropy_exits: str = "all"
-    exit_weights: list[float] | None = None
+    method: str = field(
+        default="teacher",
+        metadata=key(
+            "the loss: teacher, ce, kd, kd-masked or erde",
+            choices=METHODS,
+            experiment=False,  # already in a comparison's label
+            ungridded="list the methods in methods=[...] instead",
+        ),
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata=key(
+            "run folder of a finished teacher (methods with a teacher)",
+            experiment=False,
+            ungridded="pass --teacher instead",
+        ),
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata=key(
+            "weight of the distillation term against the label term",
+            range=Range(0, 1),
+            term="kd",
+        ),
+    )
+    beta: float = field(
+        default=0.1,  # docs/results.md, issue 13: 1 was below kd; 0.1 ties it
+        metadata=key(
+            "erde: weight of the entropy term where the teacher is wrong",
+            range=NON_NEGATIVE,
+            term="entropy",
+        ),
+    )
+    temperature: float = field(
+        default=4.0,
+        metadata=key("softmax temperature of the distillation term", range=POSITIVE, term="kd"),
+    )
+    pairing: str = field(
+        default="depth",
+        metadata=key(
+            "which teacher exit each student exit learns from", choices=PAIRINGS, term="kd"
+        ),
+    )
+    entropy_term: str = field(
+        default="uniform-ce",
+        metadata=key(
+            "erde: uniform-target cross-entropy or negative entropy",
+            choices=ENTROPY_TERMS,
+            term="entropy",
+        ),
+    )
+    entropy_exits: str = field(
+        default="all",
+        metadata=key(
+            "erde: the exits the entropy term applies to",
+            choices=ENTROPY_EXITS,
+            term="entropy",
+        ),
+    )
+    exit_weights: list[float] | None = field(
+        default=None,
+        metadata=key("per-exit loss weights (default: all 1)", range=Range(0, items="weights")),
+    )
     # Reuse the teacher's outputs on the augmented training batches across students (exact; see
-    # erde.distill.teacher_cache). Stored in teacher_cache_dir, by default
-    # TEACHER_RUN/teacher-cache.
-    teacher_cache: bool = True
-    teacher_cache_dir: str | None = None
+    # erde.distill.teacher_cache).
+    teacher_cache: bool = field(
+        default=True,
+        metadata=key(
+            "reuse the teacher's outputs across students (exact)",
+            experiment=False,
+            ungridded=_SAME_MODEL,
+        ),
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata=key(
+            "where that cache lives (default: TEACHER_RUN/teacher-cache)",
+            experiment=False,
+            ungridded=_SAME_MODEL,
+        ),
+    )
 
 
 @dataclass
@@ -134,12 +367,31 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The exit policies: erde.evaluation.policy.POLICIES, which implements each one, owns the names;
+# tests/test_policy.py checks this copy (config sits below evaluation and cannot import it).
+_POLICIES = ("entropy", "maxprob")
+
+
 @dataclass
 class EvalConfig:
-    policy: str = "entropy"
-    normalize: bool = False
-    max_drop: float = 0.0  # accuracy points below the teacher allowed when calibrating on val
-    budgets: list[float] = field(default_factory=lambda: [0.25, 0.5])  # fractions of full MACs
+    policy: str = field(
+        default="entropy",
+        metadata=key("exit score: entropy or 1 - max probability", choices=_POLICIES),
+    )
+    normalize: bool = field(default=False, metadata=key("entropy divided by log(classes)"))
+    max_drop: float = field(
+        default=0.0,
+        metadata=key(
+            "accuracy points below the teacher allowed when choosing on val", range=Range(0)
+        ),
+    )
+    budgets: list[float] = field(
+        default_factory=lambda: [0.25, 0.5],
+        metadata=key(
+            "MACs budgets reported, as fractions of the student's full MACs",
+            range=Range(0, 1, low_open=True, items="fractions of the student's full MACs"),
+        ),
+    )
 
 
 @dataclass
@@ -150,98 +402,48 @@ class ReproduceConfig:
     teacher: StageConfig = field(default_factory=StageConfig)
     student: StageConfig = field(default_factory=StageConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    methods: list[str] = field(default_factory=lambda: list(STUDENT_METHODS))
+    methods: list[str] = field(
+        default_factory=lambda: list(STUDENT_METHODS),
+        metadata=key("the student methods to train and compare"),
+    )
     evaluate: EvalConfig = field(default_factory=EvalConfig)
-    # Ablation grid: dotted student.*/distill.* key -> values, one run per combination
-    # (erde.study.grid; typed by the schema when expanded).
-    grid: dict[str, list[str]] = field(default_factory=dict)
+    # Typed by the schema when expanded (erde.study.grid).
+    grid: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata=key("ablation grid: student.*/distill.* key -> values, one run per combination"),
+    )
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "train.schedule": ("cosine", "multistep", "constant"),
-    # auto: bf16 where the device computes it natively, else fp32 (erde.device.resolve_precision).
-    "train.precision": ("fp32", "bf16", "fp16", "auto"),
-    "data.stream": ("auto", "always", "never"),
-    "distill.method": tuple(METHODS),
-    "distill.pairing": PAIRINGS,
-    "distill.entropy_term": ENTROPY_TERMS,
-    "distill.entropy_exits": ENTROPY_EXITS,
-    # The exit policies (erde.evaluation.policy implements each one).
-    "evaluate.policy": ("entropy", "maxprob"),
-}
+@functools.cache
+def _both() -> dict[str, Record]:
+    """Walked once: the fields never change while the program runs."""
+    return {**walk_records(Config), **walk_records(ReproduceConfig)}
 
 
-@dataclass(frozen=True)
-class Range:
-    """The finite numbers a key (or each item of a list key) accepts: low <= x (< x if
-    `low_open`), and x <= high (< high if `high_open`) where `high` is set. `items` names what
-    a list holds."""
-
-    low: float
-    high: float | None = None
-    low_open: bool = False
-    items: str = "values"
-    high_open: bool = False
-
-    def holds(self, x: float) -> bool:
-        """Whether `x` is allowed (NaN and infinities never are)."""
-        above = x > self.low if self.low_open else x >= self.low
-        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
-        return math.isfinite(x) and above and below
-
-    def rule(self) -> str:
-        """The rule as messages state it: '> 0', '>= 0', 'in (0, 1]' or 'in [0, 1)'."""
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
+def records(schema: type | None = None) -> dict[str, Record]:
+    """{dotted key: record} of every key of `schema` (a config dataclass), or of both the train
+    and the reproduce schema where None (`train.lr` and `student.train.lr` alike): the one
+    description of the keys that validation, `erde config`, grids, grouping and the tuner read."""
+    return dict(_both() if schema is None else walk_records(schema))
 
 
-_POSITIVE, _NON_NEGATIVE = Range(0, low_open=True), Range(0)
-RANGES: dict[str, Range] = {
-    "train.epochs": _POSITIVE,
-    "train.batch_size": _POSITIVE,
-    "train.lr": _POSITIVE,
-    "train.eval_batch_size": _POSITIVE,
-    "distill.temperature": _POSITIVE,
-    "train.weight_decay": _NON_NEGATIVE,
-    # Above 1 the velocity grows without bound: momentum=7 trains to a loss in the thousands.
-    "train.momentum": Range(0, 1, high_open=True),
-    "train.gamma": Range(0, 1, low_open=True),
-    "train.seed": _NON_NEGATIVE,
-    "train.warmup_epochs": _NON_NEGATIVE,
-    "distill.beta": _NON_NEGATIVE,
-    "train.checkpoint_every": _NON_NEGATIVE,
-    "data.val_size": _NON_NEGATIVE,
-    "data.crop_padding": _NON_NEGATIVE,
-    "data.device_budget_gb": _POSITIVE,
-    "data.workers": _NON_NEGATIVE,
-    "data.image_size": _POSITIVE,
-    "data.eval_crop": Range(0, 1, low_open=True),
-    "data.mean": Range(0, 1, items="per-channel means on the 0..1 scale"),
-    "data.std": Range(0, low_open=True, items="per-channel standard deviations on the 0..1 scale"),
-    "distill.alpha": Range(0, 1),
-    "distill.exit_weights": Range(0, items="weights"),
-    "train.milestones": Range(0, 1, low_open=True, items="fractions of the run"),
-    "evaluate.budgets": Range(0, 1, low_open=True, items="fractions of the student's full MACs"),
-    "evaluate.max_drop": Range(0),
-}
-
-
-def check_value(key: str, value: Any) -> None:
-    """Check one value against `CHOICES` or `RANGES`; ErdeError with the key and the fix.
+def check_value(key: str, value: Any, table: dict[str, Record] | None = None) -> None:
+    """Check one value against its key's record (allowed values or range); ErdeError with the
+    key and the fix. `key` is dotted as the user writes it (`student.train.lr`, `train.lr`).
 
     `validate` runs it on every key of a config; library code that takes these values without a
     config (`erde.distill.losses`) runs it too, so both refuse the same values with the same words.
     """
-    if key in CHOICES:
-        choices = CHOICES[key]
-        if value not in choices:
-            raise ErdeError(f"{key}={value!r} is not allowed; choose one of {', '.join(choices)}")
-    elif key in RANGES:
-        r = RANGES[key]
-        if value is None:
-            return
+    record = (records() if table is None else table).get(key)
+    if record is None:
+        raise KeyError(f"{key} has no record in erde.config.schema")
+    if record.choices is not None:
+        if value not in record.choices:
+            raise ErdeError(
+                f"{key}={value!r} is not allowed; choose one of {', '.join(record.choices)}"
+            )
+    elif record.range is not None and value is not None:
+        r = record.range
         if isinstance(value, Sequence) and not isinstance(value, str):
             if not all(r.holds(float(x)) for x in value):
                 raise ErdeError(f"{key}={list(value)} must be {r.items} {r.rule()}")
@@ -249,8 +451,6 @@ def check_value(key: str, value: Any) -> None:
             finite = "" if math.isfinite(value) else "a finite number "
             verb = "be" if r.high is None or finite else "lie"
             raise ErdeError(f"{key}={value} must {verb} {finite}{r.rule()}")
-    else:
-        raise KeyError(f"{key} has no entry in erde.config.schema.CHOICES or RANGES")
 
 
 RESOLVERS = ("oc.env",)
@@ -396,8 +596,8 @@ def load_reproduce_config(
             f"methods={list(cfg.methods)}: list each student method once, at least one of "
             f"{', '.join(STUDENT_METHODS)}"
         )
-    for key in ("evaluate.policy", "evaluate.budgets", "evaluate.max_drop"):
-        check_value(key, getattr(cfg.evaluate, key.split(".")[1]))
+    evaluate = {k: r for k, r in records(ReproduceConfig).items() if k.startswith("evaluate.")}
+    _check_records(cfg, evaluate)
     _validate_stage(cfg, "teacher", "teacher", None)
     for method in cfg.methods:
         teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
@@ -406,13 +606,23 @@ def load_reproduce_config(
 
 
 def _validate_stage(cfg: ReproduceConfig, stage: str, method: str, teacher: str | None) -> None:
-    """`validate` on one stage, its message naming the reproduce key to change
+    """`validate` on one stage, its message naming the stage and the reproduce keys to change
     (`student.train.epochs`, not the `train.epochs` of the stage's own config)."""
     try:
-        validate(stage_config(cfg, stage, seed=0, method=method, teacher=teacher))
+        validate(stage_config(cfg, stage, seed=0, method=method, teacher=teacher), stage=stage)
     except ErdeError as exc:
-        message = re.sub(r"\b(train|model)\.", rf"{stage}.\1.", str(exc))
-        raise ErdeError(f"the {stage} stage: {message}") from None
+        raise ErdeError(f"the {stage} stage: {exc}") from None
+
+
+def stage_key(stage: str | None, key: str) -> str:
+    """`train.lr` as the reproduce config spells it in `stage` (`student.train.lr`); keys the
+    stages share (`data.*`, `distill.*`), and every key where `stage` is None, stay as they are."""
+    if stage is None or key.split(".")[0] not in _STAGE_SECTIONS:
+        return key
+    return f"{stage}.{key}"
+
+
+_STAGE_SECTIONS = frozenset(f.name for f in dataclasses.fields(StageConfig))
 
 
 def stage_config(
@@ -433,21 +643,30 @@ def stage_config(
     )
 
 
-def validate(cfg: Config) -> None:
-    """Ranges and choices that types alone cannot express: the table, then rules across keys."""
-    for key in (*CHOICES, *RANGES):
-        section, name = key.split(".")
-        if hasattr(cfg, section):
-            check_value(key, getattr(getattr(cfg, section), name))
-    for key, value in cfg.model.options.items():  # the one place floats escape the table
+def _check_records(cfg: Any, table: dict[str, Record], stage: str | None = None) -> None:
+    """`check_value` on every key of `table` whose record has a rule, named for `stage`."""
+    for dotted, record in table.items():
+        if record.choices is not None or record.range is not None:
+            value = functools.reduce(getattr, dotted.split("."), cfg)
+            check_value(stage_key(stage, dotted), value)
+
+
+def validate(cfg: Config, stage: str | None = None) -> None:
+    """Ranges and choices that types alone cannot express: the records, then rules across keys.
+    `stage`: the reproduce stage `cfg` is one run of, so messages name its keys as the reproduce
+    config spells them (`student.train.epochs`)."""
+    _check_records(cfg, records(Config), stage)
+    options = stage_key(stage, "model.options")
+    for option, value in cfg.model.options.items():  # the one place floats escape the records
         if isinstance(value, float) and not math.isfinite(value):
-            raise ErdeError(f"model.options.{key}={value} must be a finite number")
+            raise ErdeError(f"{options}.{option}={value} must be a finite number")
     _validate_data(cfg.data)
     t, d = cfg.train, cfg.distill
     if t.warmup_epochs >= t.epochs:
+        warmup, epochs = stage_key(stage, "train.warmup_epochs"), stage_key(stage, "train.epochs")
         raise ErdeError(
-            f"train.warmup_epochs={t.warmup_epochs} must be below train.epochs={t.epochs}; "
-            f"set train.warmup_epochs to less than {t.epochs} (0 for none) or raise train.epochs"
+            f"{warmup}={t.warmup_epochs} must be below {epochs}={t.epochs}; "
+            f"set {warmup} to less than {t.epochs} (0 for none) or raise {epochs}"
         )
     needs_teacher = METHOD_TABLE[d.method].needs_teacher
     if needs_teacher and not d.teacher:
@@ -506,13 +725,13 @@ def to_dict(cfg: Any) -> dict:
 
 
 __all__ = [
-    "CHOICES",
-    "RANGES",
     "Config",
     "DataConfig",
     "DistillConfig",
     "EvalConfig",
     "ModelConfig",
+    "Range",
+    "Record",
     "ReproduceConfig",
     "StageConfig",
     "TrainConfig",
@@ -521,7 +740,9 @@ __all__ = [
     "load_reproduce_config",
     "preset_names",
     "preset_path",
+    "records",
     "stage_config",
+    "stage_key",
     "to_dict",
     "to_yaml",
     "validate",

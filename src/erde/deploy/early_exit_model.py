@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from erde.data.pixels import Normalize
+from erde.deploy.exit_rule import ExitRule, read_exit_rule
 from erde.deploy.images import read_image
 from erde.errors import ErdeError
 from erde.evaluation.policy import simulate
+from erde.files import sha256_file
 from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
@@ -50,27 +52,44 @@ class EarlyExitModel:
         threshold: float = 0.0,
         policy: str = "entropy",
         normalize: bool = False,
+        rule_source: str = "given when the model was made",
     ) -> None:
         self.net, self.info = net.eval(), info
         self.threshold, self.policy, self.normalize = threshold, policy, normalize
+        self.rule_source = rule_source  # where the exit rule came from (a report, or a caller)
         self._normalise = Normalize(info.data.mean, info.data.std)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> EarlyExitModel:
-        """A run folder (or a `save_pretrained` folder); the threshold `erde evaluate` chose on
-        val (RUN/eval/report.json, the one `erde export` deploys), else 0: the final exit."""
+        """A run folder or a `save_pretrained` folder, with its exit rule: the one saved beside
+        the weights, else the threshold `erde evaluate` chose on val (RUN/eval/report.json, the
+        one `erde export` deploys), else 0: the final exit."""
         net, info = load_model(run_dir, device)
-        report = RunDir(run_dir).eval.report_json
-        if not report.is_file():
+        run = RunDir(run_dir)
+        saved = read_exit_rule(run.path, run.weights)
+        if saved is not None:
+            return cls(net, info, threshold=saved.threshold, policy=saved.policy,
+                       normalize=saved.normalize, rule_source=saved.source)  # fmt: skip
+        if not run.eval.report_json.is_file():
             return cls(net, info)
-        r = read_report(report)
-        return cls(net, info, threshold=r.chosen.threshold, policy=r.policy, normalize=r.normalize)
+        r = read_report(run.eval.report_json)
+        source = f"{run.eval.report_json}: {r.criterion}, chosen on val"
+        return cls(net, info, threshold=r.chosen.threshold, policy=r.policy,
+                   normalize=r.normalize, rule_source=source)  # fmt: skip
 
     def save_pretrained(self, out: str | Path) -> None:
-        """Weights and sidecar in the run-folder layout, so `from_pretrained(out)` reads them."""
+        """Weights, sidecar and exit rule in the run-folder layout, so `from_pretrained(out)`
+        answers exactly as this model does."""
         run = RunDir(out)
         run.path.mkdir(parents=True, exist_ok=True)
         ckpt.save_weights(run.weights, self.net, self.info, run.sidecar)
+        ExitRule(
+            threshold=self.threshold,
+            policy=self.policy,
+            normalize=self.normalize,
+            source=self.rule_source,
+            weights_sha256=sha256_file(run.weights),
+        ).write(run.path)
 
     @property
     def classes(self) -> list[str]:

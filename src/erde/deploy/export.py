@@ -31,6 +31,7 @@ from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
 from erde.files import sha256_file, write_json
 from erde.models.load import load_model
+from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
 
 STATIC, SINGLE = "static.onnx", "single.onnx"
@@ -112,6 +113,7 @@ def export_run(
     check_exporter()
     run, out_dir = RunDir(run_dir), Path(out_dir)
     model, info = load_model(run.path)
+    check_finished(run.path, info, "run", "exporting it")
     point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, overwrite)
     pieces, static = _export_graphs(

@@ -9,6 +9,7 @@ from torch import nn
 
 from erde.errors import ErdeError
 from erde.models.load import load_model
+from erde.run.checkpoint import check_finished
 from erde.run.model_info import DataInfo, ModelInfo
 
 
@@ -16,11 +17,7 @@ def check_teacher(run_dir: str | Path, data: DataInfo) -> tuple[nn.Module, Model
     """A finished run trained on the student's data: its model (CPU, eval mode) and sidecar.
     `erde reproduce` calls it before training any student, `Teacher` when distillation starts."""
     model, info = load_model(run_dir)
-    if not info.finished:
-        raise ErdeError(
-            f"teacher run {run_dir} has not finished training; finish it "
-            f"(`erde train --resume --out {run_dir}`) before distilling from it"
-        )
+    check_finished(run_dir, info, "teacher run", "distilling from it")
     key = info.data.mismatch(data)
     if key is not None:
         raise ErdeError(

@@ -147,8 +147,9 @@ def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "aut
     """The run's cache, built on first use; refused when it came from other weights."""
     run = RunDir(run_dir)
     path = run.logits
+    info = ckpt.load_weights(run)[1]  # the clear message for missing or corrupt weights
+    ckpt.check_finished(run.path, info, "run", "evaluating it")
     if path.is_file() and not refresh:
-        info = ckpt.load_weights(run)[1]  # the clear message for missing or corrupt weights
         cache = read_cache(path)
         if cache.weights_sha256 != sha256_file(run.weights):
             raise ErdeError(

@@ -1,10 +1,13 @@
 """Which runs are seeds of one experiment: the grouping rule of `erde compare`.
 
 Two runs belong together when they have the same method and model and agree on every config key
-that defines an experiment; only their seeds may differ. A key that differs anywhere among the
-compared runs names the group (`erde (resnet8), distill.beta=0.3`), so an ablation grid is never
-averaged into one row. Two runs of one seed in one group are refused: averaging them would count
-one seed twice.
+that defines an experiment; only their seeds may differ. Each key's record, beside its field in
+`erde.config.schema`, says whether it does (`experiment`): the seed (counted, not grouped), the
+method and model name (already in the label), where data, teacher and caches live, and speed or
+bookkeeping options that leave the trained model the same up to float rounding do not. A key
+that differs anywhere among the compared runs names the group (`erde (resnet8),
+distill.beta=0.3`), so an ablation grid is never averaged into one row. Two runs of one seed in
+one group are refused: averaging them would count one seed twice.
 """
 
 from __future__ import annotations
@@ -14,31 +17,9 @@ from typing import Any
 
 from erde.config.method_keys import applies
 from erde.config.methods import METHOD_TABLE
+from erde.config.records import Record, record_of
+from erde.config.schema import records
 from erde.errors import ErdeError
-
-# Keys that never make a different experiment: the seed (counted, not grouped), the method and
-# model (already in the label), where data, teacher and caches live, and speed or bookkeeping
-# options that leave the trained model the same up to float rounding.
-NOT_AN_EXPERIMENT = frozenset(
-    {
-        "train.seed",
-        "distill.method",
-        "model.name",
-        "data.root",
-        "data.download",
-        "data.verify",
-        "data.workers",
-        "distill.teacher",
-        "distill.teacher_cache",
-        "distill.teacher_cache_dir",
-        "train.device",
-        "train.eval_batch_size",
-        "train.checkpoint_every",
-        "train.tensorboard",
-        "train.compile",
-        "train.channels_last",
-    }
-)
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -53,14 +34,24 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def experiment_keys(config: dict[str, Any], method: str) -> dict[str, Any]:
+def _experiment(key: str, table: dict[str, Record]) -> bool:
+    """Whether runs differing in `key` are different experiments (unknown keys are)."""
+    record = record_of(table, key)
+    return record is None or record.experiment
+
+
+def experiment_keys(
+    config: dict[str, Any], method: str, table: dict[str, Record] | None = None
+) -> dict[str, Any]:
     """The config keys (dotted) that make a run of `method` the experiment it is: a loss option
-    the method does not read (docs/method.md, "Losses") cannot make its runs differ."""
+    the method does not read (docs/method.md, "Losses") cannot make its runs differ. `table`:
+    the key records (default: the schema's)."""
+    table = records() if table is None else table
     known = method in METHOD_TABLE
     return {
         k: v
         for k, v in _flatten(config).items()
-        if k not in NOT_AN_EXPERIMENT and (not known or applies(k, method))
+        if _experiment(k, table) and (not known or applies(k, method, table))
     }
 
 
@@ -96,8 +87,13 @@ def group_label(method: str, model: str, keys: dict[str, Any], differing: Sequen
     return ", ".join([f"{method} ({model})", *settings])
 
 
-def check_seeds(label: str, runs: Sequence[tuple[str, int, dict[str, Any]]]) -> None:
+def check_seeds(
+    label: str,
+    runs: Sequence[tuple[str, int, dict[str, Any]]],
+    table: dict[str, Record] | None = None,
+) -> None:
     """Refuse two runs of one seed in one group; `runs`: (run folder, seed, resolved config)."""
+    table = records() if table is None else table
     seen: dict[int, tuple[str, dict[str, Any]]] = {}
     for run, seed, config in runs:
         if seed not in seen:
@@ -106,7 +102,9 @@ def check_seeds(label: str, runs: Sequence[tuple[str, int, dict[str, Any]]]) -> 
         other, other_config = seen[seed]
         a, b = _flatten(other_config), _flatten(config)
         only = [
-            k for k in sorted(NOT_AN_EXPERIMENT & (a.keys() | b.keys())) if a.get(k) != b.get(k)
+            k
+            for k in sorted(a.keys() | b.keys())
+            if not _experiment(k, table) and a.get(k) != b.get(k)
         ]
         differ = f" (they differ only in {', '.join(only)})" if only else ""
         raise ErdeError(

@@ -25,6 +25,16 @@ from erde.run.model_info import ModelInfo
 STATE_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "rng_cpu")
 
 
+def check_finished(run_dir: str | Path, info: ModelInfo, what: str, before: str) -> None:
+    """Refuse the weights of a run that is still training or was stopped: whatever is measured,
+    chosen or distilled from them would belong to weights the run then replaces."""
+    if not info.finished:
+        raise ErdeError(
+            f"{what} {run_dir} has not finished training (epoch {info.epoch} of {info.epochs}); "
+            f"finish it (`erde train --resume --out {run_dir}`) before {before}"
+        )
+
+
 def save_weights(
     path: Path, model: torch.nn.Module, info: ModelInfo, sidecar: Path | None = None
 ) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from erde.files import temporaries
+
 
 @dataclass(frozen=True)
 class ReportDir:
@@ -167,3 +169,24 @@ class RunDir:
     def has_run(self) -> bool:
         """A run was started here (it may be unfinished)."""
         return self.config.is_file()
+
+    def foreign_entries(self) -> list[str]:
+        """What in the folder erde does not write into a run: a folder holding any is never
+        removed (`--overwrite` refuses), so erde deletes only what it wrote."""
+        own = {
+            p.name
+            for p in (self.config, self.weights, self.sidecar, self.state, self.metrics, self.log)
+        }
+        own |= {p.name for p in (self.tensorboard, self.checkpoints, self.logits)}
+        own |= {self.teacher_cache.name} | {p.name for p in temporaries(self.path)}
+        return sorted(
+            entry.name
+            for entry in self.path.iterdir()
+            if entry.name not in own and not _is_report_folder(entry)
+        )
+
+
+def _is_report_folder(entry: Path) -> bool:
+    """RUN/eval or RUN/eval-CRITERION (`RunDir.eval_for`), as `erde evaluate` writes it."""
+    named = entry.name == "eval" or entry.name.startswith("eval-")
+    return named and entry.is_dir() and not entry.is_symlink()

@@ -4,7 +4,9 @@ A grid is a mapping `key: [values]` (the `grid:` section of a reproduce preset, 
 KEY=V1,V2,...` on the command line). Keys are `student.*` and `distill.*` scalars: the teacher and
 the data are shared by every run of a study, so `teacher.*`, `data.*` and `evaluate.*` are not
 gridded (train another study, or pass `--teacher`). A key expands only the methods whose loss
-reads it (`erde.config.method_keys`), so `distill.beta` adds `erde` runs and leaves `kd` at one.
+reads it (its record's `term`, `erde.config.method_keys`), so `distill.beta` adds `erde` runs and
+leaves `kd` at one; a key whose record says it is not gridded (`distill.method`) is refused with
+the record's reason.
 Values are typed and checked by the schema like any override. A run's name is its method plus
 every key whose value differs from the base config (`erde-beta0.3-entropy_exits-intermediate`),
 so the combination equal to the base config is the plain `erde` run of an ungridded study.
@@ -22,16 +24,11 @@ from omegaconf import OmegaConf
 
 from erde.config.method_keys import applies
 from erde.config.methods import METHOD_TABLE
-from erde.config.schema import ReproduceConfig, stage_config, structured, validate
+from erde.config.records import Record
+from erde.config.schema import ReproduceConfig, records, stage_config, structured, validate
 from erde.errors import ErdeError
 
 GRID_SECTIONS = ("student.", "distill.")
-_NOT_GRIDDED = {
-    "distill.method": "list the methods in methods=[...] instead",
-    "distill.teacher": "pass --teacher instead",
-    "distill.teacher_cache": "it does not change what a run learns",
-    "distill.teacher_cache_dir": "it does not change what a run learns",
-}
 _SCALARS = (int, float, bool, str, type(None))
 
 
@@ -80,9 +77,12 @@ def _is_scalar(kind: Any) -> bool:
     return kind in _SCALARS
 
 
-def _check_key(key: str) -> None:
-    if key in _NOT_GRIDDED:
-        raise ErdeError(f"grid key {key} cannot be gridded: {_NOT_GRIDDED[key]}")
+def check_key(key: str, table: dict[str, Record] | None = None) -> None:
+    """Refuse a key a grid may not vary: one its record keeps fixed (`ungridded` says why), one
+    outside `GRID_SECTIONS`, or a list. `table`: the key records (default: the schema's)."""
+    record = (records() if table is None else table).get(key)
+    if record is not None and not record.gridded:
+        raise ErdeError(f"grid key {key} cannot be gridded: {record.ungridded}")
     if not key.startswith(GRID_SECTIONS):
         raise ErdeError(
             f"grid key {key}: only student.* and distill.* keys can be gridded, since the "
@@ -96,7 +96,7 @@ def _check_key(key: str) -> None:
 
 def typed_values(cfg: ReproduceConfig, key: str, items: list[str]) -> list[Any]:
     """Each value as the schema types it (one merge per value, so a message names it)."""
-    _check_key(key)
+    check_key(key)
     base = OmegaConf.structured(cfg)
     values = []
     for item in items:
@@ -142,10 +142,18 @@ def expand(cfg: ReproduceConfig) -> list[Variant]:
                 variant = Variant(method, name, changes, _with(cfg, changes))
                 teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
                 validate(
-                    stage_config(variant.config, "student", seed=0, method=method, teacher=teacher)
+                    stage_config(variant.config, "student", seed=0, method=method, teacher=teacher),
+                    stage="student",
                 )
                 variants[name] = variant
     return list(variants.values())
 
 
-__all__ = ["GRID_SECTIONS", "Variant", "expand", "parse_grid_options", "typed_values"]
+__all__ = [
+    "GRID_SECTIONS",
+    "Variant",
+    "check_key",
+    "expand",
+    "parse_grid_options",
+    "typed_values",
+]

@@ -3,12 +3,12 @@ on the validation split only; then each method's best setting trained with sever
 compared on test.
 
 Fair by construction: every method gets `trials` finished (complete or pruned) trials of one
-seeded TPE sampler over the keys its loss reads (`SPACE` filtered by
-`erde.config.method_keys`), with the same teacher, schedule and seed. The objective is the AUC
-of the validation accuracy-versus-MACs curve over the student's own MACs range
-(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner
-stops a trial whose mean validation accuracy over the exits falls below the median of earlier
-trials at the same epoch.
+seeded TPE sampler over the keys its loss reads (`SEARCH_FLOATS` and `SEARCH_CHOICES`, filtered
+by each key's record: which methods it matters for, and whether it may be varied), with the same
+teacher, schedule and seed. The objective is the AUC of the validation accuracy-versus-MACs
+curve over the student's own MACs range (`erde.evaluation.metrics.auc`, the function behind a
+report's `test_auc`), and a median pruner stops a trial whose mean validation accuracy over the
+exits falls below the median of earlier trials at the same epoch.
 
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
 (the default storage), `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`),
@@ -34,8 +34,16 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from erde.config.method_keys import applies
-from erde.config.methods import ENTROPY_EXITS, ENTROPY_TERMS, or_list
-from erde.config.schema import Config, EvalConfig, ReproduceConfig, stage_config, to_yaml
+from erde.config.methods import or_list
+from erde.config.records import Record
+from erde.config.schema import (
+    Config,
+    EvalConfig,
+    ReproduceConfig,
+    records,
+    stage_config,
+    to_yaml,
+)
 from erde.data.prepare import data_info, prepare_data
 from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
@@ -49,16 +57,14 @@ from erde.study.reproduce import check_study, compare_protocol, ensure_run, trai
 
 log = logging.getLogger("erde.study.tune")
 
-# The search space: float keys (low, high, log scale) and choice keys.
-FLOATS: dict[str, tuple[float, float, bool]] = {
+# The search space: float keys with their (low, high, log scale) bounds, inside each key's range,
+# and choice keys, searched over every value their record allows.
+SEARCH_FLOATS: dict[str, tuple[float, float, bool]] = {
     "distill.alpha": (0.1, 0.9, False),
     "distill.temperature": (1.0, 8.0, True),
     "distill.beta": (0.03, 3.0, True),
 }
-CHOICES: dict[str, tuple[str, ...]] = {
-    "distill.entropy_term": ENTROPY_TERMS,
-    "distill.entropy_exits": ENTROPY_EXITS,
-}
+SEARCH_CHOICES: tuple[str, ...] = ("distill.entropy_term", "distill.entropy_exits")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN = "run"  # the user attribute naming a trial's run folder
 
@@ -80,9 +86,15 @@ class TuneResult:
     comparison: Comparison | None  # None without --final-seeds, or while trials are missing
 
 
-def space(method: str) -> list[str]:
-    """The keys tuned for `method`: those of the space its loss reads."""
-    return [k for k in (*FLOATS, *CHOICES) if applies(k, method)]
+def space(method: str, table: dict[str, Record] | None = None) -> list[str]:
+    """The keys tuned for `method`: those of the search space its loss reads (each key's record
+    says which methods it matters for) and that a grid may vary. `table`: the key records."""
+    table = records() if table is None else table
+    return [
+        k
+        for k in (*SEARCH_FLOATS, *SEARCH_CHOICES)
+        if table[k].gridded and applies(k, method, table)
+    ]
 
 
 def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
@@ -222,10 +234,10 @@ def _optimize(
 
 
 def _suggest(trial: Trial, key: str) -> Any:
-    if key in FLOATS:
-        low, high, log_scale = FLOATS[key]
+    if key in SEARCH_FLOATS:
+        low, high, log_scale = SEARCH_FLOATS[key]
         return trial.suggest_float(key, low, high, log=log_scale)
-    return trial.suggest_categorical(key, list(CHOICES[key]))
+    return trial.suggest_categorical(key, list(records()[key].choices or ()))
 
 
 def _report(trial: Trial, row: dict) -> None:
@@ -289,8 +301,8 @@ def _final(
 
 
 __all__ = [
-    "CHOICES",
-    "FLOATS",
+    "SEARCH_CHOICES",
+    "SEARCH_FLOATS",
     "Best",
     "TuneResult",
     "open_storage",

@@ -117,7 +117,9 @@ def fit(
                     writer.start(resume=resume)
             with writer or contextlib.nullcontext():
                 start = restore(s, state, device, cfg.train.seed)
-                history = read_jsonl(run.metrics)[:start]
+                if writer is not None:
+                    writer.metrics.keep(start)
+                history = read_jsonl(run.metrics, limit=start)
                 last = cfg.train.epochs if stop_after is None else start + stop_after
                 if world.main:
                     log.info(
@@ -328,9 +330,7 @@ def run_epochs(
         state = training_state(s.net, p, epoch + 1)
         with distributed.agreed(p.world):
             if writer is not None:
-                writer.save_epoch(s.net, state, history, info)
-        if writer is not None:
-            writer.log_epoch(row)
+                writer.save_epoch(s.net, state, row, info)
         if on_epoch is not None:
             on_epoch(row)
     return row

@@ -1,25 +1,32 @@
 """Everything a training run writes into its folder, owned by one object on rank 0.
 
 `check_run_dir` only reads (every rank of a multi-process run calls it); `RunWriter` then writes
-the config, `train.log`, TensorBoard events, the per-epoch weights, metrics and state, and the
-kept checkpoints. The loop never names a file.
+the config and `train.log`, and hands each epoch to its `Checkpointer` and loggers
+(`erde.train.loggers`). The loop never names a file.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 from torch import nn
 
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
-from erde.files import metrics_lines, temporaries, write_text
-from erde.run import checkpoint as ckpt
+from erde.files import temporaries, write_text
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
-
-log = logging.getLogger("erde.train.engine")
+from erde.train.checkpointer import Checkpointer
+from erde.train.loggers import (
+    Console,
+    EpochLogger,
+    MetricsFile,
+    TensorBoard,
+    log,
+    tensorboard_class,
+)
 
 
 def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: bool) -> Config:
@@ -38,6 +45,8 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
         return saved
     if cfg is None:
         raise ErdeError("give a config (preset name or YAML file) to start a run")
+    if run.has_run():
+        _check_replaceable(run, cfg, overwrite)
     if run.has_run() and not overwrite:
         finished = run.sidecar.is_file() and ModelInfo.read(run.sidecar).finished
         state = "a finished run" if finished else "an unfinished run (continue it with --resume)"
@@ -53,6 +62,29 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
     return cfg
 
 
+def _check_replaceable(run: RunDir, cfg: Config, overwrite: bool) -> None:
+    """A run folder that holds other files, or the teacher, is not erde's to delete."""
+    foreign = run.foreign_entries()
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (
+            f" and {len(foreign) - 4} more" if len(foreign) > 4 else ""
+        )
+        raise ErdeError(
+            f"{run} holds a run and files erde did not write ({shown}), which "
+            "--overwrite would delete; move them away or choose another --out"
+        )
+    teacher = cfg.distill.teacher
+    inside = teacher and run.path.resolve() in (
+        Path(teacher).resolve(),
+        *Path(teacher).resolve().parents,
+    )
+    if overwrite and inside:
+        raise ErdeError(
+            f"--out {run} holds distill.teacher={teacher}, which --overwrite would delete; "
+            "choose another --out"
+        )
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -61,25 +93,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def tensorboard_class():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ErdeError(
-            "train.tensorboard=true needs the tensorboard package: pip install 'erde[tensorboard]'"
-        ) from None
-    return SummaryWriter
-
-
 class RunWriter:
-    """Rank 0's files of one run. Use as a context manager: the log handler and TensorBoard
-    writer are closed however the run ends."""
+    """Rank 0's files of one run: the folder, `train.log`, a `Checkpointer` and the epoch loggers.
+    Use as a context manager: the log handler and the loggers are closed however the run ends."""
 
     def __init__(self, run: RunDir, cfg: Config) -> None:
         self.run, self.cfg = run, cfg
         self._summary_class = tensorboard_class() if cfg.train.tensorboard else None
         self._handler: logging.Handler | None = None
-        self._tensorboard = None
+        self.checkpointer = Checkpointer(run, cfg.train.checkpoint_every)
+        self.metrics = MetricsFile(run.metrics)
+        self.loggers: list[EpochLogger] = []
 
     def start(self, *, resume: bool) -> None:
         """A fresh folder holding the resolved config (a checked, replaceable run is removed),
@@ -104,48 +128,22 @@ class RunWriter:
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(self._handler)
         log.setLevel(logging.INFO)
+        self.loggers = [self.metrics, Console(self.cfg.train.epochs)]
         if self._summary_class is not None:
-            self._tensorboard = self._summary_class(str(self.run.tensorboard))
+            self.loggers.append(TensorBoard(self.run.tensorboard, self._summary_class))
         return self
 
     def __exit__(self, *exc) -> None:
         if self._handler is not None:
             log.removeHandler(self._handler)
             self._handler.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
+        for logger in self.loggers:
+            logger.close()
 
-    def save_epoch(self, net: nn.Module, state: dict, history: list[dict], info: ModelInfo) -> None:
-        """Weights first, then the state that says the epoch is done: a crash between them
-        resumes the epoch again and overwrites the weights, never the reverse."""
-        ckpt.save_weights(self.run.weights, net, info, self.run.sidecar)
-        write_text(self.run.metrics, metrics_lines(history))
-        ckpt.save_state(self.run.path, state)
-        every = self.cfg.train.checkpoint_every
-        if every and info.epoch % every == 0 and not info.finished:
-            ckpt.save_weights(self.run.checkpoint(info.epoch), net, info)
-
-    def log_epoch(self, row: dict) -> None:
-        """One line a person can follow (every number is in metrics.jsonl too)."""
-        if self._tensorboard is not None:
-            for key, value in row.items():
-                self._tensorboard.add_scalar(key, value, row["epoch"])
-        epochs = self.cfg.train.epochs
-        accuracy = " / ".join(
-            f"{100 * row[k]:.2f}" for k in sorted(row, key=_exit_order) if k.startswith("val/acc/")
-        )
-        left = (epochs - row["epoch"]) * row["epoch_s"]
-        log.info(
-            "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.1f s, %.0f img/s%s",
-            row["epoch"],
-            epochs,
-            row["train/loss"],
-            accuracy,
-            row["epoch_s"],
-            row["images_per_s"],
-            f", about {left / 60:.1f} min left" if left else "",
-        )
-
-
-def _exit_order(key: str) -> int:
-    return int(key.rsplit("/", 1)[1]) if key.startswith("val/acc/") else -1
+    def save_epoch(self, net: nn.Module, state: dict, row: dict, info: ModelInfo) -> None:
+        """The weights, the row, then the state that says the epoch is done (see
+        `erde.train.checkpointer`); on resume `MetricsFile.keep` drops a row saved without it."""
+        self.checkpointer.save_weights(net, info)
+        for logger in self.loggers:
+            logger.log(row)
+        self.checkpointer.save_state(state)

@@ -1,0 +1,78 @@
+"""`EarlyExitModel`: a round trip through `save_pretrained` answers as the model did."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+
+from erde.cli.main import main
+from erde.deploy.early_exit_model import EarlyExitModel
+from erde.errors import ErdeError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def evaluated(teacher, tmp_path_factory):
+    """The teacher with a val-chosen threshold above 0 (half the MACs as the budget)."""
+    run = tmp_path_factory.mktemp("model") / "teacher"
+    shutil.copytree(teacher, run)
+    assert main(["evaluate", str(run), "--budget", "0.5", "--out", str(run / "eval")]) == 0
+    return run
+
+
+def images() -> np.ndarray:
+    return (load_digits().images[:200] * 255 / 16).astype(np.uint8)[..., None]
+
+
+def test_save_pretrained_keeps_the_exit_rule_it_was_chosen_with(evaluated, tmp_path):
+    report = json.loads((evaluated / "eval" / "report.json").read_text())
+    model = EarlyExitModel.from_pretrained(evaluated)
+    assert model.threshold == report["chosen"]["threshold"] > 0
+    assert "report.json" in model.rule_source
+    before = model.predict(images())
+    assert before.exits != model.predict(images(), threshold=0).exits  # the rule matters
+
+    model.save_pretrained(tmp_path / "saved")
+    again = EarlyExitModel.from_pretrained(tmp_path / "saved")
+    assert (again.threshold, again.policy, again.normalize) == (
+        model.threshold,
+        model.policy,
+        model.normalize,
+    )
+    assert again.rule_source == model.rule_source
+    after = again.predict(images())
+    assert (after.exits, after.labels) == (before.exits, before.labels)
+
+
+def test_a_saved_rule_is_refused_beside_other_weights(evaluated, tmp_path):
+    EarlyExitModel.from_pretrained(evaluated).save_pretrained(tmp_path / "saved")
+    weights = tmp_path / "saved" / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights))
+    with pytest.raises(ErdeError, match="chosen for other weights") as caught:
+        EarlyExitModel.from_pretrained(tmp_path / "saved")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"threshold": -1.0}, "field threshold"),
+        ({"policy": "median"}, "field policy"),
+        ({"format_version": 9}, "field format_version"),
+        ({"surprise": 1}, "field surprise"),
+    ],
+)
+def test_a_damaged_rule_names_its_field(evaluated, tmp_path, change, message):
+    EarlyExitModel.from_pretrained(evaluated).save_pretrained(tmp_path / "saved")
+    path = tmp_path / "saved" / "exit_rule.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(ErdeError, match=message) as caught:
+        EarlyExitModel.from_pretrained(tmp_path / "saved")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
