@@ -63,10 +63,11 @@ def test_a_saved_rule_is_refused_beside_other_weights(evaluated, tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"threshold": -1.0}, "field threshold"),
-        ({"policy": "median"}, "field policy"),
-        ({"format_version": 9}, "field format_version"),
-        ({"surprise": 1}, "field surprise"),
+        ({"threshold": -1.0}, "field 'threshold'"),
+        ({"policy": "median"}, "field 'policy'"),
+        ({"format_version": 9}, "has format version 9, this erde reads version 1"),
+        ({"surprise": 1}, "field 'surprise'"),
+        ({"weights_sha256": "abc"}, "field 'weights_sha256'"),
     ],
 )
 def test_a_damaged_rule_names_its_field(evaluated, tmp_path, change, message):
@@ -74,5 +75,15 @@ def test_a_damaged_rule_names_its_field(evaluated, tmp_path, change, message):
     path = tmp_path / "saved" / "exit_rule.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(ErdeError, match=message) as caught:
+        EarlyExitModel.from_pretrained(tmp_path / "saved")
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_deeply_nested_rule_is_one_line_not_a_recursion_error(evaluated, tmp_path):
+    EarlyExitModel.from_pretrained(evaluated).save_pretrained(tmp_path / "saved")
+    path = tmp_path / "saved" / "exit_rule.json"
+    assert json.loads(path.read_text())["format_version"] == 1
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ErdeError, match="not JSON \\(recursion limit exceeded") as caught:
         EarlyExitModel.from_pretrained(tmp_path / "saved")
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)

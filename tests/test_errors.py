@@ -340,6 +340,15 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     save_file(weights, d["NAN_WEIGHTS"] / "model.safetensors")
     d["BAD_METRICS"] = copy_run(p["UNFINISHED"], root / "bad-metrics")
     (d["BAD_METRICS"] / "metrics.jsonl").write_text('{"epoch": "one"}\n')
+    d["METRICS_NEWER"] = copy_run(p["UNFINISHED"], root / "metrics-newer")
+    rows = (p["UNFINISHED"] / "metrics.jsonl").read_text().splitlines()
+    newer = [json.dumps({**json.loads(r), "format_version": 3}) + "\n" for r in rows]
+    (d["METRICS_NEWER"] / "metrics.jsonl").write_text("".join(newer))
+    d["REPORT_NEWER"] = copy_run(p["EVALUATED"], root / "report-newer")
+    report = json.loads((p["EVALUATED"] / "eval" / "report.json").read_text())
+    (d["REPORT_NEWER"] / "eval" / "report.json").write_text(
+        json.dumps({**report, "format_version": 3})
+    )
     d["NAN_CACHE"] = copy_run(p["EVALUATED"], root / "nan-cache")
     cache = read_cache(d["NAN_CACHE"] / "logits.safetensors")
     cache.logits["val"][0, 0, 0] = float("nan")
@@ -347,6 +356,10 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     d["SIDECAR_TYPES"] = copy_run(p["RUN"], root / "sidecar-types")
     meta = json.loads((p["RUN"] / "model.json").read_text())
     (d["SIDECAR_TYPES"] / "model.json").write_text(json.dumps({**meta, "seed": "zero"}))
+    d["SIDECAR_NEWER"] = copy_run(p["RUN"], root / "sidecar-newer")
+    (d["SIDECAR_NEWER"] / "model.json").write_text(json.dumps({**meta, "format_version": 3}))
+    d["SIDECAR_DEEP"] = copy_run(p["RUN"], root / "sidecar-deep")
+    (d["SIDECAR_DEEP"] / "model.json").write_text("[" * 100000 + "]" * 100000)
     d["IMAGES_FIFO"] = root / "images-fifo"
     write_images(d["IMAGES_FIFO"])
     os.mkfifo(d["IMAGES_FIFO"] / "train" / "a" / "pipe.png")  # reading it would wait forever

@@ -254,7 +254,10 @@ def test_metrics_lines_are_checked(tmp_path):
     for text, what in (
         ('{"epoch": 1\n', "line 1 is damaged: not JSON"),
         ('{"epoch": 1}\n[1]\n', "line 2 is damaged: not a JSON object"),
-        ('{"epoch": true}\n', "field 'epoch' is not a number"),
+        ('{"epoch": true}\n', "field 'epoch': input should be a valid integer"),
+        ('{"epoch": 1, "lr": "0.1"}\n', "field 'lr': is not a number"),
+        ('{"epoch": 1, "val/acc/2": 0.5}\n', "not exits 1..n"),
+        ('{"epoch": 1, "format_version": 3}\n', "line 1 has format version 3, this erde reads"),
         (b"\xff\xfe{".decode("latin-1"), "not JSON"),
     ):
         path.write_text(text)
@@ -290,7 +293,7 @@ def sidecar() -> dict:
 )
 def test_sidecar_fields_are_checked(change, field):
     ModelInfo.from_json(sidecar())
-    with pytest.raises(ErdeError, match=f"model.json: {field}"):
+    with pytest.raises(ErdeError, match=f"model.json: field {field}"):
         ModelInfo.from_json({**sidecar(), **change})
 
 
@@ -308,6 +311,7 @@ def logits_cache(**changes) -> LogitsCache:
     [
         (logits_cache(exit_macs=[]), "'exit_macs'"),
         (logits_cache(exit_macs=[10, "20"]), "'exit_macs'"),
+        (logits_cache(exit_macs=[20, 10]), "'exit_macs'"),
         (logits_cache(weights_sha256="abc"), "'weights_sha256'"),
         (logits_cache(logits={"val": torch.zeros(3, 3, 4), "test": torch.zeros(3, 2, 4)}),
          "'val/logits'"),
@@ -337,6 +341,12 @@ def test_integers_too_long_for_python_or_float_are_damage_not_tracebacks(tmp_pat
     (tmp_path / "report.json").write_text(f'{{"threshold": {huge}}}')
     with pytest.raises(ErdeError, match="is corrupt"):
         read_json(tmp_path / "report.json", "report")
-    from erde.run.model_info import _finite
+    from pydantic import TypeAdapter
 
-    assert not _finite(10**400) and _finite(10**300) and not _finite(True)
+    from erde.formats import Finite
+
+    finite = TypeAdapter(Finite)
+    assert finite.validate_python(10**300) == 1e300
+    for value in (10**400, True, float("inf")):
+        with pytest.raises(ValueError):
+            finite.validate_python(value)

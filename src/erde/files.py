@@ -18,9 +18,14 @@ import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic_core
+from annotated_types import Ge
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from erde.errors import ErdeError
+from erde.formats import VERSION_KEY, Metric, Whole, check_version, one_line
 
 # The temporary of `atomic_write`: `.NAME.` + 8 hex digits + `.tmp`.
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
@@ -111,22 +116,62 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(Path(path), text)
 
 
+def parse_json(text: str | bytes) -> Any:
+    """JSON text as Python values, by pydantic's parser: nesting beyond its depth limit, an
+    integer beyond any float and invalid UTF-8 are a ValueError like any malformed text (Python's
+    `json` raises RecursionError on deep nesting)."""
+    return pydantic_core.from_json(text)
+
+
 def read_json(path: Path, what: str) -> Any:
     """A JSON file the project wrote; `what` names it in the message when it is missing or bad."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return parse_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise ErdeError(f"{what} {path} is missing; is this a finished erde run folder?") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: JSONDecodeError, 4300+ digits
+    except ValueError as exc:
         raise ErdeError(f"{what} {path} is corrupt ({exc}); retrain or restore the file") from None
 
 
+# 2: every row names its format version (version 1, which did not, is read the same way).
+METRICS_VERSION = 2
+_METRICS_FIX = "restore the file, or start the run again with --overwrite"
+
+
+class MetricsRow(BaseModel):
+    """One epoch of metrics.jsonl: `epoch`, and numbers named by the loop, among them the
+    per-exit `val/acc/1..n`."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Metric]
+
+    epoch: Annotated[Whole, Ge(1)]
+
+    @model_validator(mode="after")
+    def _exits_one_to_n(self) -> MetricsRow:
+        exits = sorted(k for k in self.model_extra if k.startswith("val/acc/"))
+        if exits != sorted(f"val/acc/{i}" for i in range(1, len(exits) + 1)):
+            raise ValueError("the val/acc/N fields are not exits 1..n")
+        return self
+
+
+def metrics_line(row: dict) -> str:
+    """One epoch's line of metrics.jsonl: a key-sorted JSON object with its format version."""
+    return json.dumps({**row, VERSION_KEY: METRICS_VERSION}, sort_keys=True) + "\n"
+
+
+def _metrics_from_version_1(row: dict) -> dict:
+    """Version 1 rows held the same numbers without naming their version."""
+    return row
+
+
+_METRICS_MIGRATIONS = {1: _metrics_from_version_1}
+
+
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
-    """A metrics file: one JSON object of numbers per line, with `epoch` and the per-exit
-    `val/acc/1..n` (the schema of metrics.jsonl); only the first `limit` rows are read (a resumed
-    run's, whose later lines may be half written). ErdeError naming the line and the field when a
-    line is damaged."""
+    """A metrics file (`MetricsRow` per line), without the version key; only the first `limit`
+    rows are read (a resumed run's, whose later lines may be half written). ErdeError naming the
+    line and the field when a line is damaged."""
     if not Path(path).is_file():
         return []
     rows: list[dict] = []
@@ -136,29 +181,26 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
                 break
             if not line.strip():
                 continue
+            where = f"{path} line {number} is damaged"
             try:
-                row = json.loads(line)
-            except ValueError as exc:  # JSONDecodeError, or an integer of 4300+ digits
+                raw = parse_json(line)
+            except ValueError as exc:
                 raise _bad_line(path, number, f"not JSON ({exc})") from None
-            if not isinstance(row, dict):
+            if not isinstance(raw, dict):
                 raise _bad_line(path, number, "not a JSON object")
-            for key, value in row.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise _bad_line(path, number, f"field {key!r} is not a number")
-            exits = sorted(k for k in row if k.startswith("val/acc/"))
-            if exits != sorted(f"val/acc/{i}" for i in range(1, len(exits) + 1)):
-                raise _bad_line(path, number, "the val/acc/N fields are not exits 1..n")
-            if not isinstance(row.get("epoch"), int) or row["epoch"] < 1:
-                raise _bad_line(path, number, "field 'epoch' is not a whole number >= 1")
-            rows.append(row)
+            try:
+                line_of = f"{path} line {number}"
+                raw = check_version(
+                    raw, line_of, METRICS_VERSION, _METRICS_MIGRATIONS, _METRICS_FIX
+                )
+                rows.append(MetricsRow.model_validate(raw).model_dump())
+            except ValidationError as exc:
+                raise ErdeError(one_line(where, exc, _METRICS_FIX)) from None
     return rows
 
 
 def _bad_line(path: Path, number: int, what: str) -> ErdeError:
-    return ErdeError(
-        f"{path} line {number} is damaged: {what}; restore the file, or start the run again "
-        "with --overwrite"
-    )
+    return ErdeError(f"{path} line {number} is damaged: {what}; {_METRICS_FIX}")
 
 
 def sha256_bytes(blob: bytes) -> str:

@@ -2,43 +2,44 @@
 normalisation, where they came from, and the weights they were chosen for.
 
 A threshold only means something for the weights it was chosen on, so the file holds their
-SHA-256 and a reader refuses it beside any other weights.
+SHA-256 and a reader refuses it beside any other weights. Its fields obey the rules of the other
+erde files (`erde.formats`: the same threshold, policy and SHA-256 as an export's manifest).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from annotated_types import MinLen
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES
-from erde.files import sha256_file, write_text
+from erde.files import parse_json, sha256_file, write_text
+from erde.formats import VERSION_KEY, Flag, NonNegative, Sha256, Text, check_version, validate
 
 FILE = "exit_rule.json"
+FORMAT_VERSION = 1
+FIX = "save the model again with save_pretrained, or delete the file to use the final exit"
 
 
 class ExitRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = 1
-    threshold: float = Field(ge=0, allow_inf_nan=False)
-    policy: str
-    normalize: bool
-    source: str = Field(min_length=1)
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-    @field_validator("policy")
-    @classmethod
-    def _known(cls, policy: str) -> str:
-        if policy not in POLICIES:
-            raise ValueError(f"{policy!r} is not one of {', '.join(POLICIES)}")
-        return policy
+    threshold: NonNegative
+    policy: Literal[POLICIES]
+    normalize: Flag
+    source: Annotated[Text, MinLen(1)]
+    weights_sha256: Sha256
 
     def write(self, folder: Path) -> None:
-        write_text(folder / FILE, self.model_dump_json(indent=2) + "\n")
+        rule = {VERSION_KEY: FORMAT_VERSION, **self.model_dump()}
+        write_text(folder / FILE, json.dumps(rule, indent=2) + "\n")
+
+
+_ADAPTER = TypeAdapter(ExitRule)
 
 
 def read_exit_rule(folder: Path, weights: Path) -> ExitRule | None:
@@ -47,23 +48,13 @@ def read_exit_rule(folder: Path, weights: Path) -> ExitRule | None:
     path = folder / FILE
     if not path.is_file():
         return None
-    fix = "save the model again with save_pretrained, or delete the file to use the final exit"
     try:
-        rule = ExitRule.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise ErdeError(f"{path}: {_first_problem(exc)}; {fix}") from None
+        raw = parse_json(path.read_bytes())
+    except ValueError as exc:
+        raise ErdeError(f"{path}: not JSON ({exc}); {FIX}") from None
+    rule = validate(_ADAPTER, check_version(raw, path, FORMAT_VERSION, {}, FIX), path, FIX)
     if rule.weights_sha256 != sha256_file(weights):
         raise ErdeError(
-            f"{path} was chosen for other weights than {weights} (SHA-256 differs); {fix}"
+            f"{path} was chosen for other weights than {weights} (SHA-256 differs); {FIX}"
         )
     return rule
-
-
-def _first_problem(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"]) or "the file"
-        return f"field {where}: {error['msg']}"
-    if isinstance(exc, RecursionError):
-        return "not JSON an erde file could hold (nested too deeply)"
-    return f"not JSON ({' '.join(str(exc).split())[:120]})"

@@ -1,8 +1,9 @@
 """`manifest.json` of an export: the model it holds, the deployment threshold, and one entry per
-ONNX file. Read and checked in one place: `read_manifest` checks every field's type and range
-before anything uses it (and that the graphs' stated shapes fit the images and classes), and
-`read_graph` every file's place, checksum, self-containment and tensor names and shapes. The
-runtime and the benchmark use the typed `Manifest`, never the raw dict.
+ONNX file. Read and checked in one place: `read_manifest` checks the file against
+`ManifestFile`, whose field types (`erde.formats`, shared with `model.json`) give every field's
+type and range, before anything uses it (and that the graphs' stated shapes fit the images and
+classes), and `read_graph` every file's place, checksum, self-containment and tensor names and
+shapes. The runtime and the benchmark use the typed `Manifest`, never the raw dict.
 
 A manifest is input like any other (a folder can be copied, edited or planted), so every file it
 names must be a plain file name whose path resolves inside the export folder: no `..`, no
@@ -12,29 +13,136 @@ would follow to any path).
 
 from __future__ import annotations
 
-import json
-import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import onnx
+from annotated_types import Interval, MinLen
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    PlainValidator,
+    TypeAdapter,
+    model_validator,
+)
+from typing_extensions import NotRequired, TypedDict
 
 from erde.deploy.onnx_export import shapes
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES
-from erde.files import read_json, sha256_bytes
-from erde.run.model_info import ModelInfo
+from erde.files import parse_json, read_json, sha256_bytes
+from erde.formats import (
+    VERSION_KEY,
+    FieldProblem,
+    Flag,
+    NonNegative,
+    Sha256,
+    Text,
+    Whole,
+    check_version,
+    validate,
+)
+from erde.run.model_info import ModelInfo, checked
 
 FORMAT = "erde-early-exit-onnx"
 FORMAT_VERSION = 3  # 3: single.onnx numbers exits 1..n (2 numbered them from 0)
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "int8")
-# The smallest pixel std (0..1 scale) a manifest may give. A channel that is not constant has a
-# std of at least about 1 / (255 sqrt(N)) over N pixels (a constant one is recorded as 1), so
-# only a training set of over 10^13 pixels could come below it.
-_MIN_STD = 1e-6
+FIX = "re-create the folder with `erde export RUN --out DIR --overwrite`"
+
+
+def _plain_name(name: str) -> str:
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"names {name!r}, not a plain file name inside the export folder")
+    return name
+
+
+def _dimension(value: Any) -> int | str:
+    """A size, or the name of a dynamic dimension, as `shapes` records them."""
+    if isinstance(value, str) or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    ):
+        return value
+    raise ValueError("is neither a size nor the name of a dimension")
+
+
+class Tensor(TypedDict):
+    name: Text
+    shape: list[Annotated[int | str, PlainValidator(_dimension)]]
+
+
+class GraphFile(TypedDict):
+    """A file entry: a plain file inside the export folder, its checksum and its graph's
+    inputs and outputs (a piece also gives its exit)."""
+
+    file: Annotated[Text, AfterValidator(_plain_name)]
+    sha256: Sha256
+    inputs: Annotated[list[Tensor], MinLen(1)]
+    outputs: Annotated[list[Tensor], MinLen(1)]
+    exit: NotRequired[Whole]
+
+
+class ManifestFile(BaseModel):
+    """`manifest.json` as written: flat keys, so a person reading the file finds each fact at
+    the top level. The model's own fields are `ModelInfo`'s (`_info_fields`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal[FORMAT]
+    source_run: Text
+    weights_sha256: Sha256
+    model: Text
+    arch: Any
+    method: Any
+    classes: Any
+    input_size: Any
+    in_channels: Any
+    mean: Any
+    std: Any
+    data_source: Any
+    exit_macs: Any
+    static_macs: Any
+    precision: Literal[PRECISIONS]
+    threshold: NonNegative
+    policy: Literal[POLICIES]
+    normalize: Flag
+    threshold_source: Text
+    budget_thresholds: dict[str, NonNegative]
+    pieces: list[GraphFile]
+    static: GraphFile
+    single: GraphFile
+    quantization: dict[str, Any] | None
+    opset: Annotated[Whole, Interval(ge=1, le=100)]
+    exporter: Text
+
+    @model_validator(mode="after")
+    def _distinct_files(self) -> ManifestFile:
+        names = [e["file"] for e in [*self.pieces, self.static, self.single]]
+        if len(set(names)) != len(names):
+            raise ValueError("names one file for two graphs")
+        return self
+
+
+# `ModelInfo`'s fields under their names in a manifest.
+_DATA_KEYS = {"source": "data_source", **{k: k for k in ("classes", "mean", "std")}}
+_DATA_KEYS.update({"input_size": "input_size", "in_channels": "in_channels"})
+
+
+def _info_fields(raw: dict) -> dict:
+    return {
+        **{k: raw.get(k) for k in ("arch", "exit_macs", "static_macs", "method")},
+        "data": {k: raw.get(key) for k, key in _DATA_KEYS.items()},
+    }
+
+
+def _manifest_name(field: str) -> str:
+    """A `ModelInfo` field as the manifest names it: `data.std[0]` is `std[0]`."""
+    if not field.startswith("data."):
+        return field
+    key, _, rest = field.removeprefix("data.").partition("[")
+    return _DATA_KEYS.get(key, key) + (f"[{rest}" if rest else "")
 
 
 @dataclass(frozen=True)
@@ -68,7 +176,7 @@ class Manifest:
         i, d = self.info, self.info.data
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            VERSION_KEY: FORMAT_VERSION,
             "source_run": self.source_run,
             "weights_sha256": self.weights_sha256,
             "model": i.name,
@@ -98,185 +206,66 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: Any, path: Path) -> Manifest:
-        def bad(what: str) -> ErdeError:
-            return ErdeError(
-                f"{path} {what} (edited or damaged); re-create the folder with `erde export`"
-            )
-
+        """A manifest of the current format version; older ones (whose graphs this erde runs
+        differently) and newer ones are refused with the re-export command."""
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ErdeError(f"{path} is not an erde export manifest; re-export with `erde export`")
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise ErdeError(
-                f"{path} has format version {raw.get('format_version')}, this erde reads "
-                f"version {FORMAT_VERSION}; re-export the run with this erde version"
-            )
-        missing = [k for k in _KEYS if k not in raw]
-        if missing:
-            raise bad(f"lacks {', '.join(missing)}")
-        _check_fields(raw, bad)
-        info = ModelInfo.from_json(
-            {
-                **{k: raw[k] for k in ("arch", "exit_macs", "static_macs", "method")},
-                "data": {
-                    "source": raw["data_source"],
-                    **{k: raw[k] for k in ("classes", "mean", "std", "input_size")},
-                    "in_channels": raw["in_channels"],
-                },
-            },
-            path,
-        )
-        _check_files(raw, info, bad)
+            raise ErdeError(f"{path} is not an erde export manifest; {FIX}")
+        raw = check_version(raw, path, FORMAT_VERSION, {}, FIX)
+        file = validate(_FILE, raw, path, FIX)
+        info = checked(_info_fields(raw), path, FIX, _manifest_name)
+        try:
+            _check_files(file, info)
+        except ValueError as exc:
+            raise ErdeError(f"{path}: {exc}; {FIX}") from None
         return cls(
             info=info,
             deployment=Deployment(
-                float(raw["threshold"]), raw["policy"], raw["normalize"], raw["threshold_source"]
+                file.threshold, file.policy, file.normalize, file.threshold_source
             ),
-            pieces=raw["pieces"],
-            static=raw["static"],
-            single=raw["single"],
-            precision=raw["precision"],
-            budget_thresholds={k: float(v) for k, v in raw["budget_thresholds"].items()},
-            quantization=raw["quantization"],
-            opset=raw["opset"],
-            exporter=raw["exporter"],
-            source_run=raw["source_run"],
-            weights_sha256=raw["weights_sha256"],
+            pieces=file.pieces,
+            static=file.static,
+            single=file.single,
+            precision=file.precision,
+            budget_thresholds=file.budget_thresholds,
+            quantization=file.quantization,
+            opset=file.opset,
+            exporter=file.exporter,
+            source_run=file.source_run,
+            weights_sha256=file.weights_sha256,
         )
 
 
-_KEYS = (
-    "source_run",
-    "weights_sha256",
-    "model",
-    "arch",
-    "classes",
-    "input_size",
-    "in_channels",
-    "mean",
-    "std",
-    "data_source",
-    "precision",
-    "threshold",
-    "policy",
-    "normalize",
-    "threshold_source",
-    "budget_thresholds",
-    "exit_macs",
-    "static_macs",
-    "pieces",
-    "static",
-    "single",
-    "quantization",
-    "opset",
-    "exporter",
-)
+_FILE = TypeAdapter(ManifestFile)
 
 
-def _number(value: Any) -> bool:
-    """A finite, non-negative JSON number (a bool is not one; nor is an integer too large for a
-    float, which JSON allows)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value) and value >= 0
-    except OverflowError:
-        return False
-
-
-def _check_fields(raw: dict, bad) -> None:
-    """Every scalar field: type and range, before anything reads it. The normalisation must be
-    pixel statistics on the 0..1 scale (what `erde train` records): a mean of 1e30 or a std of
-    1e-300 would feed the graphs infinities, and their answers would be noise."""
-    if not _number(raw["threshold"]):
-        raise bad("has a 'threshold' that is not a finite non-negative number")
-    if raw["policy"] not in POLICIES or not isinstance(raw["normalize"], bool):
-        raise bad(f"needs a 'policy' out of {', '.join(POLICIES)} and 'normalize' true or false")
-    if raw["precision"] not in PRECISIONS:
-        raise bad(f"has precision {raw['precision']!r}, not one of {', '.join(PRECISIONS)}")
-    budgets = raw["budget_thresholds"]
-    if not isinstance(budgets, dict) or not all(_number(v) for v in budgets.values()):
-        raise bad("has 'budget_thresholds' that do not map budgets to non-negative numbers")
-    if raw["quantization"] is not None and not isinstance(raw["quantization"], dict):
-        raise bad("has a 'quantization' entry that is neither null nor an object")
-    opset = raw["opset"]
-    if not isinstance(opset, int) or isinstance(opset, bool) or not 1 <= opset <= 100:
-        raise bad("has an 'opset' that is not an ONNX opset number")
-    for key in ("threshold_source", "exporter", "source_run", "weights_sha256"):
-        if not isinstance(raw[key], str):
-            raise bad(f"has {key!r} that is not text")
-    mean, std = raw["mean"], raw["std"]
-    if not isinstance(mean, list) or not all(_number(v) and v <= 1 for v in mean):
-        raise bad("has a 'mean' that is not a list of pixel means between 0 and 1")
-    if not isinstance(std, list) or not all(_number(v) and _MIN_STD <= v <= 1 for v in std):
-        raise bad(f"has a 'std' that is not a list of pixel deviations between {_MIN_STD} and 1")
-
-
-def _check_files(raw: dict, info: ModelInfo, bad) -> None:
+def _check_files(file: ManifestFile, info: ModelInfo) -> None:
     """One piece per exit in order, chained by tensor name and shape, plus the static and single
     graphs, all taking the model's images and giving one logit per class."""
     n_exits = info.num_exits
-    pieces = raw["pieces"]
-    if not isinstance(pieces, list) or len(pieces) != n_exits:
-        raise bad(f"must list one file in 'pieces' per exit ({n_exits})")
-    entries = [*pieces, raw["static"], raw["single"]]
-    for entry in entries:
-        _check_entry(entry, bad)
-    names = [e["file"] for e in entries]
-    if len(set(names)) != len(names):
-        raise bad("names one file for two graphs")
+    pieces = file.pieces
+    if len(pieces) != n_exits:
+        raise FieldProblem("pieces", f"must list one file per exit ({n_exits})")
     for k, piece in enumerate(pieces):
         if piece.get("exit") != k + 1:
-            raise bad(
-                f"lists the pieces out of order (entry {k + 1} says exit {piece.get('exit')})"
+            raise FieldProblem(
+                "pieces", f"out of order (entry {k + 1} says exit {piece.get('exit')})"
             )
         want = 1 if k == n_exits - 1 else 3
         if len(piece["inputs"]) != 1 or len(piece["outputs"]) != want:
-            raise bad(f"gives piece {k + 1} other than 1 input and {want} output(s)")
+            raise FieldProblem(f"pieces[{k}]", f"must have 1 input and {want} output(s)")
         if k and piece["inputs"][0] != pieces[k - 1]["outputs"][0]:
-            raise bad(f"does not chain piece {k} to piece {k + 1}")
+            raise FieldProblem("pieces", f"does not chain piece {k} to piece {k + 1}")
     d = info.data
-    twice = [c for c, n in Counter(d.classes).items() if n > 1]
-    if twice:
-        raise bad(f"names class {twice[0]!r} twice in 'classes'")
-    images = [pieces[0]["inputs"][0], raw["static"]["inputs"][0], raw["single"]["inputs"][0]]
+    images = [pieces[0]["inputs"][0], file.static["inputs"][0], file.single["inputs"][0]]
     if any(v["shape"][1:] != [d.in_channels, d.input_size, d.input_size] for v in images):
-        raise bad(
+        raise ValueError(
             f"gives graph inputs that are not {d.in_channels} x {d.input_size} x {d.input_size} "
             "images ('in_channels', 'input_size')"
         )
     logits = [p["outputs"][1 if k < n_exits - 1 else 0] for k, p in enumerate(pieces)]
-    logits += [raw["static"]["outputs"][0], raw["single"]["outputs"][0]]
+    logits += [file.static["outputs"][0], file.single["outputs"][0]]
     if any(v["shape"][-1:] != [len(d.classes)] for v in logits):
-        raise bad(f"gives graph outputs of other than {len(d.classes)} logits ('classes')")
-
-
-def _check_entry(entry: Any, bad) -> None:
-    """A file entry names a plain file inside the export folder, with its checksum and its
-    graph's inputs and outputs."""
-    if not isinstance(entry, dict):
-        raise bad("has a file entry that is not an object")
-    name, digest = entry.get("file"), entry.get("sha256")
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise bad(f"names {name!r}, not a plain file name inside the export folder")
-    if not isinstance(digest, str) or len(digest) != 64:
-        raise bad(f"gives no SHA-256 for {name!r}")
-    for key in ("inputs", "outputs"):
-        values = entry.get(key)
-        ok = isinstance(values, list) and values
-        if not ok or not all(
-            isinstance(v, dict) and isinstance(v.get("name"), str) for v in values
-        ):
-            raise bad(f"gives no tensor names ({key!r}) for {name!r}")
-        if not all(_shape(v.get("shape")) for v in values):
-            raise bad(f"gives a tensor shape in {key!r} of {name!r} that is no list of sizes")
-
-
-def _shape(value: Any) -> bool:
-    """A tensor shape as `shapes` records it: sizes, or names of dynamic dimensions."""
-    return isinstance(value, list) and all(
-        isinstance(d, str) or (isinstance(d, int) and not isinstance(d, bool) and d >= 0)
-        for d in value
-    )
+        raise ValueError(f"gives graph outputs of other than {len(d.classes)} logits ('classes')")
 
 
 def read_manifest(export_dir: str | Path) -> Manifest:
@@ -294,7 +283,7 @@ def read_manifest(export_dir: str | Path) -> Manifest:
 
 def is_export(path: Path) -> bool:
     try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("format") == FORMAT
+        return parse_json((path / MANIFEST).read_bytes()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

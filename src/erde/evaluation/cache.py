@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -23,6 +24,7 @@ from erde.data.prepare import eval_batches, prepare_data
 from erde.device import resolve_device
 from erde.errors import ErdeError
 from erde.files import sha256_file, write_bytes
+from erde.formats import ExitMacs
 from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
@@ -114,11 +116,16 @@ def read_cache(path: Path) -> LogitsCache:
     return cache
 
 
+_EXIT_MACS = TypeAdapter(ExitMacs)
+
+
 def cache_problem(cache: LogitsCache, num_exits: int | None = None) -> str | None:
     """What makes a cache unusable (the field named), or None: the schema of the file kind."""
     macs = cache.exit_macs
-    if not (isinstance(macs, list) and macs and all(_count(m) for m in macs)):
-        return "'exit_macs' is not a non-empty list of positive whole numbers"
+    try:
+        _EXIT_MACS.validate_python(macs)  # the rule of model.json, report.json and manifest.json
+    except ValidationError:
+        return "'exit_macs' is not an increasing list of positive whole numbers, one per exit"
     if not isinstance(cache.weights_sha256, str) or len(cache.weights_sha256) != 64:
         return "'weights_sha256' is not a SHA-256 digest"
     for split in SPLITS:
@@ -134,10 +141,6 @@ def cache_problem(cache: LogitsCache, num_exits: int | None = None) -> str | Non
     if num_exits is not None and len(macs) != num_exits:
         return f"'exit_macs' lists {len(macs)} exits but the model has {num_exits}"
     return None
-
-
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "auto") -> LogitsCache:

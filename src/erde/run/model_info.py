@@ -1,30 +1,61 @@
 """`model.json`, the sidecar of a run's weights: how to rebuild the model, what it costs and
-what data it expects. Read and checked in one place (`ModelInfo.read`); every command uses the
+what data it expects. Its format is the dataclasses below, whose field types
+(`erde.formats`) carry the rules; `ModelInfo.read` checks a file once, and every command uses the
 typed object, never the raw dict.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from erde.errors import ErdeError
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, with_config
+from typing_extensions import NotRequired, TypedDict
+
 from erde.files import read_json, write_json
+from erde.formats import (
+    VERSION_KEY,
+    Classes,
+    Count,
+    ExitMacs,
+    FieldProblem,
+    Flag,
+    PixelMean,
+    PixelStd,
+    Text,
+    Whole,
+    check_version,
+    validate,
+)
+
+# 2: the file names its format version (version 1, which did not, is read the same way).
+FORMAT_VERSION = 2
+FIX = "retrain the run (`erde train ... --overwrite`) or restore the file"
+
+
+@with_config(ConfigDict(extra="allow"))
+class Arch(TypedDict):
+    """The keyword arguments of `create_model`: the sizes it allocates are checked, any other
+    option is the builder's to check."""
+
+    name: Text
+    num_classes: NotRequired[Count]
+    in_channels: NotRequired[Count]
+    input_size: NotRequired[Count]
+    exits: NotRequired[list[Count]]
 
 
 @dataclass(frozen=True)
 class DataInfo:
     """What a model expects of its input: the data it was trained on and its normalisation."""
 
-    source: str
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    input_size: int
-    in_channels: int
+    source: Text
+    classes: Classes
+    mean: list[PixelMean]
+    std: list[PixelStd]
+    input_size: Count
+    in_channels: Count
 
     # What a teacher and its student must share (a teacher of other classes or image sizes
     # cannot teach).
@@ -44,18 +75,18 @@ class ModelInfo:
     of deploying it without early exits.
     """
 
-    arch: dict[str, Any]
-    exit_macs: list[int]
-    static_macs: int
+    arch: Arch
+    exit_macs: ExitMacs
+    static_macs: Count
     data: DataInfo
-    method: str = "teacher"
-    seed: int = 0
-    epochs: int = 0
-    teacher: str | None = None
-    pairing: list[int] | None = None
+    method: Text = "teacher"
+    seed: Whole = 0
+    epochs: Whole = 0
+    teacher: Text | None = None
+    pairing: list[Whole] | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    epoch: int = 0
-    finished: bool = False
+    epoch: Whole = 0
+    finished: Flag = False
 
     @property
     def name(self) -> str:
@@ -66,7 +97,7 @@ class ModelInfo:
         return len(self.exit_macs)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {VERSION_KEY: FORMAT_VERSION, **asdict(self)}
 
     def write(self, path: Path) -> None:
         write_json(path, self.to_json())
@@ -77,90 +108,41 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, raw: Any, path: Path | str = "model.json") -> ModelInfo:
-        """Checked field by field: a damaged or foreign sidecar is a message, not a traceback."""
+        """A `model.json` of any version this erde reads; a damaged or foreign one is a
+        one-line message naming the field, not a traceback."""
+        return checked(check_version(raw, path, FORMAT_VERSION, MIGRATIONS, FIX), path, FIX)
 
-        def bad(what: str) -> ErdeError:
-            return ErdeError(
-                f"{path}: {what}; the file was not written by this version of erde or is "
-                "damaged: retrain the run or restore the file"
+
+def _agree(info: ModelInfo) -> ModelInfo:
+    """The sizes `create_model(**arch)` will allocate and the normalisation, against the data
+    they must agree with."""
+    d = info.data
+    for key in ("mean", "std"):
+        if len(getattr(d, key)) != d.in_channels:
+            raise FieldProblem(f"data.{key}", f"must list one number per channel ({d.in_channels})")
+    for key, expected, what in (
+        ("num_classes", len(d.classes), "classes"),
+        ("in_channels", d.in_channels, "channels"),
+    ):
+        if key in info.arch and info.arch[key] != expected:
+            raise FieldProblem(
+                f"arch.{key}", f"is {info.arch[key]!r} but the data has {expected} {what}"
             )
-
-        if not isinstance(raw, dict):
-            raise bad("it does not hold a JSON object")
-        missing = [k for k in ("arch", "exit_macs", "static_macs", "data") if k not in raw]
-        if missing:
-            raise bad(f"it has no {', '.join(repr(k) for k in missing)} entry")
-        arch = raw["arch"]
-        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
-            raise bad("'arch' must be an object with a model 'name'")
-        macs = raw["exit_macs"]
-        if not (isinstance(macs, list) and macs and all(_count(m) for m in macs)):
-            raise bad("'exit_macs' must be a non-empty list of positive whole numbers")
-        if any(b < a for a, b in itertools.pairwise(macs)):
-            raise bad("'exit_macs' must not decrease (they are cumulative)")
-        if not _count(raw["static_macs"]):
-            raise bad("'static_macs' must be a positive whole number")
-        data = _data_info(raw["data"], bad)
-        known = {f for f in cls.__dataclass_fields__ if f not in ("arch", "data")}
-        extra = {k: raw[k] for k in known if k in raw}
-        kinds = {"method": str, "seed": int, "epochs": int, "epoch": int, "finished": bool}
-        kinds.update({"teacher": (str, type(None)), "pairing": (list, type(None)), "config": dict})
-        for key, kind in kinds.items():
-            value = extra.get(key)
-            wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-            if key in extra and wrong:
-                raise bad(f"{key!r} has the wrong type ({type(value).__name__})")
-        _check_arch(arch, data, bad)
-        return cls(arch=arch, data=data, **extra)
+    return info
 
 
-def _check_arch(arch: dict[str, Any], data: DataInfo, bad) -> None:
-    """The sizes `create_model(**arch)` will allocate, against the data they must agree with."""
-    for key, expected in (("num_classes", len(data.classes)), ("in_channels", data.in_channels)):
-        if key in arch and arch[key] != expected:
-            raise bad(f"'arch.{key}' is {arch[key]!r} but 'data' implies {expected}")
-    if "input_size" in arch and not _count(arch["input_size"]):
-        raise bad("'arch.input_size' must be a positive whole number")
-    exits = arch.get("exits", [])
-    if not (isinstance(exits, list) and all(_count(e) for e in exits)):
-        raise bad("'arch.exits' must be a list of block numbers")
+_ADAPTER = TypeAdapter(Annotated[ModelInfo, AfterValidator(_agree)])
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def checked(raw: Any, path: Path | str, fix: str, rename=None) -> ModelInfo:
+    """A current-version sidecar's fields as a `ModelInfo` (an export's manifest holds them too,
+    under its own names: `rename` maps a field to the name the message gives)."""
+    return validate(_ADAPTER, raw, path, fix, rename)
 
 
-def _data_info(raw: Any, bad) -> DataInfo:
-    if not isinstance(raw, dict):
-        raise bad("'data' must be an object")
-    missing = [k for k in DataInfo.__dataclass_fields__ if k not in raw]
-    if missing:
-        raise bad(f"'data' has no {', '.join(repr(k) for k in missing)} entry")
-    classes, mean, std = raw["classes"], raw["mean"], raw["std"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise bad("'data.classes' must be a non-empty list of class names")
-    if not (_count(raw["input_size"]) and _count(raw["in_channels"])):
-        raise bad("'data.input_size' and 'data.in_channels' must be positive whole numbers")
-    for key, values in (("mean", mean), ("std", std)):
-        ok = isinstance(values, list) and len(values) == raw["in_channels"]
-        if not ok or not all(_finite(v) for v in values):
-            raise bad(f"'data.{key}' must list one finite number per channel")
-    if not all(v > 0 for v in std):
-        raise bad("'data.std' must be positive")
-    return DataInfo(
-        source=str(raw["source"]),
-        classes=list(classes),
-        mean=[float(v) for v in mean],
-        std=[float(v) for v in std],
-        input_size=raw["input_size"],
-        in_channels=raw["in_channels"],
-    )
+def _from_version_1(raw: dict) -> dict:
+    """Version 1 held the same fields without naming its version."""
+    return raw
 
 
-def _finite(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float range
-        return False
+MIGRATIONS = {1: _from_version_1}

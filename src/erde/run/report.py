@@ -1,23 +1,43 @@
 """The evaluation report as typed data (`report.json`), and the markdown table commands print.
 
 `erde evaluate` writes a `Report`; `erde compare`, `erde export` and `erde bench` read it back with
-`read_report`, which checks the file once, so no reader indexes a dict by string keys. Accuracy is
-a fraction and MACs are per image. This module imports no evaluation code: anything may use it.
+`read_report`, which checks the file once against the dataclasses' field types (`erde.formats`),
+so no reader indexes a dict by string keys. Accuracy is a fraction and MACs are per image. This
+module imports no evaluation code: anything may use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from annotated_types import MinLen
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, with_config
+from typing_extensions import TypedDict
 
-from erde.errors import ErdeError
 from erde.files import read_json, write_json
+from erde.formats import (
+    VERSION_KEY,
+    ExitMacs,
+    FieldProblem,
+    Flag,
+    Measured,
+    Number,
+    Text,
+    Whole,
+    check_version,
+    validate,
+)
+
+# 2: the report names its format version. Version 1 did not; its reports written before
+# `chosen_by` existed also numbered the teacher exits from 0 (`_from_version_1`).
+FORMAT_VERSION = 2
+FIX = "rewrite it with `erde evaluate RUN --refresh` (RUN: the run it reports on)"
+PerExit = Annotated[list[Measured], MinLen(1)]  # one number per exit (accuracies, shares)
 
 
 @dataclass(frozen=True)
@@ -31,16 +51,16 @@ class OperatingPoint:
     MACs per test image it spends than the reference and than the run's own full model.
     """
 
-    threshold: float
-    criterion: str
-    val_accuracy: float
-    val_expected_macs: float
-    test_accuracy: float
-    test_expected_macs: float
-    test_exit_share: list[float]
-    reduction_vs_reference: float
-    reduction_vs_own_full: float
-    reached: bool = True
+    threshold: Measured
+    criterion: Text
+    val_accuracy: Measured
+    val_expected_macs: Measured
+    test_accuracy: Measured
+    test_expected_macs: Measured
+    test_exit_share: PerExit
+    reduction_vs_reference: Measured
+    reduction_vs_own_full: Measured
+    reached: Flag = True
 
 
 @dataclass(frozen=True)
@@ -48,10 +68,10 @@ class Reference:
     """The model whose accuracy a student must keep (by default the teacher's final exit) and
     `macs`, what it costs per image when deployed as a plain network."""
 
-    label: str
-    val_accuracy: float
-    test_accuracy: float
-    macs: float
+    label: Text
+    val_accuracy: Measured
+    test_accuracy: Measured
+    macs: Measured
 
 
 @dataclass(frozen=True)
@@ -68,12 +88,12 @@ class ExitDiagnostics:
     reference's final exit gets wrong that leave here.
     """
 
-    ece: float
-    auroc: float | None
-    teacher_exit: int | None
-    mean_score_teacher_right: float | None
-    mean_score_teacher_wrong: float | None
-    teacher_wrong_exit_share: float | None
+    ece: Number
+    auroc: Number | None
+    teacher_exit: Whole | None
+    mean_score_teacher_right: Number | None
+    mean_score_teacher_wrong: Number | None
+    teacher_wrong_exit_share: Number | None
 
 
 @dataclass(frozen=True)
@@ -86,12 +106,20 @@ class Diagnostics:
     the share of test images the reference's final exit gets wrong.
     """
 
-    ece_bins: int
-    teacher_note: str
-    teacher_wrong_share: float | None
-    early_exit_share: float
-    early_exit_error: float | None
-    per_exit: list[ExitDiagnostics]
+    ece_bins: Whole
+    teacher_note: Text
+    teacher_wrong_share: Number | None
+    early_exit_share: Measured
+    early_exit_error: Number | None
+    per_exit: Annotated[list[ExitDiagnostics], MinLen(1)]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class PerSplit(TypedDict):
+    """One accuracy per exit on each split."""
+
+    val: PerExit
+    test: PerExit
 
 
 OWN_REFERENCE = "the run's own final exit"
@@ -125,22 +153,22 @@ class Report:
     would deploy another rule.
     """
 
-    run: str
-    model: str
-    method: str
-    seed: int
-    policy: str
-    normalize: bool
-    exit_macs: list[float]
-    per_exit_accuracy: dict[str, list[float]]
-    test_auc: float
+    run: Text
+    model: Text
+    method: Text
+    seed: Whole
+    policy: Text
+    normalize: Flag
+    exit_macs: ExitMacs
+    per_exit_accuracy: PerSplit
+    test_auc: Measured
     reference: Reference
-    max_drop_points: float
+    max_drop_points: Measured
     at_reference_accuracy: OperatingPoint
     at_own_full_accuracy: OperatingPoint
     at_budget_fraction: dict[str, OperatingPoint | None]
     chosen: OperatingPoint
-    chosen_by: str
+    chosen_by: Text
     diagnostics: Diagnostics | None = None
 
     @property
@@ -149,164 +177,77 @@ class Report:
         return criterion_text(self.chosen_by, self.policy, self.normalize)
 
     def write(self, path: Path) -> None:
-        """`report.json`, atomically; NaN (an empty split) becomes null."""
-        write_json(path, self)
+        """`report.json`, atomically, with its format version; NaN (an empty split) becomes
+        null."""
+        write_json(path, {VERSION_KEY: FORMAT_VERSION, **dataclasses.asdict(self)})
 
     @classmethod
     def from_json(cls, raw: Any, path: Path | str = "report.json") -> Report:
-        """Checked entry by entry: a damaged or foreign file is a message, not a KeyError."""
-
-        def bad(what: str) -> ErdeError:
-            return ErdeError(
-                f"evaluation report {path}: {what}; it was not written by this version of erde "
-                "or is damaged: run `erde evaluate` on the run again"
-            )
-
-        earlier = isinstance(raw, dict) and "chosen_by" not in raw  # before exits were 1..n
-        if earlier:
-            raw = {**raw, "chosen_by": None}
-        values = _entries(cls, raw, bad, "the report")
-        for key in ("run", "model", "method", "policy"):
-            _check(values[key], str, bad, key)
-        _check(values["seed"], int, bad, "seed")
-        _check(values["normalize"], bool, bad, "normalize")
-        values["exit_macs"] = _numbers(values["exit_macs"], bad, "exit_macs")
-        per_exit = values["per_exit_accuracy"]
-        if not isinstance(per_exit, dict) or set(per_exit) != {"val", "test"}:
-            raise bad("'per_exit_accuracy' must map 'val' and 'test' to accuracies")
-        values["per_exit_accuracy"] = {
-            s: _numbers(per_exit[s], bad, f"per_exit_accuracy.{s}") for s in ("val", "test")
-        }
-        values["test_auc"] = _number(values["test_auc"], bad, "test_auc")
-        values["max_drop_points"] = _number(values["max_drop_points"], bad, "max_drop_points")
-        values["reference"] = _reference(values["reference"], bad)
-        for key in ("at_reference_accuracy", "at_own_full_accuracy", "chosen"):
-            values[key] = _point(values[key], bad, key)
-        budgets = values["at_budget_fraction"]
-        if not isinstance(budgets, dict):
-            raise bad("'at_budget_fraction' must be an object")
-        values["at_budget_fraction"] = {
-            k: None if p is None else _point(p, bad, f"at_budget_fraction.{k}")
-            for k, p in budgets.items()
-        }
-        if values.get("diagnostics") is not None:
-            values["diagnostics"] = _diagnostics(values["diagnostics"], bad)
-            if len(values["diagnostics"].per_exit) != len(values["exit_macs"]):
-                raise bad("'diagnostics.per_exit' must hold one entry per exit")
-            if earlier:
-                values["diagnostics"] = _teacher_exits_from_one(values["diagnostics"])
-        if values["chosen_by"] is None:
-            values["chosen_by"] = _earlier_rule(values)
-        _check(values["chosen_by"], str, bad, "chosen_by")
-        return cls(**values)
+        """A report of any version this erde reads; a damaged or foreign file is a one-line
+        message naming the field, not a KeyError."""
+        return validate(
+            _ADAPTER, check_version(raw, path, FORMAT_VERSION, MIGRATIONS, FIX), path, FIX
+        )
 
 
-def _earlier_rule(values: dict[str, Any]) -> str:
+def _one_entry_per_exit(report: Report) -> Report:
+    d = report.diagnostics
+    if d is not None and len(d.per_exit) != len(report.exit_macs):
+        raise FieldProblem("diagnostics.per_exit", "must hold one entry per exit")
+    return report
+
+
+_ADAPTER = TypeAdapter(Annotated[Report, AfterValidator(_one_entry_per_exit)])
+
+
+def _from_version_1(raw: dict) -> dict:
+    """Version 1 is version 2 without the key, except the reports of erde before `chosen_by`
+    existed, which numbered the teacher exits from 0: they gain the rule the chosen point
+    shows (`_earlier_rule`) and teacher exits numbered from 1."""
+    if "chosen_by" in raw:
+        return raw
+    raw = {**raw, "chosen_by": _earlier_rule(raw)}
+    diagnostics = raw.get("diagnostics")
+    if isinstance(diagnostics, dict) and isinstance(diagnostics.get("per_exit"), list):
+        per_exit = [_teacher_exit_from_one(x) for x in diagnostics["per_exit"]]
+        raw["diagnostics"] = {**diagnostics, "per_exit": per_exit}
+    return raw
+
+
+MIGRATIONS = {1: _from_version_1}
+
+
+def _earlier_rule(raw: dict) -> Any:
     """The rule of a report written before `chosen_by` existed: the accuracy rule unless the
-    chosen point is one of the budget points."""
-    chosen = values["chosen"]
-    if chosen == values["at_reference_accuracy"]:
-        return keep_label(values["reference"].label, values["max_drop_points"])
-    for fraction, point in values["at_budget_fraction"].items():
-        if point == chosen:
-            return budget_label(float(fraction))
+    chosen point is one of the budget points (None, refused as damage, when the entries it
+    needs are damaged)."""
+    chosen, reference = raw.get("chosen"), raw.get("reference")
+    budgets, drop = raw.get("at_budget_fraction"), raw.get("max_drop_points")
+    if chosen is not None and chosen == raw.get("at_reference_accuracy"):
+        label = reference.get("label") if isinstance(reference, dict) else None
+        if isinstance(label, str) and isinstance(drop, (int, float)):
+            return keep_label(label, drop)
+        return None
+    for fraction, point in budgets.items() if isinstance(budgets, dict) else ():
+        if point is not None and point == chosen:
+            try:
+                return budget_label(float(fraction))
+            except ValueError:
+                return None
     return "a MACs budget this report does not record"
 
 
-def _teacher_exits_from_one(d: Diagnostics) -> Diagnostics:
-    """An earlier report's 0-based teacher exits, numbered from 1 as reports are now."""
-    per_exit = [
-        x if x.teacher_exit is None else dataclasses.replace(x, teacher_exit=x.teacher_exit + 1)
-        for x in d.per_exit
-    ]
-    return dataclasses.replace(d, per_exit=per_exit)
+def _teacher_exit_from_one(entry: Any) -> Any:
+    """An earlier report's 0-based teacher exit, numbered from 1 as reports are now."""
+    exit_index = entry.get("teacher_exit") if isinstance(entry, dict) else None
+    if isinstance(exit_index, int) and not isinstance(exit_index, bool):
+        return {**entry, "teacher_exit": exit_index + 1}
+    return entry
 
 
 def read_report(path: str | Path) -> Report:
     """The `report.json` of `erde evaluate`, validated once (a clear message if it is not one)."""
     return Report.from_json(read_json(Path(path), "evaluation report"), path)
-
-
-def _entries(cls: type, raw: Any, bad: Callable[[str], ErdeError], what: str) -> dict[str, Any]:
-    """The dataclass's fields from a JSON object; every field without a default must be there."""
-    if not isinstance(raw, dict):
-        raise bad(f"{what} is not a JSON object")
-    fields = dataclasses.fields(cls)
-    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in raw]
-    if missing:
-        raise bad(f"{what} has no {', '.join(repr(k) for k in missing)} entry")
-    return {f.name: raw[f.name] for f in fields if f.name in raw}
-
-
-def _check(value: Any, kind: type, bad: Callable[[str], ErdeError], key: str) -> None:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise bad(f"{key!r} must be a {kind.__name__}")
-
-
-def _number(value: Any, bad: Callable[[str], ErdeError], key: str) -> float:
-    """A number; null is NaN (`write_json` writes NaN and infinities as null)."""
-    if value is None:
-        return math.nan
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise bad(f"{key!r} must be a number")
-    return float(value)
-
-
-def _optional(value: Any, bad: Callable[[str], ErdeError], key: str) -> float | None:
-    """A number, or None (null) where the quantity is undefined."""
-    return None if value is None else _number(value, bad, key)
-
-
-def _numbers(value: Any, bad: Callable[[str], ErdeError], key: str) -> list[float]:
-    if not isinstance(value, list) or not value:
-        raise bad(f"{key!r} must be a non-empty list of numbers")
-    return [_number(v, bad, key) for v in value]
-
-
-def _reference(raw: Any, bad: Callable[[str], ErdeError]) -> Reference:
-    values = _entries(Reference, raw, bad, "'reference'")
-    _check(values["label"], str, bad, "reference.label")
-    numbers = {k: _number(v, bad, f"reference.{k}") for k, v in values.items() if k != "label"}
-    return Reference(label=values["label"], **numbers)
-
-
-def _point(raw: Any, bad: Callable[[str], ErdeError], key: str) -> OperatingPoint:
-    values = _entries(OperatingPoint, raw, bad, repr(key))
-    _check(values["criterion"], str, bad, f"{key}.criterion")
-    _check(values.get("reached", True), bool, bad, f"{key}.reached")
-    for name in values.keys() - {"criterion", "reached", "test_exit_share"}:
-        values[name] = _number(values[name], bad, f"{key}.{name}")
-    values["test_exit_share"] = _numbers(values["test_exit_share"], bad, f"{key}.test_exit_share")
-    return OperatingPoint(**values)
-
-
-def _exit_diagnostics(raw: Any, bad: Callable[[str], ErdeError], key: str) -> ExitDiagnostics:
-    values = _entries(ExitDiagnostics, raw, bad, repr(key))
-    exit_index = values["teacher_exit"]
-    if exit_index is not None:
-        _check(exit_index, int, bad, f"{key}.teacher_exit")
-    numbers = {k: _optional(v, bad, f"{key}.{k}") for k, v in values.items() if k != "teacher_exit"}
-    if numbers["ece"] is None:
-        raise bad(f"'{key}.ece' must be a number")
-    return ExitDiagnostics(teacher_exit=exit_index, **numbers)
-
-
-def _diagnostics(raw: Any, bad: Callable[[str], ErdeError]) -> Diagnostics:
-    values = _entries(Diagnostics, raw, bad, "'diagnostics'")
-    _check(values["ece_bins"], int, bad, "diagnostics.ece_bins")
-    _check(values["teacher_note"], str, bad, "diagnostics.teacher_note")
-    for key in ("teacher_wrong_share", "early_exit_error"):
-        values[key] = _optional(values[key], bad, f"diagnostics.{key}")
-    values["early_exit_share"] = _number(
-        values["early_exit_share"], bad, "diagnostics.early_exit_share"
-    )
-    per_exit = values["per_exit"]
-    if not isinstance(per_exit, list) or not per_exit:
-        raise bad("'diagnostics.per_exit' must be a non-empty list")
-    values["per_exit"] = [
-        _exit_diagnostics(e, bad, f"diagnostics.per_exit[{i}]") for i, e in enumerate(per_exit)
-    ]
-    return Diagnostics(**values)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -3,14 +3,13 @@ a run's writer holds a list of them and another sink is one class more."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Protocol
 
 from erde.errors import ErdeError
-from erde.files import write_text
+from erde.files import metrics_line, write_text
 
 log = logging.getLogger("erde.train.engine")
 
@@ -39,7 +38,7 @@ class MetricsFile:
             write_text(self.path, "".join(line.rstrip("\n") + "\n" for line in lines[:epochs]))
 
     def log(self, row: dict) -> None:
-        line = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+        line = metrics_line(row).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
