@@ -302,7 +302,7 @@ def export_files(path: Path) -> set[str]:
             for item in value:
                 walk(item)
 
-    walk(json.loads((path / MANIFEST).read_text(encoding="utf-8")))
+    walk(parse_json((path / MANIFEST).read_bytes()))
     return found
 
 
