@@ -87,3 +87,33 @@ def test_a_deeply_nested_rule_is_one_line_not_a_recursion_error(evaluated, tmp_p
     with pytest.raises(ErdeError, match="not JSON \\(recursion limit exceeded") as caught:
         EarlyExitModel.from_pretrained(tmp_path / "saved")
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_report_is_deployed_only_with_the_weights_it_was_computed_from(
+    evaluated, teacher, tmp_path, capsys
+):
+    other = tmp_path / "other"  # another run of the same data, evaluated into `other/eval` ...
+    shutil.copytree(teacher, other)
+    weights = other / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name] * 0.5
+    save_file(tensors, str(weights))
+    # ... by mistake with the first run's report (`erde evaluate A --out B/eval`)
+    assert main(["evaluate", str(evaluated), "--budget", "0.5", "--out", str(other / "eval")]) == 0
+    capsys.readouterr()
+    with pytest.raises(ErdeError, match="was computed from other weights than"):
+        EarlyExitModel.from_pretrained(other)
+    assert main(["export", str(other), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert "was computed from other weights" in err and f"erde evaluate {other}" in err
+    assert not (tmp_path / "export").exists()
+    report = other / "eval" / "report.json"  # a report that does not say (an older erde's)
+    raw = json.loads(report.read_text())
+    raw.pop("weights_sha256")
+    report.write_text(json.dumps(raw))
+    with pytest.raises(ErdeError, match="does not say which weights"):
+        EarlyExitModel.from_pretrained(other)
+    again = ["evaluate", str(other), "--budget", "0.5", "--out", str(other / "eval")]
+    assert main(again) == 0  # the fix the message names (with the criterion of that report)
+    assert EarlyExitModel.from_pretrained(other).threshold > 0

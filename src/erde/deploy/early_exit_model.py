@@ -26,7 +26,7 @@ from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
-from erde.run.report import read_report
+from erde.run.report import read_current_report
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ class EarlyExitModel:
         if saved is not None:
             return cls(net, info, threshold=saved.threshold, policy=saved.policy,
                        normalize=saved.normalize, rule_source=saved.source)  # fmt: skip
-        if not run.eval.report_json.is_file():
+        r = read_current_report(run.path)
+        if r is None:
             return cls(net, info)
-        r = read_report(run.eval.report_json)
         source = f"{run.eval.report_json}: {r.criterion}, chosen on val"
         return cls(net, info, threshold=r.chosen.threshold, policy=r.policy,
                    normalize=r.normalize, rule_source=source)  # fmt: skip

@@ -36,7 +36,7 @@ from erde.evaluation.cache import LogitsCache
 from erde.evaluation.summary import summarize
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
-from erde.run.report import Report, read_report
+from erde.run.report import Report, read_current_report
 
 # MinMax ranges come from the first images of the val split (a random hold-out): the calibrator
 # keeps every intermediate tensor of every image until the end (its option to flush early drops
@@ -187,8 +187,7 @@ def quantize_export(
     int8 = [ort_piece(ort_session(p.SerializeToString())) for p in q_pieces]
     logits = {name: exit_logits(int8, x) for name, (x, _) in data.items()}
     cache = LogitsCache(logits, {k: y for k, (_, y) in data.items()}, list(info.exit_macs), "")
-    path = RunDir(run_dir).eval.report_json
-    report = read_report(path) if path.is_file() else None
+    report = read_current_report(run_dir)
     max_drop, budget = _criterion(report)
     summary = summarize(
         cache,

@@ -9,12 +9,11 @@ from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
 from erde.run.layout import RunDir
-from erde.run.report import Report, read_report
+from erde.run.report import Report, read_current_report
 
 
 def _report(run_dir: str | Path) -> tuple[Report | None, Path]:
-    path = RunDir(run_dir).eval.report_json
-    return (read_report(path) if path.is_file() else None), path
+    return read_current_report(run_dir), RunDir(run_dir).eval.report_json
 
 
 def deployment(

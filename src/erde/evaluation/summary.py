@@ -155,6 +155,7 @@ def summarize(
         at_budget_fraction=_budget_points(points.within, budgets),
         chosen=chosen,
         chosen_by=chosen_rule(reference.label, max_drop, budget),
+        weights_sha256=cache.weights_sha256 or None,
         diagnostics=diagnose_scores(
             split["test"], threshold=chosen.threshold, pairing=info.pairing, teacher=teacher
         ),

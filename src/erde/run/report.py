@@ -19,7 +19,8 @@ from annotated_types import MinLen
 from pydantic import AfterValidator, ConfigDict, TypeAdapter, with_config
 from typing_extensions import TypedDict
 
-from erde.files import read_json, write_json
+from erde.errors import ErdeError
+from erde.files import read_json, sha256_file, write_json
 from erde.formats import (
     VERSION_KEY,
     ExitMacs,
@@ -27,11 +28,13 @@ from erde.formats import (
     Flag,
     Measured,
     Number,
+    Sha256,
     Text,
     Whole,
     check_version,
     validate,
 )
+from erde.run.layout import RunDir
 
 # 2: the report names its format version. Version 1 did not; its reports written before
 # `chosen_by` existed also numbered the teacher exits from 0 (`_from_version_1`).
@@ -170,6 +173,9 @@ class Report:
     chosen: OperatingPoint
     chosen_by: Text
     diagnostics: Diagnostics | None = None
+    # The weights the logits came from (None: a version-1 report, which did not say): a
+    # threshold belongs to its weights, see `read_current_report`.
+    weights_sha256: Sha256 | None = None
 
     @property
     def criterion(self) -> str:
@@ -248,6 +254,27 @@ def _teacher_exit_from_one(entry: Any) -> Any:
 def read_report(path: str | Path) -> Report:
     """The `report.json` of `erde evaluate`, validated once (a clear message if it is not one)."""
     return Report.from_json(read_json(Path(path), "evaluation report"), path)
+
+
+def read_current_report(run_dir: str | Path) -> Report | None:
+    """RUN/eval/report.json (None if there is none), refused unless it was computed from the
+    weights the run holds now: a resumed or retrained run, or a report written there for
+    another run (`erde evaluate A --out B/eval`), would deploy a threshold chosen for other
+    weights."""
+    run = RunDir(run_dir)
+    path = run.eval.report_json
+    if not path.is_file():
+        return None
+    report = read_report(path)
+    if report.weights_sha256 != sha256_file(run.weights):
+        why = (
+            "does not say which weights it was computed from (an older erde wrote it)"
+            if report.weights_sha256 is None
+            else f"was computed from other weights than {run.weights} (the run was resumed "
+            "or retrained since, or the report was written for another run)"
+        )
+        raise ErdeError(f"{path} {why}; run `erde evaluate {run.path}` again")
+    return report
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
