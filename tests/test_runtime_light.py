@@ -122,6 +122,7 @@ sys.meta_path.insert(0, Unimportable())
 """
 
 
+@pytest.mark.slow
 def test_erde_infer_answers_the_same_with_pytorch_unimportable(exported, digits, tmp_path):
     """A runtime-only install simulated: a sitecustomize on PYTHONPATH makes the heavy packages
     unimportable in the subprocess (building a real venv needs the network and a minute)."""
@@ -236,7 +237,9 @@ def test_image_arguments_expand_folders_and_patterns(tmp_path):
     assert image_paths([t]) == [f"{t}/a.JPG", f"{t}/b.png"]  # not c.txt, not sub/
     assert image_paths([f"{t}/*.png", f"{t}/missing.png"]) == [f"{t}/b.png", f"{t}/missing.png"]
     assert image_paths([f"{t}/**/*.png"]) == [f"{t}/b.png", f"{t}/sub/d.png"]
-    assert image_paths([f"{t}/su?"]) == [f"{t}/sub/d.png"]  # a matched folder: its images
+    assert image_paths([f"{t}/s*/**"]) == [f"{t}/sub/d.png", f"{t}/sub/deeper/e.bmp"]
+    with pytest.raises(ErdeError, match=r"su\? matches no file"):  # only a folder
+        image_paths([f"{t}/su?"])
     (tmp_path / "odd[1].png").write_bytes(b"")  # a real file whose name looks like a pattern
     assert image_paths([f"{t}/odd[1].png"]) == [f"{t}/odd[1].png"]
     with pytest.raises(ErdeError, match=r"\*\.gif matches no file"):

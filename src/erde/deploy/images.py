@@ -28,6 +28,8 @@ from erde.errors import ErdeError
 
 # A side shrunk or stretched by more than this factor is a different picture to the model.
 RESIZE_FACTOR = 2
+# Named when a folder holds no image file (Pillow reads many more).
+_COMMON = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".webp")
 
 
 def load_image(path: str | Path, in_channels: int, input_size: int) -> np.ndarray:
@@ -71,19 +73,19 @@ def _has_colour(pixels: np.ndarray) -> bool:
 def image_paths(arguments: Sequence[str]) -> list[str]:
     """`erde infer`'s IMAGE arguments as files, in order: a file as given (a missing one too: its
     row will say so), a folder as its image files sorted by name (not its subfolders), and a
-    glob pattern the shell left unexpanded (quoted, or from Windows) as its sorted matches.
-    ErdeError for a folder without images or a pattern that matches nothing."""
+    glob pattern the shell left unexpanded (quoted, or from Windows) as the files it matches,
+    sorted (folders it matches are skipped: `photos/**` means the files below photos).
+    ErdeError for a folder without images or a pattern that matches no file."""
     found: list[str] = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
             found += _folder_images(path)
         elif not path.exists() and glob.escape(argument) != argument:
-            matches = sorted(glob.glob(argument, recursive=True))
+            matches = sorted(m for m in glob.glob(argument, recursive=True) if not Path(m).is_dir())
             if not matches:
                 raise ErdeError(f"{argument} matches no file; check the pattern")
-            for match in matches:
-                found += _folder_images(Path(match)) if Path(match).is_dir() else [match]
+            found += matches
         else:
             found.append(argument)
     return found
@@ -103,10 +105,8 @@ def _folder_images(folder: Path) -> list[str]:
     return images
 
 
-_COMMON = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".webp")
-
-
 def __getattr__(name: str) -> Any:
+    """`normalize_images`, the torch normalisation, imported only when asked for (PEP 562)."""
     if name != "normalize_images":
         raise AttributeError(f"module 'erde.deploy.images' has no attribute {name!r}")
     from erde.data.pixels import normalize_images
