@@ -62,10 +62,12 @@ def export_command(args: argparse.Namespace) -> None:
 
 
 def infer_command(args: argparse.Namespace) -> None:
+    from erde.deploy.images import image_paths
     from erde.deploy.runtime import EarlyExitRuntime
 
+    paths = image_paths(args.images)  # a pattern that matches nothing fails before loading
     runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
-    rows = runtime.classify_files(args.images, threshold=args.threshold, form=args.form)
+    rows = runtime.classify_files(paths, threshold=args.threshold, form=args.form)
     for r in rows:
         if r.warning is not None:
             print(f"erde infer: warning: {r.warning}", file=sys.stderr)
@@ -223,11 +225,18 @@ def _add_infer(command: Callable) -> None:
         [
             "erde infer exported/erde photo1.png photo2.jpg",
             "erde infer exported/erde images/*.png --format csv > answers.csv",
+            "erde infer exported/erde photos/ 'scans/**/*.jpg'",
             "erde infer exported/erde digit.png --format json --threshold 0",
         ],
     )
     p.add_argument("export", metavar="DIR", help="folder written by `erde export`")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG, ... files")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="PNG, JPEG, ... files; a folder: its image files, sorted by name; a quoted glob "
+        "pattern (** for subfolders): its matches, sorted",
+    )
     p.add_argument(
         "--format",
         choices=INFER_FORMATS,

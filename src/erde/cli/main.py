@@ -255,7 +255,7 @@ class _Help(argparse.HelpFormatter):
 
 
 def _presets(kind: str) -> str:
-    from erde.config.schema import preset_names  # omegaconf only; no torch
+    from erde.config.preset_names import preset_names  # the standard library only
 
     return ", ".join(preset_names(kind))
 

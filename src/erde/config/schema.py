@@ -41,6 +41,7 @@ from erde.config.methods import (
     TEACHER_METHODS,
     or_list,
 )
+from erde.config.preset_names import preset_names
 from erde.config.records import NON_NEGATIVE, POSITIVE, Range, Record, key, walk_records
 from erde.errors import ErdeError
 
@@ -455,12 +456,6 @@ def check_value(key: str, value: Any, table: dict[str, Record] | None = None) ->
 
 RESOLVERS = ("oc.env",)
 _RESOLVER_CALL = re.compile(r"\$\{\s*([^\s:{}]+)\s*:")
-
-
-def preset_names(kind: str = "train") -> list[str]:
-    """Presets shipped inside the package, so `erde` works from any install, not only a checkout."""
-    folder = resources.files("erde.config") / "presets" / kind
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_path(name_or_path: str, kind: str = "train") -> Path:

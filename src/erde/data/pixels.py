@@ -1,137 +1,16 @@
-"""Image files and uint8 arrays to what a model reads: one decoder and one normalisation.
-
-Training (`imagefolder`), evaluation and `erde infer` all go through these two, so a model sees
-the same pixels from a file whichever command reads it.
-
-Decoding (Pillow; the whole file is decoded at once, so a truncated or corrupt file is refused
-here with its name rather than failing later):
-
-- Bit depth: 16-bit grey ("I;16*", and "I" holding 0..65535) is scaled to 8 bits,
-  round(v * 255 / 65535); 16-bit colour PNGs Pillow itself reads as 8-bit RGB. Floating-point
-  files ("F") are refused: their range has no one right mapping to the 8-bit range.
-- Colour: "1", "L" and "LA" files are grey; palettes are expanded ("P" -> RGBA); alpha is dropped
-  (not composited onto a background); CMYK, YCbCr, HSV become RGB with Pillow's `convert`.
-- Channels: a 1-channel model gets Pillow's "L" (ITU-R 601-2 luma) of a colour file; a
-  3-channel model gets a grey file repeated into R, G and B. Without a channel count the file
-  keeps its own: 1 for grey, 3 for everything else.
-- Size: optionally resized to size x size with Pillow's bilinear filter (antialiased when
-  shrinking). A non-square image is stretched; crop it first if its aspect ratio matters.
-- Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) refuses an image with more
-  pixels than that, with an ErdeError instead of Pillow's warning or exception.
-
-Normalisation: per channel (x / 255 - mean) / std with the data's statistics (docs/method.md,
-"Evaluation protocol": statistics of the training split).
+"""The PyTorch side of `erde.data.decode`: normalisation of uint8 batches as tensors, for
+training, evaluation and the PyTorch backends. Decoding (numpy and Pillow only) lives in
+`erde.data.decode`, so the ONNX runtime reads files without importing PyTorch.
 """
 
 from __future__ import annotations
 
-import os
-import stat
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from erde.errors import ErdeError
-
-_GREY_MODES = ("1", "L", "LA", "La")
-_UINT16_MAX = 65535
-
-
-def check_channels(channels: int) -> None:
-    """Image files give 1 or 3 channels; a model trained on other arrays cannot read them."""
-    if channels not in (1, 3):
-        raise ErdeError(
-            f"the model takes {channels}-channel images, but image files only give grey (1) "
-            "or colour (3) channels; feed it arrays in the training format instead"
-        )
-
-
-def decode_image(
-    path: str | Path, channels: int | None = None, size: int | None = None
-) -> np.ndarray:
-    """One image file as a uint8 H x W x C array by the module's rules; ErdeError naming it.
-
-    `channels`: the model's (1 or 3), or None for the file's own (1 for grey, 3 otherwise);
-    `size`: resize to size x size, or None to keep the file's size.
-    """
-    if channels is not None:
-        check_channels(channels)
-    img = _eight_bit(_open(path), path)
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA")  # expands the palette, transparency included
-    img = _convert(img, "L" if img.mode in _GREY_MODES else "RGB", path)  # the file's colours
-    if channels is not None:
-        img = _convert(img, "L" if channels == 1 else "RGB", path)  # the model's
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = np.asarray(img, dtype=np.uint8)
-    return pixels[..., None] if pixels.ndim == 2 else pixels
-
-
-def _open(path: str | Path) -> Image.Image:
-    """The decoded image; Pillow's exceptions and its bomb warning become one-line ErdeErrors.
-    A pipe or device is refused by its type before it is opened (reading one can block)."""
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ErdeError(
-                f"{path}: not a regular file (a folder, pipe, device or socket); give image files"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: one line, below
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-        return img
-    except FileNotFoundError:
-        raise ErdeError(f"{path}: no such file; check the path") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ErdeError(
-            f"{path}: refused as a possible decompression bomb ({exc}); shrink the image below "
-            f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
-        ) from None
-    except ErdeError:
-        raise
-    except Exception as exc:  # a damaged file fails in its decoder's own way: OSError,
-        # SyntaxError, NotImplementedError from a DDS header's pixel format, ...
-        raise ErdeError(
-            f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); replace it with "
-            "a readable PNG, JPEG or other Pillow-supported file"
-        ) from None
-
-
-def _convert(img: Image.Image, mode: str, path: str | Path) -> Image.Image:
-    if img.mode == mode:
-        return img
-    try:
-        return img.convert(mode)
-    except ValueError as exc:
-        raise ErdeError(
-            f"{path}: its {img.mode} pixels cannot be converted to {mode} ({exc}); save it as "
-            "an 8-bit grey or RGB image"
-        ) from None
-
-
-def _eight_bit(img: Image.Image, path: str | Path) -> Image.Image:
-    """16-bit grey scaled to 8 bits ("L"); floating point refused; other modes unchanged."""
-    if img.mode == "F":
-        raise ErdeError(
-            f"{path}: floating-point images (Pillow mode F) have no one mapping to 8-bit "
-            "pixels; save it as an 8- or 16-bit grey or RGB image"
-        )
-    if not img.mode.startswith("I"):
-        return img
-    wide = np.asarray(img).astype(np.int64)
-    if wide.size and not (wide.min() >= 0 and wide.max() <= _UINT16_MAX):
-        raise ErdeError(
-            f"{path}: its {img.mode} pixels span {wide.min()}..{wide.max()}, beyond the 16-bit "
-            f"range 0..{_UINT16_MAX}; save it as an 8- or 16-bit grey or RGB image"
-        )
-    # round(v * 255 / 65535) = round(v / 257), exact in integers: v / 257 is never k + 1/2.
-    return Image.fromarray(((wide + 128) // 257).astype(np.uint8), "L")
+from erde.data.decode import check_channels, decode_image
 
 
 class Normalize:

@@ -4,6 +4,10 @@ Decoding and normalisation are `erde.data.pixels`'s, the functions training and 
 so a file gives the model the same input here as it would in an image-folder training set; that
 module's docstring states the rules (bit depth, palettes, alpha, CMYK, channels, size).
 
+Numpy and Pillow only, for the ONNX runtime: `normalize_array` is the numpy normalisation, and
+`normalize_images` (its torch form, the same values) is imported from `erde.data.pixels` on
+first use, so importing this module does not load PyTorch.
+
 Those rules always produce an input, even from a file unlike anything the model was trained on:
 `read_image` also says when the conversion changed the picture enough (colour dropped for a grey
 model, a side scaled by more than `RESIZE_FACTOR`) that the answer may mean nothing.
@@ -11,15 +15,21 @@ model, a side scaled by more than `RESIZE_FACTOR`) that the answer may mean noth
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageMode
 
-from erde.data.pixels import check_channels, decode_image, normalize_images
+from erde.data.decode import check_channels, decode_image, normalize_array
+from erde.errors import ErdeError
 
 # A side shrunk or stretched by more than this factor is a different picture to the model.
 RESIZE_FACTOR = 2
+# Named when a folder holds no image file (Pillow reads many more).
+_COMMON = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".webp")
 
 
 def load_image(path: str | Path, in_channels: int, input_size: int) -> np.ndarray:
@@ -60,4 +70,55 @@ def _has_colour(pixels: np.ndarray) -> bool:
     return pixels.shape[2] > 1 and bool((pixels != pixels[..., :1]).any())
 
 
-__all__ = ["RESIZE_FACTOR", "check_channels", "load_image", "normalize_images", "read_image"]
+def image_paths(arguments: Sequence[str]) -> list[str]:
+    """`erde infer`'s IMAGE arguments as files, in order: a file as given (a missing one too: its
+    row will say so), a folder as its image files sorted by name (not its subfolders), and a
+    glob pattern the shell left unexpanded (quoted, or from Windows) as the files it matches,
+    sorted (folders it matches are skipped: `photos/**` means the files below photos).
+    ErdeError for a folder without images or a pattern that matches no file."""
+    found: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found += _folder_images(path)
+        elif not path.exists() and glob.escape(argument) != argument:
+            matches = sorted(m for m in glob.glob(argument, recursive=True) if not Path(m).is_dir())
+            if not matches:
+                raise ErdeError(f"{argument} matches no file; check the pattern")
+            found += matches
+        else:
+            found.append(argument)
+    return found
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """The files of a folder whose extension Pillow reads, sorted by name."""
+    extensions = Image.registered_extensions()  # loads every Pillow plugin: only for folders
+    images = sorted(
+        str(p) for p in folder.iterdir() if p.suffix.lower() in extensions and p.is_file()
+    )
+    if not images:
+        raise ErdeError(
+            f"{folder} is a folder without image files ({', '.join(_COMMON)}, ...); give image "
+            "files or a folder that holds some"
+        )
+    return images
+
+
+def __getattr__(name: str) -> Any:
+    """`normalize_images`, the torch normalisation, imported only when asked for (PEP 562)."""
+    if name != "normalize_images":
+        raise AttributeError(f"module 'erde.deploy.images' has no attribute {name!r}")
+    from erde.data.pixels import normalize_images
+
+    return normalize_images
+
+
+__all__ = [
+    "RESIZE_FACTOR",
+    "check_channels",
+    "image_paths",
+    "load_image",
+    "normalize_array",
+    "read_image",
+]

@@ -30,7 +30,8 @@ from erde.config.schema import load_config
 from erde.data.pixels import normalize_images
 from erde.data.prepare import prepare_data
 from erde.deploy.manifest import Deployment
-from erde.deploy.runtime import exit_logits, ort_piece, ort_session
+from erde.deploy.runtime import ort_piece, ort_session
+from erde.deploy.torch_backend import exit_logits
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache
 from erde.evaluation.summary import summarize
@@ -182,7 +183,9 @@ def quantize_export(
     for k, proto in enumerate(pieces):
         q_pieces.append(quantize_graph(proto, x))
         if k < len(pieces) - 1:  # the next piece is calibrated on this one's fp32 features
-            x = torch.cat([fp32[k](x[s : s + 256])[0] for s in range(0, len(x), 256)])
+            x = torch.cat(
+                [torch.from_numpy(fp32[k](x[s : s + 256])[0]) for s in range(0, len(x), 256)]
+            )
     q_static = quantize_graph(static, val_x[:CALIBRATION_IMAGES])
     int8 = [ort_piece(ort_session(p.SerializeToString())) for p in q_pieces]
     logits = {name: exit_logits(int8, x) for name, (x, _) in data.items()}

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 from erde.config.schema import load_config
+from erde.data.pixels import normalize_images
 from erde.deploy.export import export_run, static_network
-from erde.deploy.images import normalize_images
 from erde.deploy.manifest import MANIFEST, Manifest, read_manifest
 from erde.deploy.onnx_export import export_graph
-from erde.deploy.runtime import EarlyExitRuntime, exit_logits, export_session, ort_session
+from erde.deploy.runtime import EarlyExitRuntime, export_session, ort_session
 from erde.deploy.threshold import has_calibration
+from erde.deploy.torch_backend import exit_logits
 from erde.device import check_batch_memory
 from erde.errors import ErdeError
 from erde.evaluation.metrics import per_exit_accuracy

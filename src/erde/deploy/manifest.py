@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import onnx
 from annotated_types import Interval, MinLen
 from pydantic import (
     AfterValidator,
@@ -29,9 +28,9 @@ from pydantic import (
 )
 from typing_extensions import NotRequired, TypedDict
 
-from erde.deploy.onnx_export import shapes
+from erde.deploy.onnx_wire import graph_facts
 from erde.errors import ErdeError
-from erde.evaluation.policy import POLICIES
+from erde.evaluation.rule import POLICIES
 from erde.files import parse_json, read_json, sha256_bytes
 from erde.formats import (
     VERSION_KEY,
@@ -334,38 +333,24 @@ def read_verified(export_dir: Path, entry: dict) -> bytes:
     return blob
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Every tensor a graph stores, subgraphs included (where external data could hide)."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for g in [a.g] if a.HasField("g") else a.graphs:
-                yield from _tensors(g)
-
-
 def read_graph(export_dir: Path, entry: dict) -> bytes:
     """A verified ONNX file that is self-contained and has the interface its entry states."""
     blob = read_verified(export_dir, entry)
     path = Path(export_dir) / entry["file"]
     try:
-        model = onnx.load_model_from_string(blob)
-    except Exception as exc:  # protobuf raises its own DecodeError; any failure means the same
+        facts = graph_facts(blob)
+    except (ValueError, RecursionError) as exc:  # no valid protobuf, or nested absurdly
         raise ErdeError(
             f"{path} is not an ONNX model ({exc}); re-create the folder with `erde export`"
         ) from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model.graph)):
+    if facts.external_data:
         raise ErdeError(
             f"{path} refers to external data files, which erde exports never write; "
             "re-create the folder with `erde export`"
         )
     manifest = Path(export_dir) / MANIFEST
-    for key, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
-        found, stated = shapes(values), entry[key]
+    for key, found in (("inputs", facts.inputs), ("outputs", facts.outputs)):
+        stated = entry[key]
         for what in ("name", "shape"):
             if [v[what] for v in found] != [v[what] for v in stated]:
                 raise ErdeError(

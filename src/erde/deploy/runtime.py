@@ -15,7 +15,9 @@ runtime applies the same float32 comparison `score < threshold`, so it takes the
 predicts (up to float rounding between ONNX Runtime and PyTorch); the last exit always answers.
 Two backends share this loop: ONNX Runtime on an `erde export` folder (the deployment path) and
 PyTorch eager on a run folder (no export needed; also the reference the ONNX pieces are checked
-against; split form only).
+against; split form only). Pieces take and give numpy arrays, and this module imports numpy, ONNX
+Runtime and Pillow only: the PyTorch backend lives in `erde.deploy.torch_backend`, imported by
+`from_run` alone, so a machine without PyTorch runs exports (README, "Deploying without PyTorch").
 """
 
 from __future__ import annotations
@@ -29,21 +31,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from erde.deploy.images import check_channels, normalize_images, read_image
+from erde.data.decode import check_channels, normalize_array
+from erde.deploy.images import read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
-from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
-from erde.deploy.threshold import deployment
 from erde.device import cores
 from erde.errors import ErdeError
-from erde.evaluation.policy import check_policy, exit_scores, exit_thresholds
-from erde.models.load import load_model
+from erde.evaluation.rule import check_policy, threshold_array
 from erde.run.model_info import ModelInfo
 
-# A piece maps its input to (features for the next piece, logits, exit score); the last piece
-# gives (None, logits, None).
-Piece = Callable[[torch.Tensor], tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]
+# The names `erde.deploy.single` gives the single-call graph's tensors (that module builds the
+# graph with `onnx`, which a runtime-only install lacks); tests/test_export_single.py checks them.
+THRESHOLDS, LOGITS, EXIT = "thresholds", "logits", "exit"
+# A piece maps its input to (features for the next piece, logits, exit score), float32 numpy
+# arrays; the last piece gives (None, logits, None).
+Piece = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray | None]]
 # The single-call form: (one image 1 x C x H x W, float32 thresholds) -> (logits 1 x K, exit).
 Single = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, int]]
 Static = Callable[[np.ndarray], np.ndarray]
@@ -89,8 +91,8 @@ def ort_piece(session) -> Piece:
     name = session.get_inputs()[0].name
     outputs = [o.name for o in session.get_outputs()]
 
-    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        result = [torch.from_numpy(r) for r in session.run(outputs, {name: x.numpy()})]
+    def run(x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        result = session.run(outputs, {name: np.asarray(x)})
         return (None, result[0], None) if len(result) == 1 else tuple(result)
 
     return run
@@ -109,33 +111,6 @@ def _ort_static(session) -> Static:
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run([output], {name: x})[0]
-
-    return run
-
-
-def exit_logits(pieces: Sequence[Piece], x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Every exit's logits (N x E x K) of pieces run in a chain with no early exit: the outputs
-    the simulator takes, from the very graphs the runtime runs (fp32 or int8)."""
-    parts = []
-    for start in range(0, len(x), batch_size):
-        features, per_exit = x[start : start + batch_size], []
-        for piece in pieces:
-            features, logits, _ = piece(features)
-            per_exit.append(logits)
-        parts.append(torch.stack(per_exit, dim=1))
-    return torch.cat(parts)
-
-
-def _torch_piece(
-    segment: torch.nn.Module, head: torch.nn.Module, last: bool, policy: str, normalize: bool
-) -> Piece:
-    def run(x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        with torch.inference_mode():
-            features = segment(x)
-            logits = head(features).float()
-            if last:
-                return None, logits, None
-            return features, logits, exit_scores(logits, policy, normalize)
 
     return run
 
@@ -225,9 +200,8 @@ class EarlyExitRuntime:
     @threshold.setter
     def threshold(self, value: float | Sequence[float]) -> None:
         # Validated and converted once: float32, the precision the simulator compares in.
-        cutoffs = exit_thresholds(value, self.num_exits)
-        self._cutoffs, self._cutoffs_np = cutoffs.tolist(), cutoffs.numpy()
-        self._none_leave = not (self._cutoffs_np > 0).any()  # once, not per batch-1 call
+        self._cutoffs = threshold_array(value, self.num_exits)
+        self._none_leave = not (self._cutoffs > 0).any()  # once, not per batch-1 call
         self._threshold = float(value) if np.ndim(value) == 0 else [float(v) for v in value]
 
     def with_threshold(self, threshold: float | Sequence[float]) -> EarlyExitRuntime:
@@ -268,34 +242,44 @@ class EarlyExitRuntime:
         policy: str | None = None,
         normalize: bool | None = None,
     ) -> EarlyExitRuntime:
-        """PyTorch eager on the run's checkpoint; threshold as `erde.deploy.export_run` picks it."""
-        model, info = load_model(run_dir)
-        point = deployment(run_dir, threshold, policy, normalize)
-        n = len(model.segments)
-        pieces = [
-            _torch_piece(s, h, i == n - 1, point.policy, point.normalize)
-            for i, (s, h) in enumerate(zip(model.segments, model.heads, strict=True))
-        ]
+        """PyTorch eager on the run's checkpoint; threshold as `erde.deploy.export_run` picks it.
+        The one constructor that needs PyTorch, imported here so that `from_export` does not."""
+        try:
+            from erde.deploy.torch_backend import run_pieces
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in ("torch", "torchvision"):
+                raise
+            raise ErdeError(
+                f"EarlyExitRuntime.from_run needs PyTorch ({exc}), absent from a runtime-only "
+                "install; export the run with `erde export` and use from_export, or install "
+                "erde with its dependencies"
+            ) from None
+        pieces, info, point = run_pieces(run_dir, threshold, policy, normalize)
         return cls(pieces, info, point, backend="torch")
 
-    def _check_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x)
+    def _check_input(self, x) -> np.ndarray:
+        """A float32 C-contiguous copy or view; a torch tensor (any device) converted without
+        importing torch here."""
+        if type(x).__module__.startswith("torch"):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
         want = (self.in_channels, self.input_size, self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ErdeError(
                 f"the model takes batches of shape (N, {', '.join(map(str, want))}) "
                 f"(normalised NCHW); got {tuple(x.shape)}. Resize and normalise the images "
                 "first (erde.deploy.images)"
             )
-        return x.to(torch.float32).contiguous()
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def predict(
         self,
-        x: np.ndarray | torch.Tensor,
+        x: np.ndarray,
         threshold: float | Sequence[float] | None = None,
         form: str = "auto",
     ) -> Prediction:
-        """Class, probabilities and exit per image of a normalised float32 NCHW batch.
+        """Class, probabilities and exit per image of a normalised float32 NCHW batch (a numpy
+        array, or a torch tensor).
 
         `threshold` overrides the default (one value, or one per exit as `simulate` takes);
         `form` as the module docstring says.
@@ -309,24 +293,22 @@ class EarlyExitRuntime:
                 "has one); use form 'split' or 'auto'"
             )
         if threshold is None:
-            cutoffs, cutoffs_np, none_leave = self._cutoffs, self._cutoffs_np, self._none_leave
+            cutoffs, none_leave = self._cutoffs, self._none_leave
         else:
-            cutoffs = exit_thresholds(threshold, self.num_exits)
-            cutoffs_np = cutoffs.numpy()
-            none_leave = not (cutoffs_np > 0).any()
+            cutoffs = threshold_array(threshold, self.num_exits)
+            none_leave = not (cutoffs > 0).any()
         if form == "auto" and self.static is not None and none_leave:
-            return self._predict_static(x.numpy())
+            return self._predict_static(x)
         if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
-            return self._predict_single(x.numpy(), cutoffs_np)
+            return self._predict_single(x, cutoffs)
         return self._predict_split(x, cutoffs)
 
     def _predict_static(self, x: np.ndarray) -> Prediction:
         """The plain network: every image answers at the last exit, as no threshold lets one out."""
         logits = self.static(x) if len(x) else np.zeros((0, len(self.classes)), np.float32)
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(
             labels=logits.argmax(axis=1),
-            probabilities=shifted / shifted.sum(axis=1, keepdims=True),
+            probabilities=_softmax(logits),
             exits=np.full(len(x), self.num_exits, np.int64),
             logits=logits,
             images_per_piece=[len(x)] * self.num_exits,
@@ -344,17 +326,17 @@ class EarlyExitRuntime:
             logits = np.concatenate([r[0] for r in runs]).reshape(len(x), len(self.classes))
             exits = np.array([r[1] for r in runs], np.int64)
             work = np.bincount(exits - 1, minlength=self.num_exits)[::-1].cumsum()[::-1].tolist()
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return Prediction(
             labels=logits.argmax(axis=1),
-            probabilities=shifted / shifted.sum(axis=1, keepdims=True),
+            probabilities=_softmax(logits),
             exits=exits,
             logits=logits,
             images_per_piece=work,
         )
 
-    def _predict_split(self, x: torch.Tensor, cutoffs: Sequence[float]) -> Prediction:
-        """Piece by piece on the batch, each piece given only the images still undecided."""
+    def _predict_split(self, x: np.ndarray, cutoffs: np.ndarray) -> Prediction:
+        """Piece by piece on the batch, each piece given only the images still undecided; the
+        float32 comparison `score < threshold` of the simulator."""
         n, last = len(x), self.num_exits - 1
         work = [0] * self.num_exits
         if n == 0:
@@ -369,31 +351,31 @@ class EarlyExitRuntime:
             if i == last:
                 answered.append((active, i + 1, out))
                 break
-            done = scores < cutoffs[i]
+            done = np.asarray(scores) < cutoffs[i]
             n_done = int(done.sum())
             if n_done == len(out):
                 answered.append((active, i + 1, out))
                 break
             if n_done:
-                ids = torch.arange(n) if active is None else active
+                ids = np.arange(n) if active is None else active
                 stay = ~done
                 answered.append((ids[done], i + 1, out[done]))
                 active, features = ids[stay], features[stay]
             x = features
         if len(answered) == 1 and answered[0][0] is None:  # one exit answered the whole batch
-            logits = answered[0][2]
-            exits = torch.full((n,), answered[0][1], dtype=torch.int64)
+            logits = np.asarray(answered[0][2], np.float32)
+            exits = np.full(n, answered[0][1], np.int64)
         else:
-            logits = torch.empty(n, len(self.classes), dtype=torch.float32)
-            exits = torch.empty(n, dtype=torch.int64)
+            logits = np.empty((n, len(self.classes)), np.float32)
+            exits = np.empty(n, np.int64)
             for ids, exit_, out in answered:
                 logits[ids] = out
                 exits[ids] = exit_
         return Prediction(
-            labels=logits.argmax(dim=1).numpy(),
-            probabilities=torch.softmax(logits, dim=1).numpy(),
-            exits=exits.numpy(),
-            logits=logits.numpy(),
+            labels=logits.argmax(axis=1),
+            probabilities=_softmax(logits),
+            exits=exits,
+            logits=logits,
             images_per_piece=work,
         )
 
@@ -420,7 +402,7 @@ class EarlyExitRuntime:
                 good.append((i, pixels))
         for start in range(0, len(good), batch_size):
             part = good[start : start + batch_size]
-            x = normalize_images(
+            x = normalize_array(
                 np.stack([img for _, img in part]), self.info.data.mean, self.info.data.std
             )
             pred = self.predict(x, threshold, form)
@@ -430,3 +412,9 @@ class EarlyExitRuntime:
                 rows[i].exit = int(pred.exits[j])
                 rows[i].confidence = float(pred.confidence[j])
         return rows
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, shifted by the row maximum so no exp overflows."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

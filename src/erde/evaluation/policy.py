@@ -23,11 +23,8 @@ from collections.abc import Sequence
 import torch
 
 from erde.errors import ErdeError
-
-# The exit policies, each implemented in `exit_scores`. This module owns the names; the config
-# schema, a layer below, repeats them as `evaluate.policy`'s allowed values, and
-# tests/test_policy.py checks that the two agree.
-POLICIES: tuple[str, ...] = ("entropy", "maxprob")
+from erde.evaluation.rule import POLICIES as POLICIES  # the names, re-exported
+from erde.evaluation.rule import check_policy, threshold_array
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -43,11 +40,6 @@ def check_logits(logits: torch.Tensor) -> None:
             f"per-exit logits need at least 1 exit and 2 classes; got shape {tuple(logits.shape)}. "
             "Check the model's exits and number of classes."
         )
-
-
-def check_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise ErdeError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}.")
 
 
 def maxprob_threshold(p: float) -> float:
@@ -96,26 +88,11 @@ def confidence_scores(
 def exit_thresholds(
     threshold: float | Sequence[float] | torch.Tensor, n_exits: int
 ) -> torch.Tensor:
-    """Validated float32 thresholds for the E-1 exits that can decide (the last always answers).
-
-    float32 matches the scores' precision, so a sweep and a per-threshold simulation compare the
-    very same numbers.
-    """
-    values = torch.as_tensor(threshold, dtype=torch.float64).flatten()
-    if values.numel() == 1 and torch.as_tensor(threshold).dim() == 0:
-        values = values.expand(n_exits - 1)
-    elif values.numel() not in (n_exits - 1, n_exits):
-        raise ErdeError(
-            f"got {values.numel()} thresholds for a model with {n_exits} exits; give one number, "
-            f"or one per exit ({n_exits - 1} or {n_exits}; the last exit always answers)."
-        )
-    values = values[: n_exits - 1]
-    if torch.isnan(values).any() or (values < 0).any():
-        raise ErdeError(
-            f"exit thresholds must be non-negative numbers; got {values.tolist()}. "
-            "Use 0 for 'never exit early' and larger values to exit more often."
-        )
-    return values.float()
+    """`rule.threshold_array` as a tensor: validated float32 thresholds for the exits that can
+    decide."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.detach().cpu().numpy()
+    return torch.from_numpy(threshold_array(threshold, n_exits))
 
 
 def exits_from_scores(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

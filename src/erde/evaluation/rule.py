@@ -1,0 +1,45 @@
+"""The exit rule's names and thresholds with numpy only, so that the ONNX runtime (which applies
+the rule `score < threshold` per exit) runs without PyTorch; `erde.evaluation.policy` computes
+the scores and builds on these."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from erde.errors import ErdeError
+
+# The exit policies, each implemented in `policy.exit_scores`. This module owns the names; the
+# config schema, a layer below, repeats them as `evaluate.policy`'s allowed values, and
+# tests/test_policy.py checks that the two agree.
+POLICIES: tuple[str, ...] = ("entropy", "maxprob")
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ErdeError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+
+
+def threshold_array(threshold: float | Sequence[float] | np.ndarray, n_exits: int) -> np.ndarray:
+    """Validated float32 thresholds for the E-1 exits that can decide (the last always answers).
+
+    float32 matches the scores' precision, so a sweep, a per-threshold simulation and the runtime
+    compare the very same numbers.
+    """
+    given = np.asarray(threshold)
+    values = given.astype(np.float64).flatten()
+    if values.size == 1 and given.ndim == 0:
+        values = np.repeat(values, n_exits - 1)
+    elif values.size not in (n_exits - 1, n_exits):
+        raise ErdeError(
+            f"got {values.size} thresholds for a model with {n_exits} exits; give one number, "
+            f"or one per exit ({n_exits - 1} or {n_exits}; the last exit always answers)."
+        )
+    values = values[: n_exits - 1]
+    if np.isnan(values).any() or (values < 0).any():
+        raise ErdeError(
+            f"exit thresholds must be non-negative numbers; got {values.tolist()}. "
+            "Use 0 for 'never exit early' and larger values to exit more often."
+        )
+    return values.astype(np.float32)
