@@ -87,14 +87,30 @@ def write_run(
     return path
 
 
-def summary(method: str, seed: int, overrides=(), run: str | None = None, teacher=None):
+def summary(
+    method: str, seed: int, overrides=(), run: str | None = None, teacher=None, precision=None
+):
     resolved, _ = config(method, seed, overrides, teacher or "/runs/teacher")
     logits, labels = outputs(seed)
     info = ModelInfo(
-        {"name": "resnet8"}, EXIT_MACS, STATIC_MACS, DATA, method, seed, config=resolved
-    )
+        {"name": "resnet8"}, EXIT_MACS, STATIC_MACS, DATA, method, seed, config=resolved,
+        precision=precision,
+    )  # fmt: skip
     cache = LogitsCache(logits, labels, EXIT_MACS, "")
     return summarize(cache, info, run or f"runs/{method}-s{seed}", budgets=())
+
+
+def test_runs_group_by_the_precision_they_resolved_not_the_setting():
+    runs = [
+        summary("kd", 0, ["train.precision=auto"], precision="bf16"),
+        summary("kd", 1, ["train.precision=bf16"], precision="bf16"),
+        summary("kd", 2, ["train.precision=auto"], precision="fp32"),
+    ]
+    groups = aggregate(runs, max_drop=0.0).groups
+    assert {label: [s.report.seed for s in g] for label, g in groups.items()} == {
+        "kd (resnet8), train.precision=bf16": [0, 1],
+        "kd (resnet8), train.precision=fp32": [2],
+    }
 
 
 def test_runs_that_differ_in_a_loss_option_are_separate_groups():

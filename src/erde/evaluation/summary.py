@@ -160,4 +160,12 @@ def summarize(
             split["test"], threshold=chosen.threshold, pairing=info.pairing, teacher=teacher
         ),
     )
-    return RunSummary(report, curves["val"], curves["test"], info.config)
+    return RunSummary(report, curves["val"], curves["test"], grouping_config(info))
+
+
+def grouping_config(info: ModelInfo) -> dict[str, Any]:
+    """The run's config with `train.precision` as the run resolved it, so that `auto` that
+    became bf16 and an explicit bf16 are one setting when runs are grouped."""
+    if info.precision is None or "train" not in info.config:
+        return info.config
+    return {**info.config, "train": {**info.config["train"], "precision": info.precision}}

@@ -87,6 +87,9 @@ class ModelInfo:
     config: dict[str, Any] = field(default_factory=dict)
     epoch: Whole = 0
     finished: Flag = False
+    # `train.precision` as the run resolved it (`auto` is bf16 on one machine, fp32 on another);
+    # None in runs from before it was recorded.
+    precision: Text | None = None
 
     @property
     def name(self) -> str:

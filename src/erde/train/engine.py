@@ -160,6 +160,7 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
         teacher=d.teacher,
         pairing=pairing,
         config=to_dict(cfg),
+        precision=precision,
     )
     if t.sync_bn and world.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
