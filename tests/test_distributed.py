@@ -15,9 +15,9 @@ from erde.data.prepare import data_info, prepare_data, train_batches
 from erde.distill.teacher import Teacher
 from erde.distributed import World
 from erde.errors import ErdeError
-from erde.files import read_jsonl
 from erde.models.build import build_model
 from erde.models.macs import exit_macs
+from erde.run.metrics import read_jsonl
 from erde.train.engine import build_loss, check_world, dropout_seed, exit_accuracy, fit, restore_rng
 from erde.train.optim import build_optimizer
 

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from erde.files import read_json, read_jsonl
+from erde.files import read_json
 from erde.run.checkpoint import load_state, load_weights
+from erde.run.metrics import read_jsonl
 
 # The run-folder layout, spelled out here so that these tests check it independently of the code.
 WEIGHTS, SIDECAR, STATE, METRICS = "model.safetensors", "model.json", "state.pt", "metrics.jsonl"

@@ -11,7 +11,7 @@ import pytest
 from erde.cli.main import main
 from erde.deploy.manifest import read_manifest
 from erde.errors import ErdeError
-from erde.files import read_jsonl
+from erde.run.metrics import read_jsonl
 from erde.run.model_info import ModelInfo
 from erde.run.report import read_report
 from erde.train.loggers import MetricsFile
@@ -31,7 +31,7 @@ def test_the_fixtures_are_of_the_formats_before_versions():
     assert plain("manifest.json")["format_version"] == 3  # the manifest's own numbering
 
 
-def test_a_version_1_model_json_reads_and_is_rewritten_with_only_its_version_added(tmp_path):
+def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_and_no_precision(tmp_path):
     raw = plain("model.json")
     info = ModelInfo.read(V1 / "model.json")
     assert info.exit_macs == raw["exit_macs"] == [306688, 529152, 750976]
@@ -43,6 +43,7 @@ def test_a_version_1_model_json_reads_and_is_rewritten_with_only_its_version_add
     info.write(tmp_path / "model.json")
     again = json.loads((tmp_path / "model.json").read_text())
     assert again.pop("format_version") == 2
+    assert again.pop("precision") is None  # not recorded before: grouped by the setting
     assert again == raw
     assert ModelInfo.read(tmp_path / "model.json") == info
 
@@ -62,7 +63,7 @@ def test_version_1_metrics_rows_read_and_are_rewritten_with_only_their_version_a
     assert read_jsonl(tmp_path / "metrics.jsonl") == raw
 
 
-def test_a_version_1_report_reads_and_is_rewritten_with_only_its_version_added(tmp_path):
+def test_a_version_1_report_reads_and_is_rewritten_with_its_version_and_no_digest(tmp_path):
     raw = plain("report.json")
     report = read_report(V1 / "report.json")
     assert report.chosen.threshold == raw["chosen"]["threshold"] == pytest.approx(2.1572749)
@@ -79,6 +80,7 @@ def test_a_version_1_report_reads_and_is_rewritten_with_only_its_version_added(t
     report.write(tmp_path / "report.json")
     again = json.loads((tmp_path / "report.json").read_text())
     assert again.pop("format_version") == 2
+    assert again.pop("weights_sha256") is None  # a version-1 report did not say: never deployed
     assert again == raw
     assert read_report(tmp_path / "report.json") == report
 

@@ -23,9 +23,9 @@ from erde.data.pixels import decode_image
 from erde.data.walk import files_under
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, cache_problem
-from erde.files import read_jsonl
 from erde.models import create_model
 from erde.run.lock import writer_lock
+from erde.run.metrics import read_jsonl
 from erde.run.model_info import ModelInfo
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -343,7 +343,7 @@ def test_integers_too_long_for_python_or_float_are_damage_not_tracebacks(tmp_pat
         read_json(tmp_path / "report.json", "report")
     from pydantic import TypeAdapter
 
-    from erde.formats import Finite
+    from erde.run.formats import Finite
 
     finite = TypeAdapter(Finite)
     assert finite.validate_python(10**300) == 1e300

@@ -23,9 +23,9 @@ from erde.data.image_folder import folder_samples
 from erde.data.prepare import data_info, eval_batches, prepare_data
 from erde.data.stream import StreamBatches
 from erde.errors import ErdeError
-from erde.files import read_jsonl
 from erde.models import create_model
 from erde.models.build import build_model
+from erde.run.metrics import read_jsonl
 from erde.study.reproduce import check_study
 from erde.train.engine import fill_teacher_cache, fit
 

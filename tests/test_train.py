@@ -13,7 +13,7 @@ from erde.cli.main import main
 from erde.config.schema import load_config
 from erde.distill.losses import LossResult
 from erde.errors import ErdeError
-from erde.files import read_jsonl
+from erde.run.metrics import read_jsonl
 from erde.train.engine import fit
 from erde.train.optim import lr_factor
 

@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         choices=STUDENT_METHODS,
         help="also say where each group is above, within spread or below this method's group "
-        "over the shared MACs range (versus.md), e.g. kd",
+        "over the shared MACs range (versus.md), e.g. kd (default: none)",
     )
 
     def reproduce_options(p: argparse.ArgumentParser, out: str) -> None:

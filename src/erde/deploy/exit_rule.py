@@ -3,7 +3,7 @@ normalisation, where they came from, and the weights they were chosen for.
 
 A threshold only means something for the weights it was chosen on, so the file holds their
 SHA-256 and a reader refuses it beside any other weights. Its fields obey the rules of the other
-erde files (`erde.formats`: the same threshold, policy and SHA-256 as an export's manifest).
+erde files (`erde.run.formats`: the same threshold, policy and SHA-256 as an export's manifest).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 from erde.errors import ErdeError
 from erde.evaluation.policy import POLICIES
 from erde.files import parse_json, sha256_file, write_text
-from erde.formats import VERSION_KEY, Flag, NonNegative, Sha256, Text, check_version, validate
+from erde.run.formats import VERSION_KEY, Flag, NonNegative, Sha256, Text, check_version, validate
 
 FILE = "exit_rule.json"
 FORMAT_VERSION = 1

@@ -1,6 +1,6 @@
 """`manifest.json` of an export: the model it holds, the deployment threshold, and one entry per
 ONNX file. Read and checked in one place: `read_manifest` checks the file against
-`ManifestFile`, whose field types (`erde.formats`, shared with `model.json`) give every field's
+`ManifestFile`, whose field types (`erde.run.formats`, shared with `model.json`) give every field's
 type and range, before anything uses it (and that the graphs' stated shapes fit the images and
 classes), and `read_graph` every file's place, checksum, self-containment and tensor names and
 shapes. The runtime and the benchmark use the typed `Manifest`, never the raw dict.
@@ -32,7 +32,7 @@ from erde.deploy.onnx_wire import graph_facts
 from erde.errors import ErdeError
 from erde.evaluation.rule import POLICIES
 from erde.files import parse_json, read_json, sha256_bytes
-from erde.formats import (
+from erde.run.formats import (
     VERSION_KEY,
     FieldProblem,
     Flag,

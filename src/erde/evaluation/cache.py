@@ -24,9 +24,9 @@ from erde.data.prepare import eval_batches, prepare_data
 from erde.device import resolve_device
 from erde.errors import ErdeError
 from erde.files import sha256_file, write_bytes
-from erde.formats import ExitMacs
 from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
+from erde.run.formats import ExitMacs
 from erde.run.layout import RunDir
 
 SPLITS = ("val", "test")

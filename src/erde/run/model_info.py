@@ -1,7 +1,7 @@
 """`model.json`, the sidecar of a run's weights: how to rebuild the model, what it costs and
 what data it expects. Its format is the dataclasses below, whose field types
-(`erde.formats`) carry the rules; `ModelInfo.read` checks a file once, and every command uses the
-typed object, never the raw dict.
+(`erde.run.formats`) carry the rules; `ModelInfo.read` checks a file once, and every command
+uses the typed object, never the raw dict.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import AfterValidator, ConfigDict, TypeAdapter, with_config
 from typing_extensions import NotRequired, TypedDict
 
 from erde.files import read_json, write_json
-from erde.formats import (
+from erde.run.formats import (
     VERSION_KEY,
     Classes,
     Count,

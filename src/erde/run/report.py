@@ -1,7 +1,7 @@
 """The evaluation report as typed data (`report.json`), and the markdown table commands print.
 
 `erde evaluate` writes a `Report`; `erde compare`, `erde export` and `erde bench` read it back with
-`read_report`, which checks the file once against the dataclasses' field types (`erde.formats`),
+`read_report`, which checks the file once against the dataclasses' field types (`erde.run.formats`),
 so no reader indexes a dict by string keys. Accuracy is a fraction and MACs are per image. This
 module imports no evaluation code: anything may use it.
 """
@@ -21,7 +21,7 @@ from typing_extensions import TypedDict
 
 from erde.errors import ErdeError
 from erde.files import read_json, sha256_file, write_json
-from erde.formats import (
+from erde.run.formats import (
     VERSION_KEY,
     ExitMacs,
     FieldProblem,

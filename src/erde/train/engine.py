@@ -38,13 +38,13 @@ from erde.distill.teacher import Teacher
 from erde.distill.teacher_cache import CacheKey, TeacherCache, TeacherOutputs, indices_digest
 from erde.distributed import World
 from erde.errors import ErdeError
-from erde.files import read_jsonl
 from erde.logs import Heartbeat
 from erde.models.build import build_model
 from erde.models.macs import exit_macs, static_macs
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.lock import writer_lock
+from erde.run.metrics import read_jsonl
 from erde.run.model_info import ModelInfo
 from erde.train.optim import build_optimizer
 from erde.train.writer import RunWriter, check_run_dir, log

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Protocol
 
 from erde.errors import ErdeError
-from erde.files import metrics_line, write_text
+from erde.files import write_text
+from erde.run.metrics import metrics_line
 
 log = logging.getLogger("erde.train.engine")
 
