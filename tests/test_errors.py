@@ -29,6 +29,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
@@ -171,9 +172,12 @@ def export_tampering(export: Path, manifest: dict, outside: Path) -> dict[str, d
     }
 
 
+FAST_RUN = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
+
+
 def build_workspace(root: Path) -> dict[str, Path]:
     """Every folder and file a documented command names, keyed by placeholder."""
-    fast = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
+    fast = FAST_RUN
     teacher = load_config("digits-teacher", [*fast, "train.epochs=1", "train.seed=1"])
     fit(teacher, root / "teacher", progress=False)  # seed 1: other weights than the student's
     fit(load_config("digits-student", [*fast, "train.epochs=1"]), root / "run", progress=False)
@@ -222,6 +226,18 @@ def build_workspace(root: Path) -> dict[str, Path]:
     (p["BAD_CACHE"] / "logits.safetensors").write_bytes(b"x")
     p["EVALUATED"] = copy_run(run, root / "evaluated")
     evaluate_run(p["EVALUATED"], device="cpu")  # calibrates an entropy threshold on val
+    p["STALE_REPORT"] = copy_run(p["EVALUATED"], root / "stale-report")
+    scaled = load_file(p["STALE_REPORT"] / "model.safetensors")
+    first = next(k for k, v in scaled.items() if v.is_floating_point())
+    scaled[first] = scaled[first] * 0.5  # weights changed after the evaluation
+    save_file(scaled, p["STALE_REPORT"] / "model.safetensors")
+    replaced = copy_run(p["TEACHER"], root / "teacher-replaced")
+    p["STUDENT_OF_REPLACED"] = root / "student-of-replaced"
+    kd = load_config("digits-student", [*FAST_RUN, "train.epochs=2", "distill.method=kd",
+                                        f"distill.teacher={replaced}"])  # fmt: skip
+    fit(kd, p["STUDENT_OF_REPLACED"], stop_after=1, progress=False)
+    retrained = load_config("digits-teacher", [*FAST_RUN, "train.epochs=1", "train.seed=2"])
+    fit(retrained, replaced, overwrite=True, progress=False)
     p["EVALUATED_MAXPROB"] = copy_run(run, root / "evaluated-maxprob")
     evaluate_run(p["EVALUATED_MAXPROB"], reference=p["TEACHER"], policy="maxprob", device="cpu")
 
@@ -310,8 +326,6 @@ def build_workspace(root: Path) -> dict[str, Path]:
 
 def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     """Run-folder files and data sets damaged or made hostile in the ways of issue 14."""
-    from safetensors.torch import load_file, save_file
-
     from erde.evaluation.cache import read_cache, save_cache
 
     d = {"YAML_EMPTY": root / "yaml_empty.yaml"}
