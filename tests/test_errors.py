@@ -197,6 +197,10 @@ def build_workspace(root: Path) -> dict[str, Path]:
     p["EMPTY"].mkdir()
     p["NOT_RUN"].mkdir()
     (p["NOT_RUN"] / "notes.txt").write_text("my notes\n")
+    p["NOTES_WITH_CONFIG"] = root / "notes-with-config"  # a config.yaml among the user's files
+    p["NOTES_WITH_CONFIG"].mkdir()
+    (p["NOTES_WITH_CONFIG"] / "config.yaml").write_text("lr: 1\n")
+    (p["NOTES_WITH_CONFIG"] / "data.txt").write_text("x\n")
     p["FILE"].write_text("a file, not a folder\n")
     for name, record in (("STUDY", "reproduce.yaml"), ("TUNE_STUDY", "tune.yaml")):
         p[name] = root / name.lower()
