@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erde.data.pixels import Normalize
+from erde.deploy.arrays import model_input
 from erde.deploy.images import check_channels, normalize_images, read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
 from erde.deploy.single import EXIT, LOGITS, THRESHOLDS
@@ -169,7 +171,8 @@ def export_session(export_dir: Path, entry: dict, threads: int | None = None):
 
 
 class EarlyExitRuntime:
-    """Classifies normalised batches, running each image only up to the exit that answers it."""
+    """Classifies batches (uint8 pixels or normalised float32), running each image only up to
+    the exit that answers it."""
 
     def __init__(
         self,
@@ -188,6 +191,7 @@ class EarlyExitRuntime:
         self.single = single
         self.static = static
         self.info = info
+        self._normalise = Normalize(info.data.mean, info.data.std)
         self.policy = point.policy
         self.normalize = bool(point.normalize)
         self.backend = backend
@@ -279,15 +283,9 @@ class EarlyExitRuntime:
         return cls(pieces, info, point, backend="torch")
 
     def _check_input(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x)
-        want = (self.in_channels, self.input_size, self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise ErdeError(
-                f"the model takes batches of shape (N, {', '.join(map(str, want))}) "
-                f"(normalised NCHW); got {tuple(x.shape)}. Resize and normalise the images "
-                "first (erde.deploy.images)"
-            )
-        return x.to(torch.float32).contiguous()
+        """`erde.deploy.arrays`' rule, as `EarlyExitModel` reads arrays: uint8 pixels are
+        normalised here, float32/float16 taken as normalised, anything else refused."""
+        return model_input(x, self.info, self._normalise)
 
     def predict(
         self,
@@ -295,7 +293,8 @@ class EarlyExitRuntime:
         threshold: float | Sequence[float] | None = None,
         form: str = "auto",
     ) -> Prediction:
-        """Class, probabilities and exit per image of a normalised float32 NCHW batch.
+        """Class, probabilities and exit per image of a batch: uint8 pixels or normalised
+        float32 NCHW (`erde.deploy.arrays`); an empty batch gives empty arrays.
 
         `threshold` overrides the default (one value, or one per exit as `simulate` takes);
         `form` as the module docstring says.
@@ -316,7 +315,11 @@ class EarlyExitRuntime:
             none_leave = not (cutoffs_np > 0).any()
         if form == "auto" and self.static is not None and none_leave:
             return self._predict_static(x.numpy())
-        if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
+        if (
+            self.single is not None
+            and len(x)
+            and (form == "single" or (form == "auto" and len(x) == 1))
+        ):
             return self._predict_single(x.numpy(), cutoffs_np)
         return self._predict_split(x, cutoffs)
 

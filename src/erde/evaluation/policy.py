@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from erde.errors import ErdeError
@@ -101,8 +102,8 @@ def exit_thresholds(
     float32 matches the scores' precision, so a sweep and a per-threshold simulation compare the
     very same numbers.
     """
-    values = torch.as_tensor(threshold, dtype=torch.float64).flatten()
-    if values.numel() == 1 and torch.as_tensor(threshold).dim() == 0:
+    values = _real_numbers(threshold)
+    if values.numel() == 1 and np.ndim(threshold) == 0:
         values = values.expand(n_exits - 1)
     elif values.numel() not in (n_exits - 1, n_exits):
         raise ErdeError(
@@ -116,6 +117,23 @@ def exit_thresholds(
             "Use 0 for 'never exit early' and larger values to exit more often."
         )
     return values.float()
+
+
+def _real_numbers(threshold: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """The thresholds as float64, flattened; text ('0.5'), bools and complex numbers refused
+    with one line rather than torch's TypeError or a silent cast."""
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.detach().cpu().tolist()
+    try:
+        kind = np.asarray(threshold).dtype.kind
+    except (TypeError, ValueError):  # ragged lists
+        kind = "O"
+    if kind not in "iuf":
+        raise ErdeError(
+            f"exit thresholds must be real numbers; got {threshold!r}. Give one number (0.5, "
+            "not '0.5'), or a list of numbers, one per exit"
+        )
+    return torch.as_tensor(np.asarray(threshold, dtype=np.float64)).flatten()
 
 
 def exits_from_scores(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
