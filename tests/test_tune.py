@@ -144,3 +144,19 @@ def test_bad_tune_options(tmp_path, capsys, argv, message):
     assert main(["tune", "--preset", "quickstart", *argv, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_study_folders_of_one_name_on_a_shared_storage_stay_apart(tmp_path):
+    """Each folder's Optuna study is its own: the second trains its trial and reports it."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = tmp_path / "a" / "study", tmp_path / "b" / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[kd]", "--trials", "1"]
+    argv += ["--storage", storage, "--no-progress"]
+    assert main([*argv, "--out", str(first)]) == 0
+    assert main([*argv, "--out", str(second), "--teacher", str(first / "teacher")]) == 0
+    for out in (first, second):
+        best = json.loads((out / "best.json").read_text())["kd"]
+        assert best["finished_trials"] == 1
+        assert (out / "kd" / best["run"] / "model.json").is_file()
+    assert study_name(first, "kd") != study_name(second, "kd")

@@ -10,10 +10,11 @@ curve over the student's own MACs range (`erde.evaluation.metrics.auc`, the func
 report's `test_auc`), and a median pruner stops a trial whose mean validation accuracy over the
 exits falls below the median of earlier trials at the same epoch.
 
-Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
-(the default storage), `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`),
-`best.json`, and `final/` (the best settings x seeds and their comparison). Any Optuna storage
-URL serves workers on several machines: start the same command on each.
+Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study-key`
+(what names its Optuna studies, unique to the folder), `study.db` (the default storage),
+`teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`), `best.json`, and `final/`
+(the best settings x seeds and their comparison). Any Optuna storage URL serves workers on
+several machines sharing the folder: start the same command on each.
 
 Interruptions: a trial stopped by Ctrl-C is queued again with its parameters and resumes its run
 folder on the next start. A worker killed outright (SIGKILL, preemption) leaves its trial RUNNING;
@@ -24,6 +25,8 @@ and queues it again the same way.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -67,6 +70,7 @@ SEARCH_FLOATS: dict[str, tuple[float, float, bool]] = {
 SEARCH_CHOICES: tuple[str, ...] = ("distill.entropy_term", "distill.entropy_exits")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN = "run"  # the user attribute naming a trial's run folder
+STUDY_KEY = "study-key"  # the file naming the folder's Optuna studies (`study_name`)
 
 
 @dataclass
@@ -119,9 +123,35 @@ def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
 
 
 def study_name(out: Path, method: str) -> str:
-    """The Optuna study of one method of a study folder (unique on a shared storage as long as
-    the folder names differ)."""
-    return f"erde-tune:{out.resolve().name}:{method}"
+    """The Optuna study of one method of a study folder: named by the key its `study-key` file
+    holds, unique to the folder, so two folders of one name on a shared storage stay apart."""
+    path = Path(out) / STUDY_KEY
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        raise ErdeError(
+            f"{path} cannot be read; run `erde tune --out {out}` to create it"
+        ) from None
+    return f"{key}:{method}"
+
+
+def _claim_study_key(out: Path, legacy: bool) -> None:
+    """Write the folder's study key unless a worker did: a random one, or for a folder an older
+    erde made (`legacy`: tune.yaml but no key) the folder-name key it was tuned under. Published
+    with a hard link, which fails if the file exists: concurrent workers agree on one key."""
+    path = out / STUDY_KEY
+    if path.is_file():
+        return
+    name = out.resolve().name
+    key = f"erde-tune:{name}" if legacy else f"erde-tune:{name}:{uuid.uuid4().hex[:16]}"
+    draft = out / f".{STUDY_KEY}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    draft.write_text(key + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def _requeue(study: optuna.Study, number: int, params: dict[str, Any], run: str | None) -> None:
@@ -158,6 +188,7 @@ def tune(
             teacher, data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
         )
     out.mkdir(parents=True, exist_ok=True)
+    _claim_study_key(out, legacy=record.is_file())  # before tune.yaml: see _claim_study_key
     write_text(record, to_yaml(cfg))
     store = store or open_storage(f"sqlite:///{(out / 'study.db').resolve()}", heartbeat_s)
     teacher_run = Path(teacher) if teacher is not None else out / "teacher"
