@@ -160,3 +160,30 @@ def test_two_study_folders_of_one_name_on_a_shared_storage_stay_apart(tmp_path):
         assert best["finished_trials"] == 1
         assert (out / "kd" / best["run"] / "model.json").is_file()
     assert study_name(first, "kd") != study_name(second, "kd")
+
+
+def params(out, method):
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=study_name(out, method), storage=storage)
+    return [t.params for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.mark.slow
+def test_a_resumed_study_draws_new_settings_and_keeps_its_budget(tmp_path):
+    """A second start does not replay the seeded sampler's draws; a third with the same budget
+    trains nothing; a trial another worker is running counts against the budget."""
+    out = tmp_path / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[kd]", "--out", str(out)]
+    assert main([*argv, "--trials", "1", "--no-progress"]) == 0
+    assert main([*argv, "--trials", "2", "--no-progress"]) == 0
+    assert main([*argv, "--trials", "2", "--no-progress"]) == 0
+    assert states(out, "kd") == [TrialState.COMPLETE] * 2
+    first, second = params(out, "kd")
+    assert set(first) == set(second) == set(space("kd")) and first != second
+    # Another worker is training trial 2 (RUNNING, beating): a budget of 3 is then complete.
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=study_name(out, "kd"), storage=storage)
+    storage.record_heartbeat(study.ask()._trial_id)
+    assert main([*argv, "--trials", "3", "--no-progress"]) == 0
+    assert states(out, "kd") == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING]
+    assert sorted(p.name for p in (out / "kd").glob("trial-*")) == ["trial-0000", "trial-0001"]

@@ -2,13 +2,15 @@
 on the validation split only; then each method's best setting trained with several seeds and
 compared on test.
 
-Fair by construction: every method gets `trials` finished (complete or pruned) trials of one
-seeded TPE sampler over the keys its loss reads (`SEARCH_FLOATS` and `SEARCH_CHOICES`, filtered
-by each key's record: which methods it matters for, and whether it may be varied), with the same
-teacher, schedule and seed. The objective is the AUC of the validation accuracy-versus-MACs
-curve over the student's own MACs range (`erde.evaluation.metrics.auc`, the function behind a
-report's `test_auc`), and a median pruner stops a trial whose mean validation accuracy over the
-exits falls below the median of earlier trials at the same epoch.
+Fair by construction: every method gets `trials` finished (complete or pruned) trials, counted
+in the storage (running ones included, so concurrent workers do not overshoot), of a TPE sampler
+seeded per trial (`TrialSeededTPE`) over the keys its loss reads (`SEARCH_FLOATS` and
+`SEARCH_CHOICES`, filtered by each key's record: which methods it matters for, and whether it
+may be varied), with the same teacher, schedule and seed. The objective is the AUC of the
+validation accuracy-versus-MACs curve over the student's own MACs range
+(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner
+stops a trial whose mean validation accuracy over the exits falls below the median of earlier
+trials at the same epoch.
 
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study-key`
 (what names its Optuna studies, unique to the folder), `study.db` (the default storage),
@@ -24,6 +26,7 @@ and queues it again the same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import uuid
@@ -99,6 +102,32 @@ def space(method: str, table: dict[str, Record] | None = None) -> list[str]:
         for k in (*SEARCH_FLOATS, *SEARCH_CHOICES)
         if table[k].gridded and applies(k, method, table)
     ]
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE whose random draws for a trial are seeded by (seed, trial number, key):
+    one seeded TPE restarted by a resume, or started by each of several workers, would draw
+    its sequence again and repeat earlier trials' settings; trial numbers are the storage's,
+    never given twice."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def _tpe(self, trial: FrozenTrial, key: str = "") -> optuna.samplers.TPESampler:
+        digest = hashlib.sha256(f"{self.seed}:{trial.number}:{key}".encode()).digest()
+        return optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "big"))
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return {}  # independent TPE, as TPESampler's default: each key on its own
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        tpe = self._tpe(trial, param_name)
+        return tpe.sample_independent(study, trial, param_name, param_distribution)
 
 
 def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
@@ -200,7 +229,7 @@ def tune(
         study = optuna.create_study(
             storage=store,
             study_name=study_name(out, method),
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=TrialSeededTPE(seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
             direction="maximize",
             load_if_exists=True,
@@ -241,11 +270,8 @@ def _optimize(
     trials: int,
     progress: bool,
 ) -> None:
-    """Trials until the study holds `trials` finished ones (shared by every worker)."""
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    log.info("%s: %d of %d trials finished", method, finished, trials)
-    if finished >= trials:
-        return
+    """Trials until the study holds `trials` finished ones, counted in the storage, so shared
+    by every worker: none starts a trial the running ones already complete the budget with."""
 
     def objective(trial: Trial) -> float:
         name = trial.user_attrs.get(RUN) or f"trial-{trial.number:04d}"
@@ -260,8 +286,16 @@ def _optimize(
             raise
         return val_auc(run, cfg.evaluate, cfg.student.train.device)
 
-    callback = optuna.study.MaxTrialsCallback(trials, states=FINISHED)
-    study.optimize(objective, callbacks=[callback], gc_after_trial=False)
+    while True:
+        with warnings.catch_warnings():  # marked experimental, as heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: queued again
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        log.info("%s: %d of %d trials finished, %d running", method, finished, trials, running)
+        if finished + running >= trials:
+            return
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
 
 
 def _suggest(trial: Trial, key: str) -> Any:
