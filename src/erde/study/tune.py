@@ -59,7 +59,13 @@ from erde.evaluation.metrics import auc
 from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
 from erde.run.lock import run_lock
-from erde.study.reproduce import check_study, compare_protocol, ensure_run, train_students
+from erde.study.reproduce import (
+    check_students,
+    check_study,
+    compare_protocol,
+    ensure_run,
+    train_students,
+)
 
 log = logging.getLogger("erde.study.tune")
 
@@ -212,10 +218,10 @@ def tune(
     check_study(record, cfg)
     store = open_storage(storage, heartbeat_s) if storage else None  # before writing anything
     seed = cfg.student.train.seed
+    info = data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
     if teacher is not None:
-        check_teacher(
-            teacher, data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
-        )
+        check_teacher(teacher, info)
+    check_students([cfg], info)  # before the teacher trains
     out.mkdir(parents=True, exist_ok=True)
     _claim_study_key(out, legacy=record.is_file())  # before tune.yaml: see _claim_study_key
     write_text(record, to_yaml(cfg))
