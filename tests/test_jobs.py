@@ -113,7 +113,8 @@ def test_a_signal_to_the_parent_stops_every_job(tmp_path, signal_name):
             workers = {p for p in children(parent.pid) if "spawn_main" in cmdline(p)}
             time.sleep(0.2)
         parent.send_signal(getattr(signal, signal_name))
-        parent.wait(timeout=20)
+        assert parent.wait(timeout=20) == 130
+        assert "erde reproduce: interrupted" in log.read_text().splitlines()
         time.sleep(3)
         assert [p for p in workers if alive(p)] == [], log.read_text()
     finally:
