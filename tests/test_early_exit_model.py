@@ -117,3 +117,35 @@ def test_a_report_is_deployed_only_with_the_weights_it_was_computed_from(
     again = ["evaluate", str(other), "--budget", "0.5", "--out", str(other / "eval")]
     assert main(again) == 0  # the fix the message names (with the criterion of that report)
     assert EarlyExitModel.from_pretrained(other).threshold > 0
+
+
+def test_both_python_classes_read_an_array_by_one_rule(evaluated, tmp_path):
+    """uint8 is raw pixels (three layouts), float32 normalised, anything else, NaN and a
+    threshold given as text refused with one line; an empty batch gives an empty answer."""
+    from erde.deploy import EarlyExitRuntime, export_run
+    from erde.deploy.images import normalize_images
+
+    export_run(evaluated, tmp_path / "export")
+    model = EarlyExitModel.from_pretrained(evaluated)
+    runtimes = [EarlyExitRuntime.from_export(tmp_path / "export", threads=1)]
+    runtimes.append(EarlyExitRuntime.from_run(evaluated))
+    pixels = images()[:20]  # N x 8 x 8 x 1
+    d = model.info.data
+    want = model.predict(normalize_images(pixels, d.mean, d.std)).labels
+    layouts = [pixels, pixels[..., 0], pixels.transpose(0, 3, 1, 2)]
+    for layout in layouts:
+        assert model.predict(layout).labels == want
+        for rt in runtimes:
+            assert rt.predict(layout).labels.tolist() == want
+    nan = np.full((1, 1, 8, 8), np.nan, np.float32)
+    refused = [pixels.astype(np.int64), pixels.astype(np.float64), pixels > 0]
+    refused += [pixels.transpose(0, 3, 1, 2).astype(np.complex64), nan]
+    for predict in [model.predict] + [rt.predict for rt in runtimes]:
+        for x in refused:
+            with pytest.raises(ErdeError, match="images") as caught:
+                predict(x)
+            assert "\n" not in str(caught.value)
+        with pytest.raises(ErdeError, match="real numbers"):
+            predict(pixels, threshold="0.5")
+    assert model.predict_files([]).labels == [] == model.predict(pixels[:0]).exits
+    assert len(runtimes[0].predict(pixels[:0], form="single").labels) == 0

@@ -8,6 +8,10 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -232,3 +236,21 @@ def test_predict_files_warns_as_infer_does(teacher, files):
     with pytest.warns(UserWarning, match="colour converted to grey and resized from 640x480"):
         result = model.predict_files([files[0], files[4]])
     assert len(result.classes) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_infer_prints_a_name_that_is_no_utf8_on_a_strict_utf8_stdout(exported, files, fmt):
+    """A file name holding the byte 0xff is shown as \\xff rather than crashing the output."""
+    folder = os.fsencode(files[0].parent)
+    odd = os.path.join(folder, b"caf\xff.png")
+    shutil.copyfile(os.fsencode(files[0]), odd)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(
+        [sys.executable, "-m", "erde", "infer", str(exported), odd, "--format", fmt],
+        capture_output=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    out = done.stdout.decode("utf-8")  # strict: valid UTF-8
+    assert "caf\\xff.png" in (json.loads(out)[0]["file"] if fmt == "json" else out)

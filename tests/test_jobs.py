@@ -1,8 +1,11 @@
 """`erde reproduce --jobs N`: students in parallel processes write what a serial run writes."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from erde.device import cores
 pytestmark = pytest.mark.slow
 
 SHORT = ["teacher.train.epochs=2", "student.train.epochs=2"]
+NO_WARMUP = ["teacher.train.warmup_epochs=0"]
 # Each of 2 jobs gets cores // 2 threads; the serial run gets the same number, since CPU kernels
 # may sum in another order with another number of threads.
 THREADS = str(max(1, cores() // 2))
@@ -72,3 +76,57 @@ def test_more_jobs_than_runs_use_one_process_per_run(tmp_path):
     done = quickstart(tmp_path / "out", "--jobs", "9", "methods=[kd,erde]")
     assert done.returncode == 0, done.stderr
     assert "--jobs 9: only 2 run(s) to train, so 2 at once" in done.stdout
+
+
+def children(pid: int) -> set[int]:
+    """The pids of a process's children, from /proc (every thread's list)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has stopped, only its parent has not reaped it
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_parent_stops_every_job(tmp_path, signal_name):
+    """SIGTERM (or SIGINT to the parent alone) ends `--jobs 2` with no worker left training."""
+    log = tmp_path / "log.txt"
+    argv = ["reproduce", "--preset", "quickstart", "teacher.train.epochs=1", *NO_WARMUP]
+    argv += ["student.train.epochs=500", "--out", str(tmp_path / "out"), "--jobs", "2"]
+    with log.open("w") as sink:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "erde", *argv, "--no-progress"], stdout=sink, stderr=sink
+        )
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while len(workers) < 2 or "epoch" not in log.read_text().split("at a time")[-1]:
+            assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+            workers = {p for p in children(parent.pid) if "spawn_main" in cmdline(p)}
+            time.sleep(0.2)
+        parent.send_signal(getattr(signal, signal_name))
+        assert parent.wait(timeout=20) == 130
+        assert "erde reproduce: interrupted" in log.read_text().splitlines()
+        time.sleep(3)
+        assert [p for p in workers if alive(p)] == [], log.read_text()
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:  # left by a failure: never outlive the test
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

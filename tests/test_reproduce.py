@@ -5,6 +5,7 @@ import json
 import logging
 import resource
 import shutil
+import time
 
 import pytest
 import torch
@@ -332,3 +333,26 @@ def test_paper_scale_presets_load_and_build(preset):
     assert [o.shape for o in student.eval()(x)][-1] == (2, classes)
     assert teacher.num_exits >= 2 and student.num_exits >= 2
     assert preset in preset_names("reproduce")
+
+
+@pytest.mark.parametrize(
+    ("command", "change", "message"),
+    [
+        ("reproduce", ["student.model.name=resnet88"], "unknown model 'resnet88'"),
+        ("reproduce", ["--grid", "student.model.exits=1,9"], "exit"),
+        ("tune", ["student.model.options.depth=3"], "has no option(s) ['depth']"),
+    ],
+)
+def test_a_student_model_typo_is_refused_before_the_teacher_trains(
+    tmp_path, capsys, command, change, message
+):
+    out = tmp_path / "out"
+    argv = [command, "--preset", "quickstart", "teacher.train.epochs=1"]
+    argv += ["teacher.train.warmup_epochs=0", *change, "--out", str(out), "--no-progress"]
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 5  # the teacher would take longer
+    # (logging may complain of an earlier test's closed capsys stream: not erde's lines)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("erde ")]
+    assert len(lines) == 1 and "the student stage" in lines[0] and message in lines[0]
+    assert not out.exists()

@@ -144,3 +144,46 @@ def test_bad_tune_options(tmp_path, capsys, argv, message):
     assert main(["tune", "--preset", "quickstart", *argv, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_study_folders_of_one_name_on_a_shared_storage_stay_apart(tmp_path):
+    """Each folder's Optuna study is its own: the second trains its trial and reports it."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = tmp_path / "a" / "study", tmp_path / "b" / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[kd]", "--trials", "1"]
+    argv += ["--storage", storage, "--no-progress"]
+    assert main([*argv, "--out", str(first)]) == 0
+    assert main([*argv, "--out", str(second), "--teacher", str(first / "teacher")]) == 0
+    for out in (first, second):
+        best = json.loads((out / "best.json").read_text())["kd"]
+        assert best["finished_trials"] == 1
+        assert (out / "kd" / best["run"] / "model.json").is_file()
+    assert study_name(first, "kd") != study_name(second, "kd")
+
+
+def params(out, method):
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=study_name(out, method), storage=storage)
+    return [t.params for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.mark.slow
+def test_a_resumed_study_draws_new_settings_and_keeps_its_budget(tmp_path):
+    """A second start does not replay the seeded sampler's draws; a third with the same budget
+    trains nothing; a trial another worker is running counts against the budget."""
+    out = tmp_path / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[kd]", "--out", str(out)]
+    assert main([*argv, "--trials", "1", "--no-progress"]) == 0
+    assert main([*argv, "--trials", "2", "--no-progress"]) == 0
+    assert main([*argv, "--trials", "2", "--no-progress"]) == 0
+    assert states(out, "kd") == [TrialState.COMPLETE] * 2
+    first, second = params(out, "kd")
+    assert set(first) == set(second) == set(space("kd")) and first != second
+    # Another worker is training trial 2 (RUNNING, beating): a budget of 3 is then complete.
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=study_name(out, "kd"), storage=storage)
+    storage.record_heartbeat(study.ask()._trial_id)
+    assert main([*argv, "--trials", "3", "--no-progress"]) == 0
+    assert states(out, "kd") == [TrialState.COMPLETE] * 2 + [TrialState.RUNNING]
+    assert sorted(p.name for p in (out / "kd").glob("trial-*")) == ["trial-0000", "trial-0001"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -29,6 +31,8 @@ FORMS = ("auto", "single", "split")  # erde.deploy.runtime.FORMS
 INFER_FORMATS = ("table", "json", "csv")
 # The fields of one `erde infer` result, in the order of the JSON objects and CSV columns.
 INFER_FIELDS = ("file", "class_index", "class_name", "confidence", "exit", "error", "warning")
+PRINTED = ("file", "class_name", "error", "warning")  # the text fields, names of files in them
+_UNDECODED = re.compile("[\udc80-\udcff]")  # os.fsdecode's stand-ins for bytes no UTF-8
 
 
 def export_command(args: argparse.Namespace) -> None:
@@ -68,6 +72,7 @@ def infer_command(args: argparse.Namespace) -> None:
     paths = image_paths(args.images)  # a pattern that matches nothing fails before loading
     runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
     rows = runtime.classify_files(paths, threshold=args.threshold, form=args.form)
+    rows = [dataclasses.replace(r, **{k: printable(getattr(r, k)) for k in PRINTED}) for r in rows]
     for r in rows:
         if r.warning is not None:
             print(f"erde infer: warning: {r.warning}", file=sys.stderr)
@@ -79,6 +84,17 @@ def infer_command(args: argparse.Namespace) -> None:
             f"{len(failures)} of {len(rows)} image(s) could not be classified (their rows say "
             f"why; the first, {first.file}: {first.error}); fix or remove those files"
         )
+
+
+def printable(text: str | None) -> str | None:
+    """Text as stdout can show it: a file name's bytes that are no UTF-8 (which Python keeps as
+    lone surrogates, PEP 383, and a strict UTF-8 stdout refuses) as \\xNN, as does anything
+    else stdout's encoding cannot write."""
+    if text is None:
+        return None
+    text = _UNDECODED.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def render_results(rows: Sequence, fmt: str) -> str:

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erde.data.pixels import Normalize
+from erde.deploy.arrays import model_input
 from erde.deploy.exit_rule import ExitRule, read_exit_rule
 from erde.deploy.images import read_image
-from erde.errors import ErdeError
 from erde.evaluation.policy import simulate
 from erde.files import sha256_file
 from erde.models.load import load_model
@@ -57,7 +56,6 @@ class EarlyExitModel:
         self.net, self.info = net.eval(), info
         self.threshold, self.policy, self.normalize = threshold, policy, normalize
         self.rule_source = rule_source  # where the exit rule came from (a report, or a caller)
-        self._normalise = Normalize(info.data.mean, info.data.std)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> EarlyExitModel:
@@ -99,33 +97,23 @@ class EarlyExitModel:
         return next(self.net.parameters()).device
 
     def prepare(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 images (N x H x W x C as decoded, or N x C x H x W) normalised as in training;
-        float tensors are taken as already normalised N x C x H x W."""
-        x = torch.as_tensor(images)
-        c, size = self.info.data.in_channels, self.info.data.input_size
-        if x.dim() == 3:
-            x = x[None]
-        if x.dtype == torch.uint8:
-            if x.dim() == 4 and x.shape[-1] == c and x.shape[1] != c:
-                x = x.permute(0, 3, 1, 2)
-            x = self._normalise(x.contiguous())
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c, size, size):
-            raise ErdeError(
-                f"{self.info.name} reads {c} x {size} x {size} images; got a batch of shape "
-                f"{tuple(x.shape)}. Give files to predict_files, which resizes them"
-            )
-        return x.to(self._device(), torch.float32)
+        """The batch as the network reads it, by `erde.deploy.arrays`' rule: uint8 pixels
+        normalised as in training, float32/float16 taken as normalised, anything else refused."""
+        return torch.from_numpy(model_input(images, self.info)).to(self._device())
 
     @torch.no_grad()
     def exit_logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Every exit's logits, N x exits x classes."""
-        return torch.stack(self.net(self.prepare(images)), dim=1).float().cpu()
+        """Every exit's logits, N x exits x classes (none for an empty batch)."""
+        x = self.prepare(images)
+        if not len(x):
+            return torch.zeros(0, self.info.num_exits, len(self.classes))
+        return torch.stack(self.net(x), dim=1).float().cpu()
 
     def predict(
         self, images: np.ndarray | torch.Tensor, threshold: float | None = None
     ) -> Predictions:
         """Class and exit per image under the exit rule (`threshold` overrides the model's;
-        0 means every image goes to the last exit)."""
+        0 means every image goes to the last exit). An empty batch gives empty lists."""
         logits = self.exit_logits(images)
         rule = self.threshold if threshold is None else threshold
         exits, labels = simulate(logits, rule, self.policy, self.normalize)
@@ -142,12 +130,12 @@ class EarlyExitModel:
     ) -> Predictions:
         """Image files decoded, converted and resized as `erde infer` does, then `predict`; a
         file converted beyond recognition (colour to grey, a size far from the model's) gets the
-        same warning, as a Python `UserWarning`."""
+        same warning, as a Python `UserWarning`. No files give empty lists."""
         d = self.info.data
-        images = []
+        images = [np.zeros((0, d.input_size, d.input_size, d.in_channels), np.uint8)]
         for path in paths:
             pixels, warning = read_image(path, d.in_channels, d.input_size)
             if warning is not None:
                 warnings.warn(warning, stacklevel=2)
-            images.append(pixels)
-        return self.predict(np.stack(images), threshold)
+            images.append(pixels[None])
+        return self.predict(np.concatenate(images), threshold)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from erde.data.decode import check_channels, normalize_array
+from erde.deploy.arrays import model_input
 from erde.deploy.images import read_image
 from erde.deploy.manifest import Deployment, read_graph, read_manifest
 from erde.device import cores
@@ -144,7 +145,8 @@ def export_session(export_dir: Path, entry: dict, threads: int | None = None):
 
 
 class EarlyExitRuntime:
-    """Classifies normalised batches, running each image only up to the exit that answers it."""
+    """Classifies batches (uint8 pixels or normalised float32), running each image only up to
+    the exit that answers it."""
 
     def __init__(
         self,
@@ -258,19 +260,9 @@ class EarlyExitRuntime:
         return cls(pieces, info, point, backend="torch")
 
     def _check_input(self, x) -> np.ndarray:
-        """A float32 C-contiguous copy or view; a torch tensor (any device) converted without
-        importing torch here."""
-        if type(x).__module__.startswith("torch"):
-            x = x.detach().cpu().numpy()
-        x = np.asarray(x)
-        want = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ErdeError(
-                f"the model takes batches of shape (N, {', '.join(map(str, want))}) "
-                f"(normalised NCHW); got {tuple(x.shape)}. Resize and normalise the images "
-                "first (erde.deploy.images)"
-            )
-        return np.ascontiguousarray(x, dtype=np.float32)
+        """`erde.deploy.arrays`' rule, as `EarlyExitModel` reads arrays: uint8 pixels are
+        normalised here, float32/float16 taken as normalised, anything else refused."""
+        return model_input(x, self.info)
 
     def predict(
         self,
@@ -278,8 +270,9 @@ class EarlyExitRuntime:
         threshold: float | Sequence[float] | None = None,
         form: str = "auto",
     ) -> Prediction:
-        """Class, probabilities and exit per image of a normalised float32 NCHW batch (a numpy
-        array, or a torch tensor).
+        """Class, probabilities and exit per image of a batch (a numpy array or a torch tensor):
+        uint8 pixels or normalised float32 NCHW (`erde.deploy.arrays`); an empty batch gives
+        empty arrays.
 
         `threshold` overrides the default (one value, or one per exit as `simulate` takes);
         `form` as the module docstring says.
@@ -299,7 +292,11 @@ class EarlyExitRuntime:
             none_leave = not (cutoffs > 0).any()
         if form == "auto" and self.static is not None and none_leave:
             return self._predict_static(x)
-        if self.single is not None and (form == "single" or (form == "auto" and len(x) == 1)):
+        if (
+            self.single is not None
+            and len(x)
+            and (form == "single" or (form == "auto" and len(x) == 1))
+        ):
             return self._predict_single(x, cutoffs)
         return self._predict_split(x, cutoffs)
 

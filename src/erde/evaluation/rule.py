@@ -27,7 +27,7 @@ def threshold_array(threshold: float | Sequence[float] | np.ndarray, n_exits: in
     float32 matches the scores' precision, so a sweep, a per-threshold simulation and the runtime
     compare the very same numbers.
     """
-    given = np.asarray(threshold)
+    given = _real_numbers(threshold)
     values = given.astype(np.float64).flatten()
     if values.size == 1 and given.ndim == 0:
         values = np.repeat(values, n_exits - 1)
@@ -43,3 +43,18 @@ def threshold_array(threshold: float | Sequence[float] | np.ndarray, n_exits: in
             "Use 0 for 'never exit early' and larger values to exit more often."
         )
     return values.astype(np.float32)
+
+
+def _real_numbers(threshold: float | Sequence[float] | np.ndarray) -> np.ndarray:
+    """The thresholds as an array of real numbers; text ('0.5'), bools and complex numbers are
+    refused with one line rather than numpy's TypeError or a silent cast."""
+    try:
+        given = np.asarray(threshold)
+    except (TypeError, ValueError):  # ragged lists
+        given = np.asarray(None)
+    if given.dtype.kind not in "iuf":
+        raise ErdeError(
+            f"exit thresholds must be real numbers; got {threshold!r}. Give one number (0.5, "
+            "not '0.5'), or a list of numbers, one per exit"
+        )
+    return given

@@ -1,17 +1,21 @@
 """Independent training runs in parallel processes that share the machine's cores.
 
 Each run is an ordinary `fit` in a fresh (spawned) process with `cores // jobs` threads, writing
-its own run folder, so the result is the folder a serial run writes. Ctrl-C stops every process;
-what they had written is resumable.
+its own run folder, so the result is the folder a serial run writes. Ctrl-C, or SIGTERM or
+SIGINT to the parent alone, stops every process; what they had written is resumable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
+from types import FrameType
 
 from erde.config.schema import Config
 from erde.device import cores
@@ -27,6 +31,26 @@ def _start_worker(threads: int) -> None:
 
     torch.set_num_threads(threads)
     log_to_stdout()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM taken as Ctrl-C, so `run_parallel`'s cleanup stops the workers: by default it
+    would end this process alone and leave them training, orphans of pid 1."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """`_interrupt` as the SIGTERM handler for the block (signal handlers are the main
+    thread's to set; elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def failure(run: Path, exc: BaseException) -> tuple[Path, str] | None:
@@ -72,24 +96,25 @@ def run_parallel(
         initargs=(threads,),
     )
     try:
-        pending: dict[Future, Path] = {pool.submit(train, c, r): r for c, r in runs}
-        done_count = 0
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                run = pending.pop(future)
-                done_count += 1
-                exc = future.exception()
-                if exc is None:
-                    log.info("%s: finished (%d of %d)", run.name, done_count, len(runs))
-                    continue
-                failed = failure(run, exc)
-                if failed is None:
-                    raise exc
-                failures.append(failed)
+        with _sigterm_interrupts():
+            pending: dict[Future, Path] = {pool.submit(train, c, r): r for c, r in runs}
+            done_count = 0
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    run = pending.pop(future)
+                    done_count += 1
+                    exc = future.exception()
+                    if exc is None:
+                        log.info("%s: finished (%d of %d)", run.name, done_count, len(runs))
+                        continue
+                    failed = failure(run, exc)
+                    if failed is None:
+                        raise exc
+                    failures.append(failed)
     except BaseException:
-        # Ctrl-C reaches the workers too (one process group); a kill of this process alone
-        # must not leave them training: stop them, their folders stay resumable.
+        # Ctrl-C reaches the workers too (one process group); SIGTERM or SIGINT to this
+        # process alone must not leave them training: stop them, their folders stay resumable.
         for process in list(getattr(pool, "_processes", {}).values()):
             process.terminate()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from erde.config.methods import METHOD_TABLE
@@ -24,9 +26,10 @@ from erde.errors import ErdeError
 from erde.evaluation.compare import Comparison
 from erde.evaluation.runs import compare_runs
 from erde.files import write_text
+from erde.models.build import build_model
 from erde.run.layout import ComparisonDir, RunDir
 from erde.run.lock import run_lock
-from erde.run.model_info import ModelInfo
+from erde.run.model_info import DataInfo, ModelInfo
 from erde.study.grid import Variant, expand
 from erde.study.parallel import run_parallel, run_serial
 from erde.study.shard import Shard
@@ -78,9 +81,10 @@ def reproduce(
     out = Path(out)
     _check_options(seeds, teacher, teacher_per_seed, jobs)
     variants = expand(cfg)  # every grid value typed and checked before anything is written
+    info = data_info(prepare_data(stage_config(cfg, "teacher", seed=seeds[0])).data)
     if teacher is not None:  # now, not after the first student trained without it
-        data = prepare_data(stage_config(cfg, "teacher", seed=seeds[0])).data
-        check_teacher(teacher, data_info(data))
+        check_teacher(teacher, info)
+    check_students([v.config for v in variants], info)  # before the teacher trains
     files = ComparisonDir(out)
     check_study(files.reproduce_yaml, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,23 @@ def reproduce(
             *(run for _, run in students),
         ],
     )
+
+
+def check_students(configs: Sequence[ReproduceConfig], data: DataInfo) -> None:
+    """Build every distinct student model (name, module, options, exits) on the meta device,
+    no weights and no memory, so a typo in any of them is refused before a teacher trains for
+    hours; pretrained weights are left to the run, which loads them."""
+    seen: set[str] = set()
+    for c in configs:
+        model = replace(c.student.model, pretrained=None)
+        if repr(model) in seen:
+            continue
+        seen.add(repr(model))
+        with torch.device("meta"):
+            try:
+                build_model(model, data)
+            except ErdeError as exc:
+                raise ErdeError(f"the student stage: {exc}") from None
 
 
 def _student_runs(

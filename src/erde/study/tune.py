@@ -2,18 +2,21 @@
 on the validation split only; then each method's best setting trained with several seeds and
 compared on test.
 
-Fair by construction: every method gets `trials` finished (complete or pruned) trials of one
-seeded TPE sampler over the keys its loss reads (`SEARCH_FLOATS` and `SEARCH_CHOICES`, filtered
-by each key's record: which methods it matters for, and whether it may be varied), with the same
-teacher, schedule and seed. The objective is the AUC of the validation accuracy-versus-MACs
-curve over the student's own MACs range (`erde.evaluation.metrics.auc`, the function behind a
-report's `test_auc`), and a median pruner stops a trial whose mean validation accuracy over the
-exits falls below the median of earlier trials at the same epoch.
+Fair by construction: every method gets `trials` finished (complete or pruned) trials, counted
+in the storage (running ones included, so concurrent workers do not overshoot), of a TPE sampler
+seeded per trial (`TrialSeededTPE`) over the keys its loss reads (`SEARCH_FLOATS` and
+`SEARCH_CHOICES`, filtered by each key's record: which methods it matters for, and whether it
+may be varied), with the same teacher, schedule and seed. The objective is the AUC of the
+validation accuracy-versus-MACs curve over the student's own MACs range
+(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner
+stops a trial whose mean validation accuracy over the exits falls below the median of earlier
+trials at the same epoch.
 
-Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study.db`
-(the default storage), `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`),
-`best.json`, and `final/` (the best settings x seeds and their comparison). Any Optuna storage
-URL serves workers on several machines: start the same command on each.
+Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study-key`
+(what names its Optuna studies, unique to the folder), `study.db` (the default storage),
+`teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`), `best.json`, and `final/`
+(the best settings x seeds and their comparison). Any Optuna storage URL serves workers on
+several machines sharing the folder: start the same command on each.
 
 Interruptions: a trial stopped by Ctrl-C is queued again with its parameters and resumes its run
 folder on the next start. A worker killed outright (SIGKILL, preemption) leaves its trial RUNNING;
@@ -23,7 +26,10 @@ and queues it again the same way.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -53,7 +59,13 @@ from erde.evaluation.metrics import auc
 from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
 from erde.run.lock import run_lock
-from erde.study.reproduce import check_study, compare_protocol, ensure_run, train_students
+from erde.study.reproduce import (
+    check_students,
+    check_study,
+    compare_protocol,
+    ensure_run,
+    train_students,
+)
 
 log = logging.getLogger("erde.study.tune")
 
@@ -67,6 +79,7 @@ SEARCH_FLOATS: dict[str, tuple[float, float, bool]] = {
 SEARCH_CHOICES: tuple[str, ...] = ("distill.entropy_term", "distill.entropy_exits")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN = "run"  # the user attribute naming a trial's run folder
+STUDY_KEY = "study-key"  # the file naming the folder's Optuna studies (`study_name`)
 
 
 @dataclass
@@ -97,6 +110,32 @@ def space(method: str, table: dict[str, Record] | None = None) -> list[str]:
     ]
 
 
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE whose random draws for a trial are seeded by (seed, trial number, key):
+    one seeded TPE restarted by a resume, or started by each of several workers, would draw
+    its sequence again and repeat earlier trials' settings; trial numbers are the storage's,
+    never given twice."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def _tpe(self, trial: FrozenTrial, key: str = "") -> optuna.samplers.TPESampler:
+        digest = hashlib.sha256(f"{self.seed}:{trial.number}:{key}".encode()).digest()
+        return optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "big"))
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict:
+        return {}  # independent TPE, as TPESampler's default: each key on its own
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict) -> dict:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
+        tpe = self._tpe(trial, param_name)
+        return tpe.sample_independent(study, trial, param_name, param_distribution)
+
+
 def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage with heartbeats (grace: 3 beats), whose stale trials are queued
     again; ErdeError when it cannot be opened."""
@@ -119,9 +158,35 @@ def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
 
 
 def study_name(out: Path, method: str) -> str:
-    """The Optuna study of one method of a study folder (unique on a shared storage as long as
-    the folder names differ)."""
-    return f"erde-tune:{out.resolve().name}:{method}"
+    """The Optuna study of one method of a study folder: named by the key its `study-key` file
+    holds, unique to the folder, so two folders of one name on a shared storage stay apart."""
+    path = Path(out) / STUDY_KEY
+    try:
+        key = path.read_text().strip()
+    except OSError:
+        raise ErdeError(
+            f"{path} cannot be read; run `erde tune --out {out}` to create it"
+        ) from None
+    return f"{key}:{method}"
+
+
+def _claim_study_key(out: Path, legacy: bool) -> None:
+    """Write the folder's study key unless a worker did: a random one, or for a folder an older
+    erde made (`legacy`: tune.yaml but no key) the folder-name key it was tuned under. Published
+    with a hard link, which fails if the file exists: concurrent workers agree on one key."""
+    path = out / STUDY_KEY
+    if path.is_file():
+        return
+    name = out.resolve().name
+    key = f"erde-tune:{name}" if legacy else f"erde-tune:{name}:{uuid.uuid4().hex[:16]}"
+    draft = out / f".{STUDY_KEY}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    draft.write_text(key + "\n")
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def _requeue(study: optuna.Study, number: int, params: dict[str, Any], run: str | None) -> None:
@@ -153,11 +218,12 @@ def tune(
     check_study(record, cfg)
     store = open_storage(storage, heartbeat_s) if storage else None  # before writing anything
     seed = cfg.student.train.seed
+    info = data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
     if teacher is not None:
-        check_teacher(
-            teacher, data_info(prepare_data(stage_config(cfg, "teacher", seed=seed)).data)
-        )
+        check_teacher(teacher, info)
+    check_students([cfg], info)  # before the teacher trains
     out.mkdir(parents=True, exist_ok=True)
+    _claim_study_key(out, legacy=record.is_file())  # before tune.yaml: see _claim_study_key
     write_text(record, to_yaml(cfg))
     store = store or open_storage(f"sqlite:///{(out / 'study.db').resolve()}", heartbeat_s)
     teacher_run = Path(teacher) if teacher is not None else out / "teacher"
@@ -169,7 +235,7 @@ def tune(
         study = optuna.create_study(
             storage=store,
             study_name=study_name(out, method),
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=TrialSeededTPE(seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
             direction="maximize",
             load_if_exists=True,
@@ -210,11 +276,8 @@ def _optimize(
     trials: int,
     progress: bool,
 ) -> None:
-    """Trials until the study holds `trials` finished ones (shared by every worker)."""
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    log.info("%s: %d of %d trials finished", method, finished, trials)
-    if finished >= trials:
-        return
+    """Trials until the study holds `trials` finished ones, counted in the storage, so shared
+    by every worker: none starts a trial the running ones already complete the budget with."""
 
     def objective(trial: Trial) -> float:
         name = trial.user_attrs.get(RUN) or f"trial-{trial.number:04d}"
@@ -229,8 +292,16 @@ def _optimize(
             raise
         return val_auc(run, cfg.evaluate, cfg.student.train.device)
 
-    callback = optuna.study.MaxTrialsCallback(trials, states=FINISHED)
-    study.optimize(objective, callbacks=[callback], gc_after_trial=False)
+    while True:
+        with warnings.catch_warnings():  # marked experimental, as heartbeats are
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a killed worker's trial: queued again
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        log.info("%s: %d of %d trials finished, %d running", method, finished, trials, running)
+        if finished + running >= trials:
+            return
+        study.optimize(objective, n_trials=1, gc_after_trial=False)
 
 
 def _suggest(trial: Trial, key: str) -> Any:
