@@ -347,6 +347,9 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     d["SIDECAR_TYPES"] = copy_run(p["RUN"], root / "sidecar-types")
     meta = json.loads((p["RUN"] / "model.json").read_text())
     (d["SIDECAR_TYPES"] / "model.json").write_text(json.dumps({**meta, "seed": "zero"}))
+    d["UNTRUSTED_MODULE"] = copy_run(p["RUN"], root / "untrusted-module")
+    meta["arch"]["module"] = "untrusted_pkg.models"
+    (d["UNTRUSTED_MODULE"] / "model.json").write_text(json.dumps(meta))
     d["IMAGES_FIFO"] = root / "images-fifo"
     write_images(d["IMAGES_FIFO"])
     os.mkfifo(d["IMAGES_FIFO"] / "train" / "a" / "pipe.png")  # reading it would wait forever
