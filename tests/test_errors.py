@@ -304,6 +304,16 @@ def build_workspace(root: Path) -> dict[str, Path]:
     for name, text in yaml.items():
         p[name] = root / f"{name.lower()}.yaml"
         p[name].write_text(text)
+    studies = {
+        "STUDY_BROKEN": ("reproduce.yaml", "YAML_BROKEN"),
+        "STUDY_LIST": ("reproduce.yaml", "YAML_LIST"),
+        "STUDY_PYTHON_TAG": ("reproduce.yaml", "YAML_PYTHON_TAG"),
+        "TUNE_STUDY_BROKEN": ("tune.yaml", "YAML_BROKEN"),
+    }
+    for name, (record, text) in studies.items():
+        p[name] = root / name.lower()
+        p[name].mkdir()
+        (p[name] / record).write_text(yaml[text])
     p.update(damaged_files(root, p))
     return p
 

@@ -498,6 +498,12 @@ def _read_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+def read_recorded(path: Path, schema: type) -> Any:
+    """A config that erde recorded (a study's reproduce.yaml), read like the user's files: a
+    damaged or hostile one is one message, and keys added since take their defaults."""
+    return structured(schema, [(str(path), _read_yaml(path))])
+
+
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
     key = getattr(exc, "full_key", None)
     subject = f"bad config key {key!r}" if key else "bad config value"
