@@ -34,6 +34,7 @@ from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
 from erde.evaluation.cache import load_cache
 from erde.evaluation.runs import evaluate_run
+from erde.study.tune import open_storage
 from erde.train.engine import fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -310,6 +311,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
         "STUDY_PYTHON_TAG": ("reproduce.yaml", "YAML_PYTHON_TAG"),
         "TUNE_STUDY_BROKEN": ("tune.yaml", "YAML_BROKEN"),
     }
+    p["TUNE_DB"] = root / "tune.db"
+    open_storage(f"sqlite:///{p['TUNE_DB']}")
     for name, (record, text) in studies.items():
         p[name] = root / name.lower()
         p[name].mkdir()
