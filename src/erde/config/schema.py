@@ -41,7 +41,7 @@ from erde.config.methods import (
     TEACHER_METHODS,
     or_list,
 )
-from erde.config.records import NON_NEGATIVE, POSITIVE, Range, Record, key, walk_records
+from erde.config.records import NON_NEGATIVE, POSITIVE, SEED, Range, Record, key, walk_records
 from erde.errors import ErdeError
 
 
@@ -214,7 +214,7 @@ class TrainConfig:
         default=0,
         metadata=key(
             "seed of initialisation, split, batches and augmentation",
-            range=NON_NEGATIVE,
+            range=SEED,
             experiment=False,  # a comparison counts seeds, it does not group by them
         ),
     )
@@ -445,10 +445,10 @@ def check_value(key: str, value: Any, table: dict[str, Record] | None = None) ->
     elif record.range is not None and value is not None:
         r = record.range
         if isinstance(value, Sequence) and not isinstance(value, str):
-            if not all(r.holds(float(x)) for x in value):
+            if not all(r.holds(x if isinstance(x, int) else float(x)) for x in value):
                 raise ErdeError(f"{key}={list(value)} must be {r.items} {r.rule()}")
-        elif not r.holds(float(value)):
-            finite = "" if math.isfinite(value) else "a finite number "
+        elif not r.holds(value if isinstance(value, int) else float(value)):
+            finite = "" if isinstance(value, int) or math.isfinite(value) else "a finite number "
             verb = "be" if r.high is None or finite else "lie"
             raise ErdeError(f"{key}={value} must {verb} {finite}{r.rule()}")
 
@@ -613,9 +613,11 @@ def load_reproduce_config(
 
 def _validate_stage(cfg: ReproduceConfig, stage: str, method: str, teacher: str | None) -> None:
     """`validate` on one stage, its message naming the stage and the reproduce keys to change
-    (`student.train.epochs`, not the `train.epochs` of the stage's own config)."""
+    (`student.train.epochs`, not the `train.epochs` of the stage's own config). Its own seed
+    too: `erde tune` seeds its runs and sampler with it."""
+    seed = getattr(cfg, stage).train.seed
     try:
-        validate(stage_config(cfg, stage, seed=0, method=method, teacher=teacher), stage=stage)
+        validate(stage_config(cfg, stage, seed=seed, method=method, teacher=teacher), stage=stage)
     except ErdeError as exc:
         raise ErdeError(f"the {stage} stage: {exc}") from None
 
