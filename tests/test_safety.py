@@ -274,3 +274,16 @@ def test_a_module_a_run_names_is_not_imported_unless_allowed(runs, tmp_path):
     done = erde_process("-c", api, cwd=cwd, env=allowed)
     assert done.returncode == 0, done.stderr
     assert marker.exists()
+
+
+def test_a_module_a_resumed_run_names_is_not_imported_unless_allowed(runs, tmp_path):
+    run = copy_run(runs / "unfinished", tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["module"] = "evilmod"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    cwd, marker = tmp_path / "cwd", tmp_path / "marker"
+    cwd.mkdir()
+    (cwd / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    done = erde_process("-m", "erde", "train", "--resume", "--out", str(run), cwd=cwd)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "ERDE_TRUST_MODULES=evilmod" in done.stderr and not marker.exists()
