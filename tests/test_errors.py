@@ -35,6 +35,7 @@ from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
 from erde.evaluation.cache import load_cache
 from erde.evaluation.runs import evaluate_run
+from erde.study.tune import open_storage
 from erde.train.engine import fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -324,6 +325,18 @@ def build_workspace(root: Path) -> dict[str, Path]:
     for name, text in yaml.items():
         p[name] = root / f"{name.lower()}.yaml"
         p[name].write_text(text)
+    studies = {
+        "STUDY_BROKEN": ("reproduce.yaml", "YAML_BROKEN"),
+        "STUDY_LIST": ("reproduce.yaml", "YAML_LIST"),
+        "STUDY_PYTHON_TAG": ("reproduce.yaml", "YAML_PYTHON_TAG"),
+        "TUNE_STUDY_BROKEN": ("tune.yaml", "YAML_BROKEN"),
+    }
+    p["TUNE_DB"] = root / "tune.db"
+    open_storage(f"sqlite:///{p['TUNE_DB']}")
+    for name, (record, text) in studies.items():
+        p[name] = root / name.lower()
+        p[name].mkdir()
+        (p[name] / record).write_text(yaml[text])
     p.update(damaged_files(root, p))
     return p
 
@@ -378,6 +391,9 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     (d["SIDECAR_NEWER"] / "model.json").write_text(json.dumps({**meta, "format_version": 3}))
     d["SIDECAR_DEEP"] = copy_run(p["RUN"], root / "sidecar-deep")
     (d["SIDECAR_DEEP"] / "model.json").write_text("[" * 100000 + "]" * 100000)
+    d["UNTRUSTED_MODULE"] = copy_run(p["RUN"], root / "untrusted-module")
+    meta["arch"]["module"] = "untrusted_pkg.models"
+    (d["UNTRUSTED_MODULE"] / "model.json").write_text(json.dumps(meta))
     d["IMAGES_FIFO"] = root / "images-fifo"
     write_images(d["IMAGES_FIFO"])
     os.mkfifo(d["IMAGES_FIFO"] / "train" / "a" / "pipe.png")  # reading it would wait forever

@@ -23,7 +23,7 @@ def tiny_plugin_net(*, num_classes: int, in_channels: int, width: int = 8) -> Ba
 '''
 
 
-def run_erde(tmp_path, *args, entry_point=False):
+def run_erde(tmp_path, *args, entry_point=False, trust=None):
     pkg = tmp_path / "site" / "my_pkg"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
@@ -35,6 +35,9 @@ def run_erde(tmp_path, *args, entry_point=False):
         (info / "entry_points.txt").write_text("[erde.models]\nmy_pkg = my_pkg.models\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), *sys.path])}
     env["OMP_NUM_THREADS"] = "1"
+    env.pop("ERDE_TRUST_MODULES", None)
+    if trust:
+        env["ERDE_TRUST_MODULES"] = trust
     return subprocess.run(
         [sys.executable, "-m", "erde", *args], capture_output=True, text=True, env=env, cwd=tmp_path
     )
@@ -64,8 +67,11 @@ def test_plugin_model_trains_evaluates_exports_and_infers(tmp_path):
         "model.options.width=4", "train.epochs=2", "train.warmup_epochs=0", "--out", "run",
         "--no-progress",
     ]  # fmt: skip
-    for args in (run, ["evaluate", "run"], ["export", "run", "--out", "exp"]):
-        done = run_erde(tmp_path, *args)
+    assert run_erde(tmp_path, *run).returncode == 0
+    done = run_erde(tmp_path, "evaluate", "run")  # the run's module, imported only if allowed
+    assert done.returncode == 2 and "ERDE_TRUST_MODULES=my_pkg.models" in done.stderr
+    for args in (["evaluate", "run"], ["export", "run", "--out", "exp"]):
+        done = run_erde(tmp_path, *args, trust="my_pkg")
         assert done.returncode == 0, (args, done.stderr)
     from PIL import Image
 

@@ -6,6 +6,7 @@ and loops, and the rules at the library level."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_faults import as_ordinary_user
 
 from erde.config.schema import load_config
 from erde.data.image_data import build_image_data
@@ -32,10 +34,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 FAST = ["model.name=resnet8", "data.crop_padding=1", "train.warmup_epochs=0"]
 
 
-def erde(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+def erde(*argv: str, cwd: Path, **options) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "erde", *argv], capture_output=True, text=True, env=ENV, cwd=cwd
-    )
+        [sys.executable, "-m", "erde", *argv],
+        capture_output=True, text=True, env=ENV, cwd=cwd, **options,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -133,6 +136,48 @@ def test_a_writer_through_a_symbolic_link_meets_the_same_lock(tmp_path, holds_li
         pass
 
 
+def read_only(*folders: Path) -> None:
+    for folder in folders:
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(path.stat().st_mode & ~0o222)
+
+
+def writable(*folders: Path) -> None:
+    for folder in folders:
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_locks_need_no_writable_parent_and_leave_nothing_beside_the_run(teacher, tmp_path):
+    """A writable run in a read-only folder evaluates, a read-only teacher teaches, and a
+    refused `erde train` leaves no lock file, nor its run folder, behind."""
+    parent, shared, run = tmp_path / "parent", tmp_path / "shared", tmp_path / "parent" / "run"
+    shutil.copytree(teacher, run)  # a run of its own, in a folder that holds nothing else
+    shutil.copytree(teacher, shared / "teacher")
+    read_only(shared)
+    parent.chmod(0o555)
+    user = as_ordinary_user()
+    try:
+        done = erde("evaluate", str(run), cwd=tmp_path, **user)
+        assert done.returncode == 0, done.stderr
+        done = erde(
+            "reproduce", "--preset", "quickstart", "--teacher", str(shared / "teacher"),
+            "--out", str(tmp_path / "study"), "student.train.epochs=1",
+            "student.train.warmup_epochs=0", "student.model.name=resnet8",
+            "methods=[kd]", cwd=tmp_path, **user,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    finally:
+        parent.chmod(0o755)
+        writable(shared)
+    assert sorted(p.name for p in parent.iterdir()) == ["run"]
+    assert not (shared / ".locks").exists() and not (shared / "teacher" / ".locks").exists()
+    out = tmp_path / "new" / "run"
+    done = erde("train", "digits-student", "train.batch_size=5000", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2 and "batch_size" in done.stderr
+    assert not (tmp_path / "new").exists() and not (tmp_path / ".locks").exists()
+
+
 def test_a_run_lock_through_a_symbolic_link_meets_the_same_lock(tmp_path):
     run, link = linked_run(tmp_path)
     holder = holding("run", run)
@@ -154,7 +199,8 @@ def test_a_run_lock_through_a_symbolic_link_meets_the_same_lock(tmp_path):
         ("train.momentum=1", "train.momentum=1.0 must lie in [0, 1)"),
         ("train.gamma=0", "train.gamma=0.0 must lie in (0, 1]"),
         ("train.gamma=1.5", "train.gamma=1.5 must lie in (0, 1]"),
-        ("train.seed=-1", "train.seed=-1 must be >= 0"),
+        ("train.seed=-1", "train.seed=-1 must lie in [0, 4294967295]"),
+        ("train.seed=4294967296", "train.seed=4294967296 must lie in [0, 4294967295]"),
         ("train.warmup_epochs=nan", "train.warmup_epochs=nan must be a finite number"),
         ("train.lr=-inf", "train.lr=-inf must be a finite number"),
         ("distill.temperature=inf", "distill.temperature=inf must be a finite number"),

@@ -5,8 +5,11 @@ Each bomb is also opened the unsafe way at the end of its test, to prove it was 
 """
 
 import json
+import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -239,3 +242,48 @@ def test_environment_variables_and_key_references_resolve(monkeypatch):
     assert cfg.train.gamma == cfg.train.lr == 0.1
     with pytest.raises(ErdeError, match="Environment variable 'ERDE_TEST_UNSET' not found"):
         load_config("digits-student", ["data.root=${oc.env:ERDE_TEST_UNSET}"])
+
+
+def erde_process(*argv: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A fresh Python started as users start it, in `cwd` (which Python puts on sys.path)."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    full.pop("ERDE_TRUST_MODULES", None)
+    full.update(env or {})
+    argv = [sys.executable, *argv]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=full)
+
+
+def test_a_module_a_run_names_is_not_imported_unless_allowed(runs, tmp_path):
+    run = copy_run(runs / "finished", tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    meta["arch"]["module"] = "evilmod"
+    (run / "model.json").write_text(json.dumps(meta))
+    cwd, marker = tmp_path / "cwd", tmp_path / "marker"
+    cwd.mkdir()
+    (cwd / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    done = erde_process(
+        "-m", "erde", "export", str(run), "--threshold", "1", "--out", str(tmp_path / "e1"), cwd=cwd
+    )  # fmt: skip
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "'evilmod'" in done.stderr and "ERDE_TRUST_MODULES=evilmod" in done.stderr
+    api = f"from erde import EarlyExitModel; EarlyExitModel.from_pretrained({str(run)!r})"
+    done = erde_process("-c", api, cwd=cwd)
+    assert done.returncode != 0 and "ERDE_TRUST_MODULES" in done.stderr
+    assert not marker.exists() and not (tmp_path / "e1").exists()
+    allowed = {"ERDE_TRUST_MODULES": "other, evilmod"}
+    done = erde_process("-c", api, cwd=cwd, env=allowed)
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+def test_a_module_a_resumed_run_names_is_not_imported_unless_allowed(runs, tmp_path):
+    run = copy_run(runs / "unfinished", tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["module"] = "evilmod"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    cwd, marker = tmp_path / "cwd", tmp_path / "marker"
+    cwd.mkdir()
+    (cwd / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    done = erde_process("-m", "erde", "train", "--resume", "--out", str(run), cwd=cwd)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "ERDE_TRUST_MODULES=evilmod" in done.stderr and not marker.exists()

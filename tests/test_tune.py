@@ -2,11 +2,15 @@
 a killed worker, and storages that cannot be opened."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_faults import as_ordinary_user
 
 import erde.study.tune
 from erde.cli.main import main
@@ -130,6 +134,28 @@ def test_a_storage_that_cannot_be_opened_exits_2_with_one_line(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot open the Optuna storage" in err[0]
     assert not out.exists()
+
+
+def test_a_read_only_storage_exits_2_with_one_line_before_any_training(tmp_path):
+    """A real read-only SQLite file (its permission bits obeyed, also as root): the studies are
+    created first, so the refusal comes before the teacher trains."""
+    db = tmp_path / "ro.db"
+    open_storage(f"sqlite:///{db}")
+    db.chmod(0o444)
+    tmp_path.chmod(0o555)  # SQLite also needs the folder for its journal
+    out = tmp_path.parent / f"{tmp_path.name}-study"
+    argv = ["tune", "--preset", "quickstart", "--storage", f"sqlite:///{db}", "--out", str(out)]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "erde", *argv], capture_output=True, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, **as_ordinary_user(),
+        )  # fmt: skip
+    finally:
+        tmp_path.chmod(0o755)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert f"cannot write the Optuna storage sqlite:///{db}" in err[0] and "readonly" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == ["tune.yaml"]  # no teacher trained
 
 
 @pytest.mark.parametrize(

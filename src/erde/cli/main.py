@@ -218,12 +218,13 @@ def _tune(args: argparse.Namespace) -> None:
 def _seeds(text: str) -> list[int]:
     """`--seeds 0,1,2`: distinct seeds, since a repeated seed would train the same run twice."""
     from erde.config.comma_list import comma_list_type
+    from erde.config.records import SEED
 
     seeds = comma_list_type(int)(text)
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: give distinct seeds such as 0,1,2")
-    if min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: seeds are whole numbers >= 0")
+    if not all(SEED.holds(seed) for seed in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are whole numbers {SEED.rule()}")
     return seeds
 
 

@@ -35,20 +35,30 @@ class Range:
     high_open: bool = False
 
     def holds(self, x: float) -> bool:
-        """Whether `x` is allowed (NaN and infinities never are)."""
+        """Whether `x` is allowed (NaN and infinities never are; a whole number is compared
+        exactly, however large)."""
+        if not isinstance(x, int) and not math.isfinite(x):
+            return False
         above = x > self.low if self.low_open else x >= self.low
         below = self.high is None or (x < self.high if self.high_open else x <= self.high)
-        return math.isfinite(x) and above and below
+        return above and below
 
     def rule(self) -> str:
         """The rule as messages state it: '> 0', '>= 0', 'in (0, 1]' or 'in [0, 1)'."""
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(x: float) -> str:
+    """A bound as written: 4294967295, not 4.29497e+09."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
+# What every random generator erde seeds accepts (NumPy's legacy ones stop at 2**32 - 1).
+SEED = Range(0, 2**32 - 1, items="seeds")
 
 
 @dataclass(frozen=True)

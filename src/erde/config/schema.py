@@ -42,7 +42,7 @@ from erde.config.methods import (
     or_list,
 )
 from erde.config.preset_names import preset_names
-from erde.config.records import NON_NEGATIVE, POSITIVE, Range, Record, key, walk_records
+from erde.config.records import NON_NEGATIVE, POSITIVE, SEED, Range, Record, key, walk_records
 from erde.errors import ErdeError
 
 
@@ -215,7 +215,7 @@ class TrainConfig:
         default=0,
         metadata=key(
             "seed of initialisation, split, batches and augmentation",
-            range=NON_NEGATIVE,
+            range=SEED,
             experiment=False,  # a comparison counts seeds, it does not group by them
         ),
     )
@@ -446,10 +446,10 @@ def check_value(key: str, value: Any, table: dict[str, Record] | None = None) ->
     elif record.range is not None and value is not None:
         r = record.range
         if isinstance(value, Sequence) and not isinstance(value, str):
-            if not all(r.holds(float(x)) for x in value):
+            if not all(r.holds(x if isinstance(x, int) else float(x)) for x in value):
                 raise ErdeError(f"{key}={list(value)} must be {r.items} {r.rule()}")
-        elif not r.holds(float(value)):
-            finite = "" if math.isfinite(value) else "a finite number "
+        elif not r.holds(value if isinstance(value, int) else float(value)):
+            finite = "" if isinstance(value, int) or math.isfinite(value) else "a finite number "
             verb = "be" if r.high is None or finite else "lie"
             raise ErdeError(f"{key}={value} must {verb} {finite}{r.rule()}")
 
@@ -491,6 +491,12 @@ def _read_yaml(path: Path) -> DictConfig:
             "or a preset name for the defaults"
         )
     return loaded
+
+
+def read_recorded(path: Path, schema: type) -> Any:
+    """A config that erde recorded (a study's reproduce.yaml), read like the user's files: a
+    damaged or hostile one is one message, and keys added since take their defaults."""
+    return structured(schema, [(str(path), _read_yaml(path))])
 
 
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
@@ -602,9 +608,11 @@ def load_reproduce_config(
 
 def _validate_stage(cfg: ReproduceConfig, stage: str, method: str, teacher: str | None) -> None:
     """`validate` on one stage, its message naming the stage and the reproduce keys to change
-    (`student.train.epochs`, not the `train.epochs` of the stage's own config)."""
+    (`student.train.epochs`, not the `train.epochs` of the stage's own config). Its own seed
+    too: `erde tune` seeds its runs and sampler with it."""
+    seed = getattr(cfg, stage).train.seed
     try:
-        validate(stage_config(cfg, stage, seed=0, method=method, teacher=teacher), stage=stage)
+        validate(stage_config(cfg, stage, seed=seed, method=method, teacher=teacher), stage=stage)
     except ErdeError as exc:
         raise ErdeError(f"the {stage} stage: {exc}") from None
 

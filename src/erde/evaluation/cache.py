@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
 from erde.run.formats import ExitMacs
 from erde.run.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
 
@@ -144,7 +147,8 @@ def cache_problem(cache: LogitsCache, num_exits: int | None = None) -> str | Non
 
 
 def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "auto") -> LogitsCache:
-    """The run's cache, built on first use; refused when it came from other weights."""
+    """The run's cache, built on first use (and stored where the run folder is writable);
+    refused when it came from other weights."""
     run = RunDir(run_dir)
     path = run.logits
     info = ckpt.load_weights(run)[1]  # the clear message for missing or corrupt weights
@@ -162,5 +166,8 @@ def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "aut
             raise ErdeError(f"logits cache {path} does not fit {run.sidecar}: {problem}")
         return cache
     cache = build_cache(run, device)
-    save_cache(path, cache)
+    try:
+        save_cache(path, cache)
+    except ErdeError as exc:  # a read-only run (a shared teacher): the cache only saves time
+        log.warning("logits cache not stored, so the next evaluation computes it again: %s", exc)
     return cache

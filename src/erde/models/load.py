@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from erde.errors import ErdeError
+from erde.models.plugins import check_trusted
 from erde.models.registry import create_model
 from erde.run.checkpoint import load_weights
 from erde.run.layout import RunDir
@@ -30,6 +31,8 @@ def load_model(
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """The trained EarlyExitNet of a run folder, in eval mode, and its sidecar."""
     state, info = load_weights(run_dir)
+    if info.arch.get("module"):
+        check_trusted(info.arch["module"], str(RunDir(run_dir).sidecar))
     model = create_model(**info.arch)
     _check_dtypes(state, model.state_dict(), RunDir(run_dir).weights)
     try:

@@ -12,6 +12,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from erde.device import check_model_memory
 from erde.errors import ErdeError
 from erde.models.early_exit import Backbone, EarlyExitNet
@@ -69,7 +71,8 @@ def create_model(
     builder = _builder(key)
     _check_sizes(num_classes, in_channels, input_size)
     options = _builder_options(key, builder, kwargs, input_size, pretrained)
-    backbone = builder(num_classes=num_classes, in_channels=in_channels, **options)
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, **options}
+    backbone = _build(key, builder, input_size, kwargs)
     size = input_size or backbone.input_size
     _check_input_size(key, backbone, size)
     exit_blocks = parse_exits(
@@ -123,6 +126,26 @@ def _builder_options(
         options["input_size"] = input_size
     _check_options(key, builder, kwargs, pretrained is True)
     return options
+
+
+def _build(key: str, builder: Builder, input_size: int | None, kwargs: dict) -> Backbone:
+    """The builder's backbone. A library network checks an image size when it is built, or runs
+    its first forward at it (erde compares the cut pieces with the whole): failing there for the
+    size the user chose is that size's problem, said in one line with the sizes that work."""
+    if input_size is None or not isinstance(builder, functools.partial):
+        return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ErdeError(
+            f"{key} cannot take {input_size}x{input_size} images ({type(exc).__name__}: "
+            f"{reason}); choose another input size (--input-size; data.image_size when "
+            "training): convolutional networks take sizes of at least their total stride (32 "
+            "for most), vision transformers multiples of their patch size (16 for vit_b_16)"
+        ) from None
 
 
 def _check_input_size(key: str, backbone: Any, size: int) -> None:

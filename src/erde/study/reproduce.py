@@ -16,10 +16,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from erde.config.methods import METHOD_TABLE
-from erde.config.schema import Config, ReproduceConfig, stage_config, structured, to_dict, to_yaml
+from erde.config.schema import (
+    Config,
+    ReproduceConfig,
+    read_recorded,
+    stage_config,
+    to_dict,
+    to_yaml,
+)
 from erde.data.prepare import data_info, prepare_data
 from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
@@ -202,9 +208,7 @@ def check_study(recorded: Path, cfg: ReproduceConfig) -> None:
     if not recorded.is_file():
         return
     # Through the schema: a key added to erde after the study was recorded takes its default.
-    theirs = _flat(
-        to_dict(structured(ReproduceConfig, [(str(recorded), OmegaConf.load(recorded))]))
-    )
+    theirs = _flat(to_dict(read_recorded(recorded, ReproduceConfig)))
     ours = _flat(to_dict(cfg))
     keys = sorted(
         k

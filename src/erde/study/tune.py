@@ -31,7 +31,8 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,34 @@ def open_storage(url: str, heartbeat_s: int = 60) -> optuna.storages.RDBStorage:
         ) from None
 
 
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Optuna's failure to write its storage (a read-only SQLite file, a lost database) as one
+    line naming the storage, not a traceback."""
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as exc:
+        reason = str(exc.__cause__ or exc).strip().splitlines()[0][:200]
+        raise ErdeError(
+            f"cannot write the Optuna storage {url} ({reason}); make it writable (a SQLite "
+            "file and its folder) or give --storage another URL"
+        ) from None
+
+
+def _create_study(
+    store: optuna.storages.RDBStorage, out: Path, method: str, seed: int
+) -> optuna.Study:
+    """The method's study in `store`, created or, when it exists, loaded to resume."""
+    return optuna.create_study(
+        storage=store,
+        study_name=study_name(out, method),
+        sampler=TrialSeededTPE(seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
 def study_name(out: Path, method: str) -> str:
     """The Optuna study of one method of a study folder: named by the key its `study-key` file
     holds, unique to the folder, so two folders of one name on a shared storage stay apart."""
@@ -225,23 +254,19 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     _claim_study_key(out, legacy=record.is_file())  # before tune.yaml: see _claim_study_key
     write_text(record, to_yaml(cfg))
-    store = store or open_storage(f"sqlite:///{(out / 'study.db').resolve()}", heartbeat_s)
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    store = store or open_storage(url, heartbeat_s)
+    with storage_errors(url):  # the studies first: a storage that refuses writes, before work
+        studies = {m: _create_study(store, out, m, seed) for m in methods}
     teacher_run = Path(teacher) if teacher is not None else out / "teacher"
     if teacher is None:
         with run_lock(teacher_run, wait=True):
             ensure_run(stage_config(cfg, "teacher", seed=seed), teacher_run, progress)
     best = {}
-    for method in methods:
-        study = optuna.create_study(
-            storage=store,
-            study_name=study_name(out, method),
-            sampler=TrialSeededTPE(seed),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
-            direction="maximize",
-            load_if_exists=True,
-        )
-        _optimize(study, cfg, method, out, teacher_run, trials, progress)
-        best[method] = _best(study, method)
+    with storage_errors(url):
+        for method, study in studies.items():
+            _optimize(study, cfg, method, out, teacher_run, trials, progress)
+            best[method] = _best(study, method)
     write_json(out / "best.json", {m: b.__dict__ for m, b in best.items() if b is not None})
     done = all(b is not None and b.finished_trials >= trials for b in best.values())
     comparison = None

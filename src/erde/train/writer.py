@@ -16,6 +16,7 @@ from torch import nn
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
 from erde.files import temporaries, write_text
+from erde.models.plugins import check_trusted
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
 from erde.train.checkpointer import Checkpointer
@@ -35,6 +36,8 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
         if not run.has_run():
             raise ErdeError(f"--resume: {run} holds no erde run to resume; drop --resume")
         saved = load_config(str(run.config))
+        if saved.model.module:  # the run's file names it, not the user: see erde.models.plugins
+            check_trusted(saved.model.module, str(run.config))
         if cfg is not None and to_dict(cfg) != to_dict(saved):
             ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(saved))
             keys = sorted(k for k in ours if ours[k] != theirs.get(k))
