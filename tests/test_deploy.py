@@ -311,6 +311,83 @@ def test_split_batches_return_results_in_input_order():
     assert pred.images_per_piece == [10, 5, 3]
 
 
+def score_pieces(calls: list[str]) -> list:
+    """Three hand-made pieces: image j carries its exit-1 score in x[j, 0, 0, 0] and its exit-2
+    score in x[j, 0, 0, 1] (exact float32 values); exit i predicts class i - 1."""
+
+    def piece(i: int):
+        def run(x: torch.Tensor):
+            calls.append(f"piece{i + 1}")
+            logits = torch.zeros(len(x), 4)
+            logits[:, i] = 5.0
+            return (x, logits, x[:, 0, 0, i].clone()) if i < 2 else (None, logits, None)
+
+        return run
+
+    return [piece(0), piece(1), piece(2)]
+
+
+def score_runtime(calls: list[str]) -> EarlyExitRuntime:
+    """A runtime on `score_pieces` with a static network that answers class 3 (as exit 3)."""
+
+    def static(x: np.ndarray) -> np.ndarray:
+        calls.append("static")
+        logits = np.zeros((len(x), 4), np.float32)
+        logits[:, 2] = 5.0
+        return logits
+
+    info = ModelInfo(
+        arch={"name": "test"},
+        exit_macs=[1, 2, 3],
+        static_macs=3,
+        data=DataInfo("test", list("abcd"), [0.0], [1.0], input_size=2, in_channels=1),
+    )
+    point = Deployment(0.0, "entropy", False, "given")
+    return EarlyExitRuntime(score_pieces(calls), info, point, backend="test", static=static)
+
+
+def score_images(rows: list[tuple[float, float]]) -> torch.Tensor:
+    x = torch.zeros(len(rows), 1, 2, 2)
+    x[:, 0, 0] = torch.tensor(rows)
+    return x
+
+
+@pytest.mark.parametrize("form", ["auto", "split"])
+def test_a_score_equal_to_its_threshold_goes_on_to_the_next_exit(form: str) -> None:
+    """`score < threshold`, strictly: an exact tie is not sure enough, a score one float32 step
+    below is."""
+    calls: list[str] = []
+    rt = score_runtime(calls)
+    step = float(np.nextafter(np.float32(0.5), np.float32(0)))  # the float32 just below 0.5
+    x = score_images([(0.5, 0.25), (step, 9.0), (0.5, 0.5), (0.75, step), (0.0, 0.0)])
+    pred = rt.predict(x, [0.5, 0.5], form=form)
+    assert pred.exits.tolist() == [2, 1, 3, 2, 1]
+    assert pred.labels.tolist() == [1, 0, 2, 1, 0]
+    assert "static" not in calls
+    assert rt.with_threshold(0.5).predict(x, form=form).exits.tolist() == [2, 1, 3, 2, 1]
+
+
+def test_the_static_network_runs_only_when_every_threshold_is_zero() -> None:
+    """A threshold of 0 at one exit still lets images out at the others: only all zeros means
+    no image can leave early, and only then does `auto` run the static network."""
+    calls: list[str] = []
+    rt = score_runtime(calls)
+    x = score_images([(0.0, 0.0), (0.25, 0.25), (0.75, 0.75)])
+    for threshold, exits in (([0.0, 0.5], [2, 2, 3]), ([0.5, 0.0], [1, 1, 3])):
+        calls.clear()
+        assert rt.predict(x, threshold).exits.tolist() == exits
+        assert "static" not in calls
+        calls.clear()
+        assert rt.with_threshold(threshold).predict(x).exits.tolist() == exits
+        assert "static" not in calls
+    calls.clear()
+    pred = rt.predict(x, [0.0, 0.0])
+    assert calls == ["static"] and pred.exits.tolist() == [3, 3, 3]
+    calls.clear()
+    assert rt.with_threshold(0.0).predict(x).exits.tolist() == [3, 3, 3]
+    assert calls == ["static"]
+
+
 @pytest.mark.slow
 def test_image_files_are_decoded_resized_and_normalised_as_in_training(run, images, tmp_path):
     _, _, raw = images

@@ -54,3 +54,27 @@ def test_only_the_range_every_curve_covers_is_compared():
 def test_disjoint_groups_are_refused():
     with pytest.raises(ErdeError, match="share no MACs range"):
         versus([line(1e6, 2e6, 0.5, 0.6)], [line(3e6, 4e6, 0.5, 0.6)])
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_touching_bands_are_within_spread_not_above_or_below(swap: bool) -> None:
+    """A's band is [0.5, 0.75] and B's [0.25, 0.5] (offsets ±0.125, sample std 0.125, all exact
+    in binary): the bands touch at 0.5, which is no separation. A hair lower for B separates."""
+    a = [line(1e6, 2e6, acc, acc) for acc in (0.5, 0.625, 0.75)]
+    b = [line(1e6, 2e6, acc, acc) for acc in (0.25, 0.375, 0.5)]
+    first, second = (b, a) if swap else (a, b)
+    touching = versus(first, second, n_points=11)
+    assert [s.verdict for s in touching.stretches] == [WITHIN]
+    assert touching.share(WITHIN) == 1.0
+    lower = [line(1e6, 2e6, acc - 2**-20, acc - 2**-20) for acc in (0.25, 0.375, 0.5)]
+    first, second = (lower, a) if swap else (a, lower)
+    apart = versus(first, second, n_points=11)
+    assert [s.verdict for s in apart.stretches] == [BELOW if swap else ABOVE]
+
+
+def test_equal_single_seeds_are_within_spread() -> None:
+    """One seed each: the std is 0, so equal curves touch everywhere and neither is above."""
+    a = [line(1e6, 2e6, 0.6, 0.8)]
+    v = versus(a, [line(1e6, 2e6, 0.6, 0.8)], n_points=21)
+    assert [s.verdict for s in v.stretches] == [WITHIN]
+    assert v.stretches[0].mean_gap == 0.0
