@@ -179,3 +179,29 @@ def test_resolve_budget():
             resolve_budget(value, 40.0)
     with pytest.raises(ErdeError, match="exceeds the full model"):
         resolve_budget(50.0, 40.0)
+
+
+def test_the_accuracy_target_is_met_on_val_and_then_applied_to_a_different_test_split():
+    """Val is `known_logits`: the target 7/8 (own final exit 1.0 - 12.5 pt) is first met at
+    theta = log 4 (the flat rows' entropy, a tie: they stay), 17.5 MACs. The test split differs:
+    every exit 0 is flat but right (argmax of a flat row is class 0) and exits 1-2 are sure, so
+    on test alone the cheapest point would be 'everyone at exit 0' (10 MACs, theta > log 4).
+    At the val threshold the test images all go on to exit 1: 20 MACs, accuracy 1."""
+    val = known_logits()
+    test = torch.zeros(6, 3, K)
+    test[:, 1:, 0] = 20.0
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, [10, 20, 40], 40, data)
+    cache = LogitsCache(
+        {"val": val, "test": test}, {"val": LABELS, "test": torch.zeros(6, dtype=torch.long)},
+        EXIT_MACS, "",
+    )  # fmt: skip
+    report = summarize(cache, info, "run", max_drop=12.5).report
+    for point in (report.at_reference_accuracy, report.at_own_full_accuracy, report.chosen):
+        assert point.threshold == pytest.approx(math.log(K), rel=1e-6)
+        assert (point.val_accuracy, point.val_expected_macs) == (7 / 8, 17.5)
+        assert (point.test_accuracy, point.test_expected_macs) == (1.0, 20.0)
+        assert point.test_exit_share == [0.0, 1.0, 0.0]
+    # without the drop the target (val accuracy 1.0) is met on val only by the full model
+    full = summarize(cache, info, "run").report.chosen
+    assert (full.threshold, full.val_accuracy, full.test_expected_macs) == (0.0, 1.0, 40.0)

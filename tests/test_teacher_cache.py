@@ -229,6 +229,16 @@ def test_every_setting_the_teacher_outputs_depend_on_changes_the_key(teacher, tm
     assert other.read(0) is None  # a miss: that student computes its own
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_key_records_the_augmentation_the_student_trains_with(teacher, tmp_path, augment):
+    """The key's augmentation flag is the config's: cropped-and-flipped batches and plain ones
+    give the teacher other inputs."""
+    flag = f"data.augment={str(augment).lower()}"
+    key = cache_of(student(teacher, f"distill.teacher_cache_dir={tmp_path}", flag)).key
+    assert key.augment is augment
+    assert (key.crop_padding, key.seed) == (1, 0)  # digits-student's, and train.seed's default
+
+
 def test_a_teacher_whose_statistics_differ_gets_another_key(teacher, tmp_path):
     """The same weights with other statistics in model.json: another teacher to its students."""
     import json
