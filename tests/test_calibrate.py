@@ -15,6 +15,7 @@ from erde.evaluation.calibrate import (
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, sweep
 from erde.run.model_info import DataInfo, ModelInfo
+from erde.run.report import Reference
 
 K = 4
 EXIT_MACS = [10.0, 20.0, 40.0]
@@ -202,6 +203,15 @@ def test_the_accuracy_target_is_met_on_val_and_then_applied_to_a_different_test_
         assert (point.val_accuracy, point.val_expected_macs) == (7 / 8, 17.5)
         assert (point.test_accuracy, point.test_expected_macs) == (1.0, 20.0)
         assert point.test_exit_share == [0.0, 1.0, 0.0]
+    # A reference of 80 MACs: the reduction is against it. A budget of half the full model's
+    # 40 MACs: 17.5 val MACs at theta log 4 is the most accurate point within 20.
+    teacher = Reference("teacher", 1.0, 1.0, 80.0)
+    other = summarize(cache, info, "run", max_drop=12.5, reference=teacher, budget=0.5).report
+    kept, within = other.at_reference_accuracy, other.chosen
+    for point in (kept, within):
+        assert point.threshold == pytest.approx(math.log(K), rel=1e-6)
+        assert (point.val_expected_macs, point.test_expected_macs) == (17.5, 20.0)
+        assert (point.reduction_vs_reference, point.reduction_vs_own_full) == (4.0, 2.0)
     # without the drop the target (val accuracy 1.0) is met on val only by the full model
     full = summarize(cache, info, "run").report.chosen
     assert (full.threshold, full.val_accuracy, full.test_expected_macs) == (0.0, 1.0, 40.0)

@@ -327,8 +327,24 @@ def score_pieces(calls: list[str]) -> list:
     return [piece(0), piece(1), piece(2)]
 
 
-def score_runtime(calls: list[str]) -> EarlyExitRuntime:
-    """A runtime on `score_pieces` with a static network that answers class 3 (as exit 3)."""
+def score_single(calls: list[str]):
+    """The single-call form of `score_pieces`, by hand: the first exit whose score is below its
+    threshold answers (exits numbered from 1, as the graph does)."""
+
+    def single(x: np.ndarray, cutoffs: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append("single")
+        scores = x[0, 0, 0, :2]
+        exit_at = next((i for i in range(2) if scores[i] < cutoffs[i]), 2)
+        logits = np.zeros((1, 4), np.float32)
+        logits[0, exit_at] = 5.0
+        return logits, exit_at + 1
+
+    return single
+
+
+def score_runtime(calls: list[str], single: bool = False) -> EarlyExitRuntime:
+    """A runtime on `score_pieces` with a static network that answers class 3 (as exit 3) and,
+    with `single`, the single-call form `score_single`."""
 
     def static(x: np.ndarray) -> np.ndarray:
         calls.append("static")
@@ -343,7 +359,14 @@ def score_runtime(calls: list[str]) -> EarlyExitRuntime:
         data=DataInfo("test", list("abcd"), [0.0], [1.0], input_size=2, in_channels=1),
     )
     point = Deployment(0.0, "entropy", False, "given")
-    return EarlyExitRuntime(score_pieces(calls), info, point, backend="test", static=static)
+    return EarlyExitRuntime(
+        score_pieces(calls),
+        info,
+        point,
+        backend="test",
+        static=static,
+        single=score_single(calls) if single else None,
+    )
 
 
 def score_images(rows: list[tuple[float, float]]) -> torch.Tensor:
@@ -386,6 +409,45 @@ def test_the_static_network_runs_only_when_every_threshold_is_zero() -> None:
     calls.clear()
     assert rt.with_threshold(0.0).predict(x).exits.tolist() == [3, 3, 3]
     assert calls == ["static"]
+
+
+def test_one_image_takes_the_single_call_form_and_a_batch_the_pieces() -> None:
+    """`auto`: the single-call graph for a batch of one, the pieces for more; `single` and
+    `split` force one form. Both give the same exits and classes."""
+    calls: list[str] = []
+    rt = score_runtime(calls, single=True)
+    x = score_images([(0.25, 9.0), (0.75, 0.25), (0.75, 0.75)])
+    want = [1, 2, 3]
+    for j in range(3):
+        calls.clear()
+        one = rt.predict(x[j : j + 1], [0.5, 0.5])
+        assert calls == ["single"]
+        assert (one.exits.tolist(), one.labels.tolist()) == ([want[j]], [want[j] - 1])
+    for batch, pieces in ((x[:2], ["piece1", "piece2"]), (x, ["piece1", "piece2", "piece3"])):
+        calls.clear()
+        got = rt.predict(batch, [0.5, 0.5])
+        assert calls == pieces and got.exits.tolist() == want[: len(batch)]
+    calls.clear()
+    forced = rt.predict(x, [0.5, 0.5], form="single")
+    assert calls == ["single"] * 3
+    assert forced.exits.tolist() == want and forced.labels.tolist() == [0, 1, 2]
+    assert forced.images_per_piece == [3, 2, 1]
+    calls.clear()
+    assert rt.predict(x[:1], [0.5, 0.5], form="split").exits.tolist() == [1]
+    assert calls == ["piece1"]
+
+
+def test_unknown_or_missing_forms_are_named() -> None:
+    x = score_images([(0.25, 0.25)])
+    with pytest.raises(ErdeError) as err:
+        score_runtime([], single=True).predict(x, form="fast")
+    assert str(err.value) == "unknown runtime form 'fast'; choose one of auto, single, split"
+    with pytest.raises(ErdeError) as err:
+        score_runtime([]).predict(x, form="single")
+    assert str(err.value) == (
+        "the test runtime has no single-call graph (an `erde export` folder has one); use form "
+        "'split' or 'auto'"
+    )
 
 
 @pytest.mark.slow
