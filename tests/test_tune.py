@@ -2,6 +2,7 @@
 a killed worker, and storages that cannot be opened."""
 
 import json
+import math
 import time
 
 import optuna
@@ -82,6 +83,21 @@ def test_the_objective_is_the_auc_of_the_validation_split_alone(tmp_path):
     want = (0.5 * (x_mid - x0) + 0.75 * (1 - x_mid)) / (1 - x0)
     assert val_auc(run, EvalConfig(), "cpu") == pytest.approx(want, abs=1e-12)
     assert want < 0.9  # test's AUC is 1
+
+    # The policy is the study's: at exit 1 image 0 is split 50/50 between two wrong classes
+    # (entropy log 2, 1 - max p = 0.5), image 1 gives its right class 0.6 and four others 0.1
+    # (entropy 1.23, 1 - max p = 0.4); exits 2 and 3 are sure and right. Entropy lets the wrong
+    # image 0 out first, max-probability the right image 1.
+    two = torch.stack([sure([1, 0], k), sure([0, 0], k), sure([0, 0], k)], dim=1)
+    two[0, 0, 2] = 20.0
+    two[1, 0] = torch.tensor([math.log(6.0)] + [0.0] * 4 + [-30.0] * (k - 5))
+    cache.logits["val"], cache.labels["val"] = two, torch.tensor([0, 0])
+    save_cache(RunDir(run).logits, cache)
+    x1 = m[1] / m[2]
+    entropy = (0.5 * (x_mid - x0) + 0.75 * (x1 - x_mid) + (1 - x1)) / (1 - x0)
+    maxprob = (0.75 * (x_mid - x0) + (1 - x_mid)) / (1 - x0)
+    assert val_auc(run, EvalConfig(), "cpu") == pytest.approx(entropy, abs=1e-12)
+    assert val_auc(run, EvalConfig(policy="maxprob"), "cpu") == pytest.approx(maxprob, abs=1e-12)
 
 
 @pytest.mark.slow
