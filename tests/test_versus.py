@@ -125,6 +125,12 @@ def test_stretch_edges_and_the_sentence_on_a_five_point_grid() -> None:
         "within spread (25 % of the range: 10000.00-12000.00 M; mean gap +0.00 pt); "
         "below (25 % of the range: 8000.00-10000.00 M; mean gap -25.00 pt)."
     )
+    dip = [big([(8e9, 0.75), (10e9, 0.75), (12e9, 0.5), (14e9, 0.75), (16e9, 0.75)])]
+    assert describe(versus(dip, b, n_points=5), "erde", "kd") == (
+        "erde (1 seeds) against kd (1 seeds) over 8000.00-16000.00 M MACs: "
+        "above (75 % of the range: 8000.00-12000.00 M, 14000.00-16000.00 M; mean gap +25.00 pt); "
+        "within spread (25 % of the range: 12000.00-14000.00 M; mean gap +0.00 pt)."
+    )
     only_below = versus(b, [big([(8e9, 0.75), (16e9, 0.75)])], n_points=5)
     assert describe(only_below, "kd", "ce") == (
         "kd (1 seeds) against ce (1 seeds) over 8000.00-16000.00 M MACs: "
