@@ -9,7 +9,8 @@ Two kinds of damage get a weaker oracle, because they are edits no check can tel
   the answer must then be what the clean graphs give under the edited declaration.
 - A damaged graph whose SHA-256 in the manifest is updated to match ("resign"), so that ONNX
   loading itself is exercised rather than the checksum: the manifest vouches for that graph, so
-  any answer it gives is its answer; it must still load and run or be refused with a message.
+  the answer must be what it gives (run here with plain ONNX Runtime sessions, the rule applied
+  by hand), or it is refused with a message.
 """
 
 from __future__ import annotations
