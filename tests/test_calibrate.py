@@ -15,6 +15,7 @@ from erde.evaluation.calibrate import (
 from erde.evaluation.summary import summarize
 from erde.evaluation.sweep import Curve, sweep
 from erde.run.model_info import DataInfo, ModelInfo
+from erde.run.report import Reference
 
 K = 4
 EXIT_MACS = [10.0, 20.0, 40.0]
@@ -179,3 +180,105 @@ def test_resolve_budget():
             resolve_budget(value, 40.0)
     with pytest.raises(ErdeError, match="exceeds the full model"):
         resolve_budget(50.0, 40.0)
+
+
+def test_the_accuracy_target_is_met_on_val_and_then_applied_to_a_different_test_split():
+    """Val is `known_logits`: the target 7/8 (own final exit 1.0 - 12.5 pt) is first met at
+    theta = log 4 (the flat rows' entropy, a tie: they stay), 17.5 MACs. The test split differs:
+    every exit 0 is flat but right (argmax of a flat row is class 0) and exits 1-2 are sure, so
+    on test alone the cheapest point would be 'everyone at exit 0' (10 MACs, theta > log 4).
+    At the val threshold the test images all go on to exit 1: 20 MACs, accuracy 1."""
+    val = known_logits()
+    test = torch.zeros(6, 3, K)
+    test[:, 1:, 0] = 20.0
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, [10, 20, 40], 40, data)
+    cache = LogitsCache(
+        {"val": val, "test": test}, {"val": LABELS, "test": torch.zeros(6, dtype=torch.long)},
+        EXIT_MACS, "",
+    )  # fmt: skip
+    report = summarize(cache, info, "run", max_drop=12.5).report
+    for point in (report.at_reference_accuracy, report.at_own_full_accuracy, report.chosen):
+        assert point.threshold == pytest.approx(math.log(K), rel=1e-6)
+        assert (point.val_accuracy, point.val_expected_macs) == (7 / 8, 17.5)
+        assert (point.test_accuracy, point.test_expected_macs) == (1.0, 20.0)
+        assert point.test_exit_share == [0.0, 1.0, 0.0]
+    # A reference of 80 MACs: the reduction is against it. A budget of half the full model's
+    # 40 MACs: 17.5 val MACs at theta log 4 is the most accurate point within 20.
+    teacher = Reference("teacher", 1.0, 1.0, 80.0)
+    other = summarize(cache, info, "run", max_drop=12.5, reference=teacher, budget=0.5).report
+    kept, within = other.at_reference_accuracy, other.chosen
+    for point in (kept, within):
+        assert point.threshold == pytest.approx(math.log(K), rel=1e-6)
+        assert (point.val_expected_macs, point.test_expected_macs) == (17.5, 20.0)
+        assert (point.reduction_vs_reference, point.reduction_vs_own_full) == (4.0, 2.0)
+    # without the drop the target (val accuracy 1.0) is met on val only by the full model
+    full = summarize(cache, info, "run").report.chosen
+    assert (full.threshold, full.val_accuracy, full.test_expected_macs) == (0.0, 1.0, 40.0)
+
+
+def test_a_budget_between_the_middle_and_last_exit_is_in_range():
+    """Three exits (10, 20, 40 MACs): 30 MACs lies inside the model's range; 7/8 at 17.5 MACs is
+    the most accurate point within it."""
+    chosen = calibrate_for_budget(sweep(known_logits(), LABELS, EXIT_MACS, GRID), 30.0)
+    assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.5, 7 / 8, 17.5)
+    assert chosen.criterion == "highest val accuracy with val expected MACs <= 30 per image"
+
+
+def test_a_budget_no_swept_point_meets_is_named():
+    full_only = sweep(known_logits(), LABELS, EXIT_MACS, [0.0])  # 40 MACs only
+    with pytest.raises(ErdeError) as err:
+        calibrate_for_budget(full_only, 15.0)
+    assert str(err.value) == (
+        "no validation threshold spends at most 15 MACs per image; "
+        "sweep with larger thresholds (the default grid includes one)."
+    )
+
+
+def test_equal_macs_prefer_the_more_accurate_point():
+    """Two thresholds at 20 MACs: the target is met by both, the more accurate one is chosen."""
+    val = hand_curve([0.0, 0.1, 0.2], [40, 20, 20], [0.9, 0.8, 0.85])
+    chosen = calibrate_for_accuracy(val, 0.7)
+    assert (chosen.threshold, chosen.val_accuracy) == (0.2, 0.85)
+    assert chosen.criterion == "fewest val expected MACs with val accuracy >= 0.7000"
+    assert chosen.reached is True
+
+
+def test_an_unreachable_target_on_three_exits_falls_back_with_its_reason():
+    """Image 0 relabelled: the full model is right on 7/8; a target of 1.0 is reached nowhere."""
+    labels = LABELS.clone()
+    labels[0] = 1
+    val = sweep(known_logits(), labels, EXIT_MACS, GRID)
+    chosen = calibrate_for_accuracy(val, 1.0)
+    assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.0, 7 / 8, 40.0)
+    assert chosen.reached is False
+    assert chosen.criterion == (
+        "val accuracy >= 1.0000 is not reached at any threshold; using the full model (threshold 0)"
+    )
+    point = apply(known_logits(), labels, EXIT_MACS, chosen)
+    assert (point.reached, point.criterion) == (False, chosen.criterion)
+    without_zero = sweep(known_logits(), labels, EXIT_MACS, [0.5, 100.0])
+    with pytest.raises(ErdeError) as err:
+        calibrate_for_accuracy(without_zero, 1.0)
+    assert str(err.value) == (
+        "the validation curve has no full-model point to fall back to; include threshold 0 "
+        "in the sweep (the default grid does)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "hint"),
+    [(1.5, " (did you mean 0.015?)"), (100.0, " (did you mean 1?)"), (100.5, ""), (-0.5, "")],
+)
+def test_a_target_outside_0_1_is_refused_with_a_hint_for_percentages(target, hint):
+    with pytest.raises(ErdeError) as err:
+        calibrate_for_accuracy(VAL, target)
+    assert str(err.value) == f"a target accuracy is a fraction in [0, 1]; got {target}{hint}."
+
+
+def test_one_test_image_is_a_whole_split():
+    """A split of one image: it is all of the exit shares, and its accuracy is 0 or 1."""
+    chosen = calibrate_for_accuracy(sweep(known_logits(), LABELS, EXIT_MACS, GRID), 0.85)
+    point = apply(known_logits()[4:5], LABELS[4:5], EXIT_MACS, chosen)  # leaves at exit 1
+    assert (point.test_exit_share, point.test_accuracy) == ([0.0, 1.0, 0.0], 1.0)
+    assert (point.test_expected_macs, point.reached) == (20.0, True)

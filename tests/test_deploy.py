@@ -313,6 +313,145 @@ def test_split_batches_return_results_in_input_order():
     assert pred.images_per_piece == [10, 5, 3]
 
 
+def score_pieces(calls: list[str]) -> list:
+    """Three hand-made pieces: image j carries its exit-1 score in x[j, 0, 0, 0] and its exit-2
+    score in x[j, 0, 0, 1] (exact float32 values); exit i predicts class i - 1."""
+
+    def piece(i: int):
+        def run(x: torch.Tensor):
+            calls.append(f"piece{i + 1}")
+            logits = torch.zeros(len(x), 4)
+            logits[:, i] = 5.0
+            return (x, logits, x[:, 0, 0, i].clone()) if i < 2 else (None, logits, None)
+
+        return run
+
+    return [piece(0), piece(1), piece(2)]
+
+
+def score_single(calls: list[str]):
+    """The single-call form of `score_pieces`, by hand: the first exit whose score is below its
+    threshold answers (exits numbered from 1, as the graph does)."""
+
+    def single(x: np.ndarray, cutoffs: np.ndarray) -> tuple[np.ndarray, int]:
+        calls.append("single")
+        scores = x[0, 0, 0, :2]
+        exit_at = next((i for i in range(2) if scores[i] < cutoffs[i]), 2)
+        logits = np.zeros((1, 4), np.float32)
+        logits[0, exit_at] = 5.0
+        return logits, exit_at + 1
+
+    return single
+
+
+def score_runtime(calls: list[str], single: bool = False) -> EarlyExitRuntime:
+    """A runtime on `score_pieces` with a static network that answers class 3 (as exit 3) and,
+    with `single`, the single-call form `score_single`."""
+
+    def static(x: np.ndarray) -> np.ndarray:
+        calls.append("static")
+        logits = np.zeros((len(x), 4), np.float32)
+        logits[:, 2] = 5.0
+        return logits
+
+    info = ModelInfo(
+        arch={"name": "test"},
+        exit_macs=[1, 2, 3],
+        static_macs=3,
+        data=DataInfo("test", list("abcd"), [0.0], [1.0], input_size=2, in_channels=1),
+    )
+    point = Deployment(0.0, "entropy", False, "given")
+    return EarlyExitRuntime(
+        score_pieces(calls),
+        info,
+        point,
+        backend="test",
+        static=static,
+        single=score_single(calls) if single else None,
+    )
+
+
+def score_images(rows: list[tuple[float, float]]) -> torch.Tensor:
+    x = torch.zeros(len(rows), 1, 2, 2)
+    x[:, 0, 0] = torch.tensor(rows)
+    return x
+
+
+@pytest.mark.parametrize("form", ["auto", "split"])
+def test_a_score_equal_to_its_threshold_goes_on_to_the_next_exit(form: str) -> None:
+    """`score < threshold`, strictly: an exact tie is not sure enough, a score one float32 step
+    below is."""
+    calls: list[str] = []
+    rt = score_runtime(calls)
+    step = float(np.nextafter(np.float32(0.5), np.float32(0)))  # the float32 just below 0.5
+    x = score_images([(0.5, 0.25), (step, 9.0), (0.5, 0.5), (0.75, step), (0.0, 0.0)])
+    pred = rt.predict(x, [0.5, 0.5], form=form)
+    assert pred.exits.tolist() == [2, 1, 3, 2, 1]
+    assert pred.labels.tolist() == [1, 0, 2, 1, 0]
+    assert "static" not in calls
+    assert rt.with_threshold(0.5).predict(x, form=form).exits.tolist() == [2, 1, 3, 2, 1]
+
+
+def test_the_static_network_runs_only_when_every_threshold_is_zero() -> None:
+    """A threshold of 0 at one exit still lets images out at the others: only all zeros means
+    no image can leave early, and only then does `auto` run the static network."""
+    calls: list[str] = []
+    rt = score_runtime(calls)
+    x = score_images([(0.0, 0.0), (0.25, 0.25), (0.75, 0.75)])
+    for threshold, exits in (([0.0, 0.5], [2, 2, 3]), ([0.5, 0.0], [1, 1, 3])):
+        calls.clear()
+        assert rt.predict(x, threshold).exits.tolist() == exits
+        assert "static" not in calls
+        calls.clear()
+        assert rt.with_threshold(threshold).predict(x).exits.tolist() == exits
+        assert "static" not in calls
+    calls.clear()
+    pred = rt.predict(x, [0.0, 0.0])
+    assert calls == ["static"] and pred.exits.tolist() == [3, 3, 3]
+    calls.clear()
+    assert rt.with_threshold(0.0).predict(x).exits.tolist() == [3, 3, 3]
+    assert calls == ["static"]
+
+
+def test_one_image_takes_the_single_call_form_and_a_batch_the_pieces() -> None:
+    """`auto`: the single-call graph for a batch of one, the pieces for more; `single` and
+    `split` force one form. Both give the same exits and classes."""
+    calls: list[str] = []
+    rt = score_runtime(calls, single=True)
+    x = score_images([(0.25, 9.0), (0.75, 0.25), (0.75, 0.75)])
+    want = [1, 2, 3]
+    for j in range(3):
+        calls.clear()
+        one = rt.predict(x[j : j + 1], [0.5, 0.5])
+        assert calls == ["single"]
+        assert (one.exits.tolist(), one.labels.tolist()) == ([want[j]], [want[j] - 1])
+    for batch, pieces in ((x[:2], ["piece1", "piece2"]), (x, ["piece1", "piece2", "piece3"])):
+        calls.clear()
+        got = rt.predict(batch, [0.5, 0.5])
+        assert calls == pieces and got.exits.tolist() == want[: len(batch)]
+    calls.clear()
+    forced = rt.predict(x, [0.5, 0.5], form="single")
+    assert calls == ["single"] * 3
+    assert forced.exits.tolist() == want and forced.labels.tolist() == [0, 1, 2]
+    assert forced.images_per_piece == [3, 2, 1]
+    calls.clear()
+    assert rt.predict(x[:1], [0.5, 0.5], form="split").exits.tolist() == [1]
+    assert calls == ["piece1"]
+
+
+def test_unknown_or_missing_forms_are_named() -> None:
+    x = score_images([(0.25, 0.25)])
+    with pytest.raises(ErdeError) as err:
+        score_runtime([], single=True).predict(x, form="fast")
+    assert str(err.value) == "unknown runtime form 'fast'; choose one of auto, single, split"
+    with pytest.raises(ErdeError) as err:
+        score_runtime([]).predict(x, form="single")
+    assert str(err.value) == (
+        "the test runtime has no single-call graph (an `erde export` folder has one); use form "
+        "'split' or 'auto'"
+    )
+
+
 @pytest.mark.slow
 def test_image_files_are_decoded_resized_and_normalised_as_in_training(run, images, tmp_path):
     _, _, raw = images

@@ -100,6 +100,18 @@ def test_single_graph_answers_at_the_first_exit_below_its_own_threshold(n_exits)
     assert seen == set(range(n_exits))
 
 
+def test_single_graph_keeps_an_image_whose_score_equals_its_threshold() -> None:
+    """`Less`, strictly: piece k scores image[k] + k, so image 0.5 scores 0.5 at exit 1 and 1.5
+    at exit 2; at thresholds (0.5, 1.5) both are ties and the last exit answers."""
+    weights = np.random.default_rng(0).standard_normal((3, 4, 3)).astype(np.float32)
+    model = single_graph(toy_pieces(3, weights))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    image = np.full((1, 4), 0.5, np.float32)
+    for cut, want in (((0.5, 1.5), 3), ((0.5, 1.5000001), 2), ((0.50000006, 1.5), 1)):
+        _, exit_index = session.run(None, {"image": image, "thresholds": np.float32(cut)})
+        assert exit_index.tolist() == [want]
+
+
 @pytest.mark.slow
 def test_single_graph_decides_inside_onnx_runtime(exported, inputs):
     """A plain ONNX Runtime session on the file: nested Ifs, and the exits `simulate` gives."""

@@ -129,6 +129,19 @@ def test_threshold_is_rechosen_on_the_int8_validation_outputs(run, exported, spl
         assert threshold == 0.0
     else:
         assert accuracy >= target
+        # ... and at the fewest val MACs of any threshold that reaches it, found by trying every
+        # distinct one: theta 0, and one float32 step above each deciding exit's scores.
+        macs = np.asarray(manifest.info.exit_macs, dtype=np.float64)
+        scores = confidence_scores(logits, "entropy")[:, :-1].numpy().reshape(-1)
+        steps = np.nextafter(np.unique(scores), np.float32(np.inf))
+        best = np.inf
+        for theta in [0.0, *steps.tolist()]:
+            exits, labels = simulate(logits, theta)
+            if float((labels == val_y).float().mean()) >= target:
+                best = min(best, float(macs[exits.numpy()].mean()))
+        chosen_macs = float(macs[simulate(logits, threshold)[0].numpy()].mean())
+        assert chosen_macs == pytest.approx(best, rel=1e-12)
+        assert best < macs[-1]  # an early-exit point, not the full model
     # The accuracy per exit the manifest records is that of the quantized pieces.
     per_exit = (logits.argmax(-1) == val_y[:, None]).float().mean(0).tolist()
     np.testing.assert_allclose(manifest.quantization["per_exit_accuracy"]["val"], per_exit)

@@ -304,6 +304,23 @@ def test_pair_exits_final():
     assert pair_exits([0.2, 0.5, 1.0], [0.5, 1.0], "final") == [1, 1, 1]
 
 
+def test_pair_exits_refusals_say_what_to_do():
+    with pytest.raises(ErdeError) as err:
+        pair_exits([0.3, 0.6, 1.0], [0.5, 1.0], "same")
+    assert str(err.value) == (
+        "exit pairing 'same' needs as many student exits (3) as teacher exits (2); use pairing "
+        "'depth' (closest relative depth) or 'final' (every student exit learns from the "
+        "teacher's last exit)"
+    )
+    for student, teacher in (([], [1.0]), ([1.0], [])):
+        with pytest.raises(ErdeError) as err:
+            pair_exits(student, teacher, "depth")
+        assert str(err.value) == (
+            "exit pairing needs at least one student exit and one teacher exit; "
+            "check that both models define their exits"
+        )
+
+
 @pytest.mark.parametrize(
     "student, teacher, mode",
     [([0.5, 1.0], [0.5, 1.0], "nearest"), ([], [1.0], "depth"), ([1.0], [], "final")],

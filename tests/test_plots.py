@@ -129,8 +129,11 @@ def test_legend_names_the_exit_and_chosen_markers_and_the_seed_band(tmp_path):
 
 
 def test_a_sweep_line_breaks_at_its_gaps():
-    # Steps of 0.1 M, then 1.8 M and 0.9 M: wider than GAP of the 3 M exit range (0.15 M).
-    assert pytest.approx(0.15) == GAP * 3
+    # Steps of 0.1 M, then 1.8 M and 0.9 M: wider than 5 % of the 3 M exit range (0.15 M).
+    for step, pieces in ((0.149, 2), (0.151, 4)):  # either side of that width
+        near = curve([1.0, 1.0 + step, 4.0 - step, 4.0], [0.5, 0.6, 0.8, 0.9])
+        # 1 -> 1 + step -> 4 - step (a 2.7 M gap) -> 4: one gap, or all three steps
+        assert segments(break_gaps(near)[1]) == pieces
     c = curve([3.0, 1.0, 1.1, 1.2, 3.1, 4.0], [0.8, 0.5, 0.52, 0.55, 0.81, 0.9])
     macs, accuracy = break_gaps(c)
     assert segments(accuracy) == 3

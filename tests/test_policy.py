@@ -7,7 +7,12 @@ import scipy.stats
 import torch
 
 from erde.errors import ErdeError
-from erde.evaluation.policy import confidence_scores, maxprob_threshold, simulate
+from erde.evaluation.policy import (
+    confidence_scores,
+    exits_from_scores,
+    maxprob_threshold,
+    simulate,
+)
 
 SCALE = 20.0  # a one-hot logit of 20 gives top probability 1 - 3e-9 with 4 classes
 K = 4
@@ -101,6 +106,30 @@ def test_simulate_normalized_and_maxprob_policies():
     assert simulate(logits, maxprob_threshold(0.9), "maxprob")[0].tolist() == expected
     # flat exits have top probability 0.25: a 0.2 level lets every exit answer
     assert simulate(logits, maxprob_threshold(0.2), "maxprob")[0].tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("policy", ["entropy", "maxprob"])
+def test_a_score_equal_to_its_threshold_does_not_exit(policy: str) -> None:
+    """The rule is strict: at theta = the flat rows' own float32 score, they stay; one float32
+    step above it, they leave at exit 0 (flat: entropy log 4, or 1 - max p = 3/4)."""
+    logits = known_logits()
+    flat = confidence_scores(logits, policy)[4, 0]
+    assert float(flat) == pytest.approx(math.log(K) if policy == "entropy" else 0.75, rel=1e-6)
+    exit_index, _ = simulate(logits, float(flat), policy)
+    assert exit_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    above = float(np.nextafter(np.float32(flat), np.float32(np.inf)))
+    assert simulate(logits, above, policy)[0].tolist() == [0] * 8
+    # per exit: exit 0 at the tie keeps 4-7; exit 1 at the tie keeps the flat image 7
+    assert simulate(logits, [float(flat), float(flat)], policy)[0].tolist()[4:] == [1, 1, 1, 2]
+
+
+def test_exits_from_scores_at_exact_ties() -> None:
+    """Scores equal to their exit's threshold go on; the last exit answers whatever its score."""
+    scores = torch.tensor([[0.5, 0.25, 9.0], [0.25, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    got = exits_from_scores(scores, torch.tensor([0.5, 0.5]))
+    assert got.tolist() == [1, 0, 2, 0]
+    assert exits_from_scores(scores, torch.tensor([0.25, 0.5])).tolist() == [1, 2, 2, 0]
+    assert exits_from_scores(scores, torch.tensor([0.0, 0.0])).tolist() == [2, 2, 2, 2]
 
 
 def test_maxprob_threshold():

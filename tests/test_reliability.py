@@ -72,11 +72,38 @@ def test_a_second_writer_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
         pass
 
 
+# Tries the writer lock of the folder argv[1] once: prints "held", or the refusal.
+TRY_WRITER = """
+import sys
+from erde.errors import ErdeError
+from erde.run.lock import writer_lock
+try:
+    with writer_lock(sys.argv[1]):
+        print("held")
+except ErdeError as exc:
+    print(exc)
+"""
+
+
+def try_writer(path: Path) -> str:
+    """What another process gets when it asks for `path`'s writer lock now."""
+    argv = [sys.executable, "-c", TRY_WRITER, str(path)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=ENV, check=True)
+    return done.stdout.strip()
+
+
 def test_the_writer_lock_is_reentrant_in_one_process(tmp_path):
-    with writer_lock(tmp_path / "run"), writer_lock(tmp_path / "run"):
-        pass
-    with writer_lock(tmp_path / "run"):
-        pass
+    """Entered twice by this process, the lock is still this process's after the inner exit,
+    and another process is refused until the outer one ends; then the other one gets it."""
+    run = tmp_path / "run"
+    busy = f"is being written by another live process (pid {os.getpid()}"
+    with writer_lock(run):
+        with writer_lock(run):
+            assert busy in try_writer(run)
+        assert busy in try_writer(run)
+    assert try_writer(run) == "held"
+    with writer_lock(run):  # and this process can take it again
+        assert busy in try_writer(run)
 
 
 # Holds a lock of the folder argv[2] ("writer" or "run" lock, argv[1]) until stdin closes;

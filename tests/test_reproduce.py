@@ -7,6 +7,7 @@ import resource
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from erde.data import ImageData
 from erde.data.prepare import data_info
 from erde.errors import ErdeError
 from erde.evaluation.cache import LogitsCache, load_cache, read_cache, save_cache
-from erde.evaluation.policy import simulate
+from erde.evaluation.policy import confidence_scores, simulate
 from erde.models.build import build_model
 from erde.run.report import read_report
 
@@ -109,6 +110,27 @@ def test_evaluate_writes_the_report_and_chooses_on_val(quick, capsys):
     macs = torch.tensor(report["exit_macs"], dtype=torch.float64)
     assert chosen["test_expected_macs"] == pytest.approx(macs[exit_index].mean().item())
     assert report["reference"]["label"].startswith("teacher resnet20")
+    # ... and it was chosen on val: the val numbers it records are its own on the val logits, and
+    # no threshold reaches the target (teacher's val accuracy - 1 pt) on val with fewer MACs.
+    # Every distinct threshold is tried by hand: 0, and one float32 step above each score.
+    val, val_labels = cache.logits["val"], cache.labels["val"]
+    target = report["reference"]["val_accuracy"] - 0.01
+
+    def on_val(theta: float) -> tuple[float, float]:
+        exits, predicted = simulate(val, theta)
+        return (predicted == val_labels).double().mean().item(), macs[exits].mean().item()
+
+    assert on_val(chosen["threshold"]) == pytest.approx(
+        (chosen["val_accuracy"], chosen["val_expected_macs"])
+    )
+    scores = confidence_scores(val)[:, :-1].numpy().reshape(-1)
+    steps = np.nextafter(np.unique(scores), np.float32(np.inf)).tolist()
+    reaching = [m for a, m in map(on_val, [0.0, *steps]) if a >= target]
+    if chosen["reached"]:
+        assert chosen["val_accuracy"] >= target
+        assert chosen["val_expected_macs"] == pytest.approx(min(reaching), rel=1e-12)
+    else:
+        assert reaching == [] and chosen["threshold"] == 0.0
 
 
 @pytest.mark.slow

@@ -109,6 +109,14 @@ def test_default_thresholds_span_full_model_to_first_exit():
     assert len(curve.thresholds) > 100  # dense enough for a smooth curve
 
 
+def test_an_empty_split_sweeps_to_zeros_not_nan():
+    """No images: every point has accuracy 0, no exit shares and no MACs (never 0 / 0)."""
+    curve = sweep(torch.zeros(0, 3, K), torch.zeros(0, dtype=torch.long), EXIT_MACS, [0.0, 1.0])
+    np.testing.assert_array_equal(curve.accuracy, [0.0, 0.0])
+    np.testing.assert_array_equal(curve.exit_share, np.zeros((2, 3)))
+    np.testing.assert_array_equal(curve.expected_macs, [0.0, 0.0])
+
+
 def test_single_exit_sweep():
     logits = known_logits()[:, :1]
     curve = sweep(logits, LABELS, [10.0])

@@ -11,8 +11,6 @@ from safetensors.torch import load_file
 from erde.config.schema import load_config
 from erde.train.engine import fill_teacher_cache, fit
 
-pytestmark = pytest.mark.slow
-
 FAST = ["model.name=resnet8", "train.epochs=2", "train.warmup_epochs=0"]
 
 
@@ -43,6 +41,7 @@ def uncached(teacher, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_students_from_the_cache_equal_students_without_it(teacher, tmp_path, precision):
     folder = tmp_path / "cache"
@@ -62,6 +61,7 @@ def test_students_from_the_cache_equal_students_without_it(teacher, tmp_path, pr
     assert same_weights(off, tmp_path / "fills") and same_weights(off, tmp_path / "reads")
 
 
+@pytest.mark.slow
 def test_filled_in_advance_the_cache_serves_every_epoch(teacher, uncached, tmp_path):
     folder = tmp_path / "cache"
     cfg = student(teacher, f"distill.teacher_cache_dir={folder}")
@@ -74,6 +74,7 @@ def test_filled_in_advance_the_cache_serves_every_epoch(teacher, uncached, tmp_p
     assert same_weights(uncached, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_another_schedule_gets_its_own_key(teacher, tmp_path):
     folder = tmp_path / "cache"
     fill_teacher_cache(student(teacher, f"distill.teacher_cache_dir={folder}"))
@@ -81,6 +82,7 @@ def test_another_schedule_gets_its_own_key(teacher, tmp_path):
     assert len([p for p in folder.iterdir() if p.is_dir()]) == 2
 
 
+@pytest.mark.slow
 def test_damaged_or_foreign_files_are_recomputed_never_used(teacher, uncached, tmp_path):
     folder = tmp_path / "cache"
     cfg = student(teacher, f"distill.teacher_cache_dir={folder}")
@@ -103,6 +105,7 @@ def test_damaged_or_foreign_files_are_recomputed_never_used(teacher, uncached, t
     assert (tmp_path / "again" / "train.log").read_text().count("read from") == 2
 
 
+@pytest.mark.slow
 def test_a_folder_that_refuses_the_cache_costs_only_the_reuse(teacher, uncached, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder would go")
@@ -114,6 +117,7 @@ def test_a_folder_that_refuses_the_cache_costs_only_the_reuse(teacher, uncached,
     assert same_weights(uncached, run)
 
 
+@pytest.mark.slow
 def test_two_students_filling_one_cache_at_once(teacher, tmp_path):
     """Real processes, one thread each; the reference runs beside them with the cache off (the
     same thread count: CPU kernels may sum in another order with another number of threads)."""
@@ -147,6 +151,7 @@ def test_two_students_filling_one_cache_at_once(teacher, tmp_path):
 OWN_STATS = ["data.mean=[0.2]", "data.std=[0.5]"]
 
 
+@pytest.mark.slow
 def test_a_student_with_its_own_statistics_gets_the_same_weights_with_the_cache(teacher, tmp_path):
     """A cache filled by a student on the default statistics, then students on other statistics
     (filling the cache, then reading it): bit for bit the weights of the one without a cache."""
@@ -161,6 +166,7 @@ def test_a_student_with_its_own_statistics_gets_the_same_weights_with_the_cache(
     assert same_weights(off, tmp_path / "fills") and same_weights(off, tmp_path / "reads")
 
 
+@pytest.mark.slow
 def test_the_teacher_reads_its_own_normalisation_inside_a_student_run(teacher, tmp_path):
     """The stored teacher outputs of a student on other statistics equal the teacher run by hand
     on the epoch's raw pixels normalised with the teacher's own statistics (model.json)."""
@@ -205,6 +211,7 @@ def cache_of(cfg):
     return teacher_outputs(cfg, split, train_batches(cfg, split, cpu), cpu).cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
     [
@@ -229,6 +236,18 @@ def test_every_setting_the_teacher_outputs_depend_on_changes_the_key(teacher, tm
     assert other.read(0) is None  # a miss: that student computes its own
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_key_records_the_augmentation_the_student_trains_with(teacher, tmp_path, augment):
+    """The key's augmentation flag is the config's: cropped-and-flipped batches and plain ones
+    give the teacher other inputs."""
+    flag = f"data.augment={str(augment).lower()}"
+    key = cache_of(student(teacher, f"distill.teacher_cache_dir={tmp_path}", flag)).key
+    assert key.augment is augment
+    assert (key.crop_padding, key.seed) == (1, 0)  # digits-student's, and train.seed's default
+
+
+@pytest.mark.slow
 def test_a_teacher_whose_statistics_differ_gets_another_key(teacher, tmp_path):
     """The same weights with other statistics in model.json: another teacher to its students."""
     import json

@@ -2,6 +2,7 @@
 a killed worker, and storages that cannot be opened."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,14 +10,17 @@ import time
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from test_faults import as_ordinary_user
 
 import erde.study.tune
 from erde.cli.main import main
-from erde.config.schema import load_reproduce_config
+from erde.config.schema import EvalConfig, load_config, load_reproduce_config
+from erde.evaluation.cache import LogitsCache, load_cache, save_cache
 from erde.logs import log_to_stdout
-from erde.study.tune import open_storage, space, study_name, trial_config, tune
+from erde.run.layout import RunDir
+from erde.study.tune import open_storage, space, study_name, trial_config, tune, val_auc
 from erde.train.engine import fit
 
 # `main` logs to the sys.stdout of its first call: bind it now, not to a test's capsys stream,
@@ -48,6 +52,56 @@ def test_each_method_tunes_the_keys_its_loss_reads():
         "distill.entropy_term",
         "distill.entropy_exits",
     }
+
+
+def sure(labels: list[int], k: int) -> torch.Tensor:
+    """One exit's logits, confident (20 on one class) in the given class of each image."""
+    logits = torch.zeros(len(labels), k)
+    logits[torch.arange(len(labels)), torch.tensor(labels)] = 20.0
+    return logits
+
+
+def test_the_objective_is_the_auc_of_the_validation_split_alone(tmp_path):
+    """A finished run whose cache is replaced by hand-made logits of the same shape: on val, exit
+    1 is sure and wrong on images 0-1 and flat on 2-3 (which exit 2 gets right), so the curve is
+    0.5 from the first exit's MACs to (m1 + m2) / 2, then a line up to 1.0 at the full model;
+    on test every exit is right (AUC 1). The objective must be val's, solved by hand."""
+    run = tmp_path / "run"
+    overrides = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
+    fit(load_config("digits-student", overrides), run, progress=False)
+    real = load_cache(run, device="cpu")
+    m = [float(v) for v in real.exit_macs]
+    k = real.logits["val"].shape[2]
+    assert len(m) == 3
+    labels = torch.tensor([0, 0, 0, 0])
+    val = torch.stack([sure([1, 1, 0, 0], k), sure([0] * 4, k), sure([0] * 4, k)], dim=1)
+    val[2:, 0] = 0.0  # flat at exit 1: entropy log k, the flat rows' argmax is class 0 (right)
+    val[:2, 1:] = 0.0  # images 0-1 never get past exit 1 at a threshold above a sure entropy
+    test = torch.stack([sure([0] * 4, k)] * 3, dim=1)
+    cache = LogitsCache(
+        {"val": val, "test": test}, {"val": labels, "test": labels.clone()}, real.exit_macs,
+        real.weights_sha256,
+    )  # fmt: skip
+    save_cache(RunDir(run).logits, cache)
+    x0, x_mid = m[0] / m[2], (m[0] + m[1]) / 2 / m[2]
+    want = (0.5 * (x_mid - x0) + 0.75 * (1 - x_mid)) / (1 - x0)
+    assert val_auc(run, EvalConfig(), "cpu") == pytest.approx(want, abs=1e-12)
+    assert want < 0.9  # test's AUC is 1
+
+    # The policy is the study's: at exit 1 image 0 is split 50/50 between two wrong classes
+    # (entropy log 2, 1 - max p = 0.5), image 1 gives its right class 0.6 and four others 0.1
+    # (entropy 1.23, 1 - max p = 0.4); exits 2 and 3 are sure and right. Entropy lets the wrong
+    # image 0 out first, max-probability the right image 1.
+    two = torch.stack([sure([1, 0], k), sure([0, 0], k), sure([0, 0], k)], dim=1)
+    two[0, 0, 2] = 20.0
+    two[1, 0] = torch.tensor([math.log(6.0)] + [0.0] * 4 + [-30.0] * (k - 5))
+    cache.logits["val"], cache.labels["val"] = two, torch.tensor([0, 0])
+    save_cache(RunDir(run).logits, cache)
+    x1 = m[1] / m[2]
+    entropy = (0.5 * (x_mid - x0) + 0.75 * (x1 - x_mid) + (1 - x1)) / (1 - x0)
+    maxprob = (0.75 * (x_mid - x0) + (1 - x_mid)) / (1 - x0)
+    assert val_auc(run, EvalConfig(), "cpu") == pytest.approx(entropy, abs=1e-12)
+    assert val_auc(run, EvalConfig(policy="maxprob"), "cpu") == pytest.approx(maxprob, abs=1e-12)
 
 
 @pytest.mark.slow
