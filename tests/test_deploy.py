@@ -318,11 +318,11 @@ def score_pieces(calls: list[str]) -> list:
     score in x[j, 0, 0, 1] (exact float32 values); exit i predicts class i - 1."""
 
     def piece(i: int):
-        def run(x: torch.Tensor):
+        def run(x: np.ndarray):
             calls.append(f"piece{i + 1}")
-            logits = torch.zeros(len(x), 4)
+            logits = np.zeros((len(x), 4), np.float32)
             logits[:, i] = 5.0
-            return (x, logits, x[:, 0, 0, i].clone()) if i < 2 else (None, logits, None)
+            return (x, logits, x[:, 0, 0, i].copy()) if i < 2 else (None, logits, None)
 
         return run
 

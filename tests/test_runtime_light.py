@@ -254,3 +254,10 @@ def test_erde_infer_reads_a_folder_in_name_order(exported, digits, capsys):
                  "--threads", "1"]) == 0  # fmt: skip
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [r.split(",")[0] for r in rows] == [str(p) for p in digits]
+
+
+def test_a_number_where_a_graph_node_belongs_is_no_onnx_model():
+    """ModelProto.graph (field 7, bytes 08 01) whose node (field 1) is the varint 1: found by
+    the export fuzz test as a TypeError; a damaged file must be a ValueError (one line above)."""
+    with pytest.raises(ValueError, match="a number where a message belongs"):
+        graph_facts(b"\x3a\x02\x08\x01")

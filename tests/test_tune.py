@@ -209,7 +209,7 @@ def test_a_read_only_storage_exits_2_with_one_line_before_any_training(tmp_path)
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert f"cannot write the Optuna storage sqlite:///{db}" in err[0] and "readonly" in err[0]
-    assert sorted(p.name for p in out.iterdir()) == ["tune.yaml"]  # no teacher trained
+    assert sorted(p.name for p in out.iterdir()) == ["study-key", "tune.yaml"]  # no teacher
 
 
 @pytest.mark.parametrize(

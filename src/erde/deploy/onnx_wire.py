@@ -54,8 +54,10 @@ def _varint(buf: memoryview, i: int) -> tuple[int, int]:
             return value, i
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, memoryview | int]]:
+def _fields(buf: memoryview | int) -> Iterator[tuple[int, memoryview | int]]:
     """(field number, value) of each field: an int for a varint, the bytes otherwise."""
+    if isinstance(buf, int):  # a damaged file's varint where a message belongs
+        raise ValueError("a number where a message belongs")
     i = 0
     while i < len(buf):
         key, i = _varint(buf, i)
