@@ -10,6 +10,8 @@ do not load PyTorch:
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from importlib import import_module, metadata
 from typing import Any
 
@@ -19,6 +21,28 @@ try:
     __version__ = metadata.version("erde")  # the installed distribution's, from pyproject.toml
 except metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
+
+
+def lazy_names(
+    package: str, table: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """PEP 562 `__getattr__` and `__dir__` for `package`: each name of `table` ("module", or
+    "module:attribute" for another name there) is imported on first use, so the package's
+    light modules load without its heavy ones (PyTorch, OmegaConf)."""
+
+    def get(name: str) -> Any:
+        if name not in table:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        module, _, attribute = table[name].partition(":")
+        value = getattr(import_module(module), attribute or name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def names() -> list[str]:
+        return sorted({*vars(sys.modules[package]), *table})
+
+    return get, names
+
 
 # name -> module that defines it
 _LAZY = {
@@ -31,22 +55,9 @@ _LAZY = {
     "load_config": "erde.config",
     "load_reproduce_config": "erde.config",
     "fit": "erde.train",
-    "evaluate": "erde.evaluation.runs",
-    "compare": "erde.evaluation.runs",
+    "evaluate": "erde.evaluation.runs:evaluate_run",
+    "compare": "erde.evaluation.runs:compare_runs",
 }
-_RENAMED = {"evaluate": "evaluate_run", "compare": "compare_runs"}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'erde' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), _RENAMED.get(name, name))
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 __all__ = ["ErdeError", "__version__", *_LAZY]

@@ -6,8 +6,7 @@ The names below are imported on first use (PEP 562), so that the light submodule
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from erde import lazy_names
 
 _NAMES = (
     "Config",
@@ -23,17 +22,6 @@ _NAMES = (
     "records",
 )
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module 'erde.config' has no attribute {name!r}")
-    value = getattr(import_module("erde.config.schema"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_NAMES])
-
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(_NAMES, "erde.config.schema"))
 
 __all__ = list(_NAMES)

@@ -6,8 +6,7 @@ The names below are imported on first use (PEP 562), so that the ONNX runtime ca
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from erde import lazy_names
 
 # name -> module that defines it
 _LAZY = {
@@ -18,17 +17,6 @@ _LAZY = {
     "stratified_split": "erde.data.split",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'erde.data' has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 __all__ = list(_LAZY)
