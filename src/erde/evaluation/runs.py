@@ -228,6 +228,8 @@ def compare_runs(
     The runs in `evaluate_each` also get their own report in RUN/eval (`reproduce` passes the
     runs it trained), so each can go to `erde export` as it is; one whose RUN/eval holds a
     threshold chosen by another criterion keeps it, with a warning (`_write_study_evaluation`)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ErdeError(f"--out {out} is a file; give a folder path for the comparison")
     if not run_dirs:
         raise ErdeError("give at least one run folder to compare")
     ref = run_reference(reference, device=device) if reference else None

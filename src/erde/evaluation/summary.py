@@ -57,9 +57,10 @@ def reference_from_cache(cache: LogitsCache, label: str, static_macs: float) -> 
 
 
 def check_max_drop(max_drop: float) -> None:
-    """Refused before any work: a negative drop would ask for more than the reference."""
-    if not max_drop >= 0:
-        raise ErdeError(f"--max-drop {max_drop} must be >= 0 accuracy points")
+    """Refused before any work: a negative drop would ask for more than the reference, an
+    infinite one for no accuracy at all."""
+    if not 0 <= max_drop < float("inf"):
+        raise ErdeError(f"--max-drop {max_drop} must be a finite number >= 0 of accuracy points")
 
 
 def chosen_rule(reference_label: str, max_drop: float, budget: float | None) -> str:
