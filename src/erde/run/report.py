@@ -106,7 +106,8 @@ class Diagnostics:
     `teacher_note` says which reference exits decide right and wrong, or why there are none.
     At the chosen point: `early_exit_share` of the test images leave before the last exit and
     `early_exit_error` of those are wrong (None when none leaves early); `teacher_wrong_share` is
-    the share of test images the reference's final exit gets wrong.
+    the share of test images the reference's final exit gets wrong, `teacher_wrong_images` how
+    many they are (None also in reports written before it was recorded).
     """
 
     ece_bins: Whole
@@ -115,6 +116,7 @@ class Diagnostics:
     early_exit_share: Measured
     early_exit_error: Number | None
     per_exit: Annotated[list[ExitDiagnostics], MinLen(1)]
+    teacher_wrong_images: Whole | None = None
 
 
 @with_config(ConfigDict(extra="forbid"))
