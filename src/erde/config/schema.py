@@ -237,6 +237,15 @@ class TrainConfig:
             experiment=False,
         ),
     )
+    threads: int = field(
+        default=0,
+        # 0: the cores idle at start (erde.train.threads), so a busy machine does not collapse.
+        metadata=key(
+            "CPU threads per process (0: the cores idle at start; OMP_NUM_THREADS also sets it)",
+            range=NON_NEGATIVE,
+            experiment=False,
+        ),
+    )
     compile: bool = field(default=False, metadata=key("torch.compile the model", experiment=False))
     sync_bn: bool = field(
         default=False,

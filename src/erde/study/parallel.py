@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ def _start_worker(threads: int) -> None:
 
     from erde.logs import log_to_stdout
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what `fit`'s thread choice honours
     torch.set_num_threads(threads)
     log_to_stdout()
 

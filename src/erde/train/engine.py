@@ -47,6 +47,7 @@ from erde.run.lock import writer_lock
 from erde.run.metrics import read_jsonl
 from erde.run.model_info import ModelInfo
 from erde.train.optim import build_optimizer
+from erde.train.threads import choose_threads
 from erde.train.writer import RunWriter, check_run_dir, log
 
 SINGLE = World()
@@ -106,6 +107,9 @@ def fit(
         cfg = check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
         device = distributed.rank_device(resolve_device(cfg.train.device))
         check_world(cfg, device, distributed.launched_world_size())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads, why = choose_threads(cfg.train.threads, local)
+        torch.set_num_threads(threads)
         with distributed.process_group(device) as world:
             # Everything that can fail on one rank alone happens here, before any collective.
             with distributed.agreed(world):
@@ -123,13 +127,15 @@ def fit(
                 last = cfg.train.epochs if stop_after is None else start + stop_after
                 if world.main:
                     log.info(
-                        "start %s %s epochs %d..%d on %s%s",
+                        "start %s %s epochs %d..%d on %s%s, %d CPU thread(s) (%s)",
                         cfg.distill.method,
                         cfg.model.name,
                         start + 1,
                         cfg.train.epochs,
                         device,
                         f" x {world.size} processes" if world.distributed else "",
+                        threads,
+                        why,
                     )
                 epochs = range(start, min(cfg.train.epochs, last))
                 return run_epochs(s, writer, history, epochs, on_epoch)

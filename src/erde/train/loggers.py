@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 from pathlib import Path
 from typing import Protocol
 
@@ -80,12 +81,15 @@ class Console:
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
+        self._seconds: list[float] = []
 
     def log(self, row: dict) -> None:
         accuracy = " / ".join(
             f"{100 * row[k]:.2f}" for k in sorted(row, key=_exit_order) if k.startswith("val/acc/")
         )
-        left = (self.epochs - row["epoch"]) * row["epoch_s"]
+        # The median epoch so far: one epoch slowed by a busy neighbour does not swing it.
+        self._seconds.append(row["epoch_s"])
+        left = (self.epochs - row["epoch"]) * statistics.median(self._seconds)
         log.info(
             "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.1f s, %.0f img/s%s",
             row["epoch"],
