@@ -30,7 +30,9 @@ class Backbone:
     `ExitHead`). `he_init` asks EarlyExitNet to He-initialise every conv (erde's CIFAR recipe);
     otherwise the builder's weights are kept as they are (pretrained or the library's own init).
     `network` is the plain network the blocks were cut from, when there is one: its parameter
-    names are the ones a pretrained file uses.
+    names are the ones a pretrained file uses. `weights` names the pretrained weights loaded
+    (None: fresh), and `weights_mean`/`weights_std` the normalisation they were trained with
+    where the library records it, which fine-tuning keeps.
     """
 
     stem: nn.Module
@@ -43,6 +45,9 @@ class Backbone:
     exit_head: Callable[..., nn.Module] | None = None
     he_init: bool = False
     network: nn.Module | None = None
+    weights: str | None = None
+    weights_mean: tuple[float, ...] | None = None
+    weights_std: tuple[float, ...] | None = None
 
 
 class ExitHead(nn.Sequential):
@@ -143,6 +148,13 @@ class EarlyExitNet(nn.Module):
         self.source_keys = _source_keys(self, backbone.network)
         self.family = None if backbone.network is None else type(backbone.network).__name__
         self.frozen = False
+        # Where the weights came from (model.json `weights`), and their normalisation if known.
+        self.weights = backbone.weights
+        self.weights_normalization = (
+            None
+            if backbone.weights_mean is None or backbone.weights_std is None
+            else (backbone.weights_mean, backbone.weights_std)
+        )
 
     def freeze_backbone(self) -> None:
         """Train only the exit heads: the builder's modules (segments and the last head) stop

@@ -40,6 +40,7 @@ from erde.distributed import World
 from erde.errors import ErdeError
 from erde.logs import Heartbeat
 from erde.models.build import build_model
+from erde.models.early_exit import EarlyExitNet
 from erde.models.macs import exit_macs, static_macs
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
@@ -152,6 +153,8 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
     check_split(cfg, split)
     torch.manual_seed(t.seed)  # the same on every rank: replicas start equal
     net = build_model(cfg.model, data, freeze_backbone=t.freeze_backbone).to(device)
+    split = weights_normalization(cfg, net, split, world)
+    data = data_info(split.data)
     batches = train_batches(cfg, split, device, world)
     teacher = teacher_outputs(cfg, split, batches, device, world) if d.teacher else None
     loss_fn, pairing = build_loss(cfg, exit_macs(net), teacher)
@@ -167,6 +170,7 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
         pairing=pairing,
         config=to_dict(cfg),
         precision=precision,
+        weights=net.weights,
     )
     if t.sync_bn and world.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -195,6 +199,28 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
     )
     val = eval_batches(cfg, split, "val", device, world, channels_last=t.channels_last)
     return Setup(net, info, parts, val, eval_model)
+
+
+def weights_normalization(cfg: Config, net: EarlyExitNet, split: Split, world: World) -> Split:
+    """Fine-tuning keeps the normalisation the pretrained weights were trained with (timm's
+    `pretrained_cfg`, torchvision's weights transforms) unless `data.mean`/`data.std` are set:
+    the weights expect their inputs so."""
+    given = net.weights_normalization
+    if given is None or cfg.data.mean is not None or cfg.data.std is not None:
+        return split
+    mean, std = given
+    if len(mean) != split.data.in_channels:
+        if world.main:
+            log.info(
+                "the pretrained weights normalise %d channels, the data has %d: normalising "
+                "with the training split's statistics",
+                len(mean),
+                split.data.in_channels,
+            )
+        return split
+    if world.main:
+        log.info("normalising with the pretrained weights' mean %s and std %s", mean, std)
+    return replace(split, data=replace(split.data, mean=tuple(mean), std=tuple(std)))
 
 
 def teacher_outputs(
