@@ -157,6 +157,15 @@ class ModelConfig:
         default="default",
         metadata=key('"default", "stages", "every:K" or 1-based block indices such as "3,6"'),
     )
+    # paper: the paper's head on the 2x2-pooled map; pool: on the globally pooled map (fewer
+    # weights and MACs, for edge use; docs/benchmarks.md "Exit heads").
+    head: str = field(
+        default="paper",
+        metadata=key(
+            "early-exit head: paper (BN-ReLU-2x2 pool-linear) or pool (global pool)",
+            choices=("paper", "pool"),
+        ),
+    )
     # Checked against the builder's signature (model.options.width_mult=0.5).
     options: dict[str, Any] = field(
         default_factory=dict,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,9 @@ class Backbone:
     weights: str | None = None
     weights_mean: tuple[float, ...] | None = None
     weights_std: tuple[float, ...] | None = None
+
+
+HEADS = ("paper", "pool")  # `model.head`: ExitHead as the paper has it, or globally pooled
 
 
 class ExitHead(nn.Sequential):
@@ -120,6 +124,7 @@ class EarlyExitNet(nn.Module):
         in_channels: int,
         input_size: int,
         arch: dict[str, Any] | None = None,
+        head: str = "paper",
     ) -> None:
         super().__init__()
         self.num_blocks = len(backbone.blocks)
@@ -139,6 +144,8 @@ class EarlyExitNet(nn.Module):
 
         shapes = _feature_shapes(self.segments, in_channels, input_size)
         make_head = backbone.exit_head or ExitHead
+        if head == "pool" and make_head is not TokenExitHead:  # a token head reads one token
+            make_head = partial(ExitHead, pool_to=1)
         heads: list[nn.Module] = [make_head(*shape, num_classes) for shape in shapes[:-1]]
         heads.append(backbone.classifier)
         self.heads = nn.ModuleList(heads)
