@@ -35,10 +35,30 @@ PRINTED = ("file", "class_name", "error", "warning")  # the text fields, names o
 _UNDECODED = re.compile("[\udc80-\udcff]")  # os.fsdecode's stand-ins for bytes no UTF-8
 
 
+POLICY_HELP = "exit score: entropy, maxprob, margin or a plugin's (--policy-module)"
+
+
+def add_policy_module(p: argparse.ArgumentParser) -> None:
+    """The option that imports a plugin's exit policies (README, "Your own exit rule")."""
+    p.add_argument(
+        "--policy-module",
+        metavar="MODULE",
+        help="Python module that registers --policy (or the evaluation's policy) with "
+        "erde.register_policy; not needed for the built-ins or an erde.policies entry point",
+    )
+
+
+def import_policy_module(args: argparse.Namespace) -> None:
+    from erde.evaluation.policies import import_policy_module
+
+    import_policy_module(args.policy_module)
+
+
 def export_command(args: argparse.Namespace) -> None:
     from erde.deploy.export import export_run
     from erde.deploy.onnx_export import OPSET
 
+    import_policy_module(args)
     m = export_run(
         args.run,
         args.out,
@@ -209,9 +229,9 @@ def _add_export(command: Callable) -> None:
     )
     p.add_argument(
         "--policy",
-        choices=("entropy", "maxprob"),
-        help="exit score (default: the policy of the run's evaluation report, else entropy)",
+        help=f"{POLICY_HELP} (default: the policy of the run's evaluation report, else entropy)",
     )
+    add_policy_module(p)
     p.add_argument(
         "--normalize",
         action="store_true",
