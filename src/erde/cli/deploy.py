@@ -43,8 +43,8 @@ def add_policy_module(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy-module",
         metavar="MODULE",
-        help="Python module that registers --policy (or the evaluation's policy) with "
-        "erde.register_policy; not needed for the built-ins or an erde.policies entry point",
+        help="Python module that registers --policy with erde.register_policy (default: none; "
+        "the built-ins and installed erde.policies entry points need none)",
     )
 
 
