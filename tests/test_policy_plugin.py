@@ -185,6 +185,30 @@ def test_reproduce_refuses_an_unknown_policy_before_any_run(tmp_path):
     assert not (tmp_path / "study").exists()
 
 
+def test_an_installed_entry_point_registers_its_policy_on_first_use(tmp_path):
+    """An installed distribution (its .dist-info on sys.path, as pip leaves it) declaring an
+    `erde.policies` entry point: the name is found with no module named anywhere."""
+    (tmp_path / "erde_ep_rules.py").write_text(
+        "import erde\n"
+        "erde.register_policy('ep-rule', lambda z: z.softmax(-1).amin(-1), help='from an entry')\n",
+        encoding="utf-8",
+    )
+    info = tmp_path / "erde_ep_rules-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: erde-ep-rules\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[erde.policies]\nrules = erde_ep_rules\n")
+    code = (
+        "from erde.evaluation.policies import get_policy, policy_names\n"
+        "print(get_policy('ep-rule').help, policy_names())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{SRC}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "from an entry ['entropy', 'maxprob', 'margin', 'ep-rule']"
+
+
 def per_class(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)  # one score per class, not per image
 

@@ -145,6 +145,7 @@ def render_results(rows: Sequence, fmt: str) -> str:
 def bench_command(args: argparse.Namespace) -> None:
     from erde.deploy.latency import benchmark, render_benchmark
 
+    import_policy_module(args)
     result = benchmark(
         args.target,
         reference=args.reference,
@@ -236,7 +237,8 @@ def _add_export(command: Callable) -> None:
         "--normalize",
         action="store_true",
         default=None,
-        help="entropy divided by log K (default: as the run's evaluation report, else off)",
+        help="score divided by the policy's normalizer, entropy: log K (default: as the run's "
+        "evaluation report, else off)",
     )
     p.add_argument("--opset", type=int, help=OPSET_HELP)
     p.add_argument(
@@ -327,6 +329,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
     )
+    add_policy_module(p)
     _form_argument(p)
 
 

@@ -373,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--policy", default="entropy", help=f"{POLICY_HELP} (default: entropy)")
         add_policy_module(p)
-        p.add_argument("--normalize", action="store_true", help="entropy divided by log K")
+        p.add_argument(
+            "--normalize",
+            action="store_true",
+            help="score divided by the policy's normalizer (entropy: log K)",
+        )
         p.add_argument(
             "--max-drop",
             type=float,

@@ -382,7 +382,10 @@ class EvalConfig:
             "Python module that registers evaluate.policy (a plugin without an entry point)"
         ),
     )
-    normalize: bool = field(default=False, metadata=key("entropy divided by log(classes)"))
+    normalize: bool = field(
+        default=False,
+        metadata=key("score divided by the policy's normalizer (entropy: log(classes))"),
+    )
     max_drop: float = field(
         default=0.0,
         metadata=key(
