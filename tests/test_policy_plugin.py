@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 from erde.cli.main import main
 from erde.config.schema import load_config, load_reproduce_config
 from erde.data.prepare import prepare_data
+from erde.deploy import export_run
 from erde.errors import ErdeError
 from erde.evaluation.policies import get_policy, register_policy
 from erde.evaluation.policy import simulate
@@ -207,6 +208,37 @@ def test_an_installed_entry_point_registers_its_policy_on_first_use(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "from an entry ['entropy', 'maxprob', 'margin', 'ep-rule']"
+
+
+def branch_on_values(logits: torch.Tensor) -> torch.Tensor:
+    """Right in eager mode, but a Python branch on a tensor's value: no graph can hold it."""
+    p = logits.softmax(dim=-1)
+    return 1 - p.amax(dim=-1) if float(p.max()) > 0.5 else 1 - p.amin(dim=-1)
+
+
+def loop_over_images(logits: torch.Tensor) -> torch.Tensor:
+    """Right in eager mode; the exporter unrolls the loop for the example's batch size."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return torch.stack([1 - r.softmax(dim=-1).max() for r in rows]).reshape(logits.shape[:-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "fn", "problem"),
+    [
+        ("plugin-branch", branch_on_values, "could not be traced with the exit policy"),
+        ("plugin-loop", loop_over_images, "fails on a batch of 3"),
+    ],
+)
+def test_a_policy_the_graph_cannot_hold_is_refused_at_export(teacher, tmp_path, name, fn, problem):
+    register_policy(name, fn, help="eager only")
+    before = files_of(teacher)
+    with pytest.raises(ErdeError) as info:
+        export_run(teacher, tmp_path / "export", threshold=0.5, policy=name)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("exit 1's ONNX graph") and problem in message
+    assert f"{name!r} (test_policy_plugin)" in message and "tensor operations only" in message
+    assert files_of(teacher) == before and not (tmp_path / "export").exists()
 
 
 def per_class(logits: torch.Tensor) -> torch.Tensor:
