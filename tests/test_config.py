@@ -64,7 +64,6 @@ def test_config_yaml_keeps_plain_strings():
     "key, value, message",
     [
         ("distill.method", "magic", "distill.method='magic' is not allowed; choose one of teacher"),
-        ("evaluate.policy", "margin", "choose one of entropy, maxprob"),
         ("distill.alpha", 2.0, "distill.alpha=2.0 must lie in [0, 1]"),
         ("distill.alpha", math.nan, "distill.alpha=nan must be a finite number in [0, 1]"),
         ("distill.beta", math.inf, "distill.beta=inf must be a finite number >= 0"),

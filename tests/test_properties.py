@@ -20,7 +20,7 @@ from erde.distill.losses import make_loss
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.sweep import sweep
 
-POLICIES = [("entropy", False), ("entropy", True), ("maxprob", False)]
+POLICIES = [("entropy", False), ("entropy", True), ("maxprob", False), ("margin", False)]
 
 
 @st.composite

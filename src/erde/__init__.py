@@ -57,6 +57,7 @@ _LAZY = {
     "fit": "erde.train",
     "evaluate": "erde.evaluation.runs:evaluate_run",
     "compare": "erde.evaluation.runs:compare_runs",
+    "register_policy": "erde.evaluation.policies",
 }
 __getattr__, __dir__ = lazy_names(__name__, _LAZY)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from erde.cli.deploy import POLICY_HELP, add_policy_module, import_policy_module
 from erde.cli.numbers import whole_number
 from erde.config.methods import STUDENT_METHODS
 from erde.errors import ErdeError
@@ -105,6 +106,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import evaluate_run, evaluation_dir
 
+    import_policy_module(args)
     criterion = {"policy": args.policy, "normalize": args.normalize, "max_drop": args.max_drop}
     out = evaluation_dir(
         args.run, args.out, **criterion, budget=args.budget, replace_export=args.replace_export
@@ -139,6 +141,7 @@ def _compare(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import compare_runs
     from erde.run.layout import ComparisonDir
 
+    import_policy_module(args)
     comparison = compare_runs(
         args.runs,
         out=args.out,
@@ -368,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="run whose final-exit accuracy to keep and MACs to beat (the teacher); "
             "default: the run's own final exit",
         )
+        p.add_argument("--policy", default="entropy", help=f"{POLICY_HELP} (default: entropy)")
+        add_policy_module(p)
         p.add_argument(
-            "--policy",
-            choices=("entropy", "maxprob"),
-            default="entropy",
-            help="exit score: entropy or 1 - max probability",
+            "--normalize",
+            action="store_true",
+            help="score divided by the policy's normalizer (entropy: log K)",
         )
-        p.add_argument("--normalize", action="store_true", help="entropy divided by log K")
         p.add_argument(
             "--max-drop",
             type=float,

@@ -386,18 +386,24 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# The exit policies: erde.evaluation.policy.POLICIES, which implements each one, owns the names;
-# tests/test_policy.py checks this copy (config sits below evaluation and cannot import it).
-_POLICIES = ("entropy", "maxprob")
-
-
 @dataclass
 class EvalConfig:
     policy: str = field(
         default="entropy",
-        metadata=key("exit score: entropy or 1 - max probability", choices=_POLICIES),
+        # Registered names (erde.evaluation.policies) are checked where the registry is in
+        # reach, before any run starts (erde.study.protocol_policy); config sits below it.
+        metadata=key("exit score: a registered exit policy (entropy, maxprob, margin, a plugin's)"),
     )
-    normalize: bool = field(default=False, metadata=key("entropy divided by log(classes)"))
+    module: str | None = field(
+        default=None,
+        metadata=key(
+            "Python module that registers evaluate.policy (a plugin without an entry point)"
+        ),
+    )
+    normalize: bool = field(
+        default=False,
+        metadata=key("score divided by the policy's normalizer (entropy: log(classes))"),
+    )
     max_drop: float = field(
         default=0.0,
         metadata=key(

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from annotated_types import MinLen
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from erde.errors import ErdeError
-from erde.evaluation.policy import POLICIES
+from erde.evaluation.rule import PolicyName
 from erde.files import parse_json, sha256_file, write_text
 from erde.run.formats import VERSION_KEY, Flag, NonNegative, Sha256, Text, check_version, validate
 
@@ -29,7 +29,7 @@ class ExitRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     threshold: NonNegative
-    policy: Literal[POLICIES]
+    policy: PolicyName
     normalize: Flag
     source: Annotated[Text, MinLen(1)]
     weights_sha256: Sha256

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -26,6 +27,7 @@ from torch import nn
 
 from erde.deploy.manifest import MANIFEST, Deployment, Manifest, export_files, is_export
 from erde.deploy.onnx_export import OPSET, check_exporter, check_opset, export_graph, save_graph
+from erde.deploy.plugin_policy import check_scores, traced
 from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment
 from erde.errors import ErdeError
@@ -222,6 +224,7 @@ def _export_graphs(
     """One graph per exit and the static graph."""
     pieces = []
     x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
+    probe = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     n = len(model.segments)
     with torch.no_grad():
         for i, segment in enumerate(model.segments):
@@ -231,10 +234,15 @@ def _export_graphs(
                 else [f"features{i + 1}", f"logits{i + 1}", f"score{i + 1}"]
             )
             piece = exit_piece(model, i, point.policy, point.normalize)
-            pieces.append(
-                export_graph(piece, x, "image" if i == 0 else f"features{i}", outputs, opset)
-            )
-            x = segment(x)
+            name = "image" if i == 0 else f"features{i}"
+            export = partial(export_graph, piece, x, name, outputs, opset)
+            if i == n - 1:  # the last exit always answers: its graph holds no score
+                graph = export()
+            else:
+                graph = traced(point.policy, i, export)
+                check_scores(point.policy, i, graph, piece, probe)
+            pieces.append(graph)
+            x, probe = segment(x), segment(probe)
         static = export_graph(
             static_network(model), torch.zeros(2, channels, size, size), "image", ["logits"], opset
         )

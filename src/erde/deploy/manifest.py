@@ -30,7 +30,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from erde.deploy.onnx_wire import graph_facts
 from erde.errors import ErdeError
-from erde.evaluation.rule import POLICIES
+from erde.evaluation.rule import PolicyName
 from erde.files import parse_json, read_json, sha256_bytes
 from erde.run.formats import (
     VERSION_KEY,
@@ -105,7 +105,7 @@ class ManifestFile(BaseModel):
     static_macs: Any
     precision: Literal[PRECISIONS]
     threshold: NonNegative
-    policy: Literal[POLICIES]
+    policy: PolicyName
     normalize: Flag
     threshold_source: Text
     budget_thresholds: dict[str, NonNegative]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
-from erde.evaluation.policy import POLICIES, check_policy, exit_thresholds
+from erde.evaluation.policies import get_policy
+from erde.evaluation.policy import exit_thresholds
 from erde.run.layout import RunDir
 from erde.run.report import Report, read_current_report
 
@@ -44,6 +45,7 @@ def deployment(
                 f"(normalize={report.normalize}); give a threshold for the policy you asked "
                 f"for (--threshold), or re-run `erde evaluate {run_dir}` with that policy"
             )
+        get_policy(report.policy)  # registered here, or the fix, before any work
         return Deployment(
             report.chosen.threshold,
             report.policy,
@@ -51,10 +53,10 @@ def deployment(
             f"calibrated on val ({report.chosen.criterion}), {path}",
         )
     if policy is None:
-        policy = report.policy if report else POLICIES[0]
+        policy = report.policy if report else "entropy"
     if normalize is None:
         normalize = report.normalize if report and report.policy == policy else False
-    check_policy(policy)
+    get_policy(policy)
     exit_thresholds(float(threshold), 2)  # the checks (non-negative, not NaN) and their message
     return Deployment(float(threshold), policy, bool(normalize), "given")
 

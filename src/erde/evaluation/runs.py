@@ -12,6 +12,7 @@ from erde.evaluation.calibrate import check_budget, resolve_budget
 from erde.evaluation.compare import Comparison, aggregate
 from erde.evaluation.diagnostics import ReferenceLogits
 from erde.evaluation.plots import plot_comparison, plot_run
+from erde.evaluation.policies import get_policy
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import (
     RunSummary,
@@ -177,6 +178,7 @@ def evaluate_run(
     with writer_lock(run_dir):
         macs = ckpt.load_weights(run_dir)[1].exit_macs  # the run's weights are readable, first
         # Every mistake is reported before the model runs to fill a cache.
+        get_policy(policy)
         check_max_drop(max_drop)
         if budget is not None:
             check_budget(resolve_budget(budget, macs[-1]), (macs[0], macs[-1]))
@@ -232,6 +234,7 @@ def compare_runs(
         raise ErdeError(f"--out {out} is a file; give a folder path for the comparison")
     if not run_dirs:
         raise ErdeError("give at least one run folder to compare")
+    get_policy(policy)
     ref = run_reference(reference, device=device) if reference else None
     options = {"policy": policy, "normalize": normalize, "max_drop": max_drop, "budgets": budgets}
     summaries = [_summarize_run(run, ref, False, device, **options) for run in run_dirs]

@@ -61,6 +61,7 @@ from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
 from erde.run.lock import run_lock
 from erde.study.reproduce import (
+    check_policy,
     check_students,
     check_study,
     compare_protocol,
@@ -243,6 +244,7 @@ def tune(
     """Tune every method of `cfg.methods` that has loss keys; see the module doc."""
     out = Path(out)
     methods = _tuned_methods(cfg, trials)
+    check_policy(cfg)
     record = out / "tune.yaml"
     check_study(record, cfg)
     store = open_storage(storage, heartbeat_s) if storage else None  # before writing anything
