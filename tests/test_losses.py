@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from erde.distill.losses import METHODS, LossResult, make_loss, pair_exits
+from erde.config.methods import methods
+from erde.distill.losses import LossResult, make_loss, pair_exits
 from erde.errors import ErdeError
 
+METHODS = methods()  # erde's own: teacher, ce, kd, kd-masked, erde, self-kd
 # 3 samples, 3 classes, 2 exits. Labels 0, 1, 2.
 LABELS = [0, 1, 2]
 STUDENT = [
@@ -80,16 +82,21 @@ def reference(
     comps = {"ce": 0.0, "kl": 0.0, "entropy": 0.0}
     for i in range(n_exits):
         ce = kl = ent = wrong = 0.0
+        last = i == n_exits - 1
+        # self-kd: the earlier exits mix labels and the last exit's softened output; the last
+        # exit learns from the labels alone.
+        ce_scale = 1.0 if method == "self-kd" and last else alpha
         for n, y in enumerate(labels):
             s_row = student[i][n]
             ce += ref_ce(s_row, y)
+            if method == "self-kd" and not last:
+                kl += ref_kl(student[-1][n], s_row, temp)
             if method in ("kd", "kd-masked", "erde"):
                 t_row = teacher[pairing[i]][n]
                 right = 1.0 if t_row.index(max(t_row)) == y else 0.0
                 wrong += 1.0 - right
                 mask = 1.0 if method == "kd" else right
                 kl += mask * ref_kl(t_row, s_row, temp)
-                last = i == n_exits - 1
                 if method == "erde" and not (entropy_exits == "intermediate" and last):
                     ent += (1.0 - right) * ref_entropy(s_row, entropy_term)
         n = len(labels)
@@ -99,7 +106,7 @@ def reference(
             ent / n,
         )
         comps[f"teacher_wrong/{i + 1}"] = wrong / n
-        comps["ce"] += weights[i] * alpha * ce / n
+        comps["ce"] += weights[i] * ce_scale * ce / n
         comps["kl"] += weights[i] * (1 - alpha) * kl / n
         comps["entropy"] += weights[i] * beta * ent / n
     return comps["ce"] + comps["kl"] + comps["entropy"], comps
@@ -444,5 +451,10 @@ def test_property_totals_are_finite_nonnegative_and_consistent(
     elif method != "erde":
         scale["entropy"] = 0.0
     for key, factor in scale.items():
-        per_exit = sum(w * factor * comps[f"{key}/{i}"] for i, w in enumerate(weights, start=1))
+        # self-kd: the last exit learns from the labels alone (weight 1, not alpha).
+        factors = [factor, 1.0 if method == "self-kd" and key == "ce" else factor]
+        per_exit = sum(
+            w * f * comps[f"{key}/{i}"]
+            for i, (w, f) in enumerate(zip(weights, factors, strict=True), start=1)
+        )
         assert comps[key] == pytest.approx(per_exit, rel=1e-9, abs=1e-9)

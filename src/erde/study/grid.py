@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from erde.config.method_keys import applies
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import get_method
 from erde.config.records import Record
 from erde.config.schema import ReproduceConfig, records, stage_config, structured, validate
 from erde.errors import ErdeError
@@ -156,7 +156,7 @@ def expand(cfg: ReproduceConfig) -> list[Variant]:
             name = "-".join([method, *(_label(short[k], v) for k, v in changes)])
             if name not in variants:
                 variant = Variant(method, name, changes, _with(cfg, changes))
-                teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
+                teacher = "teacher" if get_method(method).needs_teacher else None
                 validate(
                     stage_config(variant.config, "student", seed=0, method=method, teacher=teacher),
                     stage="student",
