@@ -34,6 +34,8 @@ def load_entry_points(kind: str) -> None:
     for point in entry_points(group=group):
         try:
             point.load()
+        except ErdeError as exc:
+            raise ErdeError(f"the {kind} plugin {point.name!r} ({point.value}): {exc}") from None
         except Exception as exc:  # the plugin's own bug or missing dependency, whatever it is
             raise ErdeError(
                 f"the {kind} plugin {point.name!r} ({point.value}, entry point group {group}) "
@@ -47,6 +49,8 @@ def import_plugin(module: str, key: str, source: str | None = None) -> None:
     registers; `source`: the run file that names it, where it is not the user's own config."""
     try:
         importlib.import_module(module)
+    except ErdeError as exc:  # what the plugin declares is refused (`register_method`)
+        raise ErdeError(f"{key}={module!r}: {exc}") from None
     except Exception as exc:
         where = f" ({source})" if source else ""
         raise ErdeError(

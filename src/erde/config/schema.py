@@ -704,6 +704,8 @@ def with_method_defaults(d: DistillConfig) -> DistillConfig:
 def _check_records(cfg: Any, table: dict[str, Record], stage: str | None = None) -> None:
     """`check_value` on every key of `table` whose record has a rule, named for `stage`."""
     for dotted, record in table.items():
+        if dotted.startswith("distill.options."):  # a method's own keys: `_check_options`
+            continue
         if record.choices is not None or record.range is not None:
             value = functools.reduce(getattr, dotted.split("."), cfg)
             check_value(stage_key(stage, dotted), value)
