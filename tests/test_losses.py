@@ -169,6 +169,25 @@ def test_hand_computed_values_at_uniform_logits():
     assert result.components["kl/2"].item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_self_kd_distils_the_earlier_exits_from_the_detached_last_exit():
+    """No teacher: exit 1 mixes its labels (alpha) with the last exit's softened output, the
+    last exit learns from its labels alone; the target is detached, so the last exit's gradient
+    is that of its own cross-entropy."""
+    student, labels = tensors(STUDENT, requires_grad=True), torch.tensor(LABELS)
+    loss = make_loss("self-kd", num_exits=2, alpha=0.3, temperature=2.0)
+    assert not loss.needs_teacher
+    result = loss(student, labels)
+    ce = [sum(ref_ce(STUDENT[i][n], y) for n, y in enumerate(LABELS)) / 3 for i in (0, 1)]
+    kl = sum(ref_kl(STUDENT[1][n], STUDENT[0][n], 2.0) for n in range(3)) / 3
+    assert result.total.item() == pytest.approx(0.3 * ce[0] + 0.7 * kl + ce[1], rel=1e-12)
+    assert result.components["kl/1"].item() == pytest.approx(kl, rel=1e-12)
+    assert result.components["kl/2"].item() == 0.0
+    result.total.backward()
+    last = torch.tensor(STUDENT[1], dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.cross_entropy(last, labels).backward()
+    torch.testing.assert_close(student[1].grad, last.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_teacher_mask_follows_pairing():
     default = run("kd-masked")
     # Exit 1 pairs teacher exit 1 (wrong on sample 2), exit 2 teacher exit 2 (wrong on sample 1).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from importlib.metadata import entry_points
 
 from erde.errors import ErdeError
@@ -63,6 +64,8 @@ def check_trusted(module: object, source: str, kind: str = "model") -> None:
     """Refuse a module named by a file (`source`) unless the user allowed it: importing it would
     run whatever code it holds, found anywhere on sys.path (the current folder included)."""
     name = module if isinstance(module, str) else ""
+    if name in sys.modules:  # imported already (the user's own config named it): no new code runs
+        return
     parts = name.split(".")
     prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
     if name and "__main__" not in parts and prefixes & trusted_modules():

@@ -231,6 +231,14 @@ def option_records() -> dict[str, Record]:
     }
 
 
+def option_spec(dotted: str) -> MethodKey | None:
+    """The declaration of a method's own key (`distill.options.NAME`), None for any other key."""
+    prefix, _, name = dotted.rpartition(".")
+    if prefix != "distill.options":
+        return None
+    return next((m.keys[name] for m in methods_table().values() if name in m.keys), None)
+
+
 def methods_table() -> dict[str, Method]:
     """Every registered method: erde's and those of the installed plugins' entry points."""
     plugins.load_entry_points("method")
@@ -314,6 +322,7 @@ __all__ = [
     "load_method_module",
     "methods",
     "option_records",
+    "option_spec",
     "or_list",
     "register_method",
     "student_methods",
