@@ -166,7 +166,8 @@ def test_a_plugin_method_trains_evaluates_compares_and_tunes(tmp_path):
     meta = json.loads((tmp_path / "kd-conf" / "model.json").read_text())
     assert meta["method"] == "kd-conf"
     assert meta["config"]["distill"]["options"] == {"power": 2.0}
-    rows = [json.loads(x) for x in (tmp_path / "kd-conf" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "kd-conf" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
     assert rows[0]["train/own"] > 0  # the plugin's term was trained on
 
     # A fresh process imports the run's module again, only when trusted.
