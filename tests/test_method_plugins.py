@@ -192,10 +192,11 @@ def test_a_plugin_method_trains_evaluates_compares_and_tunes(tmp_path):
     assert not (tmp_path / "cmp2").exists()
 
     # The tuner searches the method's own key beside erde's.
-    done = erde(tmp_path, "tune", "--preset", "quickstart", "teacher.model.name=resnet8",
-                "teacher.train.epochs=1", "student.train.epochs=1", "teacher.train.warmup_epochs=0",
-                "student.train.warmup_epochs=0", "methods=[kd-conf]", f"distill.module={MODULE}",
-                "--trials", "1", "--out", "study", "--no-progress")  # fmt: skip
+    tiny = ["teacher.model.name=resnet8", "teacher.train.epochs=1", "student.train.epochs=1",
+            "teacher.train.warmup_epochs=0", "student.train.warmup_epochs=0",
+            f"distill.module={MODULE}", "--no-progress"]  # fmt: skip
+    done = erde(tmp_path, "tune", "--preset", "quickstart", *tiny, "methods=[kd-conf]",
+                "--trials", "1", "--out", "study")  # fmt: skip
     assert done.returncode == 0, done.stderr
     best = json.loads((tmp_path / "study" / "best.json").read_text())
     assert set(best["kd-conf"]["params"]) == {
@@ -206,3 +207,11 @@ def test_a_plugin_method_trains_evaluates_compares_and_tunes(tmp_path):
     trial = json.loads((tmp_path / "study" / "kd-conf" / "trial-0000" / "model.json").read_text())
     power = trial["config"]["distill"]["options"]["power"]
     assert power == best["kd-conf"]["params"]["distill.options.power"] and 0.5 <= power <= 3
+
+    # The protocol trains and compares it beside erde's methods; the module the command line
+    # names needs no trust to evaluate the runs it trained.
+    done = erde(tmp_path, "reproduce", "--preset", "quickstart", *tiny, "methods=[kd,kd-conf]",
+                "--teacher", "study/teacher", "--out", "proto", trust=None)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    groups = json.loads((tmp_path / "proto" / "comparison.json").read_text())["groups"]
+    assert {g.split(",")[0] for g in groups} >= {"kd (resnet8)", "kd-conf (resnet8)"}

@@ -637,8 +637,14 @@ def load_reproduce_config(
     students = student_methods()
     for method in cfg.methods:
         if method not in students:
-            get_method(method)  # the message for a name nobody registered
-            raise ErdeError(f"methods contains {method!r}; students use {or_list(students)}")
+            plugin = (
+                ""
+                if method in methods()
+                else " (a plugin's: name the module that registers it, distill.module=MODULE)"
+            )
+            raise ErdeError(
+                f"methods contains {method!r}; students use {or_list(students)}{plugin}"
+            )
     if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise ErdeError(
             f"methods={list(cfg.methods)}: list each student method once, at least one of "
