@@ -38,9 +38,6 @@ TERMS: dict[str, str] = {
     "self-kd": "KL of each earlier exit to the student's own detached last exit",
 }
 TEACHER_TERMS = frozenset({"kd", "kd-masked", "entropy"})
-# The tags a key's record names in `term` besides a method's own name: "teacher" for keys of
-# the pairing with a teacher, "kd" for those of any distillation (alpha, temperature).
-TAGS = frozenset({"teacher", "kd", "entropy"})
 
 # The loss's options (docs/method.md, "Losses"); `erde.distill.losses` implements each one.
 PAIRINGS: tuple[str, ...] = ("same", "depth", "final")
