@@ -146,6 +146,18 @@ def test_a_bad_plugin_module_stops_train_with_one_line(tmp_path):
     one_line_error(done, "distill.options.pow", "its keys are power")
 
 
+def test_an_entry_point_method_is_found_without_naming_its_module(tmp_path):
+    site = write_plugin(tmp_path)
+    info = site / "my_methods-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my_methods\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[erde.methods]\nmy_methods = {MODULE}\n")
+    done = erde(tmp_path, "config", "digits-student", "distill.method=kd-conf",
+                "distill.teacher=t", "distill.options.power=3", trust=None)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "power: 3.0  # float, >= 0: kd-conf:" in done.stdout
+
+
 @pytest.mark.slow
 def test_a_plugin_method_trains_evaluates_compares_and_tunes(tmp_path):
     write_plugin(tmp_path)
