@@ -19,7 +19,7 @@ from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, experiment_keys
 from erde.evaluation.policies import policy_names
 from erde.study.grid import check_key, expand
-from erde.study.tune import SEARCH_CHOICES, SEARCH_FLOATS, space
+from erde.study.tune import space
 
 
 def _leaf_fields(schema: type, prefix: str = "") -> list[str]:
@@ -111,7 +111,8 @@ def test_grouping_follows_the_record():
 
 def test_method_keys_follow_the_record():
     assert records()["distill.beta"].methods == ("erde",)
-    assert records()["distill.alpha"].methods == ("kd", "kd-masked", "erde")
+    assert records()["distill.alpha"].methods == ("kd", "kd-masked", "erde", "self-kd")
+    assert records()["distill.pairing"].methods == ("kd", "kd-masked", "erde")
     assert not applies("distill.alpha", "ce")
     assert applies("distill.alpha", "ce", _flipped("distill.alpha", term=None))
     assert applies("student.model.options.width", "ce")  # read off model.options
@@ -120,10 +121,20 @@ def test_method_keys_follow_the_record():
 
 def test_the_tuner_follows_the_record():
     table = records()
-    for name, (low, high, _) in SEARCH_FLOATS.items():
-        assert table[name].range is not None and table[name].range.holds(low), name
-        assert table[name].range.holds(high), name
-    assert all(table[name].choices for name in SEARCH_CHOICES)
+    searched = {k: r.search for k, r in table.items() if r.search is not None}
+    assert set(searched) == {
+        "distill.alpha",
+        "distill.temperature",
+        "distill.beta",
+        "distill.entropy_term",
+        "distill.entropy_exits",
+    }
+    for name, search in searched.items():
+        if search.low is None:  # every allowed value
+            assert table[name].choices, name
+        else:
+            assert table[name].range is not None and table[name].range.holds(search.low), name
+            assert table[name].range.holds(search.high), name
     assert "distill.beta" in space("erde")
     assert "distill.beta" not in space("erde", _flipped("distill.beta", ungridded="fixed"))
     assert space("kd", _flipped("distill.entropy_term", term="kd")) == [

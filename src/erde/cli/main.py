@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from erde.cli.deploy import POLICY_HELP, add_policy_module, import_policy_module
 from erde.cli.numbers import whole_number
-from erde.config.methods import STUDENT_METHODS
+from erde.config.methods import PAPER_METHODS
 from erde.errors import ErdeError
 from erde.logs import log_to_stdout
 
@@ -435,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--versus",
         metavar="METHOD",
-        choices=STUDENT_METHODS,
         help="also say where each group is above, within spread or below this method's group "
         "over the shared MACs range (versus.md), e.g. kd (default: none)",
     )
@@ -485,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "reproduce",
         _reproduce,
-        f"the paper's protocol: teacher, students ({', '.join(STUDENT_METHODS)}), comparison; "
+        f"the paper's protocol: teacher, students ({', '.join(PAPER_METHODS)}), comparison; "
         "every run is evaluated (RUN/eval), ready for `erde export`",
         [
             "erde reproduce --preset cifar10-cpu data.root=/data/cifar10 --out runs/c10 --jobs 2",

@@ -144,7 +144,7 @@ def quantize_graph(proto: onnx.ModelProto, inputs: torch.Tensor) -> onnx.ModelPr
 
 def _splits(run_dir: Path, info: ModelInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The run's val and test images, normalised as in training, and their labels."""
-    split = prepare_data(load_config(str(RunDir(run_dir).config)))
+    split = prepare_data(load_config(str(RunDir(run_dir).config), recorded=True))
     d = info.data
     return {
         name: (normalize_images(x, d.mean, d.std), y)

@@ -61,7 +61,7 @@ def build_cache(run_dir: str | Path, device: str = "auto") -> LogitsCache:
     """One pass of the run's model over its own validation split and the test split."""
     run = RunDir(run_dir)
     model, info = load_model(run)
-    cfg = load_config(str(run.config))
+    cfg = load_config(str(run.config), recorded=True)
     dev = resolve_device(device)
     model.to(dev)
     split = prepare_data(cfg)

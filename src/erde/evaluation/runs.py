@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from erde.config.methods import load_method_module
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import check_budget, resolve_budget
@@ -61,9 +62,12 @@ def _summarize_run(
     device: str,
     **options,
 ) -> RunSummary:
-    """One run's cache (built on first use) summarised; `options` go to `summarize`."""
-    cache = load_cache(run_dir, refresh=refresh, device=device)
+    """One run's cache (built on first use) summarised; `options` go to `summarize`. A plugin
+    method's module is imported first (when trusted): its keys' records say how runs group."""
     info = ckpt.read_info(run_dir)
+    module = info.config.get("distill", {}).get("module")
+    load_method_module(module, str(RunDir(run_dir).sidecar))
+    cache = load_cache(run_dir, refresh=refresh, device=device)
     ref, teacher = reference if reference is not None else (None, None)
     return summarize(cache, info, str(Path(run_dir)), reference=ref, teacher=teacher, **options)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import get_method
 from erde.config.schema import (
     Config,
     ReproduceConfig,
@@ -147,7 +147,7 @@ def _student_runs(
                 "student",
                 seed=seed,
                 method=v.method,
-                teacher=str(teachers[seed]) if METHOD_TABLE[v.method].needs_teacher else None,
+                teacher=str(teachers[seed]) if get_method(v.method).needs_teacher else None,
             ),
             out / f"{v.name}-s{seed}",
         )

@@ -320,6 +320,7 @@ def build_loss(
         exit_weights=d.exit_weights,
         entropy_term=d.entropy_term,
         entropy_exits=d.entropy_exits,
+        options=d.options,
         pairing=pairing,
         num_exits=len(macs),
     )
