@@ -10,9 +10,10 @@ terms and may add its own (`loss=`, a function per exit; `erde.distill.losses.Ex
 with keys under `distill.options.*` that validation, `erde config`, grids and the tuner read from
 their records as they read erde's own.
 
-Plugins come in as models do (`erde.plugins`): an installed package's entry point in the group
-`erde.methods`, or the module a config names in `distill.module`, which the run records, so that
-`evaluate`, `compare` and `reproduce` import it again (a run folder's module only when trusted).
+Plugins come in as models do (`erde.config.plugins`): an installed package's entry point in the
+group `erde.methods`, or the module a config names in `distill.module`, which the run records, so
+that `evaluate`, `compare` and `reproduce` import it again (a run folder's module only when
+trusted).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from erde import plugins
+from erde.config import plugins
 from erde.config.records import Range, Record, Search
 from erde.errors import ErdeError
 
@@ -273,7 +274,7 @@ def teacher_methods() -> tuple[str, ...]:
 
 def load_method_module(module: str | None, source: str | None = None) -> None:
     """Import the plugin module a config names in `distill.module`; `source`: the run file that
-    names it, whose module is imported only when trusted (`erde.plugins`)."""
+    names it, whose module is imported only when trusted (`erde.config.plugins`)."""
     if not module:
         return
     if source is not None:

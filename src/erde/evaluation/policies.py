@@ -18,14 +18,14 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 
 import torch
 
+from erde.config import plugins
 from erde.errors import ErdeError
 from erde.evaluation.rule import check_policy_name
 
-GROUP = "erde.policies"
+GROUP = plugins.GROUPS["policy"]
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -40,7 +40,6 @@ class Policy:
 
 
 _POLICIES: dict[str, Policy] = {}
-_loaded = False
 
 
 def register_policy(
@@ -83,7 +82,9 @@ def _probe(policy: Policy) -> None:
         try:
             scores = policy.score(given)
         except Exception as exc:  # the plugin's own bug, whatever it is
-            raise _refused(policy, f"raised {type(exc).__name__}: {_one_line(exc)}") from None
+            raise _refused(
+                policy, f"raised {type(exc).__name__}: {plugins.one_line(exc)}"
+            ) from None
         if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != given.shape[:-1]:
             shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
             raise _refused(
@@ -109,7 +110,7 @@ def _refused(policy: Policy, problem: str) -> ErdeError:
 def get_policy(name: str) -> Policy:
     """The policy registered under `name`, loading the `erde.policies` entry points if unknown."""
     if name not in _POLICIES:
-        load_entry_points()
+        plugins.load_entry_points("policy")
     policy = _POLICIES.get(name)
     if policy is None:
         raise ErdeError(
@@ -122,7 +123,7 @@ def get_policy(name: str) -> Policy:
 
 def policy_names() -> list[str]:
     """Registered names, the built-ins first: erde's and those of every installed plugin."""
-    load_entry_points()
+    plugins.load_entry_points("policy")
     return list(_POLICIES)
 
 
@@ -137,35 +138,12 @@ def import_policy_module(module: str | None) -> None:
     except Exception as exc:
         raise ErdeError(
             f"the exit policy module {module!r} failed to import ({type(exc).__name__}: "
-            f"{_one_line(exc)}); install the package or put its folder on PYTHONPATH"
+            f"{plugins.one_line(exc)}); install the package or put its folder on PYTHONPATH"
         ) from None
-
-
-def load_entry_points() -> None:
-    """Import every `erde.policies` entry point, once per process."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for point in entry_points(group=GROUP):
-        try:
-            point.load()
-        except ErdeError:
-            raise
-        except Exception as exc:
-            raise ErdeError(
-                f"the exit policy plugin {point.name!r} ({point.value}, entry point group "
-                f"{GROUP}) failed to import ({type(exc).__name__}: {_one_line(exc)}); fix or "
-                "uninstall the package that declares it"
-            ) from None
 
 
 def _where(fn: Callable[..., object]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 # The built-ins, registered the way a plugin registers its own.

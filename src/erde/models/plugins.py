@@ -1,10 +1,10 @@
 """Models registered by the user's own package (`@register_model`): the `erde.models` entry
-point group and `model.module`, through erde's one plugin mechanism (`erde.plugins`)."""
+point group and `model.module`, through erde's one plugin mechanism (`erde.config.plugins`)."""
 
 from __future__ import annotations
 
-from erde import plugins
-from erde.plugins import TRUST_VARIABLE, trusted_modules
+from erde.config import plugins
+from erde.config.plugins import TRUST_VARIABLE, trusted_modules
 
 GROUP = plugins.GROUPS["model"]
 

@@ -36,7 +36,7 @@ def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: b
         if not run.has_run():
             raise ErdeError(f"--resume: {run} holds no erde run to resume; drop --resume")
         saved = load_config(str(run.config), recorded=True)
-        if saved.model.module:  # the run's file names it, not the user: see erde.plugins
+        if saved.model.module:  # the run's file names it, not the user: see erde.config.plugins
             check_trusted(saved.model.module, str(run.config))
         if cfg is not None and to_dict(cfg) != to_dict(saved):
             ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(saved))

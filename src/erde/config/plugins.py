@@ -1,7 +1,9 @@
-"""Plugins: the user's own models and methods, found by every command in every process.
+"""Plugins: the user's own models, methods and exit policies, found by every command in every
+process.
 
-Two ways in, the same for each kind (`erde.models.plugins`, `erde.config.methods`): an installed
-package declares an entry point in the kind's group (`erde.models`, `erde.methods`) whose value
+Two ways in, the same for each kind (`erde.models.plugins`, `erde.config.methods`,
+`erde.evaluation.policies`): an installed package declares an entry point in the kind's group
+(`erde.models`, `erde.methods`, `erde.policies`) whose value
 is the module that registers them, loaded the first time a name is not found; or a config names
 the module (`model.module=my_pkg.models`, `distill.module=my_pkg.methods`), which the run
 records, so `evaluate`, `compare`, `export` and `infer` import it too.
@@ -20,7 +22,7 @@ from importlib.metadata import entry_points
 
 from erde.errors import ErdeError
 
-GROUPS = {"model": "erde.models", "method": "erde.methods"}
+GROUPS = {"model": "erde.models", "method": "erde.methods", "policy": "erde.policies"}
 TRUST_VARIABLE = "ERDE_TRUST_MODULES"
 _OWN = ("erde", "torchvision", "timm")  # erde and the catalogue's libraries
 _loaded: set[str] = set()
