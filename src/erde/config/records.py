@@ -4,7 +4,7 @@ A record holds everything the program knows about a key besides its type and def
 line `erde config` prints, the allowed values or range validation checks, whether two runs that
 differ in it are different experiments (`erde.evaluation.groups`), whether a grid or the tuner may
 vary it (`erde.study.grid`, `erde.study.tune`) and which loss term reads it, hence which methods
-it matters for (`erde.config.methods.Method.reads`). A new key is one field with its record; every
+it matters for (`erde.config.method_keys.applies`). A new key is one field with its record; every
 consumer reads `erde.config.schema.records()`, and none keeps a table of its own.
 """
 
@@ -100,19 +100,6 @@ class Record:
     def gridded(self) -> bool:
         """Whether a grid or the tuner may vary the key."""
         return not self.ungridded
-
-    def applies(self, method: str) -> bool:
-        """Whether changing the key changes what `method` trains."""
-        from erde.config.methods import get_method  # the registry reads records' types
-
-        return self.term is None or get_method(method).reads(self.term)
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """The methods whose runs the key changes."""
-        from erde.config.methods import methods
-
-        return tuple(name for name in methods() if self.applies(name))
 
     def rule(self) -> str:
         """The allowed values as `erde config` prints them, or '' where the type says it all."""
