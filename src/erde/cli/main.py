@@ -546,6 +546,11 @@ def _one_line(exc: Exception) -> str:
             f"{exc.strerror or exc}: {exc.filename}; check that the path exists, that its "
             "folder is writable and that the disk has free space"
         )
+    if isinstance(exc, OSError):  # the system named no path: say what erde can
+        return (
+            f"{exc.strerror or exc}; check that the folders the command writes are writable "
+            "and that the disk has free space"
+        )
     return " ".join(str(exc).split())
 
 

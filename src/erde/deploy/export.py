@@ -15,6 +15,7 @@ Exporter: `torch.onnx.export(dynamo=True)` at opset 18 by default (erde.deploy.o
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
-from erde.files import sha256_file, write_json
+from erde.files import WriteFailed, sha256_file, write_fix, write_json
 from erde.models.load import load_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
@@ -117,9 +118,24 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old / out_dir.name, out_dir)
+            old.rmdir()
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # the new export is in place whatever is left
+
+
+def _write_failed(out_dir: Path, exc: OSError) -> ErdeError:
+    """A full or read-only disk, named by the folder the user gave (not the hidden staging)."""
+    fix = write_fix(out_dir.parent, exc, "choose another --out")
+    return ErdeError(
+        f"could not write the export {out_dir} ({exc.strerror or exc}); nothing half-written "
+        f"is left and an earlier export there is unchanged: {fix}"
+    )
 
 
 def export_run(
@@ -150,14 +166,22 @@ def export_run(
     point = deployment(run.path, threshold, policy, normalize)
     _check_destination(out_dir, run, overwrite)
     graphs = _graphs(run, model, info, point, opset, int8)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its mode 0o700 would hide the export from the user's group.
+        staging = out_dir.parent / f".{out_dir.name}.new.{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
     try:
         manifest = _write_export(staging, run, info, graphs, opset)
         _replace_dir(staging, out_dir)
+    except WriteFailed as exc:
+        raise _write_failed(out_dir, exc.cause) from None
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
