@@ -321,6 +321,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
         "YAML_LIST": "- data\n- model\n",
         "YAML_UNKNOWN_SECTION": "foo: 1\n",
         "YAML_PYTHON_TAG": "train:\n  lr: !!python/object/apply:os.getcwd []\n",
+        "YAML_DEEP": "train:\n  lr: " + "[" * 300 + "]" * 300 + "\n",
+        "YAML_LONG_VALUE": "train:\n  lr: " + "x" * 20000 + "\n",
     }
     for name, text in yaml.items():
         p[name] = root / f"{name.lower()}.yaml"

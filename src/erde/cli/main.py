@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from erde.cli.numbers import whole_number
 from erde.config.methods import STUDENT_METHODS
-from erde.errors import ErdeError
+from erde.errors import ErdeError, one_line
 from erde.logs import log_to_stdout
 
 
@@ -551,7 +551,7 @@ def _one_line(exc: Exception) -> str:
             f"{exc.strerror or exc}; check that the folders the command writes are writable "
             "and that the disk has free space"
         )
-    return " ".join(str(exc).split())
+    return one_line(exc)
 
 
 def command() -> NoReturn:

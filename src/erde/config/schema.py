@@ -43,7 +43,7 @@ from erde.config.methods import (
 )
 from erde.config.preset_names import preset_names
 from erde.config.records import NON_NEGATIVE, POSITIVE, SEED, Range, Record, key, walk_records
-from erde.errors import ErdeError
+from erde.errors import ErdeError, excerpt
 
 
 @dataclass
@@ -480,8 +480,13 @@ def preset_path(name_or_path: str, kind: str = "train") -> Path:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
+    except RecursionError:
+        raise ErdeError(
+            f"config file {path} nests lists or mappings deeper than erde reads; a config is "
+            "sections of keys and values: fix the file"
+        ) from None
     except Exception as exc:  # yaml.YAMLError and friends: the file is the user's
-        reason = " ".join(str(exc).split())
+        reason = excerpt(exc, 300)
         raise ErdeError(f"config file {path} is not valid YAML ({reason}); fix the file") from None
     if not isinstance(loaded, DictConfig):
         raise ErdeError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
@@ -501,8 +506,8 @@ def read_recorded(path: Path, schema: type) -> Any:
 
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
     key = getattr(exc, "full_key", None)
-    subject = f"bad config key {key!r}" if key else "bad config value"
-    reason = str(exc).splitlines()[0]
+    subject = f"bad config key {excerpt(repr(key), 80)}" if key else "bad config value"
+    reason = excerpt(str(exc).splitlines()[0], 200)
     return ErdeError(
         f"{subject} in {where}: {reason}; see `erde config` for every key and its type"
     )
@@ -520,7 +525,8 @@ def _check_resolvers(value: Any, where: str, key: str = "") -> None:
         for name in _RESOLVER_CALL.findall(value):
             if name not in RESOLVERS:
                 raise ErdeError(
-                    f"{key}={value!r} in {where} calls the resolver {name!r}; a config may only "
+                    f"{key}={excerpt(repr(value))} in {where} calls the resolver {name!r}; a "
+                    "config may only "
                     "name other keys (${section.key}) and environment variables "
                     "(${oc.env:NAME}), so write the value itself"
                 )
@@ -533,7 +539,7 @@ def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
     """
     cfg = OmegaConf.structured(schema)
     for where, source in sources:
-        parts = [(f"override {item!r}", [item]) for item in source]
+        parts = [(f"override {excerpt(repr(item), 100)}", [item]) for item in source]
         for what, part in parts if isinstance(source, list) else [(where, source)]:
             try:
                 part = OmegaConf.from_dotlist(part) if isinstance(part, list) else part
@@ -541,6 +547,11 @@ def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
                 cfg = OmegaConf.merge(cfg, part)
             except OmegaConfBaseException as exc:
                 raise _explain(exc, what) from None
+            except RecursionError:
+                raise ErdeError(
+                    f"{what} nests lists or mappings deeper than erde reads; give each key a "
+                    "plain value (see `erde config` for every key and its type)"
+                ) from None
     return cfg
 
 
