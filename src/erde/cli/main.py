@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exits",
         default=None,
-        help='"default", "stages", "every:K" or e.g. "3,6" (default: default)',
+        help='"default", "stages", "every:K" or blocks: "3,6" or "[3, 6]" (default: default)',
     )
 
     p = command(

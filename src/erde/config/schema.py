@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from erde.config.methods import (
@@ -155,7 +155,9 @@ class ModelConfig:
     )
     exits: str = field(
         default="default",
-        metadata=key('"default", "stages", "every:K" or 1-based block indices such as "3,6"'),
+        metadata=key(
+            '"default", "stages", "every:K" or 1-based block indices such as "3,6" or [3, 6]'
+        ),
     )
     # Checked against the builder's signature (model.options.width_mult=0.5).
     options: dict[str, Any] = field(
@@ -532,6 +534,17 @@ def _check_resolvers(value: Any, where: str, key: str = "") -> None:
                 )
 
 
+def _exits_as_text(part: DictConfig) -> None:
+    """`model.exits` is text ("3,6"), and the list [3, 6] that `erde macs --exits`, the
+    messages and the Python API offer says the same: a list there becomes that text."""
+    for section in (part, part.get("teacher"), part.get("student")):
+        model = section.get("model") if isinstance(section, DictConfig) else None
+        node = model._get_node("exits") if isinstance(model, DictConfig) else None
+        if isinstance(node, ListConfig):
+            items = OmegaConf.to_container(node, resolve=False)
+            model.exits = ",".join(map(str, items)) if items else "[]"
+
+
 def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
     """Merge (description, DictConfig | dotlist) sources onto `schema`'s defaults, type-checked.
 
@@ -543,6 +556,7 @@ def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
         for what, part in parts if isinstance(source, list) else [(where, source)]:
             try:
                 part = OmegaConf.from_dotlist(part) if isinstance(part, list) else part
+                _exits_as_text(part)
                 _check_resolvers(OmegaConf.to_container(part, resolve=False), what)
                 cfg = OmegaConf.merge(cfg, part)
             except OmegaConfBaseException as exc:
