@@ -30,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_reliability import damaged_tiff
 
 from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
@@ -289,6 +290,7 @@ def build_workspace(root: Path) -> dict[str, Path]:
     p["PNG_BROKEN"].write_bytes(b"not a png")
     p["TIFF_FLOAT"] = root / "float.tif"
     Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(p["TIFF_FLOAT"])
+    p["TIFF_DAMAGED"] = damaged_tiff(root / "damaged.tif")
 
     npz = {
         "NPZ_FLOAT": {"x": lambda n: np.zeros((n, 8, 8, 1), np.float32)},

@@ -31,8 +31,8 @@ from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
-from erde.files import WriteFailed, sha256_file, write_fix, write_json
-from erde.models.load import load_model
+from erde.files import WriteFailed, write_fix, write_json
+from erde.models.load import load_run_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -160,12 +160,14 @@ def export_run(
     check_opset(opset)
     check_exporter()
     run, out_dir = RunDir(run_dir), Path(out_dir)
-    model, info = load_model(run.path)
+    # One read of the weights: the graphs, the threshold's check and the manifest's digest all
+    # belong to those bytes, whatever a concurrent `erde train` writes meanwhile.
+    model, info, digest = load_run_model(run.path)
     check_finished(run.path, info, "run", "exporting it")
     _check_finite(model, run)
-    point = deployment(run.path, threshold, policy, normalize)
+    point = deployment(run.path, threshold, policy, normalize, weights_sha256=digest)
     _check_destination(out_dir, run, overwrite)
-    graphs = _graphs(run, model, info, point, opset, int8)
+    graphs = _graphs(run, model, info, point, opset, int8, digest)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         # Not mkdtemp: its mode 0o700 would hide the export from the user's group.
@@ -174,7 +176,7 @@ def export_run(
     except OSError as exc:
         raise _write_failed(out_dir, exc) from None
     try:
-        manifest = _write_export(staging, run, info, graphs, opset)
+        manifest = _write_export(staging, run, info, graphs, opset, digest)
         _replace_dir(staging, out_dir)
     except WriteFailed as exc:
         raise _write_failed(out_dir, exc.cause) from None
@@ -202,22 +204,30 @@ class _Graphs:
 
 
 def _graphs(
-    run: RunDir, model: nn.Module, info: ModelInfo, point: Deployment, opset: int, int8: bool
+    run: RunDir,
+    model: nn.Module,
+    info: ModelInfo,
+    point: Deployment,
+    opset: int,
+    int8: bool,
+    digest: str,
 ) -> _Graphs:
     """The fp32 graphs, or with `int8` their quantized forms and the threshold re-chosen on them."""
     pieces, static = _export_graphs(
         model, info.data.in_channels, info.data.input_size, point, opset
     )
-    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path)
+    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path, digest)
     if not int8:
         return _Graphs(pieces, static, point, budgets)
     from erde.deploy.int8 import quantize_export
 
-    q = quantize_export(run.path, info, pieces, static, point)
+    q = quantize_export(run.path, info, pieces, static, point, digest)
     return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.record)
 
 
-def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int) -> dict:
+def _write_export(
+    folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int, digest: str
+) -> dict:
     """Every graph and the manifest that ties them into `folder`; returns the manifest."""
     manifest = Manifest(
         info=info,
@@ -234,7 +244,7 @@ def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, o
         opset=opset,
         exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         source_run=str(run.path.resolve()),
-        weights_sha256=sha256_file(run.weights),
+        weights_sha256=digest,
     )
     write_json(folder / MANIFEST, manifest.to_json())
     return manifest
