@@ -124,3 +124,30 @@ def test_comma_lists():
             parse_comma_list(text, int)
     with pytest.raises(argparse.ArgumentTypeError, match="'a' is not a comma list of numbers"):
         comma_list_type(float)("a")
+
+
+DEEP = "[" * 500 + "]" * 500
+
+
+@pytest.mark.parametrize(
+    "override", [f"train.lr={DEEP}", f"model.options.x={DEEP}", f"data.mean={DEEP}"]
+)
+def test_a_deeply_nested_override_is_one_short_message(override):
+    with pytest.raises(ErdeError, match="nests lists or mappings deeper than erde reads") as err:
+        load_config("digits-student", [override])
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+def test_a_long_value_is_cut_in_its_middle(tmp_path, capsys):
+    from erde.cli.main import main
+
+    value = "x" * 20000
+    with pytest.raises(ErdeError) as err:
+        load_config("digits-student", [f"train.lr={value}"])
+    assert "[20,011 characters in all]" in str(err.value) and len(str(err.value)) < 600
+    assert "could not be converted to Float" in str(err.value)  # the reason survives the cut
+    # Messages made elsewhere are cut by the command line: 20 KB of one word in an unknown name.
+    assert main(["train", "digits-student", f"model.name={value}", "--out", str(tmp_path)]) == 2
+    line = capsys.readouterr().err
+    assert len(line.splitlines()) == 1 and len(line) < 1000, line[:300]
+    assert "[20,003 characters in all]" in line and "choose one of" in line

@@ -18,7 +18,7 @@ from typing import NoReturn
 from erde.cli.deploy import POLICY_HELP, add_policy_module, import_policy_module
 from erde.cli.numbers import whole_number
 from erde.config.methods import PAPER_METHODS
-from erde.errors import ErdeError
+from erde.errors import ErdeError, one_line
 from erde.logs import log_to_stdout
 
 
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exits",
         default=None,
-        help='"default", "stages", "every:K" or e.g. "3,6" (default: default)',
+        help='"default", "stages", "every:K" or blocks: "3,6" or "[3, 6]" (default: default)',
     )
 
     p = command(
@@ -548,7 +548,12 @@ def _one_line(exc: Exception) -> str:
             f"{exc.strerror or exc}: {exc.filename}; check that the path exists, that its "
             "folder is writable and that the disk has free space"
         )
-    return " ".join(str(exc).split())
+    if isinstance(exc, OSError):  # the system named no path: say what erde can
+        return (
+            f"{exc.strerror or exc}; check that the folders the command writes are writable "
+            "and that the disk has free space"
+        )
+    return one_line(exc)
 
 
 def command() -> NoReturn:

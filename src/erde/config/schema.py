@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from erde.config.methods import (
@@ -57,7 +57,7 @@ from erde.config.records import (
     key,
     walk_records,
 )
-from erde.errors import ErdeError
+from erde.errors import ErdeError, excerpt
 
 
 @dataclass
@@ -169,7 +169,9 @@ class ModelConfig:
     )
     exits: str = field(
         default="default",
-        metadata=key('"default", "stages", "every:K" or 1-based block indices such as "3,6"'),
+        metadata=key(
+            '"default", "stages", "every:K" or 1-based block indices such as "3,6" or [3, 6]'
+        ),
     )
     # paper: the paper's head on the 2x2-pooled map; pool: on the globally pooled map (fewer
     # weights and MACs, for edge use; docs/benchmarks.md "Exit heads").
@@ -545,8 +547,13 @@ def preset_path(name_or_path: str, kind: str = "train") -> Path:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
+    except RecursionError:
+        raise ErdeError(
+            f"config file {path} nests lists or mappings deeper than erde reads; a config is "
+            "sections of keys and values: fix the file"
+        ) from None
     except Exception as exc:  # yaml.YAMLError and friends: the file is the user's
-        reason = " ".join(str(exc).split())
+        reason = excerpt(exc, 300)
         raise ErdeError(f"config file {path} is not valid YAML ({reason}); fix the file") from None
     if not isinstance(loaded, DictConfig):
         raise ErdeError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
@@ -566,8 +573,8 @@ def read_recorded(path: Path, schema: type) -> Any:
 
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
     key = getattr(exc, "full_key", None)
-    subject = f"bad config key {key!r}" if key else "bad config value"
-    reason = str(exc).splitlines()[0]
+    subject = f"bad config key {excerpt(repr(key), 80)}" if key else "bad config value"
+    reason = excerpt(str(exc).splitlines()[0], 200)
     return ErdeError(
         f"{subject} in {where}: {reason}; see `erde config` for every key and its type"
     )
@@ -585,10 +592,22 @@ def _check_resolvers(value: Any, where: str, key: str = "") -> None:
         for name in _RESOLVER_CALL.findall(value):
             if name not in RESOLVERS:
                 raise ErdeError(
-                    f"{key}={value!r} in {where} calls the resolver {name!r}; a config may only "
+                    f"{key}={excerpt(repr(value))} in {where} calls the resolver {name!r}; a "
+                    "config may only "
                     "name other keys (${section.key}) and environment variables "
                     "(${oc.env:NAME}), so write the value itself"
                 )
+
+
+def _exits_as_text(part: DictConfig) -> None:
+    """`model.exits` is text ("3,6"), and the list [3, 6] that `erde macs --exits`, the
+    messages and the Python API offer says the same: a list there becomes that text."""
+    for section in (part, part.get("teacher"), part.get("student")):
+        model = section.get("model") if isinstance(section, DictConfig) else None
+        node = model._get_node("exits") if isinstance(model, DictConfig) else None
+        if isinstance(node, ListConfig):
+            items = OmegaConf.to_container(node, resolve=False)
+            model.exits = ",".join(map(str, items)) if items else "[]"
 
 
 def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
@@ -598,14 +617,20 @@ def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
     """
     cfg = OmegaConf.structured(schema)
     for where, source in sources:
-        parts = [(f"override {item!r}", [item]) for item in source]
+        parts = [(f"override {excerpt(repr(item), 100)}", [item]) for item in source]
         for what, part in parts if isinstance(source, list) else [(where, source)]:
             try:
                 part = OmegaConf.from_dotlist(part) if isinstance(part, list) else part
+                _exits_as_text(part)
                 _check_resolvers(OmegaConf.to_container(part, resolve=False), what)
                 cfg = OmegaConf.merge(cfg, part)
             except OmegaConfBaseException as exc:
                 raise _explain(exc, what) from None
+            except RecursionError:
+                raise ErdeError(
+                    f"{what} nests lists or mappings deeper than erde reads; give each key a "
+                    "plain value (see `erde config` for every key and its type)"
+                ) from None
     return cfg
 
 

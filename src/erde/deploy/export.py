@@ -15,6 +15,7 @@ Exporter: `torch.onnx.export(dynamo=True)` at opset 18 by default (erde.deploy.o
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,8 +33,8 @@ from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
-from erde.files import sha256_file, write_json
-from erde.models.load import load_model
+from erde.files import WriteFailed, write_fix, write_json
+from erde.models.load import load_run_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -119,9 +120,24 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old / out_dir.name, out_dir)
+            old.rmdir()
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # the new export is in place whatever is left
+
+
+def _write_failed(out_dir: Path, exc: OSError) -> ErdeError:
+    """A full or read-only disk, named by the folder the user gave (not the hidden staging)."""
+    fix = write_fix(out_dir.parent, exc, "choose another --out")
+    return ErdeError(
+        f"could not write the export {out_dir} ({exc.strerror or exc}); nothing half-written "
+        f"is left and an earlier export there is unchanged: {fix}"
+    )
 
 
 def export_run(
@@ -146,20 +162,30 @@ def export_run(
     check_opset(opset)
     check_exporter()
     run, out_dir = RunDir(run_dir), Path(out_dir)
-    model, info = load_model(run.path)
+    # One read of the weights: the graphs, the threshold's check and the manifest's digest all
+    # belong to those bytes, whatever a concurrent `erde train` writes meanwhile.
+    model, info, digest = load_run_model(run.path)
     check_finished(run.path, info, "run", "exporting it")
     _check_finite(model, run)
-    point = deployment(run.path, threshold, policy, normalize)
+    point = deployment(run.path, threshold, policy, normalize, weights_sha256=digest)
     _check_destination(out_dir, run, overwrite)
-    graphs = _graphs(run, model, info, point, opset, int8)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
+    graphs = _graphs(run, model, info, point, opset, int8, digest)
     try:
-        manifest = _write_export(staging, run, info, graphs, opset)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its mode 0o700 would hide the export from the user's group.
+        staging = out_dir.parent / f".{out_dir.name}.new.{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
+    try:
+        manifest = _write_export(staging, run, info, graphs, opset, digest)
         _replace_dir(staging, out_dir)
+    except WriteFailed as exc:
+        raise _write_failed(out_dir, exc.cause) from None
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -180,22 +206,30 @@ class _Graphs:
 
 
 def _graphs(
-    run: RunDir, model: nn.Module, info: ModelInfo, point: Deployment, opset: int, int8: bool
+    run: RunDir,
+    model: nn.Module,
+    info: ModelInfo,
+    point: Deployment,
+    opset: int,
+    int8: bool,
+    digest: str,
 ) -> _Graphs:
     """The fp32 graphs, or with `int8` their quantized forms and the threshold re-chosen on them."""
     pieces, static = _export_graphs(
         model, info.data.in_channels, info.data.input_size, point, opset
     )
-    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path)
+    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path, digest)
     if not int8:
         return _Graphs(pieces, static, point, budgets)
     from erde.deploy.int8 import quantize_export
 
-    q = quantize_export(run.path, info, pieces, static, point)
+    q = quantize_export(run.path, info, pieces, static, point, digest)
     return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.record)
 
 
-def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int) -> dict:
+def _write_export(
+    folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int, digest: str
+) -> dict:
     """Every graph and the manifest that ties them into `folder`; returns the manifest."""
     manifest = Manifest(
         info=info,
@@ -212,7 +246,7 @@ def _write_export(folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, o
         opset=opset,
         exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         source_run=str(run.path.resolve()),
-        weights_sha256=sha256_file(run.weights),
+        weights_sha256=digest,
     )
     write_json(folder / MANIFEST, manifest.to_json())
     return manifest

@@ -171,6 +171,7 @@ def quantize_export(
     pieces: list[onnx.ModelProto],
     static: onnx.ModelProto,
     point: Deployment,
+    weights_sha256: str | None = None,
 ) -> Quantized:
     """Every graph as int8, and the deployment re-chosen on the int8 pieces' val outputs (a
     given threshold is kept: the user chose it)."""
@@ -190,7 +191,7 @@ def quantize_export(
     int8 = [ort_piece(ort_session(p.SerializeToString())) for p in q_pieces]
     logits = {name: exit_logits(int8, x) for name, (x, _) in data.items()}
     cache = LogitsCache(logits, {k: y for k, (_, y) in data.items()}, list(info.exit_macs), "")
-    report = read_current_report(run_dir)
+    report = read_current_report(run_dir, weights_sha256)
     max_drop, budget = _criterion(report)
     summary = summarize(
         cache,

@@ -13,8 +13,8 @@ from erde.run.layout import RunDir
 from erde.run.report import Report, read_current_report
 
 
-def _report(run_dir: str | Path) -> tuple[Report | None, Path]:
-    return read_current_report(run_dir), RunDir(run_dir).eval.report_json
+def _report(run_dir: str | Path, weights_sha256: str | None) -> tuple[Report | None, Path]:
+    return read_current_report(run_dir, weights_sha256), RunDir(run_dir).eval.report_json
 
 
 def deployment(
@@ -22,14 +22,16 @@ def deployment(
     threshold: float | None = None,
     policy: str | None = None,
     normalize: bool | None = None,
+    weights_sha256: str | None = None,
 ) -> Deployment:
     """Threshold, policy and normalize flag a deployment of `run_dir` uses, and where they came
     from: the val-calibrated "chosen" point of `erde evaluate` unless a threshold is given.
 
     A calibrated threshold only means something for the policy it was calibrated with, so asking
-    for another policy without a threshold is refused.
+    for another policy without a threshold is refused; `weights_sha256` is the digest of the
+    weights the caller loaded, which the calibration must have been computed from.
     """
-    report, path = _report(run_dir)
+    report, path = _report(run_dir, weights_sha256)
     if threshold is None:
         if report is None:
             raise ErdeError(
@@ -65,10 +67,10 @@ def has_calibration(run_dir: str | Path) -> bool:
     return RunDir(run_dir).eval.report_json.is_file()
 
 
-def budget_thresholds(run_dir: str | Path) -> dict[str, float]:
+def budget_thresholds(run_dir: str | Path, weights_sha256: str | None = None) -> dict[str, float]:
     """The val-calibrated MACs-budget thresholds of `erde evaluate` (fraction -> threshold), when
     it ran."""
-    report, _ = _report(run_dir)
+    report, _ = _report(run_dir, weights_sha256)
     if report is None:
         return {}
     return {k: p.threshold for k, p in report.at_budget_fraction.items() if p is not None}

@@ -258,17 +258,18 @@ def read_report(path: str | Path) -> Report:
     return Report.from_json(read_json(Path(path), "evaluation report"), path)
 
 
-def read_current_report(run_dir: str | Path) -> Report | None:
+def read_current_report(run_dir: str | Path, weights_sha256: str | None = None) -> Report | None:
     """RUN/eval/report.json (None if there is none), refused unless it was computed from the
     weights the run holds now: a resumed or retrained run, or a report written there for
     another run (`erde evaluate A --out B/eval`), would deploy a threshold chosen for other
-    weights."""
+    weights. `weights_sha256`: the digest of the weights the caller loaded (default: of the
+    file as it is now), so the threshold is checked against the weights it ships with."""
     run = RunDir(run_dir)
     path = run.eval.report_json
     if not path.is_file():
         return None
     report = read_report(path)
-    if report.weights_sha256 != sha256_file(run.weights):
+    if report.weights_sha256 != (weights_sha256 or sha256_file(run.weights)):
         why = (
             "does not say which weights it was computed from (an older erde wrote it)"
             if report.weights_sha256 is None

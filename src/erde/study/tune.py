@@ -206,7 +206,7 @@ def _claim_study_key(out: Path, legacy: bool) -> None:
     name = out.resolve().name
     key = f"erde-tune:{name}" if legacy else f"erde-tune:{name}:{uuid.uuid4().hex[:16]}"
     draft = out / f".{STUDY_KEY}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    draft.write_text(key + "\n")
+    write_text(draft, key + "\n")  # atomic: a full disk is one message, not half a key
     try:
         os.link(draft, path)
     except FileExistsError:

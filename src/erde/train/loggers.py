@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from erde.errors import ErdeError
-from erde.files import write_text
+from erde.files import write_failed, write_text
 from erde.run.metrics import metrics_line
 
 log = logging.getLogger("erde.train.engine")
@@ -41,12 +41,15 @@ class MetricsFile:
 
     def log(self, row: dict) -> None:
         line = metrics_line(row).encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # on resume, `keep` drops a half line a full disk left
+            raise write_failed(self.path, exc) from exc
 
     def close(self) -> None:
         pass

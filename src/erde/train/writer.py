@@ -7,15 +7,17 @@ the config and `train.log`, and hands each epoch to its `Checkpointer` and logge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from torch import nn
 
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
-from erde.files import temporaries, write_text
+from erde.files import temporaries, write_failed, write_text
 from erde.models.plugins import check_trusted
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -28,6 +30,20 @@ from erde.train.loggers import (
     log,
     tensorboard_class,
 )
+
+
+class RunLog(logging.FileHandler):
+    """`train.log`: a line the disk refuses stops the run with erde's one-line message, where
+    logging would print a traceback on stderr for every line and train on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            stream, self.stream = self.stream, None  # its buffer would fail again on close
+            with contextlib.suppress(OSError):
+                stream.close()
+            raise write_failed(Path(self.baseFilename), exc) from exc
+        super().handleError(record)
 
 
 def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: bool) -> Config:
@@ -127,7 +143,7 @@ class RunWriter:
                 tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RunWriter:
-        self._handler = logging.FileHandler(self.run.log)
+        self._handler = RunLog(self.run.log)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(self._handler)
         log.setLevel(logging.INFO)
