@@ -23,7 +23,7 @@ from erde.data.image_data import ImageData
 from erde.data.image_files import ImageFiles, image_files
 from erde.data.image_folder import folder_samples
 from erde.data.sources import load_source
-from erde.data.split import stratified_split
+from erde.data.split import config_size, stratified_split
 from erde.data.stream import StreamBatches, default_workers
 from erde.device import resolve_device
 from erde.distributed import World
@@ -82,23 +82,25 @@ class Split:
 def prepare_data(cfg: Config) -> Split:
     d = cfg.data
     data = load_data(cfg)
-    val_size = int(d.val_size) if d.val_size >= 1 else float(d.val_size)
-    train_idx, val_idx = stratified_split(data.train_y, val_size, cfg.train.seed)
+    train_idx, val_idx = stratified_split(
+        data.train_y, config_size(d.val_size), cfg.train.seed, key="data.val_size"
+    )
     return Split(data, train_idx, val_idx)
 
 
 def load_data(cfg: Config) -> ImageData | ImageFiles:
     """The source decoded into memory, or an image folder listed for streaming."""
     d = cfg.data
+    test_size = None if d.test_size is None else config_size(d.test_size)
     if d.source == "imagefolder" and d.root and d.stream != "never":
-        classes, splits = folder_samples(os.path.expanduser(d.root))
+        classes, splits = folder_samples(os.path.expanduser(d.root), test_size)
         if d.stream == "always" or _over_budget(cfg, splits):
             workers = default_workers() if d.workers is None else d.workers
             log.info("streaming the images from their files with %d worker(s)", workers)
             return image_files(
                 classes, splits, size=d.image_size, mean=d.mean, std=d.std, workers=workers
             )
-    data = load_source(d.source, d.root, download=d.download, verify=d.verify)
+    data = load_source(d.source, d.root, download=d.download, verify=d.verify, test_size=test_size)
     if d.mean is None or d.std is None:
         return data
     if len(d.mean) != data.in_channels:
