@@ -483,6 +483,28 @@ def test_a_1600_image_folder_trains_on_the_defaults(tmp_path):
     assert (len(split.train_idx), len(split.val_idx)) == (1152, 128)
 
 
+def test_train_size_trains_on_a_seeded_stratified_part_and_keeps_validation(tmp_path):
+    write_flat_folder(tmp_path)  # 20 / 40 / 60; test 0.25 leaves 15 / 30 / 45
+    sizes = ["data.test_size=0.25", "data.val_size=0.2"]  # then 12 / 24 / 36 to train on
+    whole = prepare_data(flat_cfg(tmp_path, *sizes))
+    for size in ("0.25", "18"):  # a quarter of each class: 3 / 6 / 9
+        part = prepare_data(flat_cfg(tmp_path, *sizes, f"data.train_size={size}"))
+        assert torch.bincount(part.data.train_y[part.train_idx]).tolist() == [3, 6, 9]
+        assert set(part.train_idx.tolist()) < set(whole.train_idx.tolist())
+        assert torch.equal(part.val_idx, whole.val_idx)  # validation and test stay whole
+        assert torch.equal(part.data.test_y, whole.data.test_y)
+    again = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=18"))
+    other = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=18", "train.seed=1"))
+    assert torch.equal(again.train_idx, part.train_idx)
+    assert not torch.equal(other.train_idx, part.train_idx)
+    everything = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=72"))
+    assert torch.equal(everything.train_idx, whole.train_idx)
+    with pytest.raises(ErdeError, match=r"data.train_size=73 asks for more than the 72 images"):
+        prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=73"))
+    with pytest.raises(ErdeError, match=r"data.train_size=0.001 of 72 images holds none"):
+        prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=0.001"))
+
+
 def test_hold_out_sizes_refused_with_the_key_and_the_fraction_form(tmp_path):
     write_flat_folder(tmp_path, {"a": 6, "b": 1})
     with pytest.raises(

@@ -79,6 +79,15 @@ class DataConfig:
             range=NON_NEGATIVE,
         ),
     )
+    train_size: float | None = field(
+        default=None,
+        metadata=key(
+            "training images used, for a quick run on part of the data: a stratified subset "
+            "(seeded by train.seed) of those left after validation, a count or a fraction (< 1) "
+            "(null: all)",
+            range=POSITIVE,
+        ),
+    )
     test_size: float | None = field(
         default=None,
         metadata=key(

@@ -23,7 +23,7 @@ from erde.data.image_data import ImageData
 from erde.data.image_files import ImageFiles, image_files
 from erde.data.image_folder import folder_samples
 from erde.data.sources import load_source
-from erde.data.split import config_size, stratified_split
+from erde.data.split import config_size, stratified_split, stratified_subset
 from erde.data.stream import StreamBatches, default_workers
 from erde.device import resolve_device
 from erde.distributed import World
@@ -85,6 +85,12 @@ def prepare_data(cfg: Config) -> Split:
     train_idx, val_idx = stratified_split(
         data.train_y, config_size(d.val_size), cfg.train.seed, key="data.val_size"
     )
+    if d.train_size is not None:  # a quick run on part of the data; validation stays whole
+        size = config_size(d.train_size)
+        train_idx = train_idx[
+            stratified_subset(data.train_y[train_idx], size, cfg.train.seed, key="data.train_size")
+        ]
+        log.info("data.train_size=%g: training on %d images", d.train_size, len(train_idx))
     return Split(data, train_idx, val_idx)
 
 

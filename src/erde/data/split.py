@@ -69,3 +69,19 @@ def stratified_split(
     rank = torch.arange(n) - starts[cls]
     in_val = rank < take[cls]
     return grouped[~in_val].sort().values, grouped[in_val].sort().values
+
+
+def stratified_subset(
+    y: torch.Tensor, size: int | float, seed: int, *, key: str = "train_size"
+) -> torch.Tensor:
+    """Sorted indices of a seeded, stratified `size` of `y` (a count, or a fraction below 1)."""
+    n = len(torch.as_tensor(y).reshape(-1))
+    count = _val_count(size, n, key)
+    if count > n:
+        raise ErdeError(
+            f"{key}={size:g} asks for more than the {n} images there are; give at most {n}, "
+            f"or a fraction of them (e.g. {key}=0.1)"
+        )
+    if count == 0:
+        raise ErdeError(f"{key}={size:g} of {n} images holds none; raise it")
+    return torch.arange(n) if count == n else stratified_split(y, count, seed, key=key)[1]
