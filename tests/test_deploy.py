@@ -24,6 +24,7 @@ from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
+from erde.deploy.early_exit_model import EarlyExitModel
 from erde.deploy.images import load_image, normalize_images
 from erde.deploy.latency import benchmark, render_benchmark
 from erde.deploy.manifest import Deployment
@@ -75,6 +76,18 @@ def exported(run, tmp_path_factory):
         warnings.simplefilter("error")  # the supported exporter, nothing to silence
         manifest = export_run(run, out, threshold=1.5)
     return out, manifest
+
+
+def test_from_pretrained_on_an_export_points_at_the_runtime(run, exported):
+    with pytest.raises(
+        ErdeError, match=r"is an `erde export` folder .*EarlyExitRuntime\.from_export"
+    ):
+        EarlyExitModel.from_pretrained(exported[0])
+    # what the message points at loads it
+    assert (
+        EarlyExitRuntime.from_export(exported[0]).classes
+        == EarlyExitModel.from_pretrained(run).info.data.classes
+    )
 
 
 def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
