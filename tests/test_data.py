@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 
 from erde.data import SOURCES, DeviceBatches, load_source, stratified_split
 from erde.data.pixels import Normalize, Renormalize, decode_image, normalize_images
-from erde.data.prepare import prepare_data
+from erde.data.prepare import check_split, prepare_data
 from erde.errors import ErdeError
 
 # ---------------------------------------------------------------- official formats, hand-written
@@ -503,6 +503,9 @@ def test_train_size_trains_on_a_seeded_stratified_part_and_keeps_validation(tmp_
         prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=73"))
     with pytest.raises(ErdeError, match=r"data.train_size=0.001 of 72 images holds none"):
         prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=0.001"))
+    big_batch = flat_cfg(tmp_path, *sizes, "data.train_size=18", "train.batch_size=19")
+    with pytest.raises(ErdeError, match=r"images left after data.val_size=0.2 and data.train_si"):
+        check_split(big_batch, again)
 
 
 def test_hold_out_sizes_refused_with_the_key_and_the_fraction_form(tmp_path):

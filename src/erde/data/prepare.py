@@ -145,9 +145,11 @@ def check_split(cfg: Config, split: Split) -> None:
             "data.val_size (a count >= 1, or a fraction that holds at least one image)"
         )
     if t.batch_size > n_train:
+        subset = "" if d.train_size is None else f" and data.train_size={d.train_size:g}"
         raise ErdeError(
             f"train.batch_size={t.batch_size} is larger than the {n_train} training images left "
-            f"after data.val_size={d.val_size:g}; set train.batch_size to at most {n_train}"
+            f"after data.val_size={d.val_size:g}{subset}; set train.batch_size to at most "
+            f"{n_train}"
         )
     size = min(split.data.input_size)
     if d.augment and not split.streamed and d.crop_padding >= size:
