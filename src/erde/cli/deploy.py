@@ -301,7 +301,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference",
         metavar="TEACHER_RUN",
-        help="also time this run, statically (default: no teacher row)",
+        help="also time this run (the teacher), statically (default: no reference row)",
     )
     p.add_argument(
         "--thresholds",

@@ -84,12 +84,30 @@ class DataConfig:
     verify: bool = field(
         default=True, metadata=key("check the official archives' checksums", experiment=False)
     )
-    # Validation images held out of the training split: a count (>= 1) or a fraction (< 1).
+    # Held-out images: a count (>= 1) or a fraction (< 1), as scikit-learn's train_test_split.
     val_size: float = field(
-        default=5000,
+        default=0.1,
         metadata=key(
-            "images held out of training for validation: a count or a fraction (< 1)",
+            "images held out of training for validation (seeded by train.seed, stratified): "
+            "a count or a fraction (< 1)",
             range=NON_NEGATIVE,
+        ),
+    )
+    train_size: float | None = field(
+        default=None,
+        metadata=key(
+            "training images used, for a quick run on part of the data: a stratified subset "
+            "(seeded by train.seed) of those left after validation, a count or a fraction (< 1) "
+            "(null: all)",
+            range=POSITIVE,
+        ),
+    )
+    test_size: float | None = field(
+        default=None,
+        metadata=key(
+            "images of a root/<class>/ image folder held out for testing (stratified, the same "
+            "for every seed): a count or a fraction (< 1) (null: 0.2)",
+            range=POSITIVE,
         ),
     )
     augment: bool = field(
@@ -827,6 +845,12 @@ def _validate_data(d: DataConfig) -> None:
         raise ErdeError(
             f"data.mean={d.mean} has {len(d.mean)} values; images have 1 (grey) or 3 (colour) "
             "channels"
+        )
+    if d.test_size is not None and d.source != "imagefolder":
+        raise ErdeError(
+            f"data.test_size={d.test_size:g} holds test images out of an image folder "
+            f"(data.source=imagefolder); {d.source} comes with its own test split: drop "
+            "data.test_size"
         )
     if d.stream == "always" and d.source != "imagefolder":
         raise ErdeError(
