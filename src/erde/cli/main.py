@@ -392,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", default="entropy", help=f"{POLICY_HELP} (default: entropy)")
         add_policy_module(p)
         p.add_argument(
+            "--normalize-score",
             "--normalize",
+            dest="normalize",
             action="store_true",
-            help="score divided by the policy's normalizer (entropy: log K)",
+            help="exit score divided by the policy's normalizer (entropy: log K), so thresholds "
+            "lie in [0, 1]; the score, not the pixels",
         )
         p.add_argument(
             "--max-drop",
