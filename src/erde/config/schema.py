@@ -146,7 +146,9 @@ class DataConfig:
     image_size: int | None = field(
         default=None,
         metadata=key(
-            "streamed input size, RandomResizedCrop target (null: the first image's shorter side)",
+            "input size: in memory every image resized once (shorter side, centre crop); "
+            "streamed, the RandomResizedCrop target (null: as they are; streamed: the first "
+            "image's shorter side)",
             range=POSITIVE,
         ),
     )
@@ -857,19 +859,11 @@ def _validate_data(d: DataConfig) -> None:
             f"data.stream=always streams image folders (data.source=imagefolder); {d.source} is "
             "read whole into memory: use data.stream=auto"
         )
-    streamed_only = [
-        f"{key}={value:g}"
-        for key, value, default in (
-            ("data.image_size", d.image_size, None),
-            ("data.eval_crop", d.eval_crop, 1.0),
-        )
-        if value != default
-    ]
-    if streamed_only and d.stream != "always":
+    if d.eval_crop != 1.0 and d.stream != "always":
         raise ErdeError(
-            f"{' and '.join(streamed_only)} resize streamed images, but data.stream={d.stream} "
-            "may decode the folder into memory, where images keep their size; set "
-            "data.stream=always, or drop them"
+            f"data.eval_crop={d.eval_crop:g} crops streamed images at evaluation, but "
+            f"data.stream={d.stream} may decode the images into memory, where they are resized "
+            "once (data.image_size) and not cropped again; set data.stream=always, or drop it"
         )
 
 

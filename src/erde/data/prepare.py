@@ -19,7 +19,7 @@ import torch
 from erde.config.schema import Config
 from erde.data.batches import DeviceBatches
 from erde.data.budget import budget_bytes, decoded_bytes
-from erde.data.image_data import ImageData
+from erde.data.image_data import ImageData, resized
 from erde.data.image_files import ImageFiles, image_files
 from erde.data.image_folder import folder_samples
 from erde.data.sources import load_source
@@ -107,6 +107,12 @@ def load_data(cfg: Config) -> ImageData | ImageFiles:
                 classes, splits, size=d.image_size, mean=d.mean, std=d.std, workers=workers
             )
     data = load_source(d.source, d.root, download=d.download, verify=d.verify, test_size=test_size)
+    if d.image_size is not None and data.input_size != (d.image_size, d.image_size):
+        log.info(
+            "resizing the %s images from %dx%d to %d", data.name, *data.input_size, d.image_size
+        )
+        _check_resized_size(cfg, data, d.image_size)
+        data = resized(data, d.image_size)
     if d.mean is None or d.std is None:
         return data
     if len(d.mean) != data.in_channels:
@@ -115,6 +121,20 @@ def load_data(cfg: Config) -> ImageData | ImageFiles:
             f"{data.in_channels} channel(s); give one value per channel"
         )
     return replace(data, mean=tuple(d.mean), std=tuple(d.std))
+
+
+def _check_resized_size(cfg: Config, data: ImageData, size: int) -> None:
+    """Resized images stay in memory (on the training device): refuse what would not fit."""
+    count = len(data.train_x) + len(data.test_x)
+    need = count * size * size * data.in_channels
+    have = budget_bytes(cfg.data.device_budget_gb, resolve_device(cfg.train.device))
+    if need > have:
+        raise ErdeError(
+            f"data.image_size={size}: the {count} {data.name} images would take "
+            f"{need / 1e9:.3g} GB resized, above the budget of {have / 1e9:.3g} GB "
+            "(data.device_budget_gb); choose a smaller data.image_size, or stream an image "
+            "folder from its files (data.stream=always)"
+        )
 
 
 def _over_budget(cfg: Config, splits: dict[str, list[tuple[str, int]]]) -> bool:
