@@ -44,6 +44,7 @@ def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_and_no_p
     again = json.loads((tmp_path / "model.json").read_text())
     assert again.pop("format_version") == 2
     assert again.pop("precision") is None  # not recorded before: grouped by the setting
+    assert again.pop("weights") is None  # nor the pretrained weights a run started from
     assert again == raw
     assert ModelInfo.read(tmp_path / "model.json") == info
 
