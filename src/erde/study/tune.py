@@ -236,7 +236,7 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 @contextmanager
-def optuna_warnings_only() -> Iterator[None]:
+def _optuna_warnings_only() -> Iterator[None]:
     """Optuna's logging at WARNING, as it was afterwards: its INFO lines ("[I ...] Trial 0
     finished with value: 0.7348215463919817") would interleave with erde's own."""
     before = optuna.logging.get_verbosity()
@@ -247,7 +247,7 @@ def optuna_warnings_only() -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-@optuna_warnings_only()
+@_optuna_warnings_only()
 def tune(
     cfg: ReproduceConfig,
     out: str | Path,
