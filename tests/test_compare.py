@@ -132,6 +132,43 @@ def test_runs_that_differ_in_a_loss_option_are_separate_groups():
     assert [len(g) for g in groups.values()] == [2, 1, 1, 2]
 
 
+def test_labels_give_4_significant_digits_more_only_where_groups_would_merge():
+    """An Optuna-drawn beta (16 digits) reads as the summary lines print it; two values equal
+    to 4 digits keep the digits that tell them apart (as before: 6)."""
+    groups = aggregate([summary("erde", 0, ["distill.beta=0.07659264193281234"])], 0.0).groups
+    runs = [summary("erde", 0), summary("erde", 0, ["distill.beta=0.07659264193281234"])]
+    assert list(aggregate(runs, 0.0).groups) == [
+        f"erde (resnet8), distill.beta={BETA:g}",
+        "erde (resnet8), distill.beta=0.07659",
+    ]
+    close = [summary("erde", 0, [f"distill.beta={b}"]) for b in ("0.123456", "0.123457")]
+    assert list(aggregate(close, 0.0).groups) == [
+        "erde (resnet8), distill.beta=0.123456",
+        "erde (resnet8), distill.beta=0.123457",
+    ]
+    assert list(groups) == ["erde (resnet8)"]  # one run: nothing differs, nothing named
+
+
+def test_named_keys_label_every_group_that_has_them_even_when_equal():
+    """`erde tune`'s final comparison: beta and the entropy options are equal among erde's
+    seeds, yet name its group; kd's group lacks them (not kd's keys), the teacher's too."""
+    beta = "distill.beta=0.1234567"
+    runs = [summary("teacher", 0), summary("erde", 0, [beta]), summary("erde", 1, [beta])]
+    runs += [summary("kd", 0), summary("kd", 1)]
+    named = ["distill.alpha", "distill.beta", "distill.entropy_term"]
+    comparison = aggregate(runs, 0.0, named=named)
+    alpha = load_config("digits-student").distill.alpha
+    assert {label: len(g) for label, g in comparison.groups.items()} == {
+        "teacher (resnet8)": 1,
+        f"erde (resnet8), distill.alpha={alpha:.4g}, distill.beta=0.1235, "
+        "distill.entropy_term=uniform-ce": 2,
+        f"kd (resnet8), distill.alpha={alpha:.4g}": 2,
+    }
+    assert "distill.alpha, distill.beta, distill.entropy_term where a run has them" in (
+        render_comparison(comparison)
+    )
+
+
 def test_keys_that_never_make_another_experiment_do_not_split_groups():
     runs = [
         summary("kd", 0, ["train.eval_batch_size=7", "data.root=/a", "train.device=cpu"]),

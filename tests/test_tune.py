@@ -4,6 +4,7 @@ a killed worker, and storages that cannot be opened."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,8 +17,9 @@ from test_faults import as_ordinary_user
 
 import erde.study.tune
 from erde.cli.main import main
-from erde.config.schema import EvalConfig, load_config, load_reproduce_config
+from erde.config.schema import EvalConfig, load_config, load_reproduce_config, to_yaml
 from erde.evaluation.cache import LogitsCache, load_cache, save_cache
+from erde.files import write_text
 from erde.logs import log_to_stdout
 from erde.run.layout import RunDir
 from erde.study.tune import open_storage, space, study_name, trial_config, tune, val_auc
@@ -122,6 +124,10 @@ def test_a_two_trial_study_end_to_end(tmp_path, capsys):
         assert trials == ["trial-0000", "trial-0001"]
     groups = json.loads((out / "final" / "comparison.json").read_text())["groups"]
     assert len(groups) == 3  # the teacher and the tuned kd and erde
+    for method in ("kd", "erde"):  # seed 0 is every trial's: the best trial's run, not retrained
+        trial = out / method / best[method]["run"]
+        assert (out / "final" / f"{method}-s0").resolve() == trial.resolve()
+        assert not (out / "final" / f"{method}-s1").is_symlink()
     for method in ("kd", "erde"):
         for seed in (0, 1, 2):
             meta = json.loads((out / "final" / f"{method}-s{seed}" / "model.json").read_text())
@@ -131,6 +137,57 @@ def test_a_two_trial_study_end_to_end(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}
     assert main([*argv, "--trials", "2", "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")} == stamps
+
+
+def setting(params: dict) -> str:
+    """A setting as erde's summary lines print it: floats to 4 significant digits."""
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+@pytest.mark.slow
+def test_tune_prints_in_erdes_units_and_keeps_the_best_trial_as_its_seeds_final_run(tmp_path):
+    """As a user sees it (a separate process: Optuna's handler writes to the stderr it found):
+    one erde line per trial and no Optuna `[I ...]` line, the final group labelled with erde's
+    tuned beta and entropy options to 4 digits, and final seed 0 (the trials' seed) trained once."""
+    out = tmp_path / "study"
+    argv = ["tune", "--preset", "quickstart", *TINY, "methods=[erde]", "--trials", "1"]
+    argv += ["--final-seeds", "0", "--no-progress", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "erde", *argv], capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    storage = open_storage(f"sqlite:///{out / 'study.db'}")
+    (trial,) = optuna.load_study(study_name=study_name(out, "erde"), storage=storage).trials
+    assert set(trial.params) == set(space("erde"))
+    want = setting(trial.params)
+    assert "distill.beta=" in want and "distill.entropy_term=" in want
+    assert "[I " not in printed and "Trial 0 finished" not in printed
+    line = f"erde: trial 1 of 1 (trial-0000) finished, val AUC {100 * trial.value:.2f} % ({want})"
+    assert line in printed
+    assert f"erde: best validation AUC {100 * trial.value:.2f} % ({want})" in printed
+    assert not re.search(r"\d\.\d{7,}", printed)  # no float printed to Optuna's 16 digits
+    groups = json.loads((out / "final" / "comparison.json").read_text())["groups"]
+    assert set(groups) == {"teacher (resnet8)", f"erde (resnet8), {want}"}
+    assert f"| erde (resnet8), {want} | 1 |" in printed  # the comparison.md it prints
+    assert printed.count("start erde resnet8") == 1  # the trial; final seed 0 is that run
+    assert (out / "final" / "erde-s0").resolve() == (out / "erde" / "trial-0000").resolve()
+
+
+def test_a_final_run_is_linked_to_a_trial_only_of_the_same_config(tmp_path):
+    cfg = load_reproduce_config("quickstart", ["methods=[kd]"])
+    change = {"distill.alpha": 0.25}
+    config = trial_config(cfg, "kd", change, tmp_path / "teacher", 0)
+    same, other = tmp_path / "kd" / "trial-0000", tmp_path / "kd" / "trial-0001"
+    write_text(RunDir(same).config, to_yaml(config))
+    write_text(RunDir(other).config, to_yaml(trial_config(cfg, "kd", change, tmp_path, 0)))
+    for trial in (same, other):
+        erde.study.tune._link_trial(tmp_path / "final" / trial.name, trial, config)
+    assert (tmp_path / "final" / same.name).resolve() == same.resolve()
+    assert not (tmp_path / "final" / other.name).exists()  # another teacher: trained instead
 
 
 @pytest.mark.slow

@@ -212,12 +212,12 @@ def _tune(args: argparse.Namespace) -> None:
         final_seeds=args.final_seeds or (),
         progress=not args.no_progress,
     )
+    from erde.evaluation.groups import settings_text
+
     for b in result.best.values():
-        params = ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in b.params.items()
-        )
+        setting = settings_text(b.params)
         print(
-            f"{b.method}: best validation AUC {100 * b.val_auc:.2f} % ({params}) after "
+            f"{b.method}: best validation AUC {100 * b.val_auc:.2f} % ({setting}) after "
             f"{b.finished_trials} trials, run {Path(args.out) / b.method / b.run}"
         )
     if result.comparison is not None:

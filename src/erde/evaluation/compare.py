@@ -31,6 +31,7 @@ class Comparison:
     policy: str
     max_drop_points: float
     groups: dict[str, list[RunSummary]]
+    named: tuple[str, ...] = ()  # keys every label names, differing or not (`aggregate`)
 
     def to_json(self) -> dict[str, Any]:
         """What `comparison.json` holds: the reference and every run's report, by group."""
@@ -49,12 +50,17 @@ class Comparison:
         }
 
 
-def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
+def aggregate(
+    summaries: Sequence[RunSummary], max_drop: float, named: Sequence[str] = ()
+) -> Comparison:
     """Group the runs' summaries (at least one) by method, model and every experiment key that
     differs among them, in the order given; two runs of one seed in a group are an error.
+    `named`: keys every label names where its runs have them, differing or not (`erde tune`'s
+    tuned keys), first.
 
     Teachers and students are compared among their own kind: a teacher's longer schedule is not
-    a difference between students, and does not name every row.
+    a difference between students, and does not name every row. Labels give floats 4
+    significant digits, more only where two groups would otherwise read the same.
     """
     keys = [experiment_keys(s.config, s.report.method) for s in summaries]
     role = [_is_student(s.report.method) for s in summaries]
@@ -62,14 +68,19 @@ def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
         r: differing_keys([k for k, kr in zip(keys, role, strict=True) if kr == r])
         for r in set(role)
     }
-    groups: dict[str, list[RunSummary]] = {}
+    shown = {r: [*named, *(k for k in d if k not in named)] for r, d in differing.items()}
+    exact: dict[str, list[RunSummary]] = {}
+    short: dict[str, str] = {}
     for s, k, r in zip(summaries, keys, role, strict=True):
-        label = group_label(s.report.method, s.report.model, k, differing[r])
-        groups.setdefault(label, []).append(s)
-    for label, runs in groups.items():
+        label = group_label(s.report.method, s.report.model, k, shown[r])
+        exact.setdefault(label, []).append(s)
+        short.setdefault(label, group_label(s.report.method, s.report.model, k, shown[r], 4))
+    for label, runs in exact.items():
         check_seeds(label, [(s.report.run, s.report.seed, s.config) for s in runs])
+    distinct = len(set(short.values())) == len(short)
+    groups = {short[label] if distinct else label: runs for label, runs in exact.items()}
     first = summaries[0].report
-    return Comparison(first.reference, first.policy, max_drop, groups)
+    return Comparison(first.reference, first.policy, max_drop, groups, tuple(named))
 
 
 def _is_student(method: str) -> bool:

@@ -6,8 +6,10 @@ that defines an experiment; only their seeds may differ. Each key's record, besi
 method and model name (already in the label), where data, teacher and caches live, and speed or
 bookkeeping options that leave the trained model the same up to float rounding do not. A key
 that differs anywhere among the compared runs names the group (`erde (resnet8),
-distill.beta=0.3`), so an ablation grid is never averaged into one row. Two runs of one seed in
-one group are refused: averaging them would count one seed twice.
+distill.beta=0.3`), so an ablation grid is never averaged into one row; a caller may name more
+keys (`erde tune`: the tuned ones, equal among one method's seeds). Labels give floats 4
+significant digits, as erde's summary lines do. Two runs of one seed in one group are refused:
+averaging them would count one seed twice.
 """
 
 from __future__ import annotations
@@ -55,17 +57,24 @@ def experiment_keys(
     }
 
 
-def _text(value: Any) -> str:
-    """A value as a `key=value` override would spell it."""
+def _text(value: Any, digits: int = 6) -> str:
+    """A value as a `key=value` override would spell it, floats with `digits` significant
+    digits."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.{digits}g}"
     if isinstance(value, tuple):
-        return "[" + ",".join(_text(v) for v in value) + "]"
+        return "[" + ",".join(_text(v, digits) for v in value) + "]"
     return str(value)
+
+
+def settings_text(settings: dict[str, Any], digits: int = 4) -> str:
+    """`key=value, ...` with floats to `digits` significant digits: how labels, summary lines
+    and `erde tune`'s trial lines print a setting."""
+    return ", ".join(f"{k}={_text(v, digits)}" for k, v in settings.items())
 
 
 def differing_keys(keys: Sequence[dict[str, Any]]) -> list[str]:
@@ -81,10 +90,13 @@ def differing_keys(keys: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k, seen in values.items() if len(seen) > 1]
 
 
-def group_label(method: str, model: str, keys: dict[str, Any], differing: Sequence[str]) -> str:
-    """`method (model)` plus `key=value` for every differing key this run has."""
-    settings = [f"{k}={_text(keys[k])}" for k in differing if k in keys]
-    return ", ".join([f"{method} ({model})", *settings])
+def group_label(
+    method: str, model: str, keys: dict[str, Any], named: Sequence[str], digits: int = 6
+) -> str:
+    """`method (model)` plus `key=value` for every named key (differing ones) this run has,
+    floats to `digits` significant digits."""
+    settings = settings_text({k: keys[k] for k in named if k in keys}, digits)
+    return ", ".join([f"{method} ({model})", *([settings] if settings else [])])
 
 
 def check_seeds(

@@ -379,9 +379,10 @@ def _comparison_legend(
     c: Comparison, n_exits: int, budgets: list[str], dropped: list[str], own: bool
 ) -> list[str]:
     drop = f"{c.max_drop_points:g} pt"
+    named = f"the keys {', '.join(c.named)} where a run has them, and " if c.named else "and "
     lines = [
-        "- **group**: method (model), and the config keys that differ among the compared runs "
-        "(teachers and students each among their own kind).",
+        f"- **group**: method (model), {named}the config keys that differ among the compared "
+        "runs (teachers and students each among their own kind).",
         "- **seeds**: the runs the row holds, one per seed; with more than one, every number is "
         "mean ± sample std over them.",
         "- **test accuracy per exit (%)**: each exit on its own (every image leaves there), "

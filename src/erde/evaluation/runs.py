@@ -227,13 +227,15 @@ def compare_runs(
     budgets: Sequence[float] = (0.25, 0.5),
     device: str = "auto",
     evaluate_each: Sequence[str | Path] = (),
+    named: Sequence[str] = (),
 ) -> Comparison:
     """Runs grouped by method, model and the config keys that differ (seeds averaged, mean ±
     std) on one table and one plot; two runs of one seed in a group are refused.
 
     The runs in `evaluate_each` also get their own report in RUN/eval (`reproduce` passes the
     runs it trained), so each can go to `erde export` as it is; one whose RUN/eval holds a
-    threshold chosen by another criterion keeps it, with a warning (`_write_study_evaluation`)."""
+    threshold chosen by another criterion keeps it, with a warning (`_write_study_evaluation`).
+    `named`: keys every group label names, differing or not (`aggregate`)."""
     if Path(out).exists() and not Path(out).is_dir():
         raise ErdeError(f"--out {out} is a file; give a folder path for the comparison")
     if not run_dirs:
@@ -247,7 +249,7 @@ def compare_runs(
         if Path(run) in own:
             with writer_lock(run):
                 _write_study_evaluation(run, summary)
-    comparison = aggregate(summaries, max_drop)
+    comparison = aggregate(summaries, max_drop, named)
     files = ComparisonDir(out)
     plot_comparison(files.comparison_png, comparison)
     write_text(files.comparison_md, render_comparison(comparison))

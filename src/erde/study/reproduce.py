@@ -177,8 +177,10 @@ def compare_protocol(
     *,
     reference: Path,
     evaluate_each: Sequence[Path] = (),
+    named: Sequence[str] = (),
 ) -> Comparison:
-    """The comparison of a protocol's runs, with the evaluation settings of its config."""
+    """The comparison of a protocol's runs, with the evaluation settings of its config;
+    `named`: keys every group label names (`erde.evaluation.compare.aggregate`)."""
     e = cfg.evaluate
     return compare_runs(
         runs,
@@ -190,6 +192,7 @@ def compare_protocol(
         budgets=e.budgets,
         device=cfg.teacher.train.device,
         evaluate_each=evaluate_each,
+        named=named,
     )
 
 

@@ -15,13 +15,18 @@ median of earlier trials at the same epoch.
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study-key`
 (what names its Optuna studies, unique to the folder), `study.db` (the default storage),
 `teacher/`, one ordinary run folder per trial (`METHOD/trial-NNNN`), `best.json`, and `final/`
-(the best settings x seeds and their comparison). Any Optuna storage URL serves workers on
+(the best settings x seeds and their comparison, labelled with each method's tuned setting; the
+final run of the study's own seed is a link to the best trial's run folder, which has the same
+config, not a second training). Any Optuna storage URL serves workers on
 several machines sharing the folder: start the same command on each.
 
 Interruptions: a trial stopped by Ctrl-C is queued again with its parameters and resumes its run
 folder on the next start. A worker killed outright (SIGKILL, preemption) leaves its trial RUNNING;
 its heartbeat stops, and the next trial any worker starts after the grace period marks it failed
 and queues it again the same way.
+
+Output: Optuna's own INFO lines are silenced while `tune` runs; erde logs one line per finished
+trial instead (as Optuna does, but in erde's units: AUC in %, settings to 4 significant digits).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,8 +52,10 @@ from erde.config.schema import (
     Config,
     EvalConfig,
     ReproduceConfig,
+    read_recorded,
     records,
     stage_config,
+    to_dict,
     to_yaml,
 )
 from erde.data.prepare import data_info, prepare_data
@@ -56,9 +63,11 @@ from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.compare import Comparison
+from erde.evaluation.groups import settings_text
 from erde.evaluation.metrics import auc
 from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
+from erde.run.layout import RunDir
 from erde.run.lock import run_lock
 from erde.study.reproduce import (
     check_policy,
@@ -226,6 +235,19 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     _requeue(study, trial.number, trial.params, trial.user_attrs.get(RUN))
 
 
+@contextmanager
+def _optuna_warnings_only() -> Iterator[None]:
+    """Optuna's logging at WARNING, as it was afterwards: its INFO lines ("[I ...] Trial 0
+    finished with value: 0.7348215463919817") would interleave with erde's own."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+@_optuna_warnings_only()
 def tune(
     cfg: ReproduceConfig,
     out: str | Path,
@@ -324,7 +346,32 @@ def _optimize(
         log.info("%s: %d of %d trials finished, %d running", method, finished, trials, running)
         if finished + running >= trials:
             return
-        study.optimize(objective, n_trials=1, gc_after_trial=False)
+        study.optimize(
+            objective, n_trials=1, gc_after_trial=False, callbacks=[_say_finished(method, trials)]
+        )
+
+
+def _say_finished(method: str, trials: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """Optuna's callback after each trial: erde's line for a finished (complete or pruned) one,
+    counted among the study's finished trials."""
+
+    def say(study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state not in FINISHED:
+            return
+        k = len(study.get_trials(deepcopy=False, states=FINISHED))
+        head = f"{method}: trial {k} of {trials} ({trial.user_attrs.get(RUN)})"
+        setting = settings_text(trial.params)
+        if trial.state == TrialState.PRUNED:
+            log.info("%s pruned at epoch %s (%s)", head, trial.last_step, setting)
+            return
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        top = max(complete, key=lambda t: t.value)
+        log.info(
+            "%s finished, val AUC %.2f %% (%s); best %.2f %% (%s)",
+            head, 100 * trial.value, setting, 100 * top.value, top.user_attrs.get(RUN),
+        )  # fmt: skip
+
+    return say
 
 
 def _suggest(trial: Trial, key: str) -> Any:
@@ -392,17 +439,39 @@ def _final(
     seeds: Sequence[int],
     progress: bool,
 ) -> Comparison:
-    """Each method's best setting with every seed, compared on test against the teacher."""
+    """Each method's best setting with every seed, compared on test against the teacher and
+    labelled with its tuned keys; the study's seed is the best trial's own run."""
     final = out / "final"
-    runs = [
-        (trial_config(cfg, m, b.params, teacher_run, seed), final / f"{m}-s{seed}")
-        for m, b in best.items()
-        for seed in seeds
-    ]
+    runs = []
+    for m, b in best.items():
+        for seed in seeds:
+            config, run = trial_config(cfg, m, b.params, teacher_run, seed), final / f"{m}-s{seed}"
+            if seed == cfg.student.train.seed:  # the seed every trial was trained with
+                _link_trial(run, out / m / b.run, config)
+            runs.append((config, run))
     train_students(runs, jobs=1, progress=progress)
+    tuned = [k for k in records() if any(k in space(m) for m in best)]  # records' order
     return compare_protocol(
-        cfg, [teacher_run, *(run for _, run in runs)], final, reference=teacher_run
+        cfg, [teacher_run, *(run for _, run in runs)], final, reference=teacher_run, named=tuned
     )
+
+
+def _link_trial(run: Path, trial: Path, config: Config) -> None:
+    """`run` as a link to the finished `trial` run that was trained with `config` (the same
+    setting and seed): training it again would repeat that run. Left alone when it exists
+    (trained or linked earlier) or the trial's recorded config differs."""
+    if run.exists() or run.is_symlink():
+        return
+    recorded = to_dict(read_recorded(RunDir(trial).config, Config))
+    if recorded != to_dict(config):
+        log.info("%s: %s was trained with another config, so it is trained", run, trial)
+        return
+    run.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run.symlink_to(os.path.relpath(trial, run.parent), target_is_directory=True)
+    except FileExistsError:  # another worker linked it first
+        return
+    log.info("%s: the best trial's run %s (same config and seed), linked", run, trial)
 
 
 __all__ = [
