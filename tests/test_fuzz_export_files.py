@@ -41,7 +41,8 @@ from erde.train.engine import fit
 GRAPHS = ("exit1.onnx", "exit2.onnx", "exit3.onnx", "single.onnx", "static.onnx")
 # Two digits: the runtime's own choice, one single.onnx call each, or one batch split by pieces.
 FORMS = ("auto", "single", "split")
-DECLARED = ("threshold", "classes", "mean", "std")
+# Where the manifest declares them: (block, key), or a top-level key.
+DECLARED = (("exits", "threshold"), ("classes",), ("preprocess", "mean"), ("preprocess", "std"))
 
 
 @dataclasses.dataclass
@@ -85,6 +86,12 @@ def clean(digits, tmp_path_factory) -> dict[str, Clean]:
     return exports
 
 
+def declared(manifest: dict, where: tuple[str, ...]) -> object:
+    for key in where:
+        manifest = manifest[key]
+    return manifest
+
+
 def options(form: str) -> list[str]:
     return ["--threads", "1", "--form", form]
 
@@ -100,12 +107,13 @@ def resign(folder: Path, name: str) -> None:
 
 def under_declarations(clean: Clean, manifest: dict) -> EarlyExitRuntime:
     """The clean graphs under the threshold, class names and normalisation `manifest` declares."""
-    runtime = clean.runtime.with_threshold(float(manifest["threshold"]))  # a copy, same sessions
+    pre = manifest["preprocess"]
+    runtime = clean.runtime.with_threshold(float(manifest["exits"]["threshold"]))  # same sessions
     data = dataclasses.replace(
         runtime.info.data,
         classes=manifest["classes"],
-        mean=[float(v) for v in manifest["mean"]],
-        std=[float(v) for v in manifest["std"]],
+        mean=[float(v) for v in pre["mean"]],
+        std=[float(v) for v in pre["std"]],
     )
     runtime.info = dataclasses.replace(runtime.info, data=data)
     return runtime
@@ -194,9 +202,9 @@ def test_damaged_export_files_are_reported_or_harmless(
     if how == "resign":  # the graph the manifest vouches for answers: what it answers, by hand
         assert [(r.class_name, r.exit) for r in rows] == by_hand(folder, paths, form, source)
         return
-    manifest = json.loads(path.read_bytes()) if name == "manifest.json" else {}
     before = json.loads((source.folder / "manifest.json").read_text())
-    if any(json.dumps(manifest.get(k, before[k])) != json.dumps(before[k]) for k in DECLARED):
+    manifest = json.loads(path.read_bytes()) if name == "manifest.json" else before
+    if any(json.dumps(declared(manifest, k)) != json.dumps(declared(before, k)) for k in DECLARED):
         assert rows == under_declarations(source, manifest).classify_files(paths, form=form)
     else:
         assert rows == source.rows[form]

@@ -35,15 +35,12 @@ import numpy as np
 from erde.data.decode import check_channels, normalize_array
 from erde.deploy.arrays import model_input
 from erde.deploy.images import read_image
-from erde.deploy.manifest import Deployment, read_graph, read_manifest
+from erde.deploy.manifest import EXIT, LOGITS, THRESHOLDS, Deployment, read_graph, read_manifest
 from erde.device import cores
 from erde.errors import ErdeError
 from erde.evaluation.rule import check_policy, threshold_array
 from erde.run.model_info import ModelInfo
 
-# The names `erde.deploy.single` gives the single-call graph's tensors (that module builds the
-# graph with `onnx`, which a runtime-only install lacks); tests/test_export_single.py checks them.
-THRESHOLDS, LOGITS, EXIT = "thresholds", "logits", "exit"
 # A piece maps its input to (features for the next piece, logits, exit score), float32 numpy
 # arrays; the last piece gives (None, logits, None).
 Piece = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray | None]]
@@ -392,7 +389,9 @@ class EarlyExitRuntime:
         good: list[tuple[int, np.ndarray]] = []
         for i, path in enumerate(paths):
             try:
-                pixels, rows[i].warning = read_image(path, self.in_channels, self.input_size)
+                pixels, rows[i].warning = read_image(
+                    path, self.in_channels, self.input_size, self.info.data.eval_crop
+                )
             except ErdeError as exc:
                 rows[i].error = str(exc)
             else:
