@@ -46,11 +46,6 @@ def choose_threshold(manifest: Manifest, budget: float) -> dict:
     MACs, else MACs per image); ErdeError for a budget the model cannot spend or an export
     without a curve."""
     macs = manifest.info.exit_macs
-    if manifest.val_curve is None:
-        raise ErdeError(
-            "this export holds no val curve (its run had no `erde evaluate`, or a format-3 "
-            "export); evaluate the run and export it again"
-        )
     if not budget > 0 or math.isinf(budget):
         raise ErdeError(
             f"a MACs budget must be a positive number; got {budget}. Use a fraction of the "
@@ -66,6 +61,11 @@ def choose_threshold(manifest: Manifest, budget: float) -> dict:
         raise ErdeError(
             f"a MACs budget of {per_image:.6g} per image is above the full model's {macs[-1]} "
             "MACs; give at most that (or a fraction <= 1)"
+        )
+    if manifest.val_curve is None:
+        raise ErdeError(
+            "this export holds no val curve (its run had no `erde evaluate`, or a format-3 "
+            "export); evaluate the run and export it again"
         )
     within = [p for p in manifest.val_curve["points"] if p["expected_macs"] <= per_image]
     if not within:
