@@ -419,7 +419,14 @@ def damaged_exports(root: Path, export: Path) -> dict[str, Path]:
     def preprocess(**changes) -> dict:
         return {**manifest, "preprocess": {**pre, **changes}}
 
+    failing = onnx.load(str(export / "exit2.onnx"))  # loads, then fails in the Conv kernel
+    next(a for n in failing.graph.node if n.op_type == "Conv" for a in n.attribute
+         if a.name == "group").i = 0  # fmt: skip
+    failing_blob = failing.SerializeToString()
+    pieces_failing = [*manifest["pieces"]]
+    pieces_failing[1] = {**pieces_failing[1], "sha256": hashlib.sha256(failing_blob).hexdigest()}
     edits = {
+        "EXPORT_FAILING_GRAPH": {**manifest, "pieces": pieces_failing},
         "EXPORT_TINY_STD": preprocess(std=[1e-300]),
         "EXPORT_TWO_MEANS": preprocess(mean=pre["mean"] * 2),
         "EXPORT_COLOUR_SPEC": preprocess(channels="RGB"),
@@ -435,6 +442,7 @@ def damaged_exports(root: Path, export: Path) -> dict[str, Path]:
         d[name] = copy_run(export, root / name.lower())
         (d[name] / "manifest.json").write_text(json.dumps(edited))
     (d["EXPORT_BROKEN_GRAPH"] / "exit2.onnx").write_bytes(blob)
+    (d["EXPORT_FAILING_GRAPH"] / "exit2.onnx").write_bytes(failing_blob)
     return d
 
 

@@ -126,19 +126,45 @@ def ort_session(model: bytes | str, threads: int | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def export_session(export_dir: Path, entry: dict, threads: int | None = None):
+def export_session(export_dir: Path, entry: dict, threads: int | None = None) -> _ExportSession:
     """A session of one graph of an export, checked against its manifest entry first. A graph
-    can match an edited checksum and still be damaged: ONNX Runtime's refusal is then a message."""
+    can match an edited checksum and still be damaged: ONNX Runtime's refusal, when loading it
+    or when running it, is then a message."""
     blob = read_graph(export_dir, entry)
+    path = Path(export_dir) / entry["file"]
     try:  # ONNX Runtime prints its fallback attempt on stdout, where the results go
         with contextlib.redirect_stdout(io.StringIO()):
-            return ort_session(blob, threads)
+            return _ExportSession(ort_session(blob, threads), path)
     except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
-        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
         raise ErdeError(
-            f"{Path(export_dir) / entry['file']} is a graph ONNX Runtime cannot load "
-            f"({type(exc).__name__}: {reason}); re-create the folder with `erde export`"
+            f"{path} is a graph ONNX Runtime cannot load ({_reason(exc)}); re-create the folder "
+            "with `erde export`"
         ) from None
+
+
+def _reason(exc: Exception) -> str:
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text}"
+
+
+class _ExportSession:
+    """An export's ONNX Runtime session whose run-time failures (a damaged graph that loads,
+    then fails in a kernel) are one line naming the file."""
+
+    def __init__(self, session, path: Path) -> None:
+        self.session, self.path = session, path
+        self.get_inputs, self.get_outputs = session.get_inputs, session.get_outputs
+
+    def run(self, outputs, feeds):
+        try:
+            return self.session.run(outputs, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise ErdeError(
+                f"{self.path} fails when ONNX Runtime runs it ({_reason(exc)}); re-create the "
+                "folder with `erde export`"
+            ) from None
 
 
 class EarlyExitRuntime:
