@@ -37,6 +37,7 @@ _UNDECODED = re.compile("[\udc80-\udcff]")  # os.fsdecode's stand-ins for bytes 
 
 def export_command(args: argparse.Namespace) -> None:
     from erde.deploy.export import export_run
+    from erde.deploy.manifest import DEPLOY_MD, MANIFEST
     from erde.deploy.onnx_export import OPSET
 
     m = export_run(
@@ -53,7 +54,8 @@ def export_command(args: argparse.Namespace) -> None:
     print(
         f"exported {m.info.name} ({m.precision}, ONNX opset {m.opset}) from {args.run} to "
         f"{args.out}: {files} (one per exit), {m.single['file']} (one call per image) and "
-        f"{m.static['file']} (no early exit)"
+        f"{m.static['file']} (no early exit); {DEPLOY_MD} and {MANIFEST} say how to feed and "
+        "run them"
     )
     if m.quantization is not None:
         accuracy = m.quantization["per_exit_accuracy"]["val"]
@@ -286,8 +288,9 @@ def _add_infer(command: Callable) -> None:
     choice.add_argument(
         "--budget",
         type=float,
-        help="MACs per image (<= 1: a fraction of the full model's): the threshold the export's "
-        "val curve gives the highest val accuracy within it",
+        help="MACs per image (<= 1: a fraction of the full model's): use the threshold of the "
+        "export's val curve with the highest val accuracy within it (default: the export's own "
+        "threshold)",
     )
     p.add_argument(
         "--threads",
