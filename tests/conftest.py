@@ -5,6 +5,7 @@ import torch
 
 # Parallel test workers share two cores: one thread each keeps them from fighting.
 if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # also what `fit` and the commands tests start take
     torch.set_num_threads(1)
 
 SHARED_CIFAR10 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10")

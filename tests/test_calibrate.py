@@ -63,7 +63,7 @@ VAL = hand_curve(
 def test_budget_picks_best_accuracy_within_budget():
     chosen = calibrate_for_budget(VAL, 24.0)
     assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.6, 0.80, 20.0)
-    assert "val" in chosen.criterion and "24" in chosen.criterion
+    assert "val" in chosen.criterion and "<= 2.4e-05 M per image" in chosen.criterion
     # 0.90 is reached at 32 and at 30 MACs: the cheaper one wins
     chosen = calibrate_for_budget(VAL, 35.0)
     assert (chosen.threshold, chosen.val_expected_macs) == (0.3, 30.0)
@@ -73,7 +73,7 @@ def test_budget_picks_best_accuracy_within_budget():
 
 @pytest.mark.parametrize("budget", [9.0, 41.0, math.nan])
 def test_budget_outside_model_range(budget):
-    with pytest.raises(ErdeError, match=r"\[10, 40\] MACs"):
+    with pytest.raises(ErdeError, match=r"1e-05 M to 4e-05 M MACs"):
         calibrate_for_budget(VAL, budget)
 
 
@@ -222,7 +222,7 @@ def test_a_budget_between_the_middle_and_last_exit_is_in_range():
     the most accurate point within it."""
     chosen = calibrate_for_budget(sweep(known_logits(), LABELS, EXIT_MACS, GRID), 30.0)
     assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.5, 7 / 8, 17.5)
-    assert chosen.criterion == "highest val accuracy with val expected MACs <= 30 per image"
+    assert chosen.criterion == "highest val accuracy with val expected MACs <= 3e-05 M per image"
 
 
 def test_a_budget_no_swept_point_meets_is_named():
@@ -230,7 +230,7 @@ def test_a_budget_no_swept_point_meets_is_named():
     with pytest.raises(ErdeError) as err:
         calibrate_for_budget(full_only, 15.0)
     assert str(err.value) == (
-        "no validation threshold spends at most 15 MACs per image; "
+        "no validation threshold spends at most 1.5e-05 M MACs per image; "
         "sweep with larger thresholds (the default grid includes one)."
     )
 
@@ -240,7 +240,7 @@ def test_equal_macs_prefer_the_more_accurate_point():
     val = hand_curve([0.0, 0.1, 0.2], [40, 20, 20], [0.9, 0.8, 0.85])
     chosen = calibrate_for_accuracy(val, 0.7)
     assert (chosen.threshold, chosen.val_accuracy) == (0.2, 0.85)
-    assert chosen.criterion == "fewest val expected MACs with val accuracy >= 0.7000"
+    assert chosen.criterion == "fewest val expected MACs with val accuracy >= 70.00 %"
     assert chosen.reached is True
 
 
@@ -253,7 +253,8 @@ def test_an_unreachable_target_on_three_exits_falls_back_with_its_reason():
     assert (chosen.threshold, chosen.val_accuracy, chosen.val_expected_macs) == (0.0, 7 / 8, 40.0)
     assert chosen.reached is False
     assert chosen.criterion == (
-        "val accuracy >= 1.0000 is not reached at any threshold; using the full model (threshold 0)"
+        "val accuracy >= 100.00 % is not reached at any threshold; "
+        "using the full model (threshold 0)"
     )
     point = apply(known_logits(), labels, EXIT_MACS, chosen)
     assert (point.reached, point.criterion) == (False, chosen.criterion)

@@ -128,3 +128,30 @@ def test_version_and_help_with_examples_and_defaults(capsys):
 def test_import_erde_does_not_load_torch():
     code = "import sys, erde; assert 'torch' not in sys.modules, 'torch loaded'; erde.create_model"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("exits", ["3,6", "[3, 6]", " [3,6] "])
+def test_macs_exits_take_the_list_form_the_messages_offer(capsys, exits):
+    code, out, err = run_cli(capsys, "macs", "resnet20", "--exits", exits)
+    assert code == 0, err
+    # ResNet-20 has 9 blocks: exits after blocks 3 and 6 and the final one, 3 rows in all.
+    rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["3", "6", "9"]
+
+
+def test_exits_as_a_list_in_a_config_are_the_comma_text(tmp_path):
+    from erde.config.schema import load_config, load_reproduce_config
+
+    (tmp_path / "run.yaml").write_text("model:\n  exits: [3, 6]\n")
+    assert load_config(str(tmp_path / "run.yaml")).model.exits == "3,6"
+    assert load_config("digits-student", ["model.exits=[3, 6]"]).model.exits == "3,6"
+    assert load_config("digits-student", ["model.exits=[]"]).model.exits == "[]"
+    study = load_reproduce_config("quickstart", ["student.model.exits=[1, 2]"])
+    assert study.student.model.exits == "1,2"
+
+
+def test_no_early_exits_as_an_empty_list(capsys):
+    code, out, err = run_cli(capsys, "macs", "resnet20", "--exits", "[]")
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 and rows[1].split("|")[2].strip() == "9"  # the final exit only

@@ -8,7 +8,13 @@ import pytest
 import yaml
 
 from erde.config.comma_list import comma_list_type, parse_comma_list
-from erde.config.methods import METHOD_TABLE, METHODS, STUDENT_METHODS, TEACHER_METHODS
+from erde.config.methods import (
+    METHOD_TABLE,
+    PAPER_METHODS,
+    methods,
+    student_methods,
+    teacher_methods,
+)
 from erde.config.schema import (
     ReproduceConfig,
     check_value,
@@ -23,7 +29,7 @@ from erde.errors import ErdeError
 # ---------------------------------------------------------------- the method table
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", methods())
 def test_the_method_table_decides_teacher_and_terms(name):
     method = METHOD_TABLE[name]
     teacher = ["distill.teacher=runs/t"] if method.needs_teacher else []
@@ -34,16 +40,16 @@ def test_the_method_table_decides_teacher_and_terms(name):
         load_config("digits-student", [f"distill.method={name}", *other])
     loss = make_loss(name, alpha=0.3, beta=2.0, num_exits=2)
     assert loss.needs_teacher == method.needs_teacher
-    assert loss.alpha == (0.3 if method.needs_teacher else 1.0)
+    assert loss.alpha == (0.3 if method.distils else 1.0)
     assert loss.beta == (2.0 if method.entropy else 0.0)
 
 
 def test_the_lists_derive_from_the_table():
-    assert METHODS == ("teacher", "ce", "kd", "kd-masked", "erde")
-    assert STUDENT_METHODS == ("ce", "kd", "kd-masked", "erde")
-    assert TEACHER_METHODS == ("kd", "kd-masked", "erde")
-    assert records()["distill.method"].choices == METHODS
-    assert ReproduceConfig().methods == list(STUDENT_METHODS)
+    assert methods() == ("teacher", "ce", "kd", "kd-masked", "erde", "self-kd")
+    assert student_methods() == ("ce", "kd", "kd-masked", "erde", "self-kd")
+    assert teacher_methods() == ("kd", "kd-masked", "erde")
+    assert records()["distill.method"].choices == methods()
+    assert ReproduceConfig().methods == list(PAPER_METHODS) == ["ce", "kd", "kd-masked", "erde"]
     cfg = load_reproduce_config("quickstart", ["methods=[ce,erde]"])
     assert cfg.methods == ["ce", "erde"]
     with pytest.raises(ErdeError, match="methods contains 'teacher'; students use ce, kd, "):
@@ -64,7 +70,6 @@ def test_config_yaml_keeps_plain_strings():
     "key, value, message",
     [
         ("distill.method", "magic", "distill.method='magic' is not allowed; choose one of teacher"),
-        ("evaluate.policy", "margin", "choose one of entropy, maxprob"),
         ("distill.alpha", 2.0, "distill.alpha=2.0 must lie in [0, 1]"),
         ("distill.alpha", math.nan, "distill.alpha=nan must be a finite number in [0, 1]"),
         ("distill.beta", math.inf, "distill.beta=inf must be a finite number >= 0"),
@@ -119,3 +124,30 @@ def test_comma_lists():
             parse_comma_list(text, int)
     with pytest.raises(argparse.ArgumentTypeError, match="'a' is not a comma list of numbers"):
         comma_list_type(float)("a")
+
+
+DEEP = "[" * 500 + "]" * 500
+
+
+@pytest.mark.parametrize(
+    "override", [f"train.lr={DEEP}", f"model.options.x={DEEP}", f"data.mean={DEEP}"]
+)
+def test_a_deeply_nested_override_is_one_short_message(override):
+    with pytest.raises(ErdeError, match="nests lists or mappings deeper than erde reads") as err:
+        load_config("digits-student", [override])
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+def test_a_long_value_is_cut_in_its_middle(tmp_path, capsys):
+    from erde.cli.main import main
+
+    value = "x" * 20000
+    with pytest.raises(ErdeError) as err:
+        load_config("digits-student", [f"train.lr={value}"])
+    assert "[20,011 characters in all]" in str(err.value) and len(str(err.value)) < 600
+    assert "could not be converted to Float" in str(err.value)  # the reason survives the cut
+    # Messages made elsewhere are cut by the command line: 20 KB of one word in an unknown name.
+    assert main(["train", "digits-student", f"model.name={value}", "--out", str(tmp_path)]) == 2
+    line = capsys.readouterr().err
+    assert len(line.splitlines()) == 1 and len(line) < 1000, line[:300]
+    assert "[20,003 characters in all]" in line and "choose one of" in line

@@ -215,7 +215,7 @@ def test_altered_or_missing_files_are_refused(exported, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["entropy", "maxprob"])
+@pytest.mark.parametrize("policy", ["entropy", "maxprob", "margin"])
 def test_runtime_agrees_with_the_simulator(run, images, torch_logits, tmp_path, policy):
     x = images[0]
     n = len(x)

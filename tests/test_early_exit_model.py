@@ -64,7 +64,7 @@ def test_a_saved_rule_is_refused_beside_other_weights(evaluated, tmp_path):
     ("change", "message"),
     [
         ({"threshold": -1.0}, "field 'threshold'"),
-        ({"policy": "median"}, "field 'policy'"),
+        ({"policy": "Max prob"}, "field 'policy'"),
         ({"format_version": 9}, "has format version 9, this erde reads version 1"),
         ({"surprise": 1}, "field 'surprise'"),
         ({"weights_sha256": "abc"}, "field 'weights_sha256'"),

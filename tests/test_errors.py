@@ -30,6 +30,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_reliability import damaged_tiff
 
 from erde.config.schema import load_config, load_reproduce_config, to_yaml
 from erde.deploy import export_run
@@ -289,6 +290,7 @@ def build_workspace(root: Path) -> dict[str, Path]:
     p["PNG_BROKEN"].write_bytes(b"not a png")
     p["TIFF_FLOAT"] = root / "float.tif"
     Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(p["TIFF_FLOAT"])
+    p["TIFF_DAMAGED"] = damaged_tiff(root / "damaged.tif")
 
     npz = {
         "NPZ_FLOAT": {"x": lambda n: np.zeros((n, 8, 8, 1), np.float32)},
@@ -321,6 +323,8 @@ def build_workspace(root: Path) -> dict[str, Path]:
         "YAML_LIST": "- data\n- model\n",
         "YAML_UNKNOWN_SECTION": "foo: 1\n",
         "YAML_PYTHON_TAG": "train:\n  lr: !!python/object/apply:os.getcwd []\n",
+        "YAML_DEEP": "train:\n  lr: " + "[" * 300 + "]" * 300 + "\n",
+        "YAML_LONG_VALUE": "train:\n  lr: " + "x" * 20000 + "\n",
     }
     for name, text in yaml.items():
         p[name] = root / f"{name.lower()}.yaml"

@@ -11,6 +11,7 @@ it landed before the next checkpoint started.
 
 import ctypes
 import hashlib
+import logging
 import os
 import random
 import resource
@@ -287,3 +288,71 @@ def test_killed_reproduction_keeps_finished_stages(tmp_path):
         meta = read_json(out / f"{method}-s0" / SIDECAR, "sidecar")
         assert meta["finished"] and meta["epoch"] == 1
     assert "| erde (resnet8) | 1 |" in (out / "comparison.md").read_text()
+
+
+def erde_export(run: Path, out: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "erde", "export", str(run), "--threshold", "1", "--out", str(out)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        **kwargs,
+    )
+
+
+def test_full_disk_during_export_names_the_folder_and_keeps_the_earlier_export(reference, root):
+    """RLIMIT_FSIZE (EFBIG, as ENOSPC): the largest graph of a ResNet-8 export does not fit."""
+    out = root / "exports" / "full"
+    first = erde_export(reference, out)
+    assert first.returncode == 0, first.stderr
+    assert max(p.stat().st_size for p in out.iterdir()) > 64 * 1024
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask  # as any folder the user makes
+    before = digests(out)
+    result = erde_export(reference, out, preexec_fn=_limit_file_size)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "Errno" not in err
+    assert f"could not write the export {out} (File too large)" in err
+    assert "free disk space" in err and "choose another --out" in err
+    assert digests(out) == before  # the earlier export, byte for byte
+    assert sorted(p.name for p in out.parent.iterdir()) == ["full"]  # no staging folder left
+
+
+def test_export_into_a_read_only_folder_names_it(reference, root):
+    """A folder without write permission (EACCES), for an ordinary user."""
+    parent = root / "exports" / "read-only"
+    parent.mkdir(parents=True)
+    os.chmod(parent, 0o500)
+    try:
+        result = erde_export(reference, parent / "E", **as_ordinary_user())
+    finally:
+        os.chmod(parent, 0o755)
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"could not write the export {parent / 'E'} (Permission denied)" in err
+    assert f"make {parent} writable, or choose another --out" in err
+    assert list(parent.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_log_line_the_disk_refuses_is_one_message():
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    from erde.errors import ErdeError
+    from erde.train.loggers import MetricsFile
+    from erde.train.writer import RunLog
+
+    with pytest.raises(ErdeError, match=r"could not write /dev/full \(No space left on device\)"):
+        MetricsFile(Path("/dev/full")).log({"epoch": 1})
+    logger = logging.getLogger("test_faults.full")
+    handler = RunLog("/dev/full")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(ErdeError, match=r"could not write /dev/full .*free disk space"):
+            logger.warning("one line too many")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()

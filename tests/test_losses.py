@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from erde.distill.losses import METHODS, LossResult, make_loss, pair_exits
+from erde.config.methods import methods
+from erde.distill.losses import LossResult, make_loss, pair_exits
 from erde.errors import ErdeError
 
+METHODS = methods()  # erde's own: teacher, ce, kd, kd-masked, erde, self-kd
 # 3 samples, 3 classes, 2 exits. Labels 0, 1, 2.
 LABELS = [0, 1, 2]
 STUDENT = [
@@ -80,16 +82,21 @@ def reference(
     comps = {"ce": 0.0, "kl": 0.0, "entropy": 0.0}
     for i in range(n_exits):
         ce = kl = ent = wrong = 0.0
+        last = i == n_exits - 1
+        # self-kd: the earlier exits mix labels and the last exit's softened output; the last
+        # exit learns from the labels alone.
+        ce_scale = 1.0 if method == "self-kd" and last else alpha
         for n, y in enumerate(labels):
             s_row = student[i][n]
             ce += ref_ce(s_row, y)
+            if method == "self-kd" and not last:
+                kl += ref_kl(student[-1][n], s_row, temp)
             if method in ("kd", "kd-masked", "erde"):
                 t_row = teacher[pairing[i]][n]
                 right = 1.0 if t_row.index(max(t_row)) == y else 0.0
                 wrong += 1.0 - right
                 mask = 1.0 if method == "kd" else right
                 kl += mask * ref_kl(t_row, s_row, temp)
-                last = i == n_exits - 1
                 if method == "erde" and not (entropy_exits == "intermediate" and last):
                     ent += (1.0 - right) * ref_entropy(s_row, entropy_term)
         n = len(labels)
@@ -99,7 +106,7 @@ def reference(
             ent / n,
         )
         comps[f"teacher_wrong/{i + 1}"] = wrong / n
-        comps["ce"] += weights[i] * alpha * ce / n
+        comps["ce"] += weights[i] * ce_scale * ce / n
         comps["kl"] += weights[i] * (1 - alpha) * kl / n
         comps["entropy"] += weights[i] * beta * ent / n
     return comps["ce"] + comps["kl"] + comps["entropy"], comps
@@ -160,6 +167,25 @@ def test_hand_computed_values_at_uniform_logits():
     assert result.total.item() == pytest.approx(2 * (0.5 * log3 + 2 / 3 * log3))
     assert result.components["teacher_wrong/1"].item() == pytest.approx(2 / 3)
     assert result.components["kl/2"].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_self_kd_distils_the_earlier_exits_from_the_detached_last_exit():
+    """No teacher: exit 1 mixes its labels (alpha) with the last exit's softened output, the
+    last exit learns from its labels alone; the target is detached, so the last exit's gradient
+    is that of its own cross-entropy."""
+    student, labels = tensors(STUDENT, requires_grad=True), torch.tensor(LABELS)
+    loss = make_loss("self-kd", num_exits=2, alpha=0.3, temperature=2.0)
+    assert not loss.needs_teacher
+    result = loss(student, labels)
+    ce = [sum(ref_ce(STUDENT[i][n], y) for n, y in enumerate(LABELS)) / 3 for i in (0, 1)]
+    kl = sum(ref_kl(STUDENT[1][n], STUDENT[0][n], 2.0) for n in range(3)) / 3
+    assert result.total.item() == pytest.approx(0.3 * ce[0] + 0.7 * kl + ce[1], rel=1e-12)
+    assert result.components["kl/1"].item() == pytest.approx(kl, rel=1e-12)
+    assert result.components["kl/2"].item() == 0.0
+    result.total.backward()
+    last = torch.tensor(STUDENT[1], dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.cross_entropy(last, labels).backward()
+    torch.testing.assert_close(student[1].grad, last.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_teacher_mask_follows_pairing():
@@ -444,5 +470,10 @@ def test_property_totals_are_finite_nonnegative_and_consistent(
     elif method != "erde":
         scale["entropy"] = 0.0
     for key, factor in scale.items():
-        per_exit = sum(w * factor * comps[f"{key}/{i}"] for i, w in enumerate(weights, start=1))
+        # self-kd: the last exit learns from the labels alone (weight 1, not alpha).
+        factors = [factor, 1.0 if method == "self-kd" and key == "ce" else factor]
+        per_exit = sum(
+            w * f * comps[f"{key}/{i}"]
+            for i, (w, f) in enumerate(zip(weights, factors, strict=True), start=1)
+        )
         assert comps[key] == pytest.approx(per_exit, rel=1e-9, abs=1e-9)

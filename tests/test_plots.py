@@ -211,8 +211,30 @@ def test_plot_diagnostics(tmp_path):
     path = tmp_path / "diagnostics.png"
     report = summary().report
     fig = plot_diagnostics(path, report)
-    assert len(fig.axes) == 3 and not fig.axes[1].axison  # no reference: the middle panel says so
+    assert len(fig.axes) == 4 and not fig.axes[2].axison  # no reference: that panel says so
+    # ECE and AUROC each on their own axis, at their own scale
+    ece = [p.get_height() for p in fig.axes[0].patches]
+    auroc = [p.get_height() for p in fig.axes[1].patches]
+    per_exit = report.diagnostics.per_exit
+    assert ece == pytest.approx([100 * x.ece for x in per_exit])
+    assert auroc == pytest.approx([x.auroc for x in per_exit])
     width, height = png_size(path)
-    assert 1500 < width < 2600 and 400 < height < 900  # 14 x 4 in at 150 dpi, trimmed
+    assert 2000 < width < 3300 and 400 < height < 900  # 18 x 4 in at 150 dpi, trimmed
     with pytest.raises(ValueError, match="no diagnostics"):
         plot_diagnostics(path, dataclasses.replace(report, diagnostics=None))
+
+
+def test_series_with_the_same_exit_macs_get_exit_markers_of_their_own_shape(tmp_path):
+    """Students of one architecture share their exits' MACs: one marker shape per series (shown
+    in its legend entry) keeps one from hiding the other."""
+    exits = [1e6, 2e6, 4e6]
+    series = [
+        Series(name, np.array(exits), np.array(acc), exits=(exits, acc))
+        for name, acc in (("kd", [0.5, 0.6, 0.8]), ("erde", [0.5, 0.61, 0.8]))
+    ]
+    fig = plot_tradeoff(tmp_path / "t.png", series, None, title="t", chosen_label="chosen")
+    (kd_exits,), (erde_exits,) = markers(fig, "o"), markers(fig, "s")
+    np.testing.assert_allclose(erde_exits.get_ydata(), [50, 61, 80])
+    assert kd_exits.get_color() == line(fig, "kd").get_color()
+    handles = fig.axes[0].get_legend().legend_handles
+    assert [h.get_marker() for h in handles[:2]] == ["o", "s"]

@@ -80,6 +80,33 @@ def test_maxprob_precision_near_certainty():
     assert score == pytest.approx(3 * math.exp(-SCALE), rel=1e-4)
 
 
+def numpy_margin(logits: np.ndarray) -> np.ndarray:
+    """1 - (p1 - p2) in float64, the two largest softmax probabilities found by sorting."""
+    p = np.sort(scipy.special.softmax(logits.astype(np.float64), axis=-1), axis=-1)
+    return 1.0 - (p[..., -1] - p[..., -2])
+
+
+def test_margin_matches_an_independent_numpy_formula():
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((200, 3, 10)) * rng.uniform(0.1, 8, (200, 3, 1))).astype(
+        np.float32
+    )
+    scores = confidence_scores(torch.from_numpy(logits), "margin").numpy()
+    np.testing.assert_allclose(scores, numpy_margin(logits), atol=2e-6, rtol=0)
+    assert scores.min() >= 0 and scores.max() <= 1
+
+
+def test_margin_range_ends_and_precision_near_certainty():
+    # flat: p1 = p2, margin score 1; two tied leaders: 1 whatever the rest; near certainty:
+    # 1 - p1 + p2 = 4 e^-20 / (1 + 3 e^-20), which float32 1 - p1 would round to 0 + p2.
+    rows = torch.tensor([[FLAT, [5.0, 5.0, 0.0, -3.0], confident(2)]])
+    scores = confidence_scores(rows, "margin")[0]
+    assert scores[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert scores[2].item() == pytest.approx(4 * math.exp(-SCALE), rel=1e-4)
+    # "exit when the top class leads the runner-up by more than 0.9": theta = 1 - 0.9
+    assert simulate(known_logits(), 0.1, "margin")[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("threshold", "exits", "predictions"),
     [
@@ -108,13 +135,14 @@ def test_simulate_normalized_and_maxprob_policies():
     assert simulate(logits, maxprob_threshold(0.2), "maxprob")[0].tolist() == [0] * 8
 
 
-@pytest.mark.parametrize("policy", ["entropy", "maxprob"])
+@pytest.mark.parametrize("policy", ["entropy", "maxprob", "margin"])
 def test_a_score_equal_to_its_threshold_does_not_exit(policy: str) -> None:
     """The rule is strict: at theta = the flat rows' own float32 score, they stay; one float32
-    step above it, they leave at exit 0 (flat: entropy log 4, or 1 - max p = 3/4)."""
+    step above it, they leave at exit 0 (flat: entropy log 4, 1 - max p = 3/4, margin 1)."""
     logits = known_logits()
     flat = confidence_scores(logits, policy)[4, 0]
-    assert float(flat) == pytest.approx(math.log(K) if policy == "entropy" else 0.75, rel=1e-6)
+    flat_score = {"entropy": math.log(K), "maxprob": 0.75, "margin": 1.0}[policy]
+    assert float(flat) == pytest.approx(flat_score, rel=1e-6)
     exit_index, _ = simulate(logits, float(flat), policy)
     assert exit_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
     above = float(np.nextafter(np.float32(flat), np.float32(np.inf)))
@@ -159,7 +187,7 @@ def test_wrong_number_of_thresholds():
 
 def test_bad_inputs():
     with pytest.raises(ErdeError, match="unknown exit policy"):
-        confidence_scores(known_logits(), "margin")
+        confidence_scores(known_logits(), "top3")
     with pytest.raises(ErdeError, match="shape"):
         confidence_scores(torch.zeros(8, 4))
     with pytest.raises(ErdeError, match="NaN or infinite"):

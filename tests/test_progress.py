@@ -60,3 +60,19 @@ def test_step_lines_without_a_terminal_unless_no_progress(
             "train/teacher_wrong",
         }
         assert numbered == sorted(f"{f}/{i}" for f in families for i in (1, 2, 3))
+
+
+def _quick_train(cfg, run) -> None:
+    run.mkdir()
+
+
+def test_serial_runs_say_how_long_the_rest_will_take(tmp_path, caplog):
+    from erde.study.parallel import run_serial
+
+    runs = [(None, tmp_path / f"r{i}") for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="erde"):
+        assert run_serial(_quick_train, runs) == []
+    lines = [r.getMessage() for r in caplog.records if ": run " in r.getMessage()]
+    assert lines[0] == "r0: run 1 of 3"  # nothing to estimate from yet
+    assert [line.split(",")[0] for line in lines[1:]] == ["r1: run 2 of 3", "r2: run 3 of 3"]
+    assert all(line.endswith(" min left") for line in lines[1:])

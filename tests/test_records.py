@@ -13,13 +13,14 @@ import pytest
 
 from erde.config.help import annotated_yaml
 from erde.config.method_keys import applies
+from erde.config.methods import methods
 from erde.config.records import NON_NEGATIVE, Range, Record, key, walk_records
 from erde.config.schema import Config, ReproduceConfig, load_reproduce_config, records
 from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, experiment_keys
-from erde.evaluation.policy import POLICIES
+from erde.evaluation.policies import get_policy, policy_names
 from erde.study.grid import check_key, expand
-from erde.study.tune import SEARCH_CHOICES, SEARCH_FLOATS, space
+from erde.study.tune import space
 
 
 def _leaf_fields(schema: type, prefix: str = "") -> list[str]:
@@ -61,8 +62,13 @@ def test_records_are_frozen_and_hold_one_rule():
         Record("both", choices=("a",), range=NON_NEGATIVE)
 
 
-def test_the_policy_names_are_evaluations():
-    assert records()["evaluate.policy"].choices == POLICIES
+def test_the_policy_key_names_the_built_in_policies():
+    """The config cannot see the registry (a layer above it): its help names the built-ins and
+    `erde.study.reproduce.check_policy` checks the name before any run trains."""
+    record = records()["evaluate.policy"]
+    assert record.choices is None
+    builtin = [name for name in policy_names() if get_policy(name).builtin]  # not a test's plugin
+    assert builtin and all(name in record.help for name in builtin)
 
 
 def test_the_stages_share_the_train_records():
@@ -106,8 +112,12 @@ def test_grouping_follows_the_record():
 
 
 def test_method_keys_follow_the_record():
-    assert records()["distill.beta"].methods == ("erde",)
-    assert records()["distill.alpha"].methods == ("kd", "kd-masked", "erde")
+    def reading(key):
+        return tuple(m for m in methods() if applies(key, m))
+
+    assert reading("distill.beta") == ("erde",)
+    assert reading("distill.alpha") == ("kd", "kd-masked", "erde", "self-kd")
+    assert reading("distill.pairing") == ("kd", "kd-masked", "erde")
     assert not applies("distill.alpha", "ce")
     assert applies("distill.alpha", "ce", _flipped("distill.alpha", term=None))
     assert applies("student.model.options.width", "ce")  # read off model.options
@@ -116,10 +126,20 @@ def test_method_keys_follow_the_record():
 
 def test_the_tuner_follows_the_record():
     table = records()
-    for name, (low, high, _) in SEARCH_FLOATS.items():
-        assert table[name].range is not None and table[name].range.holds(low), name
-        assert table[name].range.holds(high), name
-    assert all(table[name].choices for name in SEARCH_CHOICES)
+    searched = {k: r.search for k, r in table.items() if r.search is not None}
+    assert set(searched) == {
+        "distill.alpha",
+        "distill.temperature",
+        "distill.beta",
+        "distill.entropy_term",
+        "distill.entropy_exits",
+    }
+    for name, search in searched.items():
+        if search.low is None:  # every allowed value
+            assert table[name].choices, name
+        else:
+            assert table[name].range is not None and table[name].range.holds(search.low), name
+            assert table[name].range.holds(search.high), name
     assert "distill.beta" in space("erde")
     assert "distill.beta" not in space("erde", _flipped("distill.beta", ungridded="fixed"))
     assert space("kd", _flipped("distill.entropy_term", term="kd")) == [

@@ -5,6 +5,7 @@ and loops, and the rules at the library level."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -423,3 +424,101 @@ def test_integers_too_long_for_python_or_float_are_damage_not_tracebacks(tmp_pat
     for value in (10**400, True, float("inf")):
         with pytest.raises(ValueError):
             finite.validate_python(value)
+
+
+# Replaces argv[1] by the files argv[2:] in turn, each written to a temporary and renamed over
+# it as `erde train` writes a checkpoint, until killed; says "ready" after the first rename.
+REPLACE_IN_TURN = """
+import os, sys, time
+target, versions = sys.argv[1], [open(p, "rb").read() for p in sys.argv[2:]]
+i = 0
+while True:
+    tmp = f"{sys.argv[2]}.next"
+    with open(tmp, "wb") as fh:
+        fh.write(versions[i % len(versions)])
+    os.replace(tmp, target)
+    if i == 0:
+        print("ready", flush=True)
+    i += 1
+    time.sleep(0.005)
+"""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_exports_and_caches_record_the_weights_they_hold_while_a_writer_replaces_them(
+    teacher, tmp_path
+):
+    """Defect 11: a second process swaps the run's weights between two versions every few
+    milliseconds, as a `train --resume` or `--overwrite` would. Version B adds 1000 to the final
+    exit's class-0 logit, so each result shows which weights it was computed from, and the
+    digest it records must be of those."""
+    import onnxruntime
+    from safetensors.torch import load_file, save_file
+
+    from erde.deploy import export_run
+    from erde.evaluation.cache import load_cache
+
+    run = Path(shutil.copytree(teacher, tmp_path / "run"))
+    weights = run / "model.safetensors"
+    state = load_file(weights)
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("heads."))
+    bias = next(k for k in sorted(state, reverse=True) if k.startswith(f"heads.{last}.") and
+                k.endswith(".bias") and state[k].shape == (10,))  # fmt: skip
+    shifted = {**state, bias: state[bias] + torch.tensor([1000.0] + [0.0] * 9)}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    shutil.copy(weights, a)
+    save_file(shifted, str(b))
+    is_b = {_sha256(a): False, _sha256(b): True}
+    swapper = subprocess.Popen(
+        [sys.executable, "-c", REPLACE_IN_TURN, str(weights), str(a), str(b)],
+        stdout=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    seen = []
+    try:
+        assert swapper.stdout.readline().strip() == "ready"
+        for i in range(3):
+            cache = load_cache(run, refresh=True)
+            from_b = bool(cache.logits["val"][:, -1, 0].min() > 500)
+            assert is_b[cache.weights_sha256] == from_b, f"cache {i}: digest of other weights"
+            out = tmp_path / f"export{i}"
+            export_run(run, out, threshold=1.0)
+            digest = json.loads((out / "manifest.json").read_text())["weights_sha256"]
+            session = onnxruntime.InferenceSession(str(out / "static.onnx"))
+            logits = session.run(None, {"image": np.zeros((2, 1, 8, 8), np.float32)})[0]
+            from_b = bool(logits[:, 0].min() > 500)
+            assert is_b[digest] == from_b, f"export {i}: the manifest names other weights"
+            seen += [is_b[cache.weights_sha256], is_b[digest]]
+    finally:
+        swapper.kill()
+        swapper.wait(timeout=60)
+    print(f"results from version B: {sum(seen)} of {len(seen)}")
+
+
+def damaged_tiff(path: Path) -> Path:
+    """An LZW TIFF whose compressed strip is overwritten with 0xFF bytes: libtiff's LZW decoder
+    meets codes that are not in its table."""
+    import io
+
+    buf = io.BytesIO()
+    pixels = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    Image.fromarray(pixels).save(buf, "TIFF", compression="tiff_lzw")
+    good = buf.getvalue()
+    path.write_bytes(good[:8] + b"\xff" * (len(good) - 208) + good[-200:])
+    return path
+
+
+def test_a_damaged_tiff_is_one_message_and_nothing_on_stderr(tmp_path, capfd):
+    tiff = damaged_tiff(tmp_path / "damaged.tif")
+    with Image.open(tiff) as img, pytest.raises(OSError):  # Pillow alone: libtiff's own line
+        img.load()
+    assert "Using code not yet in table" in capfd.readouterr().err  # written from C, to fd 2
+    with pytest.raises(ErdeError, match=f"{tiff}: cannot decode the image"):
+        decode_image(tiff, 1)
+    print("stderr still works", file=sys.stderr)
+    assert capfd.readouterr().err == "stderr still works\n"

@@ -316,15 +316,35 @@ def test_report_markdown_tables_read_on_their_own(tmp_path):
     assert "## Diagnostics (test split)" in md and "![diagnostics](diagnostics.png)" in md
 
 
-def test_report_diagnostics_say_why_a_number_is_missing():
+def test_report_diagnostics_without_a_reference_leave_the_teacher_columns_out():
     md = render_report(summary().report)  # no reference run
     check_tables(md)
-    diagnostics = table_rows(md, "teacher exit")
-    assert [r["teacher exit"] for r in diagnostics] == ["n/a: no reference run (--reference)"] * 3
-    assert {r["mean score, teacher wrong"] for r in diagnostics} == {
-        "n/a: no reference run (--reference)"
-    }
-    assert "Teacher: n/a: no reference run given" in md
+    (head,) = [t[0] for t in markdown_tables(md) if "ECE (%, 15 bins)" in t[0]]
+    assert not any("teacher" in h for h in head)
+    assert "No teacher columns: no reference run given (--reference TEACHER)." in md
+
+
+def test_report_diagnostics_with_a_reference_count_the_teacher_wrong_images():
+    """The teacher-wrong share is a count of images too: a handful of them must read as such."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    logits = torch.randn(60, 3, 4, generator=g)
+    teacher = torch.randn(60, 2, 4, generator=g)
+    teacher[torch.arange(60), -1, labels] += 9.0  # the final teacher exit is right ...
+    teacher[:7, -1] = 0.0
+    teacher[torch.arange(7), -1, (labels[:7] + 1) % 4] = 9.0  # ... except on the first 7
+    cache = LogitsCache(
+        {"val": logits, "test": logits}, {"val": labels, "test": labels}, EXIT_MACS, ""
+    )
+    data = DataInfo("digits", list("abcd"), [0.5], [0.25], 8, 1)
+    info = ModelInfo({"name": "resnet8"}, EXIT_MACS, 3_500_000, data, method="erde", seed=0)
+    ref = ReferenceLogits("t", teacher, labels)
+    report = summarize(cache, info, "runs/x", teacher=ref).report
+    assert report.diagnostics.teacher_wrong_images == 7
+    md = render_report(report)
+    rows = table_rows(md, "teacher exit")
+    assert "teacher-wrong images leaving here (% of 7)" in rows[0]
+    assert "(11.67 % of the test split, 7 images)" in md  # 7 / 60
 
 
 def test_comparison_table_has_a_legend_and_the_numbers_of_its_reports(tmp_path):
@@ -340,7 +360,7 @@ def test_comparison_table_has_a_legend_and_the_numbers_of_its_reports(tmp_path):
         "group",
         "seeds",
         "test accuracy per exit (%)",
-        "test AUC (%)",
+        "test AUC, own MACs range (%)",
         "keep own val accuracy: MACs reduction at test accuracy",  # no reference: no "keep ref"
         "budget 50% of full MACs: test accuracy (%)",  # 10% is below every first exit
     ]
@@ -356,7 +376,9 @@ def test_comparison_table_has_a_legend_and_the_numbers_of_its_reports(tmp_path):
             seeds_text([100 * r["per_exit_accuracy"]["test"][i] for r in group]) for i in range(3)
         ]
         assert row["test accuracy per exit (%)"] == " / ".join(per_exit)
-        assert row["test AUC (%)"] == seeds_text([100 * r["test_auc"] for r in group])
+        assert row["test AUC, own MACs range (%)"] == seeds_text(
+            [100 * r["test_auc"] for r in group]
+        )
         own = [r["at_own_full_accuracy"] for r in group]
         if all(p["reached"] for p in own):
             times = seeds_text([p["reduction_vs_own_full"] for p in own], "x")
@@ -367,9 +389,11 @@ def test_comparison_table_has_a_legend_and_the_numbers_of_its_reports(tmp_path):
             assert row[headers[4]] == f"n/a: not reached on val ({missed} of {len(own)} seeds)"
         budget = [100 * r["at_budget_fraction"]["0.5"]["test_accuracy"] for r in group]
         assert row[headers[5]] == seeds_text(budget)
-        for cell in (row["test AUC (%)"], row[headers[5]]):
+        for cell in (row["test AUC, own MACs range (%)"], row[headers[5]]):
             assert ACCURACY.fullmatch(cell)
-    assert rows[0]["group"] == "kd (resnet8)" and "±" in rows[0]["test AUC (%)"]  # 2 seeds
+    assert (
+        rows[0]["group"] == "kd (resnet8)" and "±" in rows[0]["test AUC, own MACs range (%)"]
+    )  # 2 seeds
     assert "Reference: each run's own final exit (no reference run given)." in md
 
 

@@ -349,7 +349,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     [
         (["train.epochz=3"], "train.epochz"),
         (["train.epochs=three"], "train.epochs"),
-        (["distill.method=magic"], "distill.method='magic' is not allowed"),
+        (["distill.method=magic"], "distill.method='magic' is not a registered method"),
         (["distill.method=erde"], "needs a teacher"),
         (["train.epochs"], "not of the form key=value"),
         (["distill.alpha=2"], "distill.alpha=2.0 must lie in [0, 1]"),

@@ -45,6 +45,7 @@ def states(out, method, heartbeat_s=60):
 def test_each_method_tunes_the_keys_its_loss_reads():
     assert space("ce") == []
     assert space("kd") == space("kd-masked") == ["distill.alpha", "distill.temperature"]
+    assert space("self-kd") == ["distill.alpha", "distill.temperature"]  # no teacher, yet distils
     assert set(space("erde")) == {
         "distill.alpha",
         "distill.temperature",

@@ -55,8 +55,14 @@ _LAZY = {
     "load_config": "erde.config",
     "load_reproduce_config": "erde.config",
     "fit": "erde.train",
+    "register_method": "erde.config.methods",
+    "MethodKey": "erde.config.methods",
+    "Range": "erde.config.records",
+    "Search": "erde.config.records",
+    "ExitContext": "erde.distill.losses",
     "evaluate": "erde.evaluation.runs:evaluate_run",
     "compare": "erde.evaluation.runs:compare_runs",
+    "register_policy": "erde.evaluation.policies",
 }
 __getattr__, __dir__ = lazy_names(__name__, _LAZY)
 

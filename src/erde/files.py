@@ -28,17 +28,33 @@ from erde.errors import ErdeError
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 
 
-def _write_failed(path: Path, exc: OSError) -> ErdeError:
-    """The message for a write the disk refused; the previous file, if any, is still in place."""
+class WriteFailed(ErdeError):
+    """A write the disk refused (full, over quota, read-only, no permission): the message names
+    the file and the fix; `cause` is the operating system's error, for callers that name a
+    larger unit (an export folder) instead."""
+
+    def __init__(self, message: str, cause: OSError) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def write_fix(folder: Path, exc: OSError, elsewhere: str | None = None) -> str:
+    """What to do when the system refused a write into `folder`, by the error's kind;
+    `elsewhere` names the other destination a command can be given (default: --out)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free disk space (or raise the quota) and run the command again"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"make {path.parent} writable, or write to another folder (--out)"
-    else:
-        fix = "check the folder and the disk, then run the command again"
-    return ErdeError(
+        return f"{fix}, or {elsewhere}" if elsewhere else fix
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {folder} writable, or {elsewhere or 'write to another folder (--out)'}"
+    return "check the folder and the disk, then run the command again"
+
+
+def write_failed(path: Path, exc: OSError) -> WriteFailed:
+    """The message for a write the disk refused; the previous file, if any, is still in place."""
+    return WriteFailed(
         f"could not write {path} ({exc.strerror or exc}); its previous version, if any, is "
-        f"unchanged: {fix}"
+        f"unchanged: {write_fix(path.parent, exc)}",
+        exc,
     )
 
 
@@ -70,7 +86,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             finally:
                 os.close(folder)
     except OSError as exc:
-        raise _write_failed(path, exc) from exc
+        raise write_failed(path, exc) from exc
 
 
 def temporaries(folder: Path) -> list[Path]:

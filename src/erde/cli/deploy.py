@@ -35,11 +35,31 @@ PRINTED = ("file", "class_name", "error", "warning")  # the text fields, names o
 _UNDECODED = re.compile("[\udc80-\udcff]")  # os.fsdecode's stand-ins for bytes no UTF-8
 
 
+POLICY_HELP = "exit score: entropy, maxprob, margin or a plugin's (--policy-module)"
+
+
+def add_policy_module(p: argparse.ArgumentParser) -> None:
+    """The option that imports a plugin's exit policies (README, "Your own exit rule")."""
+    p.add_argument(
+        "--policy-module",
+        metavar="MODULE",
+        help="Python module that registers --policy with erde.register_policy (default: none; "
+        "the built-ins and installed erde.policies entry points need none)",
+    )
+
+
+def import_policy_module(args: argparse.Namespace) -> None:
+    from erde.evaluation.policies import import_policy_module
+
+    import_policy_module(args.policy_module)
+
+
 def export_command(args: argparse.Namespace) -> None:
     from erde.deploy.export import export_run
     from erde.deploy.manifest import DEPLOY_MD, MANIFEST
     from erde.deploy.onnx_export import OPSET
 
+    import_policy_module(args)
     m = export_run(
         args.run,
         args.out,
@@ -143,6 +163,7 @@ def render_results(rows: Sequence, fmt: str) -> str:
 def bench_command(args: argparse.Namespace) -> None:
     from erde.deploy.latency import benchmark, render_benchmark
 
+    import_policy_module(args)
     result = benchmark(
         args.target,
         reference=args.reference,
@@ -227,14 +248,15 @@ def _add_export(command: Callable) -> None:
     )
     p.add_argument(
         "--policy",
-        choices=("entropy", "maxprob"),
-        help="exit score (default: the policy of the run's evaluation report, else entropy)",
+        help=f"{POLICY_HELP} (default: the policy of the run's evaluation report, else entropy)",
     )
+    add_policy_module(p)
     p.add_argument(
         "--normalize",
         action="store_true",
         default=None,
-        help="entropy divided by log K (default: as the run's evaluation report, else off)",
+        help="score divided by the policy's normalizer, entropy: log K (default: as the run's "
+        "evaluation report, else off)",
     )
     p.add_argument("--opset", type=int, help=OPSET_HELP)
     p.add_argument(
@@ -334,6 +356,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
     )
+    add_policy_module(p)
     _form_argument(p)
 
 

@@ -15,9 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from erde.cli.deploy import POLICY_HELP, add_policy_module, import_policy_module
 from erde.cli.numbers import whole_number
-from erde.config.methods import STUDENT_METHODS
-from erde.errors import ErdeError
+from erde.config.methods import PAPER_METHODS
+from erde.errors import ErdeError, one_line
 from erde.logs import log_to_stdout
 
 
@@ -105,6 +106,7 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import evaluate_run, evaluation_dir
 
+    import_policy_module(args)
     criterion = {"policy": args.policy, "normalize": args.normalize, "max_drop": args.max_drop}
     out = evaluation_dir(
         args.run, args.out, **criterion, budget=args.budget, replace_export=args.replace_export
@@ -139,6 +141,7 @@ def _compare(args: argparse.Namespace) -> None:
     from erde.evaluation.runs import compare_runs
     from erde.run.layout import ComparisonDir
 
+    import_policy_module(args)
     comparison = compare_runs(
         args.runs,
         out=args.out,
@@ -303,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exits",
         default=None,
-        help='"default", "stages", "every:K" or e.g. "3,6" (default: default)',
+        help='"default", "stages", "every:K" or blocks: "3,6" or "[3, 6]" (default: default)',
     )
 
     p = command(
@@ -368,13 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="run whose final-exit accuracy to keep and MACs to beat (the teacher); "
             "default: the run's own final exit",
         )
+        p.add_argument("--policy", default="entropy", help=f"{POLICY_HELP} (default: entropy)")
+        add_policy_module(p)
         p.add_argument(
-            "--policy",
-            choices=("entropy", "maxprob"),
-            default="entropy",
-            help="exit score: entropy or 1 - max probability",
+            "--normalize",
+            action="store_true",
+            help="score divided by the policy's normalizer (entropy: log K)",
         )
-        p.add_argument("--normalize", action="store_true", help="entropy divided by log K")
         p.add_argument(
             "--max-drop",
             type=float,
@@ -432,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--versus",
         metavar="METHOD",
-        choices=STUDENT_METHODS,
         help="also say where each group is above, within spread or below this method's group "
         "over the shared MACs range (versus.md), e.g. kd (default: none)",
     )
@@ -482,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "reproduce",
         _reproduce,
-        f"the paper's protocol: teacher, students ({', '.join(STUDENT_METHODS)}), comparison; "
+        f"the paper's protocol: teacher, students ({', '.join(PAPER_METHODS)}), comparison; "
         "every run is evaluated (RUN/eval), ready for `erde export`",
         [
             "erde reproduce --preset cifar10-cpu data.root=/data/cifar10 --out runs/c10 --jobs 2",
@@ -546,7 +548,12 @@ def _one_line(exc: Exception) -> str:
             f"{exc.strerror or exc}: {exc.filename}; check that the path exists, that its "
             "folder is writable and that the disk has free space"
         )
-    return " ".join(str(exc).split())
+    if isinstance(exc, OSError):  # the system named no path: say what erde can
+        return (
+            f"{exc.strerror or exc}; check that the folders the command writes are writable "
+            "and that the disk has free space"
+        )
+    return one_line(exc)
 
 
 def command() -> NoReturn:

@@ -43,8 +43,27 @@ def annotated_yaml(
         record = table[key]
         notes = [_type_name(f), f"default {_flow(getattr(defaults, f.name))}", record.rule()]
         note = ", ".join(n for n in notes if n)
+        own = _own_keys(value, key, table)
+        if own:  # a method's own keys (`distill.options`), each with its record
+            lines.append(f"{indent}{f.name}:  # {note}: {record.help}")
+            lines.extend(f"{indent}  {line}" for line in own)
+            continue
         lines.append(f"{indent}{f.name}: {_flow(value)}  # {note}: {record.help}")
     return "\n".join(lines) + "\n"
+
+
+def _own_keys(value: Any, key: str, table: dict[str, Record]) -> list[str]:
+    """The lines of a dict key's entries that have records of their own (a method's keys)."""
+    if not isinstance(value, dict):
+        return []
+    lines = []
+    for name, item in value.items():
+        record = table.get(f"{key}.{name}")
+        if record is None:
+            return []
+        rule = f", {record.rule()}" if record.rule() else ""
+        lines.append(f"{name}: {_flow(item)}  # {type(item).__name__}{rule}: {record.help}")
+    return lines
 
 
 def show_config(

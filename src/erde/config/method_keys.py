@@ -8,6 +8,7 @@ on a loss option it never reads; every key without a term (`student.*`,
 
 from __future__ import annotations
 
+from erde.config.methods import get_method
 from erde.config.records import Record, record_of
 from erde.config.schema import records
 
@@ -16,7 +17,7 @@ def applies(key: str, method: str, table: dict[str, Record] | None = None) -> bo
     """Whether changing `key` (dotted, as a train or reproduce config spells it) changes what
     `method` trains; a key no record describes (an older version's) is assumed to."""
     record = record_of(records() if table is None else table, key)
-    return record is None or record.applies(method)
+    return record is None or record.term is None or get_method(method).reads(record.term)
 
 
 __all__ = ["applies"]

@@ -4,7 +4,7 @@ A record holds everything the program knows about a key besides its type and def
 line `erde config` prints, the allowed values or range validation checks, whether two runs that
 differ in it are different experiments (`erde.evaluation.groups`), whether a grid or the tuner may
 vary it (`erde.study.grid`, `erde.study.tune`) and which loss term reads it, hence which methods
-it matters for (`erde.config.methods.METHOD_TABLE`). A new key is one field with its record; every
+it matters for (`erde.config.method_keys.applies`). A new key is one field with its record; every
 consumer reads `erde.config.schema.records()`, and none keeps a table of its own.
 """
 
@@ -14,11 +14,10 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Literal
 
-from erde.config.methods import METHOD_TABLE
-
-Term = Literal["kd", "entropy"]
+# The loss term whose methods a key matters for: "teacher" (methods with a teacher), "kd" (any
+# distillation, a teacher's or the student's own), "entropy", or a method's own name (its keys).
+Term = str
 _METADATA = "erde"
 
 
@@ -56,6 +55,16 @@ def _number(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+@dataclass(frozen=True)
+class Search:
+    """Where `erde tune` searches a key: floats in [low, high] (on a log scale where `log`), or,
+    without bounds, every value its record allows (a key with choices)."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+
+
 POSITIVE, NON_NEGATIVE = Range(0, low_open=True), Range(0)
 # What every random generator erde seeds accepts (NumPy's legacy ones stop at 2**32 - 1).
 SEED = Range(0, 2**32 - 1, items="seeds")
@@ -79,6 +88,7 @@ class Record:
     experiment: bool = True
     ungridded: str = ""
     term: Term | None = None
+    search: Search | None = None
 
     def __post_init__(self) -> None:
         if not self.help.strip():
@@ -90,20 +100,6 @@ class Record:
     def gridded(self) -> bool:
         """Whether a grid or the tuner may vary the key."""
         return not self.ungridded
-
-    def applies(self, method: str) -> bool:
-        """Whether changing the key changes what `method` trains."""
-        m = METHOD_TABLE[method]
-        if self.term == "entropy":
-            return m.entropy
-        if self.term == "kd":
-            return m.needs_teacher
-        return True
-
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """The methods whose runs the key changes."""
-        return tuple(name for name in METHOD_TABLE if self.applies(name))
 
     def rule(self) -> str:
         """The allowed values as `erde config` prints them, or '' where the type says it all."""
@@ -120,9 +116,10 @@ def key(
     experiment: bool = True,
     ungridded: str = "",
     term: Term | None = None,
+    search: Search | None = None,
 ) -> dict[str, Record]:
     """A field's `metadata=`, holding its key's record: `field(default=..., metadata=key(...))`."""
-    return {_METADATA: Record(help, choices, range, experiment, ungridded, term)}
+    return {_METADATA: Record(help, choices, range, experiment, ungridded, term, search)}
 
 
 def walk_records(schema: type, prefix: str = "") -> dict[str, Record]:
@@ -157,6 +154,7 @@ __all__ = [
     "POSITIVE",
     "Range",
     "Record",
+    "Search",
     "Term",
     "key",
     "record_of",

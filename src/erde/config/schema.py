@@ -28,22 +28,36 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from erde.config.methods import (
     ENTROPY_EXITS,
     ENTROPY_TERMS,
-    METHOD_TABLE,
-    METHODS,
     PAIRINGS,
-    STUDENT_METHODS,
-    TEACHER_METHODS,
+    PAPER_METHODS,
+    check_option,
+    get_method,
+    load_method_module,
+    methods,
+    methods_table,
+    option_records,
     or_list,
+    student_methods,
+    teacher_methods,
 )
 from erde.config.preset_names import preset_names
-from erde.config.records import NON_NEGATIVE, POSITIVE, SEED, Range, Record, key, walk_records
-from erde.errors import ErdeError
+from erde.config.records import (
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    Range,
+    Record,
+    Search,
+    key,
+    walk_records,
+)
+from erde.errors import ErdeError, excerpt
 
 
 @dataclass
@@ -155,7 +169,18 @@ class ModelConfig:
     )
     exits: str = field(
         default="default",
-        metadata=key('"default", "stages", "every:K" or 1-based block indices such as "3,6"'),
+        metadata=key(
+            '"default", "stages", "every:K" or 1-based block indices such as "3,6" or [3, 6]'
+        ),
+    )
+    # paper: the paper's head on the 2x2-pooled map; pool: on the globally pooled map (fewer
+    # weights and MACs, for edge use; docs/benchmarks.md "Exit heads").
+    head: str = field(
+        default="paper",
+        metadata=key(
+            "early-exit head: paper (BN-ReLU-2x2 pool-linear) or pool (global pool)",
+            choices=("paper", "pool"),
+        ),
     )
     # Checked against the builder's signature (model.options.width_mult=0.5).
     options: dict[str, Any] = field(
@@ -237,6 +262,15 @@ class TrainConfig:
             experiment=False,
         ),
     )
+    threads: int = field(
+        default=0,
+        # 0: the cores idle at start (erde.train.threads), so a busy machine does not collapse.
+        metadata=key(
+            "CPU threads per process (0: the cores idle at start; OMP_NUM_THREADS also sets it)",
+            range=NON_NEGATIVE,
+            experiment=False,
+        ),
+    )
     compile: bool = field(default=False, metadata=key("torch.compile the model", experiment=False))
     sync_bn: bool = field(
         default=False,
@@ -272,11 +306,23 @@ class DistillConfig:
     method: str = field(
         default="teacher",
         metadata=key(
-            "the loss: teacher, ce, kd, kd-masked or erde",
-            choices=METHODS,
+            "the loss: a registered method (erde's or a plugin's)",
+            choices=(),  # the registered ones, filled in by `records()`
             experiment=False,  # already in a comparison's label
             ungridded="list the methods in methods=[...] instead",
         ),
+    )
+    module: str | None = field(
+        default=None,
+        metadata=key(
+            "Python module that registers distill.method (a plugin without an entry point)",
+            experiment=False,  # the method's name is in a comparison's label
+            ungridded="give the module once; it may register several methods",
+        ),
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=key("a plugin method's own keys (distill.options.NAME=VALUE)"),
     )
     teacher: str | None = field(
         default=None,
@@ -292,6 +338,7 @@ class DistillConfig:
             "weight of the distillation term against the label term",
             range=Range(0, 1),
             term="kd",
+            search=Search(0.1, 0.9),
         ),
     )
     beta: float = field(
@@ -300,16 +347,22 @@ class DistillConfig:
             "erde: weight of the entropy term where the teacher is wrong",
             range=NON_NEGATIVE,
             term="entropy",
+            search=Search(0.03, 3.0, log=True),
         ),
     )
     temperature: float = field(
         default=4.0,
-        metadata=key("softmax temperature of the distillation term", range=POSITIVE, term="kd"),
+        metadata=key(
+            "softmax temperature of the distillation term",
+            range=POSITIVE,
+            term="kd",
+            search=Search(1.0, 8.0, log=True),
+        ),
     )
     pairing: str = field(
         default="depth",
         metadata=key(
-            "which teacher exit each student exit learns from", choices=PAIRINGS, term="kd"
+            "which teacher exit each student exit learns from", choices=PAIRINGS, term="teacher"
         ),
     )
     entropy_term: str = field(
@@ -318,6 +371,7 @@ class DistillConfig:
             "erde: uniform-target cross-entropy or negative entropy",
             choices=ENTROPY_TERMS,
             term="entropy",
+            search=Search(),
         ),
     )
     entropy_exits: str = field(
@@ -326,6 +380,7 @@ class DistillConfig:
             "erde: the exits the entropy term applies to",
             choices=ENTROPY_EXITS,
             term="entropy",
+            search=Search(),
         ),
     )
     exit_weights: list[float] | None = field(
@@ -368,18 +423,24 @@ class StageConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# The exit policies: erde.evaluation.policy.POLICIES, which implements each one, owns the names;
-# tests/test_policy.py checks this copy (config sits below evaluation and cannot import it).
-_POLICIES = ("entropy", "maxprob")
-
-
 @dataclass
 class EvalConfig:
     policy: str = field(
         default="entropy",
-        metadata=key("exit score: entropy or 1 - max probability", choices=_POLICIES),
+        # Registered names (erde.evaluation.policies) are checked where the registry is in
+        # reach, before any run starts (erde.study.protocol_policy); config sits below it.
+        metadata=key("exit score: a registered exit policy (entropy, maxprob, margin, a plugin's)"),
     )
-    normalize: bool = field(default=False, metadata=key("entropy divided by log(classes)"))
+    module: str | None = field(
+        default=None,
+        metadata=key(
+            "Python module that registers evaluate.policy (a plugin without an entry point)"
+        ),
+    )
+    normalize: bool = field(
+        default=False,
+        metadata=key("score divided by the policy's normalizer (entropy: log(classes))"),
+    )
     max_drop: float = field(
         default=0.0,
         metadata=key(
@@ -404,7 +465,7 @@ class ReproduceConfig:
     student: StageConfig = field(default_factory=StageConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     methods: list[str] = field(
-        default_factory=lambda: list(STUDENT_METHODS),
+        default_factory=lambda: list(PAPER_METHODS),
         metadata=key("the student methods to train and compare"),
     )
     evaluate: EvalConfig = field(default_factory=EvalConfig)
@@ -424,8 +485,14 @@ def _both() -> dict[str, Record]:
 def records(schema: type | None = None) -> dict[str, Record]:
     """{dotted key: record} of every key of `schema` (a config dataclass), or of both the train
     and the reproduce schema where None (`train.lr` and `student.train.lr` alike): the one
-    description of the keys that validation, `erde config`, grids, grouping and the tuner read."""
-    return dict(_both() if schema is None else walk_records(schema))
+    description of the keys that validation, `erde config`, grids, grouping and the tuner read.
+    The registered methods complete it: the choices of `distill.method`, and each method's own
+    keys (`distill.options.NAME`)."""
+    table = dict(_both() if schema is None else walk_records(schema))
+    if "distill.method" in table:
+        table["distill.method"] = replace(table["distill.method"], choices=methods())
+        table.update(option_records())
+    return table
 
 
 def check_value(key: str, value: Any, table: dict[str, Record] | None = None) -> None:
@@ -480,8 +547,13 @@ def preset_path(name_or_path: str, kind: str = "train") -> Path:
 def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
+    except RecursionError:
+        raise ErdeError(
+            f"config file {path} nests lists or mappings deeper than erde reads; a config is "
+            "sections of keys and values: fix the file"
+        ) from None
     except Exception as exc:  # yaml.YAMLError and friends: the file is the user's
-        reason = " ".join(str(exc).split())
+        reason = excerpt(exc, 300)
         raise ErdeError(f"config file {path} is not valid YAML ({reason}); fix the file") from None
     if not isinstance(loaded, DictConfig):
         raise ErdeError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
@@ -501,8 +573,8 @@ def read_recorded(path: Path, schema: type) -> Any:
 
 def _explain(exc: OmegaConfBaseException, where: str) -> ErdeError:
     key = getattr(exc, "full_key", None)
-    subject = f"bad config key {key!r}" if key else "bad config value"
-    reason = str(exc).splitlines()[0]
+    subject = f"bad config key {excerpt(repr(key), 80)}" if key else "bad config value"
+    reason = excerpt(str(exc).splitlines()[0], 200)
     return ErdeError(
         f"{subject} in {where}: {reason}; see `erde config` for every key and its type"
     )
@@ -520,10 +592,22 @@ def _check_resolvers(value: Any, where: str, key: str = "") -> None:
         for name in _RESOLVER_CALL.findall(value):
             if name not in RESOLVERS:
                 raise ErdeError(
-                    f"{key}={value!r} in {where} calls the resolver {name!r}; a config may only "
+                    f"{key}={excerpt(repr(value))} in {where} calls the resolver {name!r}; a "
+                    "config may only "
                     "name other keys (${section.key}) and environment variables "
                     "(${oc.env:NAME}), so write the value itself"
                 )
+
+
+def _exits_as_text(part: DictConfig) -> None:
+    """`model.exits` is text ("3,6"), and the list [3, 6] that `erde macs --exits`, the
+    messages and the Python API offer says the same: a list there becomes that text."""
+    for section in (part, part.get("teacher"), part.get("student")):
+        model = section.get("model") if isinstance(section, DictConfig) else None
+        node = model._get_node("exits") if isinstance(model, DictConfig) else None
+        if isinstance(node, ListConfig):
+            items = OmegaConf.to_container(node, resolve=False)
+            model.exits = ",".join(map(str, items)) if items else "[]"
 
 
 def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
@@ -533,14 +617,20 @@ def structured(schema: type, sources: list[tuple[str, Any]]) -> Any:
     """
     cfg = OmegaConf.structured(schema)
     for where, source in sources:
-        parts = [(f"override {item!r}", [item]) for item in source]
+        parts = [(f"override {excerpt(repr(item), 100)}", [item]) for item in source]
         for what, part in parts if isinstance(source, list) else [(where, source)]:
             try:
                 part = OmegaConf.from_dotlist(part) if isinstance(part, list) else part
+                _exits_as_text(part)
                 _check_resolvers(OmegaConf.to_container(part, resolve=False), what)
                 cfg = OmegaConf.merge(cfg, part)
             except OmegaConfBaseException as exc:
                 raise _explain(exc, what) from None
+            except RecursionError:
+                raise ErdeError(
+                    f"{what} nests lists or mappings deeper than erde reads; give each key a "
+                    "plain value (see `erde config` for every key and its type)"
+                ) from None
     return cfg
 
 
@@ -561,8 +651,11 @@ def check_overrides(overrides: list[str]) -> None:
             )
 
 
-def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
-    """The validated config: defaults <- preset or file <- key=value overrides."""
+def load_config(
+    config: str | None = None, overrides: list[str] | None = None, *, recorded: bool = False
+) -> Config:
+    """The validated config: defaults <- preset or file <- key=value overrides. `recorded`: the
+    file is a run folder's, whose `distill.module` is imported only when trusted."""
     overrides = list(overrides or [])
     check_overrides(overrides)
     sources: list[tuple[str, Any]] = []
@@ -571,8 +664,8 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
         sources.append((str(path), _read_yaml(path)))
     sources.append(("the command-line overrides", overrides))
     cfg = resolved(structured(Config, sources))
-    validate(cfg)
-    return cfg
+    validate(cfg, source=str(config) if recorded else None)
+    return replace(cfg, distill=with_method_defaults(cfg.distill))
 
 
 def load_reproduce_config(
@@ -589,19 +682,28 @@ def load_reproduce_config(
     if grid:
         sources.append(("the --grid options", OmegaConf.create({"grid": grid})))
     cfg = resolved(structured(ReproduceConfig, sources))
+    load_method_module(cfg.distill.module)
+    students = student_methods()
     for method in cfg.methods:
-        if method not in STUDENT_METHODS:
-            raise ErdeError(f"methods contains {method!r}; students use {or_list(STUDENT_METHODS)}")
+        if method not in students:
+            plugin = (
+                ""
+                if method in methods()
+                else " (a plugin's: name the module that registers it, distill.module=MODULE)"
+            )
+            raise ErdeError(
+                f"methods contains {method!r}; students use {or_list(students)}{plugin}"
+            )
     if not cfg.methods or len(set(cfg.methods)) != len(cfg.methods):
         raise ErdeError(
             f"methods={list(cfg.methods)}: list each student method once, at least one of "
-            f"{', '.join(STUDENT_METHODS)}"
+            f"{', '.join(students)}"
         )
     evaluate = {k: r for k, r in records(ReproduceConfig).items() if k.startswith("evaluate.")}
     _check_records(cfg, evaluate)
     _validate_stage(cfg, "teacher", "teacher", None)
     for method in cfg.methods:
-        teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
+        teacher = "teacher" if get_method(method).needs_teacher else None
         _validate_stage(cfg, "student", method, teacher)
     return cfg
 
@@ -638,27 +740,41 @@ def stage_config(
 ) -> Config:
     """The `erde train` config of one run of the protocol."""
     part = getattr(cfg, stage)
+    distill = replace(cfg.distill, method=method, teacher=teacher)
     return Config(
         data=cfg.data,
         model=part.model,
         train=replace(part.train, seed=seed),
-        distill=replace(cfg.distill, method=method, teacher=teacher),
+        distill=with_method_defaults(distill),
     )
+
+
+def with_method_defaults(d: DistillConfig) -> DistillConfig:
+    """`d` with its method's own keys (`distill.options`) at their defaults where not given, so
+    a run records every value its loss read; a copy, never the caller's dict."""
+    own = get_method(d.method).defaults()
+    return replace(d, options={**own, **d.options})
 
 
 def _check_records(cfg: Any, table: dict[str, Record], stage: str | None = None) -> None:
     """`check_value` on every key of `table` whose record has a rule, named for `stage`."""
     for dotted, record in table.items():
+        if dotted.startswith("distill.options."):  # a method's own keys: `_check_options`
+            continue
         if record.choices is not None or record.range is not None:
             value = functools.reduce(getattr, dotted.split("."), cfg)
             check_value(stage_key(stage, dotted), value)
 
 
-def validate(cfg: Config, stage: str | None = None) -> None:
+def validate(cfg: Config, stage: str | None = None, source: str | None = None) -> None:
     """Ranges and choices that types alone cannot express: the records, then rules across keys.
     `stage`: the reproduce stage `cfg` is one run of, so messages name its keys as the reproduce
-    config spells them (`student.train.epochs`)."""
+    config spells them (`student.train.epochs`). `source`: the run file `cfg` was read from,
+    whose method module is imported only when trusted."""
+    load_method_module(cfg.distill.module, source)
+    method = get_method(cfg.distill.method)
     _check_records(cfg, records(Config), stage)
+    _check_options(cfg.distill)
     options = stage_key(stage, "model.options")
     for option, value in cfg.model.options.items():  # the one place floats escape the records
         if isinstance(value, float) and not math.isfinite(value):
@@ -671,7 +787,7 @@ def validate(cfg: Config, stage: str | None = None) -> None:
             f"{warmup}={t.warmup_epochs} must be below {epochs}={t.epochs}; "
             f"set {warmup} to less than {t.epochs} (0 for none) or raise {epochs}"
         )
-    needs_teacher = METHOD_TABLE[d.method].needs_teacher
+    needs_teacher = method.needs_teacher
     if needs_teacher and not d.teacher:
         raise ErdeError(
             f"distill.method={d.method} needs a teacher: set distill.teacher=RUN_DIR "
@@ -680,8 +796,24 @@ def validate(cfg: Config, stage: str | None = None) -> None:
     if not needs_teacher and d.teacher:
         raise ErdeError(
             f"distill.teacher is set but distill.method={d.method} uses no teacher; "
-            f"drop distill.teacher or pick {or_list(TEACHER_METHODS)}"
+            f"drop distill.teacher or pick {or_list(teacher_methods())}"
         )
+
+
+def _check_options(d: DistillConfig) -> None:
+    """Each of `distill.options` a key some registered method declares, of its type and range
+    (`check_option`); the values are typed in place (2 for a float key is 2.0)."""
+    known = {k: m.keys[k] for m in methods_table().values() for k in m.keys}
+    for name, value in list(d.options.items()):
+        if name not in known:
+            mine = get_method(d.method).keys
+            offer = f"its keys are {', '.join(mine)}" if mine else "it has no keys of its own"
+            raise ErdeError(
+                f"distill.options.{name}: no registered method declares this key "
+                f"(distill.method={d.method}: {offer}); fix the name, or name the module that "
+                "registers its method in distill.module"
+            )
+        d.options[name] = check_option(f"distill.options.{name}", value, known[name])
 
 
 def _validate_data(d: DataConfig) -> None:

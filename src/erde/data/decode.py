@@ -19,6 +19,8 @@ here with its name rather than failing later):
   shrinking), then the centre size x size cut out. Streamed evaluation, `erde infer`,
   `predict_files` and an export's manifest follow it; an image already size x size is kept as
   it is at crop 1 (every in-memory data set: CIFAR, digits).
+- A damaged file is one ErdeError naming it; Pillow's warnings are not shown, and for TIFFs
+  neither are libtiff's lines, which it writes to stderr from C (silenced during the decode).
 - Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) refuses an image with more
   pixels than that, with an ErdeError instead of Pillow's warning or exception.
 
@@ -32,8 +34,11 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +125,11 @@ def _open(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: one line, below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()
+                if img.format == "TIFF":
+                    with _quiet_stderr():  # libtiff writes its complaints to stderr from C
+                        img.load()
+                else:
+                    img.load()
         return img
     except FileNotFoundError:
         raise ErdeError(f"{path}: no such file; check the path") from None
@@ -137,6 +146,31 @@ def _open(path: str | Path) -> Image.Image:
             f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); replace it with "
             "a readable PNG, JPEG or other Pillow-supported file"
         ) from None
+
+
+_STDERR = threading.Lock()  # one redirection at a time: each restores the real descriptor
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 points to the null device for the block: libtiff prints lines such as
+    "tempfile.tif: Using code not yet in table." there, past Python's warnings and our one-line
+    message. Only around a TIFF's decode: anything else written meanwhile would be lost too."""
+    with _STDERR:
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to keep quiet
+            yield
+            return
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _convert(img: Image.Image, mode: str, path: str | Path) -> Image.Image:

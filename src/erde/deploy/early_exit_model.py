@@ -21,7 +21,7 @@ from erde.deploy.exit_rule import ExitRule, read_exit_rule
 from erde.deploy.images import read_image
 from erde.evaluation.policy import simulate
 from erde.files import sha256_file
-from erde.models.load import load_model
+from erde.models.load import load_run_model
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -62,13 +62,13 @@ class EarlyExitModel:
         """A run folder or a `save_pretrained` folder, with its exit rule: the one saved beside
         the weights, else the threshold `erde evaluate` chose on val (RUN/eval/report.json, the
         one `erde export` deploys), else 0: the final exit."""
-        net, info = load_model(run_dir, device)
+        net, info, digest = load_run_model(run_dir, device)
         run = RunDir(run_dir)
-        saved = read_exit_rule(run.path, run.weights)
+        saved = read_exit_rule(run.path, digest)
         if saved is not None:
             return cls(net, info, threshold=saved.threshold, policy=saved.policy,
                        normalize=saved.normalize, rule_source=saved.source)  # fmt: skip
-        r = read_current_report(run.path)
+        r = read_current_report(run.path, digest)
         if r is None:
             return cls(net, info)
         source = f"{run.eval.report_json}: {r.criterion}, chosen on val"

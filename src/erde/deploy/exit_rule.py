@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from annotated_types import MinLen
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from erde.errors import ErdeError
-from erde.evaluation.policy import POLICIES
-from erde.files import parse_json, sha256_file, write_text
+from erde.evaluation.rule import PolicyName
+from erde.files import parse_json, write_text
 from erde.run.formats import VERSION_KEY, Flag, NonNegative, Sha256, Text, check_version, validate
+from erde.run.layout import RunDir
 
 FILE = "exit_rule.json"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ class ExitRule(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     threshold: NonNegative
-    policy: Literal[POLICIES]
+    policy: PolicyName
     normalize: Flag
     source: Annotated[Text, MinLen(1)]
     weights_sha256: Sha256
@@ -42,9 +43,9 @@ class ExitRule(BaseModel):
 _ADAPTER = TypeAdapter(ExitRule)
 
 
-def read_exit_rule(folder: Path, weights: Path) -> ExitRule | None:
-    """The rule saved beside `weights`, None if there is none; ErdeError (one line with the fix)
-    when it is damaged or belongs to other weights."""
+def read_exit_rule(folder: Path, weights_sha256: str) -> ExitRule | None:
+    """The rule saved in `folder`, None if there is none; ErdeError (one line with the fix)
+    when it is damaged or belongs to other weights than those of digest `weights_sha256`."""
     path = folder / FILE
     if not path.is_file():
         return None
@@ -53,8 +54,9 @@ def read_exit_rule(folder: Path, weights: Path) -> ExitRule | None:
     except ValueError as exc:
         raise ErdeError(f"{path}: not JSON ({exc}); {FIX}") from None
     rule = validate(_ADAPTER, check_version(raw, path, FORMAT_VERSION, {}, FIX), path, FIX)
-    if rule.weights_sha256 != sha256_file(weights):
+    if rule.weights_sha256 != weights_sha256:
         raise ErdeError(
-            f"{path} was chosen for other weights than {weights} (SHA-256 differs); {FIX}"
+            f"{path} was chosen for other weights than {RunDir(folder).weights} (SHA-256 "
+            f"differs); {FIX}"
         )
     return rule

@@ -15,9 +15,11 @@ Exporter: `torch.onnx.export(dynamo=True)` at opset 18 by default (erde.deploy.o
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import onnx
@@ -34,12 +36,13 @@ from erde.deploy.manifest import (
     is_export,
 )
 from erde.deploy.onnx_export import OPSET, check_exporter, check_opset, export_graph, save_graph
+from erde.deploy.plugin_policy import check_scores, traced
 from erde.deploy.single import single_graph
 from erde.deploy.threshold import budget_thresholds, deployment, val_curve
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
-from erde.files import sha256_file, write_json, write_text
-from erde.models.load import load_model
+from erde.files import WriteFailed, write_fix, write_json, write_text
+from erde.models.load import load_run_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -125,9 +128,24 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
         os.replace(out_dir, old / out_dir.name)
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old / out_dir.name, out_dir)
+            old.rmdir()
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)  # the new export is in place whatever is left
+
+
+def _write_failed(out_dir: Path, exc: OSError) -> ErdeError:
+    """A full or read-only disk, named by the folder the user gave (not the hidden staging)."""
+    fix = write_fix(out_dir.parent, exc, "choose another --out")
+    return ErdeError(
+        f"could not write the export {out_dir} ({exc.strerror or exc}); nothing half-written "
+        f"is left and an earlier export there is unchanged: {fix}"
+    )
 
 
 def export_run(
@@ -153,20 +171,30 @@ def export_run(
     check_opset(opset)
     check_exporter()
     run, out_dir = RunDir(run_dir), Path(out_dir)
-    model, info = load_model(run.path)
+    # One read of the weights: the graphs, the threshold's check and the manifest's digest all
+    # belong to those bytes, whatever a concurrent `erde train` writes meanwhile.
+    model, info, digest = load_run_model(run.path)
     check_finished(run.path, info, "run", "exporting it")
     _check_finite(model, run)
-    point = deployment(run.path, threshold, policy, normalize)
+    point = deployment(run.path, threshold, policy, normalize, weights_sha256=digest)
     _check_destination(out_dir, run, overwrite)
-    graphs = _graphs(run, model, info, point, opset, int8)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new.", dir=out_dir.parent))
+    graphs = _graphs(run, model, info, point, opset, int8, digest)
     try:
-        manifest = _write_export(staging, run, info, graphs, opset)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its mode 0o700 would hide the export from the user's group.
+        staging = out_dir.parent / f".{out_dir.name}.new.{secrets.token_hex(4)}"
+        staging.mkdir()
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
+    try:
+        manifest = _write_export(staging, run, info, graphs, opset, digest)
         _replace_dir(staging, out_dir)
+    except WriteFailed as exc:
+        raise _write_failed(out_dir, exc.cause) from None
+    except OSError as exc:
+        raise _write_failed(out_dir, exc) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
@@ -188,24 +216,30 @@ class _Graphs:
 
 
 def _graphs(
-    run: RunDir, model: nn.Module, info: ModelInfo, point: Deployment, opset: int, int8: bool
+    run: RunDir,
+    model: nn.Module,
+    info: ModelInfo,
+    point: Deployment,
+    opset: int,
+    int8: bool,
+    digest: str,
 ) -> _Graphs:
     """The fp32 graphs, or with `int8` their quantized forms and the threshold re-chosen on them."""
     pieces, static = _export_graphs(
         model, info.data.in_channels, info.data.input_size, point, opset
     )
-    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path)
+    budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path, digest)
     if not int8:
-        curve = val_curve(run.path, point.policy, point.normalize)
+        curve = val_curve(run.path, point.policy, point.normalize, digest)
         return _Graphs(pieces, static, point, budgets, curve)
     from erde.deploy.int8 import quantize_export
 
-    q = quantize_export(run.path, info, pieces, static, point)
+    q = quantize_export(run.path, info, pieces, static, point, digest)
     return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.val_curve, q.record)
 
 
 def _write_export(
-    folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int
+    folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int, digest: str
 ) -> Manifest:
     """Every graph, the manifest that ties them and DEPLOY.md into `folder`; returns the
     manifest."""
@@ -224,7 +258,7 @@ def _write_export(
         opset=opset,
         exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         source_run=str(run.path.resolve()),
-        weights_sha256=sha256_file(run.weights),
+        weights_sha256=digest,
         val_curve=graphs.val_curve,
     )
     write_json(folder / MANIFEST, manifest.to_json())
@@ -238,6 +272,7 @@ def _export_graphs(
     """One graph per exit and the static graph."""
     pieces = []
     x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
+    probe = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     n = len(model.segments)
     with torch.no_grad():
         for i, segment in enumerate(model.segments):
@@ -247,10 +282,15 @@ def _export_graphs(
                 else [f"features{i + 1}", f"logits{i + 1}", f"score{i + 1}"]
             )
             piece = exit_piece(model, i, point.policy, point.normalize)
-            pieces.append(
-                export_graph(piece, x, "image" if i == 0 else f"features{i}", outputs, opset)
-            )
-            x = segment(x)
+            name = "image" if i == 0 else f"features{i}"
+            export = partial(export_graph, piece, x, name, outputs, opset)
+            if i == n - 1:  # the last exit always answers: its graph holds no score
+                graph = export()
+            else:
+                graph = traced(point.policy, i, export)
+                check_scores(point.policy, i, graph, piece, probe)
+            pieces.append(graph)
+            x, probe = segment(x), segment(probe)
         static = export_graph(
             static_network(model), torch.zeros(2, channels, size, size), "image", ["logits"], opset
         )

@@ -146,7 +146,7 @@ def quantize_graph(proto: onnx.ModelProto, inputs: torch.Tensor) -> onnx.ModelPr
 
 def _splits(run_dir: Path, info: ModelInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The run's val and test images, normalised as in training, and their labels."""
-    split = prepare_data(load_config(str(RunDir(run_dir).config)))
+    split = prepare_data(load_config(str(RunDir(run_dir).config), recorded=True))
     d = info.data
     return {
         name: (normalize_images(x, d.mean, d.std), y)
@@ -173,6 +173,7 @@ def quantize_export(
     pieces: list[onnx.ModelProto],
     static: onnx.ModelProto,
     point: Deployment,
+    weights_sha256: str | None = None,
 ) -> Quantized:
     """Every graph as int8, and the deployment re-chosen on the int8 pieces' val outputs (a
     given threshold is kept: the user chose it)."""
@@ -192,7 +193,7 @@ def quantize_export(
     int8 = [ort_piece(ort_session(p.SerializeToString())) for p in q_pieces]
     logits = {name: exit_logits(int8, x) for name, (x, _) in data.items()}
     cache = LogitsCache(logits, {k: y for k, (_, y) in data.items()}, list(info.exit_macs), "")
-    report = read_current_report(run_dir)
+    report = read_current_report(run_dir, weights_sha256)
     max_drop, budget = _criterion(report)
     summarized = summarize(
         cache,

@@ -125,7 +125,7 @@ def held_out_images(run_dir: Path, manifest: Manifest) -> tuple[torch.Tensor, to
             f"the run this export came from ({run_dir}) is not available ({config} is "
             "missing), so there are no test images to time; give the run folder instead"
         )
-    x, y = prepare_data(load_config(str(config))).test  # a message for streamed data
+    x, y = prepare_data(load_config(str(config), recorded=True)).test  # streamed data: a message
     d = manifest.info.data
     return normalize_images(x, d.mean, d.std), y
 

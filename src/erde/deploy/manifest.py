@@ -34,7 +34,7 @@ from typing_extensions import NotRequired, TypedDict
 from erde.data.decode import resized_shorter_side
 from erde.deploy.onnx_wire import graph_facts
 from erde.errors import ErdeError
-from erde.evaluation.rule import POLICIES
+from erde.evaluation.rule import PolicyName
 from erde.files import parse_json, read_json, sha256_bytes
 from erde.run.formats import (
     VERSION_KEY,
@@ -117,6 +117,15 @@ SCORES = {
     ("maxprob", False): "1 - max_k p_k of p = softmax(logits), summed over the other classes",
     ("maxprob", True): "1 - max_k p_k of p = softmax(logits), summed over the other classes",
 }
+
+
+def score_text(policy: str, normalize: bool) -> str:
+    """The score formula in words: erde's own policies', or a plugin's name (its module says
+    how it scores; the graph computes it)."""
+    plugin = f"the plugin exit policy {policy!r} (normalize={str(normalize).lower()})"
+    return SCORES.get((policy, normalize), plugin)
+
+
 CURVE_NOTE = (
     "the val sweep's thresholds that are the best choice for some MACs budget, by increasing "
     "MACs: for a budget, take the last point whose expected_macs is within it"
@@ -165,7 +174,7 @@ class Exits(_Block):
     numbering: Literal["1-based"]
     macs: Any  # cumulative per image, `ModelInfo.exit_macs`
     static_macs: Any
-    policy: Literal[POLICIES]
+    policy: PolicyName
     normalize: Flag
     score: Text
     rule: Literal[RULE]
@@ -173,7 +182,7 @@ class Exits(_Block):
 
     @model_validator(mode="after")
     def _score_of_policy(self) -> Exits:
-        if self.score != SCORES[(self.policy, self.normalize)]:
+        if self.score != score_text(self.policy, self.normalize):
             raise FieldProblem(
                 "score", f"does not describe policy {self.policy!r} (normalize={self.normalize})"
             )
@@ -319,7 +328,7 @@ def _from_version_3(raw: dict) -> dict:
     exits.update({k: got[k] for k in ("policy", "normalize", "threshold") if k in got})
     exits.update({k.replace("exit_", ""): got[k] for k in ("exit_macs", "static_macs") if k in got})
     if isinstance(policy, str) and isinstance(normalize, bool):
-        exits["score"] = SCORES.get((policy, normalize))
+        exits["score"] = score_text(policy, normalize)
     return {**raw, "preprocess": preprocess, "exits": exits, "val_curve": None}
 
 
@@ -398,7 +407,7 @@ class Manifest:
                 "static_macs": i.static_macs,
                 "policy": point.policy,
                 "normalize": point.normalize,
-                "score": SCORES[(point.policy, point.normalize)],
+                "score": score_text(point.policy, point.normalize),
                 "rule": RULE,
                 "threshold": point.threshold,
             },

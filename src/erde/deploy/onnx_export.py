@@ -18,7 +18,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 from erde.errors import ErdeError
-from erde.files import sha256_file
+from erde.files import sha256_file, write_bytes
 
 BATCH = "batch"  # name of the dynamic batch dimension in every graph
 # The opsets the exporter writes natively (onnxscript's torchlib targets 18; lower ones would go
@@ -94,7 +94,7 @@ def shapes(values) -> list[dict]:
 def save_graph(proto: onnx.ModelProto, path: Path) -> dict:
     """Write one graph (inline, one file) and return its manifest entry: file, sha256, inputs
     and outputs (names and shapes)."""
-    path.write_bytes(proto.SerializeToString())
+    write_bytes(path, proto.SerializeToString())
     return {
         "file": path.name,
         "sha256": sha256_file(path),

@@ -9,8 +9,9 @@ single call when the export has one, larger batches are split; `form="split"` or
 >= 0 and the rule is strict), so `auto` then runs the export's static network (`static.onnx`, no
 intermediate heads): the same final-exit answers without paying for heads no image can use.
 
-Each piece returns its exit score, computed with the simulator's own formula
-(`erde.evaluation.policy.exit_scores`, traced into the ONNX graph by `erde export`), and the
+Each piece returns its exit score, computed with the simulator's own formula (the registered
+policy's, `erde.evaluation.policy.exit_scores`, traced into the ONNX graph by `erde export`, so
+the runtime reads only the policy's name and needs no plugin), and the
 runtime applies the same float32 comparison `score < threshold`, so it takes the exits `simulate`
 predicts (up to float rounding between ONNX Runtime and PyTorch); the last exit always answers.
 Two backends share this loop: ONNX Runtime on an `erde export` folder (the deployment path) and
@@ -38,7 +39,7 @@ from erde.deploy.images import read_image
 from erde.deploy.manifest import EXIT, LOGITS, THRESHOLDS, Deployment, read_graph, read_manifest
 from erde.device import cores
 from erde.errors import ErdeError
-from erde.evaluation.rule import check_policy, threshold_array
+from erde.evaluation.rule import check_policy_name, threshold_array
 from erde.run.model_info import ModelInfo
 
 # A piece maps its input to (features for the next piece, logits, exit score), float32 numpy
@@ -181,7 +182,7 @@ class EarlyExitRuntime:
         single: Single | None = None,
         static: Static | None = None,
     ) -> None:
-        check_policy(point.policy)
+        check_policy_name(point.policy)
         if len(pieces) != info.num_exits:
             raise ValueError(f"{len(pieces)} pieces but {info.num_exits} exits")
         self.pieces = list(pieces)

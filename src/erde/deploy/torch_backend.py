@@ -15,7 +15,7 @@ import torch
 from erde.deploy.manifest import Deployment
 from erde.deploy.threshold import deployment
 from erde.evaluation.policy import exit_scores
-from erde.models.load import load_model
+from erde.models.load import load_run_model
 from erde.run.model_info import ModelInfo
 
 # `erde.deploy.runtime.Piece`, spelt out: that module imports this one (in `from_run`)
@@ -42,8 +42,8 @@ def run_pieces(
     run_dir: str | Path, threshold: float | None, policy: str | None, normalize: bool | None
 ) -> tuple[list[Piece], ModelInfo, Deployment]:
     """One eager piece per exit of the run's model, its info and deployment point."""
-    model, info = load_model(run_dir)
-    point = deployment(run_dir, threshold, policy, normalize)
+    model, info, digest = load_run_model(run_dir)
+    point = deployment(run_dir, threshold, policy, normalize, weights_sha256=digest)
     n = len(model.segments)
     pieces = [
         _torch_piece(s, h, i == n - 1, point.policy, point.normalize)

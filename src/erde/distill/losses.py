@@ -1,32 +1,34 @@
-"""Training losses: teacher, ce, kd, kd-masked and ERDE (docs/method.md, "Losses").
+"""Training losses: teacher, ce, kd, kd-masked, ERDE, self-kd and the plugins' (docs/method.md,
+"Losses").
 
 One engine trains every method; the method only chooses which per-exit terms enter the total (its
-row in `erde.config.methods.METHOD_TABLE`), so a comparison between methods changes nothing but
-the loss. Arguments are checked with the config schema's own table
-(`erde.config.schema.check_value`), so a direct Python caller gets the message `erde train`
-gives for the same value.
+registration, `erde.config.methods.register_method`), so a comparison between methods changes
+nothing but the loss. A plugin's own term is a function of one exit (`ExitContext`). Arguments
+are checked with the config schema's own table (`erde.config.schema.check_value`), so a direct
+Python caller gets the message `erde train` gives for the same value.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from erde.config.methods import ENTROPY_EXITS, ENTROPY_TERMS, METHOD_TABLE, METHODS, PAIRINGS
+from erde.config.methods import ENTROPY_EXITS, ENTROPY_TERMS, PAIRINGS, check_option, get_method
 from erde.config.schema import DistillConfig, check_value
 from erde.errors import ErdeError
 
 __all__ = [
     "ENTROPY_EXITS",
     "ENTROPY_TERMS",
-    "METHODS",
     "PAIRINGS",
     "DistillLoss",
+    "ExitContext",
     "LossResult",
     "make_loss",
     "pair_exits",
@@ -77,6 +79,21 @@ def _closest(fraction: float, teacher_fractions: Sequence[float]) -> int:
     return best
 
 
+@dataclass(frozen=True)
+class ExitContext:
+    """What a plugin method's own term gets besides the exit's logits, the labels and its paired
+    teacher exit's logits: `loss(student, labels, teacher, ctx)` returns one value per image,
+    which the total adds weighted by the exit's `distill.exit_weights` alone (the term scales
+    itself, reading `alpha` where it wants the label term's complement)."""
+
+    exit: int  # 0-based
+    num_exits: int
+    alpha: float
+    temperature: float
+    options: Mapping[str, Any]  # the method's own keys (distill.options), defaults filled in
+    final: Tensor  # the student's last exit, detached: a target for self-distillation
+
+
 @dataclass
 class LossResult:
     """The differentiable total plus detached scalars for the log (fixed keys for every method;
@@ -105,6 +122,7 @@ class DistillLoss:
         exit_weights: Sequence[float] | None = _DEFAULTS.exit_weights,
         entropy_term: str = _DEFAULTS.entropy_term,
         entropy_exits: str = _DEFAULTS.entropy_exits,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         given = {
             "method": method,
@@ -133,9 +151,10 @@ class DistillLoss:
                     f"({num_exits}), got {pairing}; build it with erde.distill.losses.pair_exits"
                 )
         self.method = method
-        self.spec = METHOD_TABLE[method]
-        # Without a teacher only labels teach; without the entropy term beta weighs nothing.
-        self.alpha = float(alpha) if self.spec.needs_teacher else 1.0
+        self.spec = get_method(method)
+        self.options = self._options(options or {})
+        # Without soft targets only labels teach; without the entropy term beta weighs nothing.
+        self.alpha = float(alpha) if self.spec.distils else 1.0
         self.beta = float(beta) if self.spec.entropy else 0.0
         self.temperature = float(temperature)
         self.exit_weights = weights
@@ -143,6 +162,20 @@ class DistillLoss:
         self.entropy_exits = entropy_exits
         self.pairing = pairing
         self.num_exits = num_exits
+
+    def _options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's own keys: the given values, checked, over the defaults."""
+        own = self.spec.keys
+        for name in given:
+            if name not in own:
+                raise ErdeError(
+                    f"options has {name!r}, which method {self.method!r} does not declare; "
+                    f"its keys are {', '.join(own) or 'none'}"
+                )
+        return {
+            k: check_option(f"distill.options.{k}", given.get(k, spec.default), spec)
+            for k, spec in own.items()
+        }
 
     @property
     def needs_teacher(self) -> bool:
@@ -163,26 +196,37 @@ class DistillLoss:
         pairing = self._pairing(student_logits, teacher_logits)
         zero = torch.zeros((), dtype=_compute_dtype(student_logits[0]), device=labels.device)
         components: dict[str, Tensor] = {}
-        sums = {"ce": zero, "kl": zero, "entropy": zero}
+        own = self.spec.loss
+        sums = {"ce": zero, "kl": zero, "entropy": zero, **({"own": zero} if own else {})}
         total = zero
+        last = len(student_logits) - 1
+        final = student_logits[last].detach().to(_compute_dtype(student_logits[last]))
         for i, logits in enumerate(student_logits):
             s = logits.to(_compute_dtype(logits))
-            terms = {
-                "ce": F.cross_entropy(s, labels, reduction="none"),
-                "kl": None,
-                "entropy": None,
-            }
-            wrong = None
+            ce = F.cross_entropy(s, labels, reduction="none") if "ce" in self.spec.terms else None
+            terms: dict[str, Tensor | None] = {"ce": ce, "kl": None, "entropy": None}
+            wrong, t = None, None
             if pairing is not None:
                 t = teacher_logits[pairing[i]].detach().to(s.dtype)
                 _check_teacher_shape(t, s, i, pairing[i])
                 right = (t.argmax(dim=1) == labels).to(s.dtype)
                 wrong = 1.0 - right
-                kl = self._kl(s, t)
-                terms["kl"] = kl if self.spec.kd == "all" else right * kl
+                if self.spec.kd is not None:
+                    kl = self._kl(s, t)
+                    terms["kl"] = kl if self.spec.kd == "all" else right * kl
                 if self.spec.entropy and self._entropy_on(i):
                     terms["entropy"] = wrong * self._entropy(s)
-            scales = {"ce": self.alpha, "kl": 1.0 - self.alpha, "entropy": self.beta}
+            # Self-distillation: each earlier exit learns from the last, which learns from labels.
+            self_kd = "self-kd" in self.spec.terms
+            if self_kd and i < last:
+                terms["kl"] = self._kl(s, final)
+            ce_scale = 1.0 if self_kd and i == last else self.alpha
+            scales = {"ce": ce_scale, "kl": 1.0 - self.alpha, "entropy": self.beta, "own": 1.0}
+            if own is not None:
+                ctx = ExitContext(
+                    i, self.num_exits, self.alpha, self.temperature, self.options, final
+                )
+                terms["own"] = _own_term(self.method, own(s, labels, t, ctx), s, i)
             for key, per_sample in terms.items():
                 mean = zero if per_sample is None else per_sample.mean()
                 weighted = self.exit_weights[i] * scales[key] * mean
@@ -244,6 +288,17 @@ make_loss = DistillLoss
 def _compute_dtype(logits: Tensor) -> torch.dtype:
     """Half-precision logits are upcast: softmax and log in float16 lose too much."""
     return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _own_term(method: str, value: Any, s: Tensor, i: int) -> Tensor:
+    """A plugin term's value, refused unless it is one finite number per image."""
+    if not isinstance(value, Tensor) or value.shape != s.shape[:1]:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ErdeError(
+            f"method {method!r}: its loss gave {shape} at exit {i + 1}; it must return one value "
+            f"per image (shape ({s.shape[0]},)): fix the plugin's loss function"
+        )
+    return value.to(s.dtype)
 
 
 def _check_teacher_shape(t: Tensor, s: Tensor, i: int, j: int) -> None:

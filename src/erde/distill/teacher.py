@@ -5,21 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from erde.data.pixels import Renormalize
 from erde.errors import ErdeError
-from erde.files import sha256_file
-from erde.models.load import load_model
+from erde.models.load import RunModel, load_run_model
 from erde.run.checkpoint import check_finished
-from erde.run.layout import RunDir
-from erde.run.model_info import DataInfo, ModelInfo
+from erde.run.model_info import DataInfo
 
 
-def check_teacher(run_dir: str | Path, data: DataInfo) -> tuple[nn.Module, ModelInfo]:
+def check_teacher(run_dir: str | Path, data: DataInfo) -> RunModel:
     """A finished run trained on the student's data: its model (CPU, eval mode) and sidecar.
     `erde reproduce` calls it before training any student, `Teacher` when distillation starts."""
-    model, info = load_model(run_dir)
+    loaded = load_run_model(run_dir)
+    info = loaded.info
     check_finished(run_dir, info, "teacher run", "distilling from it")
     key = info.data.mismatch(data)
     if key is not None:
@@ -28,7 +26,7 @@ def check_teacher(run_dir: str | Path, data: DataInfo) -> tuple[nn.Module, Model
             f"but the student's data has {key}={getattr(data, key)!r}; train both on "
             "the same data source"
         )
-    return model, info
+    return loaded
 
 
 class Teacher:
@@ -41,7 +39,7 @@ class Teacher:
     def __init__(
         self, run_dir: str | Path, data: DataInfo, device: torch.device, channels_last: bool
     ) -> None:
-        model, info = check_teacher(run_dir, data)
+        model, info, digest = check_teacher(run_dir, data)
         model = model.to(device)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -50,7 +48,7 @@ class Teacher:
         self.model = model.eval()
         self.info = info
         # What the student's cache and training state are tied to: a replaced teacher is seen.
-        self.weights_sha256 = sha256_file(RunDir(run_dir).weights)
+        self.weights_sha256 = digest  # of the bytes the model was loaded from
         own = (info.data.mean, info.data.std)
         self.inputs = Renormalize((data.mean, data.std), own, device)
 

@@ -10,7 +10,6 @@ from erde import lazy_names
 
 # name -> module that defines it
 _LAZY = {
-    "POLICIES": "erde.evaluation.rule",
     "Calibration": "erde.evaluation.calibrate",
     "Curve": "erde.evaluation.sweep",
     "apply": "erde.evaluation.calibrate",
@@ -21,6 +20,8 @@ _LAZY = {
     "default_thresholds": "erde.evaluation.sweep",
     "maxprob_threshold": "erde.evaluation.policy",
     "per_exit_accuracy": "erde.evaluation.metrics",
+    "policy_names": "erde.evaluation.policies",
+    "register_policy": "erde.evaluation.policies",
     "resolve_budget": "erde.evaluation.calibrate",
     "simulate": "erde.evaluation.policy",
     "sweep": "erde.evaluation.sweep",

@@ -24,8 +24,8 @@ from erde.data import DeviceBatches
 from erde.data.prepare import eval_batches, prepare_data
 from erde.device import resolve_device
 from erde.errors import ErdeError
-from erde.files import sha256_file, write_bytes
-from erde.models.load import load_model
+from erde.files import write_bytes
+from erde.models.load import load_run_model
 from erde.run import checkpoint as ckpt
 from erde.run.formats import ExitMacs
 from erde.run.layout import RunDir
@@ -60,15 +60,15 @@ def collect_logits(
 def build_cache(run_dir: str | Path, device: str = "auto") -> LogitsCache:
     """One pass of the run's model over its own validation split and the test split."""
     run = RunDir(run_dir)
-    model, info = load_model(run)
-    cfg = load_config(str(run.config))
+    model, info, digest = load_run_model(run)  # the digest of the bytes the logits come from
+    cfg = load_config(str(run.config), recorded=True)
     dev = resolve_device(device)
     model.to(dev)
     split = prepare_data(cfg)
     logits, labels = {}, {}
     for name in ("val", "test"):  # the training engine's own eval batches: in memory or streamed
         logits[name], labels[name] = collect_logits(model, eval_batches(cfg, split, name, dev))
-    return LogitsCache(logits, labels, list(info.exit_macs), sha256_file(run.weights))
+    return LogitsCache(logits, labels, list(info.exit_macs), digest)
 
 
 def save_cache(path: Path, cache: LogitsCache) -> None:
@@ -151,11 +151,12 @@ def load_cache(run_dir: str | Path, *, refresh: bool = False, device: str = "aut
     refused when it came from other weights."""
     run = RunDir(run_dir)
     path = run.logits
-    info = ckpt.load_weights(run)[1]  # the clear message for missing or corrupt weights
+    weights = ckpt.read_weights(run)  # the clear message for missing or corrupt weights
+    info = weights.info
     ckpt.check_finished(run.path, info, "run", "evaluating it")
     if path.is_file() and not refresh:
         cache = read_cache(path)
-        if cache.weights_sha256 != sha256_file(run.weights):
+        if cache.weights_sha256 != weights.sha256:
             raise ErdeError(
                 f"logits cache {path} was computed from other weights than "
                 f"{run.weights} (another model or an earlier epoch); "

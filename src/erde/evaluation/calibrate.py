@@ -19,6 +19,7 @@ from erde.evaluation.policy import check_logits
 from erde.evaluation.scores import ExitScores, check_labels
 from erde.evaluation.sweep import Curve, check_exit_macs
 from erde.run.report import OperatingPoint
+from erde.run.units import millions, percent
 
 
 @dataclass
@@ -56,8 +57,9 @@ def check_budget(budget_macs: float, macs_range: tuple[float, float]) -> None:
     lo, hi = (float(m) for m in macs_range)
     if not lo <= budget_macs <= hi:
         raise ErdeError(
-            f"a MACs budget of {budget_macs:.6g} per image is outside what this model can spend: "
-            f"[{lo:.6g}, {hi:.6g}] MACs (first exit to full model). Choose a budget in that range."
+            f"a MACs budget of {millions(budget_macs, 6)} per image is outside what this model can "
+            f"spend: {millions(lo, 6)} to {millions(hi, 6)} MACs (first exit to full model). "
+            "Choose a budget in that range."
         )
 
 
@@ -76,7 +78,7 @@ def calibrate_for_budget(val_curve: Curve, budget_macs: float) -> Calibration:
     ok = np.flatnonzero(val_curve.expected_macs <= budget_macs)
     if ok.size == 0:
         raise ErdeError(
-            f"no validation threshold spends at most {budget_macs:.6g} MACs per image; "
+            f"no validation threshold spends at most {millions(budget_macs)} MACs per image; "
             "sweep with larger thresholds (the default grid includes one)."
         )
     # lexsort keys: last is primary -> highest accuracy, then fewest MACs, then lowest threshold.
@@ -86,7 +88,7 @@ def calibrate_for_budget(val_curve: Curve, budget_macs: float) -> Calibration:
     return _pick(
         val_curve,
         int(ok[order[0]]),
-        f"highest val accuracy with val expected MACs <= {budget_macs:.6g} per image",
+        f"highest val accuracy with val expected MACs <= {millions(budget_macs)} per image",
     )
 
 
@@ -106,7 +108,7 @@ def calibrate_for_accuracy(val_curve: Curve, target_accuracy: float) -> Calibrat
         return _pick(
             val_curve,
             int(ok[order[0]]),
-            f"fewest val expected MACs with val accuracy >= {target_accuracy:.4f}",
+            f"fewest val expected MACs with val accuracy >= {percent(target_accuracy)}",
         )
     full = np.flatnonzero(val_curve.exit_share[:, -1] == 1.0)
     if full.size == 0:
@@ -118,7 +120,7 @@ def calibrate_for_accuracy(val_curve: Curve, target_accuracy: float) -> Calibrat
         threshold=0.0,
         val_accuracy=float(val_curve.accuracy[full[0]]),
         val_expected_macs=float(val_curve.expected_macs[full[0]]),
-        criterion=f"val accuracy >= {target_accuracy:.4f} is not reached at any threshold; "
+        criterion=f"val accuracy >= {percent(target_accuracy)} is not reached at any threshold; "
         "using the full model (threshold 0)",
         reached=False,
     )

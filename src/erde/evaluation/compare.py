@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import methods_table
 from erde.errors import ErdeError
 from erde.evaluation.groups import check_seeds, differing_keys, experiment_keys, group_label
 from erde.evaluation.summary import RunSummary
@@ -73,7 +73,8 @@ def aggregate(summaries: Sequence[RunSummary], max_drop: float) -> Comparison:
 
 
 def _is_student(method: str) -> bool:
-    return METHOD_TABLE[method].student if method in METHOD_TABLE else True
+    table = methods_table()
+    return table[method].student if method in table else True
 
 
 def accuracy_of_macs(curve: Curve) -> tuple[np.ndarray, np.ndarray]:

@@ -168,6 +168,7 @@ def diagnose_scores(
         teacher_wrong_share=None
         if teacher_right is None
         else float(1 - teacher_right[:, -1].mean()),
+        teacher_wrong_images=None if teacher_right is None else int((~teacher_right[:, -1]).sum()),
         early_exit_share=float(early.mean()) if n else 0.0,
         early_exit_error=_mean((prediction != labels).numpy()[early]),
         per_exit=[

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from erde.config.method_keys import applies
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import methods_table
 from erde.config.records import Record, record_of
 from erde.config.schema import records
 from erde.errors import ErdeError
@@ -47,7 +47,7 @@ def experiment_keys(
     the method does not read (docs/method.md, "Losses") cannot make its runs differ. `table`:
     the key records (default: the schema's)."""
     table = records() if table is None else table
-    known = method in METHOD_TABLE
+    known = method in methods_table()
     return {
         k: v
         for k, v in _flatten(config).items()

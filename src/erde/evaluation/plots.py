@@ -38,6 +38,7 @@ GAP = 0.05
 # The markers of each exit on its own (hollow circles) and of the chosen point (diamonds).
 EXITS_LABEL = "each exit on its own"
 _EXIT_MARKER = {"linestyle": "none", "marker": "o", "markersize": 5, "markerfacecolor": "white"}
+EXIT_SHAPES = ("o", "s", "^", "v", "P", "X", "<", ">")  # one per series, in turn
 _CHOSEN_MARKER = {"linestyle": "none", "marker": "D", "markersize": 7, "markeredgecolor": "black"}
 
 
@@ -103,7 +104,8 @@ def plot_tradeoff(
     """
     fig, ax = _figure((6.4, 4.4))
     xs: list[np.ndarray] = []  # every x drawn, which decides the axis scale
-    handles = [_draw_series(ax, s, xs) for s in series]
+    shapes = [EXIT_SHAPES[i % len(EXIT_SHAPES)] for i in range(len(series))]
+    handles = [_draw_series(ax, s, xs, shape) for s, shape in zip(series, shapes, strict=True)]
     handles += _marker_handles(series, chosen_label)
     if reference is not None:
         handles.append(_draw_reference(ax, reference, xs))
@@ -117,8 +119,10 @@ def plot_tradeoff(
     return fig
 
 
-def _draw_series(ax: Any, s: Series, xs: list[np.ndarray]) -> Any:
-    """One series' line, std band, exit and chosen markers in one colour; adds its x to `xs`."""
+def _draw_series(ax: Any, s: Series, xs: list[np.ndarray], shape: str) -> Any:
+    """One series' line, std band, exit and chosen markers in one colour; adds its x to `xs`.
+    Its exit markers take `shape`, which its legend entry shows: students of one architecture
+    share their exits' MACs, and markers of one shape would hide each other."""
     macs = np.asarray(s.macs, dtype=float) / 1e6
     acc = np.asarray(s.accuracy, dtype=float) * 100
     (line,) = ax.plot(macs, acc, label=s.label, linewidth=1.5)
@@ -130,11 +134,16 @@ def _draw_series(ax: Any, s: Series, xs: list[np.ndarray]) -> Any:
     if s.exits is not None:
         exit_macs = np.asarray(s.exits[0], dtype=float) / 1e6
         xs.append(exit_macs)
-        ax.plot(exit_macs, np.asarray(s.exits[1]) * 100, **_EXIT_MARKER, color=color)
+        marker = {**_EXIT_MARKER, "marker": shape}
+        ax.plot(exit_macs, np.asarray(s.exits[1]) * 100, **marker, color=color)
     if s.chosen is not None:
         xs.append(np.array([s.chosen[0] / 1e6]))
         ax.plot([s.chosen[0] / 1e6], [s.chosen[1] * 100], **_CHOSEN_MARKER, color=color)
-    return line
+    if s.exits is None:
+        return Line2D([], [], color=color, linewidth=1.5, label=s.label)
+    return Line2D(
+        [], [], color=color, linewidth=1.5, label=s.label, marker=shape, markerfacecolor="white"
+    )
 
 
 def _marker_handles(series: Sequence[Series], chosen_label: str) -> list[Any]:
@@ -232,27 +241,30 @@ def plot_diagnostics(path: str | Path, report: Report) -> Figure:
     if d is None:
         raise ValueError("the report has no diagnostics to plot")
     per_exit = d.per_exit
-    fig, axes = _figure((14.0, 4.0), ncols=3)
+    fig, axes = _figure((18.0, 4.0), ncols=4)
     fig.set_layout_engine("constrained")
-    auroc = [None if x.auroc is None else 100 * x.auroc for x in per_exit]
-    ranking = {"ECE (%)": [100 * x.ece for x in per_exit], "AUROC right vs wrong (%)": auroc}
-    _bars(axes[0], ranking, "%", "calibration and ranking (test)")
+    # ECE (about 1 %) and AUROC (50-100 %) on one axis would hide ECE: one panel each.
+    _bars(axes[0], {"ECE": [100 * x.ece for x in per_exit]}, "ECE (%)", "calibration (test)")
+    auroc = [None if x.auroc is None else x.auroc for x in per_exit]
+    _bars(axes[1], {"AUROC": auroc}, "AUROC, right vs wrong", "ranking (test)")
+    axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1)
     shares = {"all images": [100 * s for s in report.chosen.test_exit_share]}
     if d.teacher_wrong_share is None:
-        axes[1].set_axis_off()
-        axes[1].text(0.5, 0.5, "exit score by teacher answer:\nn/a, no --reference", ha="center")
+        axes[2].set_axis_off()
+        axes[2].text(0.5, 0.5, "exit score by teacher answer:\nn/a, no --reference", ha="center")
     else:
         scores = {
             "teacher right": [x.mean_score_teacher_right for x in per_exit],
             "teacher wrong": [x.mean_score_teacher_wrong for x in per_exit],
         }
-        _bars(axes[1], scores, f"mean {report.policy} score", "exit score by teacher answer (test)")
-        shares["teacher-wrong images"] = [
+        _bars(axes[2], scores, f"mean {report.policy} score", "exit score by teacher answer (test)")
+        count = "" if d.teacher_wrong_images is None else f" (n = {d.teacher_wrong_images})"
+        shares[f"teacher-wrong images{count}"] = [
             None if x.teacher_wrong_exit_share is None else 100 * x.teacher_wrong_exit_share
             for x in per_exit
         ]
     title = f"where test images exit at threshold {report.chosen.threshold:.3g}"
-    _bars(axes[2], shares, "images leaving here (%)", title)
+    _bars(axes[3], shares, "images leaving here (%)", title)
     fig.suptitle(f"{report.model} ({report.method}): mechanism diagnostics", fontsize=11)
     _save(fig, path)
     return fig

@@ -2,17 +2,22 @@
 
 Every policy yields a *score* per image and exit where lower means more confident, so one rule
 serves all of them: an image leaves at the first exit whose score is below that exit's threshold
-theta, and the last exit always answers.
+theta, and the last exit always answers. The policies are registered by name
+(`erde.evaluation.policies`: the built-ins below, and the user's own with `register_policy`).
 
 - ``entropy``: Shannon entropy (natural log) of the exit's softmax, in [0, log K]; with
   ``normalize=True`` it is divided by log K and lies in [0, 1].
 - ``maxprob``: ``1 - max softmax probability``, in [0, 1 - 1/K]. "Exit when the top class has
   probability above p" is theta = ``maxprob_threshold(p)`` = 1 - p. ``normalize`` has no effect
   here because the score already lies in [0, 1].
+- ``margin``: ``1 - (p1 - p2)``, one minus the gap between the two largest probabilities, in
+  [0, 1]. "Exit when the top class leads the runner-up by more than m" is theta = 1 - m.
+  ``normalize`` has no effect.
 
-Thresholds: theta = 0 never exits early (no score is negative), so every image reaches the last
-exit. A theta above every possible score (e.g. > log K for raw entropy, > 1 for maxprob) is
-allowed and means "always leave at the first exit". Negative or NaN thresholds are mistakes.
+Thresholds: theta = 0 never exits early (no score is negative: a plugin's negative scores count
+as 0), so every image reaches the last exit. A theta above every possible score (e.g. > log K
+for raw entropy, > 1 for maxprob) is allowed and means "always leave at the first exit".
+Negative or NaN thresholds are mistakes.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from erde.errors import ErdeError
-from erde.evaluation.rule import POLICIES as POLICIES  # the names, re-exported
-from erde.evaluation.rule import check_policy, threshold_array
+from erde.evaluation.policies import get_policy
+from erde.evaluation.rule import threshold_array
 
 
 def check_logits(logits: torch.Tensor) -> None:
@@ -50,23 +55,17 @@ def maxprob_threshold(p: float) -> float:
 
 
 def exit_scores(logits: torch.Tensor, policy: str, normalize: bool) -> torch.Tensor:
-    """Scores over the last (class) dimension, with plain tensor ops only.
+    """The registered policy's scores over the last (class) dimension, with tensor ops only.
 
     This is the one formula: the simulator uses it through `confidence_scores`, and `erde
     export` traces it into every exit's ONNX piece, so a deployed model decides exactly as the
-    evaluation predicted. Computed from log-softmax in float32 so half-precision inputs and
-    logits of +/-1e4 give finite, accurate scores.
+    evaluation predicted. The policy gets float32 logits, so half-precision inputs give the
+    same scores; the built-ins work from log-softmax, finite and accurate at logits of +/-1e4.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    if policy == "entropy":
-        scores = -(logp.exp() * logp).sum(dim=-1)
-        if normalize:
-            scores = scores / math.log(logits.shape[-1])
-    else:
-        # Summing the other classes' probabilities keeps 1 - p_max accurate when p_max is within
-        # float32 rounding of 1, where the subtraction would give 0.
-        top = logp.argmax(dim=-1, keepdim=True)
-        scores = logp.exp().scatter(-1, top, 0.0).sum(dim=-1)
+    registered = get_policy(policy)
+    scores = registered.score(logits.float())
+    if normalize and registered.normalizer is not None:
+        scores = scores / registered.normalizer(logits.shape[-1])
     return scores.clamp_min(0.0)
 
 
@@ -75,9 +74,13 @@ def confidence_scores(
 ) -> torch.Tensor:
     """Per-image, per-exit scores (N x E, float32, >= 0); lower means more confident."""
     check_logits(logits)
-    check_policy(policy)
     scores = exit_scores(logits, policy, normalize)
     if not torch.isfinite(scores).all():
+        if torch.isfinite(logits).all():
+            raise ErdeError(
+                f"the exit policy {policy!r} gave scores that are not finite for finite logits; "
+                "fix the policy's function so that every score is a finite number"
+            )
         raise ErdeError(
             "per-exit logits contain NaN or infinite values (the model diverged or the cache is "
             "corrupt); retrain with a lower learning rate or re-create the logits cache."

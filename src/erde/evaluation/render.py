@@ -28,6 +28,7 @@ NO_REFERENCE = "no reference run (--reference)"
 KEEP_REFERENCE = "keep reference val accuracy: MACs reduction at test accuracy"
 KEEP_OWN = "keep own val accuracy: MACs reduction at test accuracy"
 BELOW_FIRST_EXIT = "budget below the first exit's cost"
+AUC_HEAD = "test AUC, own MACs range (%)"
 
 
 def _pct(x: float) -> str:
@@ -207,23 +208,31 @@ def _points_legend(r: Report) -> list[str]:
 
 
 def _diagnostic_rows(r: Report, d: Diagnostics) -> list[list[str]]:
+    """One row per exit; the teacher columns only when a reference run was given."""
+
     def cell(i: int, v: float | None, reason: Reason, digits: int, scale: float = 1.0) -> str:
         return _mean_std([None if v is None else scale * v], missing=reason(r, i), digits=digits)
 
-    return [
-        [
+    with_teacher = d.teacher_wrong_share is not None
+    rows = []
+    for i, x in enumerate(d.per_exit):
+        row = [
             str(i + 1),
             _pct(r.per_exit_accuracy["test"][i]),
             _pct(x.ece),
             cell(i, x.auroc, _auroc_reason, 3),
-            f"n/a: {NO_REFERENCE}" if x.teacher_exit is None else str(x.teacher_exit),
-            cell(i, x.mean_score_teacher_right, TEACHER_ALWAYS_WRONG, 3),
-            cell(i, x.mean_score_teacher_wrong, TEACHER_ALWAYS_RIGHT, 3),
-            _pct(r.chosen.test_exit_share[i]),
-            cell(i, x.teacher_wrong_exit_share, TEACHER_ALWAYS_RIGHT, 2, scale=100),
         ]
-        for i, x in enumerate(d.per_exit)
-    ]
+        if with_teacher:
+            row += [
+                "n/a" if x.teacher_exit is None else str(x.teacher_exit),
+                cell(i, x.mean_score_teacher_right, TEACHER_ALWAYS_WRONG, 3),
+                cell(i, x.mean_score_teacher_wrong, TEACHER_ALWAYS_RIGHT, 3),
+            ]
+        row.append(_pct(r.chosen.test_exit_share[i]))
+        if with_teacher:
+            row.append(cell(i, x.teacher_wrong_exit_share, TEACHER_ALWAYS_RIGHT, 2, scale=100))
+        rows.append(row)
+    return rows
 
 
 def render_diagnostics(r: Report) -> list[str]:
@@ -231,16 +240,17 @@ def render_diagnostics(r: Report) -> list[str]:
     d = r.diagnostics
     if d is None:
         return []
+    with_teacher = d.teacher_wrong_share is not None
+    teacher_heads = ["teacher exit", "mean score, teacher right", "mean score, teacher wrong"]
+    wrong_images = "" if d.teacher_wrong_images is None else f" of {d.teacher_wrong_images}"
     headers = [
         "exit",
         "test accuracy (%)",
         f"ECE (%, {d.ece_bins} bins)",
         "AUROC of exit score",
-        "teacher exit",
-        "mean score, teacher right",
-        "mean score, teacher wrong",
+        *(teacher_heads if with_teacher else []),
         "images leaving here at the chosen threshold (%)",
-        "teacher-wrong images leaving here (%)",
+        *([f"teacher-wrong images leaving here (%{wrong_images})"] if with_teacher else []),
     ]
     wrong = (
         "none leaves early"
@@ -255,12 +265,13 @@ def render_diagnostics(r: Report) -> list[str]:
         f"Exit score: {r.policy}{' (normalised)' if r.normalize else ''}, lower = more "
         "confident. AUROC: how well the score tells the exit's right answers from its wrong "
         "ones (0.5 = chance). "
-        f"Teacher: {d.teacher_note}."
         + (
-            ""
+            "No teacher columns: no reference run given (--reference TEACHER)."
             if d.teacher_wrong_share is None
-            else " Teacher-wrong images: those the reference's final exit gets wrong "
-            f"({_pct(d.teacher_wrong_share)} % of the test split)."
+            else f"Teacher: {d.teacher_note}. Teacher-wrong images: those the reference's final "
+            f"exit gets wrong ({_pct(d.teacher_wrong_share)} % of the test split"
+            + ("" if d.teacher_wrong_images is None else f", {d.teacher_wrong_images} images")
+            + ")."
         ),
         "",
         f"At the chosen threshold {r.chosen.threshold:.4g}: {_pct(d.early_exit_share)} % of test "
@@ -375,8 +386,9 @@ def _comparison_legend(
         "mean ± sample std over them.",
         "- **test accuracy per exit (%)**: each exit on its own (every image leaves there), "
         f"exits 1 to {n_exits} separated by /.",
-        "- **test AUC (%)**: mean test accuracy over the accuracy-vs-MACs curve of all "
-        "thresholds, MACs normalised to the run's full model.",
+        f"- **{AUC_HEAD}**: mean test accuracy over the accuracy-vs-MACs curve of all "
+        "thresholds, MACs normalised to the run's own full model; so it compares rows of one "
+        "architecture (students with students), not a teacher with a smaller student.",
     ]
     if not own:
         lines.append(
@@ -406,51 +418,87 @@ def _comparison_legend(
     return lines
 
 
-def _diagnostics_row(label: str, reports: list[Report]) -> list[str]:
+def _diagnostics_row(label: str, reports: list[Report], with_teacher: bool) -> list[str]:
     """One row of the comparison's diagnostics table: a group's seeds as mean ± std."""
     early = [None if r.diagnostics is None else r.diagnostics.early_exit_error for r in reports]
-    return [
+    row = [
         label,
         _per_exit(reports, lambda x: x.ece, None, scale=100),
         _per_exit(reports, lambda x: x.auroc, _auroc_reason, digits=3),
-        _per_exit(reports, lambda x: x.mean_score_teacher_right, TEACHER_ALWAYS_WRONG, digits=3),
-        _per_exit(reports, lambda x: x.mean_score_teacher_wrong, TEACHER_ALWAYS_RIGHT, digits=3),
-        _mean_std([None if e is None else 100 * e for e in early], missing="none leaves early"),
-        _per_exit(reports, lambda x: x.teacher_wrong_exit_share, TEACHER_ALWAYS_RIGHT, scale=100),
     ]
+    if with_teacher:
+        row += [
+            _per_exit(
+                reports, lambda x: x.mean_score_teacher_right, TEACHER_ALWAYS_WRONG, digits=3
+            ),
+            _per_exit(
+                reports, lambda x: x.mean_score_teacher_wrong, TEACHER_ALWAYS_RIGHT, digits=3
+            ),
+        ]
+    row.append(
+        _mean_std([None if e is None else 100 * e for e in early], missing="none leaves early")
+    )
+    if with_teacher:
+        row.append(
+            _per_exit(
+                reports, lambda x: x.teacher_wrong_exit_share, TEACHER_ALWAYS_RIGHT, scale=100
+            )
+        )
+    return row
 
 
 def render_comparison_diagnostics(groups: dict[str, list[Report]]) -> list[str]:
-    """The comparison's second table: the mechanism diagnostics per group (README, "Evaluation")."""
+    """The comparison's second table: the mechanism diagnostics per group (README, "Evaluation");
+    the teacher columns only when some run was evaluated against a reference."""
     first = next(iter(groups.values()))[0]
     bins = "" if first.diagnostics is None else f", {first.diagnostics.ece_bins} equal-width bins"
+    with_teacher = any(
+        r.diagnostics is not None and r.diagnostics.teacher_wrong_share is not None
+        for reports in groups.values()
+        for r in reports
+    )
+    teacher_heads = [
+        "mean exit score per exit, teacher right",
+        "mean exit score per exit, teacher wrong",
+    ]
     headers = [
         "group",
         "ECE per exit (%)",
         "AUROC of exit score per exit",
-        "mean exit score per exit, teacher right",
-        "mean exit score per exit, teacher wrong",
+        *(teacher_heads if with_teacher else []),
         "early exits that are wrong (%)",
-        "teacher-wrong images leaving per exit (%)",
+        *(["teacher-wrong images leaving per exit (%)"] if with_teacher else []),
     ]
-    rows = [_diagnostics_row(label, reports) for label, reports in groups.items()]
+    rows = [_diagnostics_row(label, reports, with_teacher) for label, reports in groups.items()]
+    teacher_legend = [
+        "- **mean exit score per exit, teacher right / wrong**: on the test images the reference "
+        "gets right / wrong, each exit judged by the reference exit it was paired with in "
+        "training (the final exit for runs without a pairing).",
+    ]
+    wrong_legend = [
+        "- **teacher-wrong images leaving per exit (%)**: at each run's chosen threshold, where "
+        "the images the reference's final exit gets wrong leave.",
+    ]
     return [
         "## Diagnostics (test split)",
         "",
         markdown_table(headers, rows),
         "",
-        "Per exit, separated by /; mean ± std over the seeds.",
+        "Per exit, separated by /; mean ± std over the seeds."
+        + (
+            ""
+            if with_teacher
+            else " No teacher columns: no run was evaluated against a "
+            "reference run (--reference TEACHER)."
+        ),
         "",
         f"- **ECE per exit (%)**: expected calibration error of the max probability{bins}.",
         f"- **AUROC of exit score per exit**: how well the exit score ({first.policy}, lower = "
         "more confident) tells the exit's right answers from its wrong ones (0.5 = chance).",
-        "- **mean exit score per exit, teacher right / wrong**: on the test images the reference "
-        "gets right / wrong, each exit judged by the reference exit it was paired with in "
-        "training (the final exit for runs without a pairing).",
+        *(teacher_legend if with_teacher else []),
         "- **early exits that are wrong (%)**: at each run's chosen threshold, the share of the "
         "images leaving before the last exit that are wrong.",
-        "- **teacher-wrong images leaving per exit (%)**: at each run's chosen threshold, where "
-        "the images the reference's final exit gets wrong leave.",
+        *(wrong_legend if with_teacher else []),
         "",
     ]
 
@@ -473,7 +521,7 @@ def render_comparison(c: Comparison) -> str:
         "group",
         "seeds",
         "test accuracy per exit (%)",
-        "test AUC (%)",
+        AUC_HEAD,
         *([] if own else [KEEP_REFERENCE]),
         KEEP_OWN,
         *(_budget_head(k) for k in budgets),

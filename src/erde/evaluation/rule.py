@@ -1,24 +1,31 @@
-"""The exit rule's names and thresholds with numpy only, so that the ONNX runtime (which applies
-the rule `score < threshold` per exit) runs without PyTorch; `erde.evaluation.policy` computes
-the scores and builds on these."""
+"""The exit rule's policy names and thresholds with numpy only, so that the ONNX runtime (which
+applies the rule `score < threshold` per exit) runs without PyTorch; `erde.evaluation.policy`
+computes the scores and builds on these."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Annotated
 
 import numpy as np
+from pydantic import StringConstraints
 
 from erde.errors import ErdeError
 
-# The exit policies, each implemented in `policy.exit_scores`. This module owns the names; the
-# config schema, a layer below, repeats them as `evaluate.policy`'s allowed values, and
-# tests/test_policy.py checks that the two agree.
-POLICIES: tuple[str, ...] = ("entropy", "maxprob")
+# An exit policy's name, as the manifest and the config hold it: the torch-free runtime reads only
+# the name (the score is traced into the exported graph), so it checks the spelling, never a
+# registry. `erde.evaluation.policies` holds the registered policies.
+POLICY_NAME = r"^[a-z][a-z0-9_-]{0,39}$"
+PolicyName = Annotated[str, StringConstraints(strict=True, pattern=POLICY_NAME)]
 
 
-def check_policy(policy: str) -> None:
-    if policy not in POLICIES:
-        raise ErdeError(f"unknown exit policy {policy!r}; choose one of {', '.join(POLICIES)}.")
+def check_policy_name(name: object) -> None:
+    if not isinstance(name, str) or re.fullmatch(POLICY_NAME, name) is None:
+        raise ErdeError(
+            f"exit policy name {name!r} is not allowed; use 1 to 40 lowercase letters, digits, "
+            "'-' or '_', starting with a letter (e.g. 'top2-margin')"
+        )
 
 
 def threshold_array(threshold: float | Sequence[float] | np.ndarray, n_exits: int) -> np.ndarray:

@@ -6,12 +6,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from erde.config.methods import load_method_module
 from erde.errors import ErdeError
 from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import check_budget, resolve_budget
 from erde.evaluation.compare import Comparison, aggregate
 from erde.evaluation.diagnostics import ReferenceLogits
 from erde.evaluation.plots import plot_comparison, plot_run
+from erde.evaluation.policies import get_policy
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import (
     RunSummary,
@@ -60,9 +62,12 @@ def _summarize_run(
     device: str,
     **options,
 ) -> RunSummary:
-    """One run's cache (built on first use) summarised; `options` go to `summarize`."""
-    cache = load_cache(run_dir, refresh=refresh, device=device)
+    """One run's cache (built on first use) summarised; `options` go to `summarize`. A plugin
+    method's module is imported first (when trusted): its keys' records say how runs group."""
     info = ckpt.read_info(run_dir)
+    module = info.config.get("distill", {}).get("module")
+    load_method_module(module, str(RunDir(run_dir).sidecar))
+    cache = load_cache(run_dir, refresh=refresh, device=device)
     ref, teacher = reference if reference is not None else (None, None)
     return summarize(cache, info, str(Path(run_dir)), reference=ref, teacher=teacher, **options)
 
@@ -177,6 +182,7 @@ def evaluate_run(
     with writer_lock(run_dir):
         macs = ckpt.load_weights(run_dir)[1].exit_macs  # the run's weights are readable, first
         # Every mistake is reported before the model runs to fill a cache.
+        get_policy(policy)
         check_max_drop(max_drop)
         if budget is not None:
             check_budget(resolve_budget(budget, macs[-1]), (macs[0], macs[-1]))
@@ -232,6 +238,7 @@ def compare_runs(
         raise ErdeError(f"--out {out} is a file; give a folder path for the comparison")
     if not run_dirs:
         raise ErdeError("give at least one run folder to compare")
+    get_policy(policy)
     ref = run_reference(reference, device=device) if reference else None
     options = {"policy": policy, "normalize": normalize, "max_drop": max_drop, "budgets": budgets}
     summaries = [_summarize_run(run, ref, False, device, **options) for run in run_dirs]

@@ -23,6 +23,7 @@ def build_model(
         num_classes=len(data.classes),
         in_channels=data.in_channels,
         exits=model.exits,
+        head=model.head,
         input_size=data.input_size,
         module=model.module,
         pretrained=pretrained or None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,9 @@ class Backbone:
     `ExitHead`). `he_init` asks EarlyExitNet to He-initialise every conv (erde's CIFAR recipe);
     otherwise the builder's weights are kept as they are (pretrained or the library's own init).
     `network` is the plain network the blocks were cut from, when there is one: its parameter
-    names are the ones a pretrained file uses.
+    names are the ones a pretrained file uses. `weights` names the pretrained weights loaded
+    (None: fresh), and `weights_mean`/`weights_std` the normalisation they were trained with
+    where the library records it, which fine-tuning keeps.
     """
 
     stem: nn.Module
@@ -43,6 +46,12 @@ class Backbone:
     exit_head: Callable[..., nn.Module] | None = None
     he_init: bool = False
     network: nn.Module | None = None
+    weights: str | None = None
+    weights_mean: tuple[float, ...] | None = None
+    weights_std: tuple[float, ...] | None = None
+
+
+HEADS = ("paper", "pool")  # `model.head`: ExitHead as the paper has it, or globally pooled
 
 
 class ExitHead(nn.Sequential):
@@ -115,6 +124,7 @@ class EarlyExitNet(nn.Module):
         in_channels: int,
         input_size: int,
         arch: dict[str, Any] | None = None,
+        head: str = "paper",
     ) -> None:
         super().__init__()
         self.num_blocks = len(backbone.blocks)
@@ -134,6 +144,8 @@ class EarlyExitNet(nn.Module):
 
         shapes = _feature_shapes(self.segments, in_channels, input_size)
         make_head = backbone.exit_head or ExitHead
+        if head == "pool" and make_head is not TokenExitHead:  # a token head reads one token
+            make_head = partial(ExitHead, pool_to=1)
         heads: list[nn.Module] = [make_head(*shape, num_classes) for shape in shapes[:-1]]
         heads.append(backbone.classifier)
         self.heads = nn.ModuleList(heads)
@@ -143,6 +155,13 @@ class EarlyExitNet(nn.Module):
         self.source_keys = _source_keys(self, backbone.network)
         self.family = None if backbone.network is None else type(backbone.network).__name__
         self.frozen = False
+        # Where the weights came from (model.json `weights`), and their normalisation if known.
+        self.weights = backbone.weights
+        self.weights_normalization = (
+            None
+            if backbone.weights_mean is None or backbone.weights_std is None
+            else (backbone.weights_mean, backbone.weights_std)
+        )
 
     def freeze_backbone(self) -> None:
         """Train only the exit heads: the builder's modules (segments and the last head) stop

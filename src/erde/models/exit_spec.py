@@ -4,7 +4,8 @@ Accepted forms (the final exit after the last block always exists and is never l
   None or "default"   the backbone's documented default
   "stages"            after every stage except the last
   "every:K"           after blocks K, 2K, ... before the last block
-  [3, 6] or "3,6"     after the listed 1-based block indices (an empty list: no early exits)
+  [3, 6], "[3, 6]"    after the listed 1-based block indices (an empty list: no early exits);
+  or "3,6"            text, as typed on a command line or in a config, says the same
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def parse_exits(
             return list(stage_ends[:-1])
         if text.startswith("every:"):
             return _every(text[len("every:") :], num_blocks, where)
-        return _check_list(_split_commas(spec, where), where, num_blocks)
+        if text.startswith("[") and text.endswith("]"):  # "[3, 6]": the list form, as text
+            inner = text[1:-1].strip()
+            indices = _split_commas(inner, spec, where) if inner else []
+            return _check_list(indices, where, num_blocks)
+        return _check_list(_split_commas(text, spec, where), where, num_blocks)
     if isinstance(spec, Iterable) and not isinstance(spec, bytes | dict):
         return _check_list(list(spec), where, num_blocks)
     hint = f" (for one exit after block {spec}, write [{spec}])" if _is_int(spec) else ""
@@ -71,9 +76,9 @@ def _every(text: str, num_blocks: int, where: str) -> list[int]:
     return list(range(k, num_blocks, k))
 
 
-def _split_commas(spec: str, where: str) -> list[int]:
+def _split_commas(text: str, spec: str, where: str) -> list[int]:
     try:
-        return parse_comma_list(spec, int)
+        return parse_comma_list(text, int)
     except ValueError:
         raise ErdeError(
             f"exits={spec!r} is not a valid exit setting; use {FORMS}. {where}"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from erde.errors import ErdeError
 from erde.models.plugins import check_trusted
 from erde.models.registry import create_model
-from erde.run.checkpoint import load_weights
+from erde.run.checkpoint import read_weights
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
 
@@ -26,11 +27,18 @@ def _check_dtypes(state: dict, expected: dict, path: Path) -> None:
             )
 
 
-def load_model(
-    run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, ModelInfo]:
-    """The trained EarlyExitNet of a run folder, in eval mode, and its sidecar."""
-    state, info = load_weights(run_dir)
+class RunModel(NamedTuple):
+    """A run's network with its sidecar and the SHA-256 of the bytes its weights came from."""
+
+    model: torch.nn.Module
+    info: ModelInfo
+    weights_sha256: str
+
+
+def load_run_model(run_dir: str | Path, device: str | torch.device = "cpu") -> RunModel:
+    """The trained EarlyExitNet of a run folder, in eval mode, its sidecar and the digest of
+    the weights it holds (`erde.run.checkpoint.Weights`: what an export or cache records)."""
+    state, info, digest = read_weights(run_dir)
     if info.arch.get("module"):
         check_trusted(info.arch["module"], str(RunDir(run_dir).sidecar))
     model = create_model(**info.arch)
@@ -42,7 +50,15 @@ def load_model(
             f"the weights in {run_dir} do not fit the architecture its sidecar names "
             f"({str(exc).splitlines()[0]}); the folder mixes files of two runs"
         ) from None
-    return model.to(device).eval(), info
+    return RunModel(model.to(device).eval(), info, digest)
 
 
-__all__ = ["load_model"]
+def load_model(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelInfo]:
+    """The trained EarlyExitNet of a run folder, in eval mode, and its sidecar."""
+    model, info, _ = load_run_model(run_dir, device)
+    return model, info
+
+
+__all__ = ["RunModel", "load_model", "load_run_model"]

@@ -74,6 +74,7 @@ def load_pretrained(net: EarlyExitNet, path: str | Path) -> None:
         for key in shared:
             if key not in fresh:
                 targets[key].copy_(state[key])
+    net.weights = f"file {Path(path).expanduser().resolve()}"
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets))
     log.info(

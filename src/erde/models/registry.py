@@ -16,7 +16,7 @@ import torch
 
 from erde.device import check_model_memory
 from erde.errors import ErdeError
-from erde.models.early_exit import Backbone, EarlyExitNet
+from erde.models.early_exit import HEADS, Backbone, EarlyExitNet
 from erde.models.exit_spec import parse_exits
 from erde.models.plugins import import_plugin, load_entry_points
 from erde.models.pretrained import load_pretrained
@@ -55,6 +55,7 @@ def create_model(
     input_size: int | None = None,
     module: str | None = None,
     pretrained: bool | str | None = None,
+    head: str = "paper",
     **kwargs: Any,
 ) -> EarlyExitNet:
     """Build a backbone with exits; see `erde.models.exit_spec` for `exits` forms.
@@ -63,8 +64,11 @@ def create_model(
     `erde.models` entry points are loaded when the name is unknown) or `timm/NAME` /
     `torchvision/NAME`. `input_size` defaults to the network's own. `pretrained`: a weights
     file for the backbone, or True for the library's own weights; it is not part of `arch`,
-    which rebuilds the architecture: `create_model(**model.arch)`.
+    which rebuilds the architecture: `create_model(**model.arch)`. `head`: the early exits'
+    head, the paper's (`ExitHead`) or `pool` (the same on the globally pooled map).
     """
+    if head not in HEADS:
+        raise ErdeError(f"model.head={head!r} is not a head; choose {' or '.join(HEADS)}")
     if module:
         import_plugin(module)
     key = name.strip().lower() if isinstance(name, str) else name
@@ -89,6 +93,7 @@ def create_model(
         "exits": exit_blocks,
         "input_size": size,
         **({"module": module} if module else {}),
+        **({"head": head} if head != "paper" else {}),  # older runs' arch stays as it was
         **kwargs,
     }
     net = EarlyExitNet(
@@ -98,6 +103,7 @@ def create_model(
         in_channels=in_channels,
         input_size=size,
         arch=arch,
+        head=head,
     )
     if isinstance(pretrained, str):
         load_pretrained(net, pretrained)

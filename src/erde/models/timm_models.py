@@ -127,7 +127,19 @@ def timm_backbone(
         input_size=size,
         exit_head=TokenExitHead if cut.transformer else partial(ExitHead, pool_to=4),
         network=net,
+        **(_weights_facts(name, net) if pretrained else {}),
     )
+
+
+def _weights_facts(name: str, net: nn.Module) -> dict[str, Any]:
+    """The weights timm loaded and their normalisation (`pretrained_cfg`, timm's data config)."""
+    cfg = net.pretrained_cfg
+    tag = cfg.get("tag")
+    return {
+        "weights": f"timm/{name}{f'.{tag}' if tag else ''}",
+        "weights_mean": tuple(float(m) for m in cfg["mean"]) if cfg.get("mean") else None,
+        "weights_std": tuple(float(s) for s in cfg["std"]) if cfg.get("std") else None,
+    }
 
 
 def _stem(net: nn.Module, cut: TimmCut) -> nn.Module:

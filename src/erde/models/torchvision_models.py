@@ -8,6 +8,7 @@ modules after the blocks, in forward order). Networks whose `features` list sing
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -19,6 +20,8 @@ from erde.errors import ErdeError
 from erde.models.cut import Borrowed, check_same_output, stage_ends_by_size, transformer_exits
 from erde.models.early_exit import Backbone, ExitHead, TokenExitHead
 from erde.models.library_names import closest_names, fetch_pretrained
+
+log = logging.getLogger("erde.models")
 
 Pieces = tuple[nn.Module, list[nn.Module], nn.Module]
 
@@ -111,6 +114,7 @@ def torchvision_backbone(
             f"{in_channels}; convert the data to RGB or use a timm model (in_chans)"
         )
     net = _create(name, num_classes, input_size, pretrained, options)
+    weights = _weights_facts(name) if pretrained else {}
     cut = CUTS.get(type(net).__name__)
     if cut is None:
         raise ErdeError(
@@ -135,7 +139,21 @@ def torchvision_backbone(
         input_size=size,
         exit_head=TokenExitHead if transformer else partial(ExitHead, pool_to=4),
         network=net,
+        **weights,
     )
+
+
+def _weights_facts(name: str) -> dict[str, Any]:
+    """The default weights' name and the normalisation their preprocessing applies."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    preprocess = weights.transforms()
+    return {
+        "weights": f"torchvision/{name} {weights}",
+        "weights_mean": tuple(float(m) for m in preprocess.mean),
+        "weights_std": tuple(float(s) for s in preprocess.std),
+    }
 
 
 def _create(
@@ -157,14 +175,24 @@ def _create(
     if not pretrained:
         return builder(**kwargs)
     weights = torchvision.models.get_model_weights(name).DEFAULT
-    classes = len(weights.meta["categories"])
-    if num_classes != classes:
-        raise ErdeError(
-            f"torchvision/{name}'s pretrained weights classify {classes} classes, the data "
-            f"{num_classes}; save them to a file and give model.pretrained=PATH, which keeps "
-            "the backbone and starts the classifier afresh"
-        )
-    return fetch_pretrained(f"torchvision/{name}", lambda: builder(weights=weights, **options))
+    trained = fetch_pretrained(f"torchvision/{name}", lambda: builder(weights=weights, **options))
+    if num_classes == len(weights.meta["categories"]):
+        return trained
+    # Another class count: timm's rule (create_model(..., pretrained=True, num_classes=N)),
+    # every tensor but the classifier's from the weights, the classifier started afresh.
+    net = builder(**kwargs)
+    state = net.state_dict()
+    kept = {k: v for k, v in trained.state_dict().items() if v.shape == state[k].shape}
+    net.load_state_dict(kept, strict=False)
+    log.info(
+        "torchvision/%s: pretrained weights for %d classes, the data has %d: classifier "
+        "(%s) started afresh",
+        name,
+        len(weights.meta["categories"]),
+        num_classes,
+        ", ".join(sorted(set(state) - set(kept))),
+    )
+    return net
 
 
 def _check_options(name: str, builder: Callable, options: dict) -> None:

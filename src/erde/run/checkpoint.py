@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from erde.errors import ErdeError
-from erde.files import write_bytes
+from erde.files import sha256_bytes, write_bytes
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
 
@@ -45,7 +46,19 @@ def save_weights(
     info.write(sidecar or path.with_suffix(".json"))
 
 
-def load_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:
+class Weights(NamedTuple):
+    """A run's weights read once: the tensors, the sidecar, and the SHA-256 of the very bytes the
+    tensors came from. A manifest, a logits cache or a teacher record that digest, never one of
+    the file hashed later: a concurrent `erde train` may have replaced the file in between."""
+
+    state: dict[str, torch.Tensor]
+    info: ModelInfo
+    sha256: str
+
+
+def read_weights(run_dir: str | Path) -> Weights:
+    """The weights file read into memory once (it is replaced whole, by rename, so the bytes are
+    one complete version), then hashed and parsed from those bytes."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise ErdeError(f"run folder {run} does not exist; give the folder `erde train` wrote")
@@ -56,13 +69,19 @@ def load_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelInf
         )
     info = ModelInfo.read(run.sidecar)
     try:
-        state = load_file(str(run.weights))
+        blob = run.weights.read_bytes()
+        state = safetensors_load(blob)
     except (SafetensorError, OSError, ValueError) as exc:
         raise ErdeError(
             f"{run.weights} is not a readable safetensors file ({exc}); retrain the run or "
             "restore the file"
         ) from None
-    return state, info
+    return Weights(state, info, sha256_bytes(blob))
+
+
+def load_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelInfo]:
+    weights = read_weights(run_dir)
+    return weights.state, weights.info
 
 
 def read_info(run_dir: str | Path) -> ModelInfo:

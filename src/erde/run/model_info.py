@@ -96,6 +96,9 @@ class ModelInfo:
     # `train.precision` as the run resolved it (`auto` is bf16 on one machine, fp32 on another);
     # None in runs from before it was recorded.
     precision: Text | None = None
+    # The pretrained weights the run started from ("torchvision/NAME WEIGHTS", "timm/NAME.TAG",
+    # "file PATH"); None: trained from scratch, or a run from before it was recorded.
+    weights: Text | None = None
 
     @property
     def name(self) -> str:

@@ -106,7 +106,8 @@ class Diagnostics:
     `teacher_note` says which reference exits decide right and wrong, or why there are none.
     At the chosen point: `early_exit_share` of the test images leave before the last exit and
     `early_exit_error` of those are wrong (None when none leaves early); `teacher_wrong_share` is
-    the share of test images the reference's final exit gets wrong.
+    the share of test images the reference's final exit gets wrong, `teacher_wrong_images` how
+    many they are (None also in reports written before it was recorded).
     """
 
     ece_bins: Whole
@@ -115,6 +116,7 @@ class Diagnostics:
     early_exit_share: Measured
     early_exit_error: Number | None
     per_exit: Annotated[list[ExitDiagnostics], MinLen(1)]
+    teacher_wrong_images: Whole | None = None
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -256,17 +258,18 @@ def read_report(path: str | Path) -> Report:
     return Report.from_json(read_json(Path(path), "evaluation report"), path)
 
 
-def read_current_report(run_dir: str | Path) -> Report | None:
+def read_current_report(run_dir: str | Path, weights_sha256: str | None = None) -> Report | None:
     """RUN/eval/report.json (None if there is none), refused unless it was computed from the
     weights the run holds now: a resumed or retrained run, or a report written there for
     another run (`erde evaluate A --out B/eval`), would deploy a threshold chosen for other
-    weights."""
+    weights. `weights_sha256`: the digest of the weights the caller loaded (default: of the
+    file as it is now), so the threshold is checked against the weights it ships with."""
     run = RunDir(run_dir)
     path = run.eval.report_json
     if not path.is_file():
         return None
     report = read_report(path)
-    if report.weights_sha256 != sha256_file(run.weights):
+    if report.weights_sha256 != (weights_sha256 or sha256_file(run.weights)):
         why = (
             "does not say which weights it was computed from (an older erde wrote it)"
             if report.weights_sha256 is None

@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from erde.config.method_keys import applies
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import check_option, get_method, option_spec
 from erde.config.records import Record
 from erde.config.schema import ReproduceConfig, records, stage_config, structured, validate
 from erde.errors import ErdeError
@@ -101,10 +101,19 @@ def typed_values(cfg: ReproduceConfig, key: str, items: list[str]) -> list[Any]:
     check_key(key)
     base = OmegaConf.structured(cfg)
     values = []
+    spec = option_spec(key)  # a method's own key: typed as its default
     for item in items:
         merged = structured(ReproduceConfig, [("the config", base), ("--grid", [f"{key}={item}"])])
-        values.append(OmegaConf.select(merged, key))
+        value = OmegaConf.select(merged, key)
+        values.append(value if spec is None else check_option(key, value, spec))
     return list(dict.fromkeys(values))
+
+
+def _base_value(base: Any, key: str) -> Any:
+    """The study's value of a key: a method's own key not given is at its default."""
+    value = OmegaConf.select(base, key)
+    spec = option_spec(key)
+    return spec.default if value is None and spec is not None else value
 
 
 def _label(short: str, value: Any) -> str:
@@ -151,12 +160,12 @@ def expand(cfg: ReproduceConfig) -> list[Variant]:
         keys = [k for k in values if applies(k, method)]
         for combo in itertools.product(*(values[k] for k in keys)):
             changes = tuple(
-                (k, v) for k, v in zip(keys, combo, strict=True) if v != OmegaConf.select(base, k)
+                (k, v) for k, v in zip(keys, combo, strict=True) if v != _base_value(base, k)
             )
             name = "-".join([method, *(_label(short[k], v) for k, v in changes)])
             if name not in variants:
                 variant = Variant(method, name, changes, _with(cfg, changes))
-                teacher = "teacher" if METHOD_TABLE[method].needs_teacher else None
+                teacher = "teacher" if get_method(method).needs_teacher else None
                 validate(
                     stage_config(variant.config, "student", seed=0, method=method, teacher=teacher),
                     stage="student",

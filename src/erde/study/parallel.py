@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -29,6 +32,7 @@ def _start_worker(threads: int) -> None:
 
     from erde.logs import log_to_stdout
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what `fit`'s thread choice honours
     torch.set_num_threads(threads)
     log_to_stdout()
 
@@ -68,10 +72,19 @@ def run_serial(
     """`train(cfg, run)` for every run in turn, in this process; a failing run does not stop
     the others. Returns what `run_parallel` returns."""
     failures: list[tuple[Path, str]] = []
+    took: list[float] = []
     for i, (cfg, run) in enumerate(runs, start=1):
-        log.info("%s: run %d of %d", run.name, i, len(runs))
+        # Runs differ (a teacher, its students): the median so far, not the last, estimates.
+        left = (
+            f", about {(len(runs) - i + 1) * statistics.median(took) / 60:.1f} min left"
+            if took
+            else ""
+        )
+        log.info("%s: run %d of %d%s", run.name, i, len(runs), left)
+        start = time.monotonic()
         try:
             train(cfg, run)
+            took.append(time.monotonic() - start)
         except Exception as exc:
             failed = failure(run, exc)
             if failed is None:

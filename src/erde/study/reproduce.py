@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from erde.config.methods import METHOD_TABLE
+from erde.config.methods import get_method
 from erde.config.schema import (
     Config,
     ReproduceConfig,
@@ -30,6 +30,7 @@ from erde.data.prepare import data_info, prepare_data
 from erde.distill.teacher import check_teacher
 from erde.errors import ErdeError
 from erde.evaluation.compare import Comparison
+from erde.evaluation.policies import get_policy, import_policy_module
 from erde.evaluation.runs import compare_runs
 from erde.files import write_text
 from erde.models.build import build_model
@@ -86,6 +87,7 @@ def reproduce(
     """
     out = Path(out)
     _check_options(seeds, teacher, teacher_per_seed, jobs)
+    check_policy(cfg)
     variants = expand(cfg)  # every grid value typed and checked before anything is written
     info = data_info(prepare_data(stage_config(cfg, "teacher", seed=seeds[0])).data)
     if teacher is not None:  # now, not after the first student trained without it
@@ -145,7 +147,7 @@ def _student_runs(
                 "student",
                 seed=seed,
                 method=v.method,
-                teacher=str(teachers[seed]) if METHOD_TABLE[v.method].needs_teacher else None,
+                teacher=str(teachers[seed]) if get_method(v.method).needs_teacher else None,
             ),
             out / f"{v.name}-s{seed}",
         )
@@ -189,6 +191,13 @@ def compare_protocol(
         device=cfg.teacher.train.device,
         evaluate_each=evaluate_each,
     )
+
+
+def check_policy(cfg: ReproduceConfig) -> None:
+    """The exit policy the protocol evaluates with, registered (its module imported) before any
+    run trains, rather than an unknown name after hours of training."""
+    import_policy_module(cfg.evaluate.module)
+    get_policy(cfg.evaluate.policy)
 
 
 def _check_options(

@@ -4,13 +4,13 @@ compared on test.
 
 Fair by construction: every method gets `trials` finished (complete or pruned) trials, counted
 in the storage (running ones included, so concurrent workers do not overshoot), of a TPE sampler
-seeded per trial (`TrialSeededTPE`) over the keys its loss reads (`SEARCH_FLOATS` and
-`SEARCH_CHOICES`, filtered by each key's record: which methods it matters for, and whether it
-may be varied), with the same teacher, schedule and seed. The objective is the AUC of the
-validation accuracy-versus-MACs curve over the student's own MACs range
-(`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a median pruner
-stops a trial whose mean validation accuracy over the exits falls below the median of earlier
-trials at the same epoch.
+seeded per trial (`TrialSeededTPE`) over the keys its loss reads (each key's record says where
+to search it, `Record.search`, which methods it matters for, and whether it may be varied; a
+plugin method's own keys are searched as erde's are), with the same teacher, schedule and seed.
+The objective is the AUC of the validation accuracy-versus-MACs curve over the student's own
+MACs range (`erde.evaluation.metrics.auc`, the function behind a report's `test_auc`), and a
+median pruner stops a trial whose mean validation accuracy over the exits falls below the
+median of earlier trials at the same epoch.
 
 Layout of the study folder: `tune.yaml` (the config, refused if another study's), `study-key`
 (what names its Optuna studies, unique to the folder), `study.db` (the default storage),
@@ -41,7 +41,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from erde.config.method_keys import applies
-from erde.config.methods import or_list
+from erde.config.methods import get_method, or_list
 from erde.config.records import Record
 from erde.config.schema import (
     Config,
@@ -61,6 +61,7 @@ from erde.evaluation.sweep import sweep
 from erde.files import write_json, write_text
 from erde.run.lock import run_lock
 from erde.study.reproduce import (
+    check_policy,
     check_students,
     check_study,
     compare_protocol,
@@ -70,14 +71,6 @@ from erde.study.reproduce import (
 
 log = logging.getLogger("erde.study.tune")
 
-# The search space: float keys with their (low, high, log scale) bounds, inside each key's range,
-# and choice keys, searched over every value their record allows.
-SEARCH_FLOATS: dict[str, tuple[float, float, bool]] = {
-    "distill.alpha": (0.1, 0.9, False),
-    "distill.temperature": (1.0, 8.0, True),
-    "distill.beta": (0.03, 3.0, True),
-}
-SEARCH_CHOICES: tuple[str, ...] = ("distill.entropy_term", "distill.entropy_exits")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 RUN = "run"  # the user attribute naming a trial's run folder
 STUDY_KEY = "study-key"  # the file naming the folder's Optuna studies (`study_name`)
@@ -101,13 +94,17 @@ class TuneResult:
 
 
 def space(method: str, table: dict[str, Record] | None = None) -> list[str]:
-    """The keys tuned for `method`: those of the search space its loss reads (each key's record
-    says which methods it matters for) and that a grid may vary. `table`: the key records."""
+    """The keys tuned for `method`: those with a search space (`Record.search`) that its loss
+    reads (each key's record says which methods it matters for) and that a grid may vary, in
+    the records' order. `table`: the key records."""
     table = records() if table is None else table
     return [
         k
-        for k in (*SEARCH_FLOATS, *SEARCH_CHOICES)
-        if table[k].gridded and applies(k, method, table)
+        for k, r in table.items()
+        if k.startswith("distill.")
+        and r.search is not None
+        and r.gridded
+        and applies(k, method, table)
     ]
 
 
@@ -209,7 +206,7 @@ def _claim_study_key(out: Path, legacy: bool) -> None:
     name = out.resolve().name
     key = f"erde-tune:{name}" if legacy else f"erde-tune:{name}:{uuid.uuid4().hex[:16]}"
     draft = out / f".{STUDY_KEY}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    draft.write_text(key + "\n")
+    write_text(draft, key + "\n")  # atomic: a full disk is one message, not half a key
     try:
         os.link(draft, path)
     except FileExistsError:
@@ -243,6 +240,7 @@ def tune(
     """Tune every method of `cfg.methods` that has loss keys; see the module doc."""
     out = Path(out)
     methods = _tuned_methods(cfg, trials)
+    check_policy(cfg)
     record = out / "tune.yaml"
     check_study(record, cfg)
     store = open_storage(storage, heartbeat_s) if storage else None  # before writing anything
@@ -330,10 +328,13 @@ def _optimize(
 
 
 def _suggest(trial: Trial, key: str) -> Any:
-    if key in SEARCH_FLOATS:
-        low, high, log_scale = SEARCH_FLOATS[key]
-        return trial.suggest_float(key, low, high, log=log_scale)
-    return trial.suggest_categorical(key, list(records()[key].choices or ()))
+    record = records()[key]
+    s = record.search
+    if s.low is None or s.high is None:
+        return trial.suggest_categorical(key, list(record.choices or ()))
+    if isinstance(s.low, int) and isinstance(s.high, int):
+        return trial.suggest_int(key, s.low, s.high, log=s.log)
+    return trial.suggest_float(key, s.low, s.high, log=s.log)
 
 
 def _report(trial: Trial, row: dict) -> None:
@@ -347,10 +348,18 @@ def _report(trial: Trial, row: dict) -> None:
 def trial_config(
     cfg: ReproduceConfig, method: str, changes: dict[str, Any], teacher_run: Path, seed: int
 ) -> Config:
-    """The student config of one setting: the study's student with `changes` to `distill.*`."""
-    c = stage_config(cfg, "student", seed=seed, method=method, teacher=str(teacher_run))
-    values = {key.split(".", 1)[1]: value for key, value in changes.items()}
-    return replace(c, distill=replace(c.distill, **values))
+    """The student config of one setting: the study's student with `changes` to `distill.*`
+    (a method's own keys: `distill.options.NAME`)."""
+    teacher = str(teacher_run) if get_method(method).needs_teacher else None
+    c = stage_config(cfg, "student", seed=seed, method=method, teacher=teacher)
+    values, options = {}, dict(c.distill.options)
+    for key, value in changes.items():
+        name = key.split(".", 1)[1]
+        if name.startswith("options."):
+            options[name.split(".", 1)[1]] = value
+        else:
+            values[name] = value
+    return replace(c, distill=replace(c.distill, **values, options=options))
 
 
 def val_auc(run: Path, e: EvalConfig, device: str) -> float:
@@ -397,8 +406,6 @@ def _final(
 
 
 __all__ = [
-    "SEARCH_CHOICES",
-    "SEARCH_FLOATS",
     "Best",
     "TuneResult",
     "open_storage",

@@ -40,6 +40,7 @@ from erde.distributed import World
 from erde.errors import ErdeError
 from erde.logs import Heartbeat
 from erde.models.build import build_model
+from erde.models.early_exit import EarlyExitNet
 from erde.models.macs import exit_macs, static_macs
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
@@ -47,6 +48,7 @@ from erde.run.lock import writer_lock
 from erde.run.metrics import read_jsonl
 from erde.run.model_info import ModelInfo
 from erde.train.optim import build_optimizer
+from erde.train.threads import choose_threads
 from erde.train.writer import RunWriter, check_run_dir, log
 
 SINGLE = World()
@@ -106,6 +108,9 @@ def fit(
         cfg = check_run_dir(run, cfg, resume=resume, overwrite=overwrite)
         device = distributed.rank_device(resolve_device(cfg.train.device))
         check_world(cfg, device, distributed.launched_world_size())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads, why = choose_threads(cfg.train.threads, local)
+        torch.set_num_threads(threads)
         with distributed.process_group(device) as world:
             # Everything that can fail on one rank alone happens here, before any collective.
             with distributed.agreed(world):
@@ -123,13 +128,15 @@ def fit(
                 last = cfg.train.epochs if stop_after is None else start + stop_after
                 if world.main:
                     log.info(
-                        "start %s %s epochs %d..%d on %s%s",
+                        "start %s %s epochs %d..%d on %s%s, %d CPU thread(s) (%s)",
                         cfg.distill.method,
                         cfg.model.name,
                         start + 1,
                         cfg.train.epochs,
                         device,
                         f" x {world.size} processes" if world.distributed else "",
+                        threads,
+                        why,
                     )
                 epochs = range(start, min(cfg.train.epochs, last))
                 return run_epochs(s, writer, history, epochs, on_epoch)
@@ -146,6 +153,8 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
     check_split(cfg, split)
     torch.manual_seed(t.seed)  # the same on every rank: replicas start equal
     net = build_model(cfg.model, data, freeze_backbone=t.freeze_backbone).to(device)
+    split = weights_normalization(cfg, net, split, world)
+    data = data_info(split.data)
     batches = train_batches(cfg, split, device, world)
     teacher = teacher_outputs(cfg, split, batches, device, world) if d.teacher else None
     loss_fn, pairing = build_loss(cfg, exit_macs(net), teacher)
@@ -161,6 +170,7 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
         pairing=pairing,
         config=to_dict(cfg),
         precision=precision,
+        weights=net.weights,
     )
     if t.sync_bn and world.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -189,6 +199,28 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
     )
     val = eval_batches(cfg, split, "val", device, world, channels_last=t.channels_last)
     return Setup(net, info, parts, val, eval_model)
+
+
+def weights_normalization(cfg: Config, net: EarlyExitNet, split: Split, world: World) -> Split:
+    """Fine-tuning keeps the normalisation the pretrained weights were trained with (timm's
+    `pretrained_cfg`, torchvision's weights transforms) unless `data.mean`/`data.std` are set:
+    the weights expect their inputs so."""
+    given = net.weights_normalization
+    if given is None or cfg.data.mean is not None or cfg.data.std is not None:
+        return split
+    mean, std = given
+    if len(mean) != split.data.in_channels:
+        if world.main:
+            log.info(
+                "the pretrained weights normalise %d channels, the data has %d: normalising "
+                "with the training split's statistics",
+                len(mean),
+                split.data.in_channels,
+            )
+        return split
+    if world.main:
+        log.info("normalising with the pretrained weights' mean %s and std %s", mean, std)
+    return replace(split, data=replace(split.data, mean=tuple(mean), std=tuple(std)))
 
 
 def teacher_outputs(
@@ -288,6 +320,7 @@ def build_loss(
         exit_weights=d.exit_weights,
         entropy_term=d.entropy_term,
         entropy_exits=d.entropy_exits,
+        options=d.options,
         pairing=pairing,
         num_exits=len(macs),
     )

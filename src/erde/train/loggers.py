@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 from pathlib import Path
 from typing import Protocol
 
 from erde.errors import ErdeError
-from erde.files import write_text
+from erde.files import write_failed, write_text
 from erde.run.metrics import metrics_line
 
 log = logging.getLogger("erde.train.engine")
@@ -40,12 +41,15 @@ class MetricsFile:
 
     def log(self, row: dict) -> None:
         line = metrics_line(row).encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # on resume, `keep` drops a half line a full disk left
+            raise write_failed(self.path, exc) from exc
 
     def close(self) -> None:
         pass
@@ -80,12 +84,15 @@ class Console:
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
+        self._seconds: list[float] = []
 
     def log(self, row: dict) -> None:
         accuracy = " / ".join(
             f"{100 * row[k]:.2f}" for k in sorted(row, key=_exit_order) if k.startswith("val/acc/")
         )
-        left = (self.epochs - row["epoch"]) * row["epoch_s"]
+        # The median epoch so far: one epoch slowed by a busy neighbour does not swing it.
+        self._seconds.append(row["epoch_s"])
+        left = (self.epochs - row["epoch"]) * statistics.median(self._seconds)
         log.info(
             "epoch %d of %d: train loss %.4f, val accuracy per exit (%%) %s, %.1f s, %.0f img/s%s",
             row["epoch"],

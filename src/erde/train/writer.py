@@ -7,15 +7,17 @@ the config and `train.log`, and hands each epoch to its `Checkpointer` and logge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from torch import nn
 
 from erde.config.schema import Config, load_config, to_dict, to_yaml
 from erde.errors import ErdeError
-from erde.files import temporaries, write_text
+from erde.files import temporaries, write_failed, write_text
 from erde.models.plugins import check_trusted
 from erde.run.layout import RunDir
 from erde.run.model_info import ModelInfo
@@ -30,13 +32,27 @@ from erde.train.loggers import (
 )
 
 
+class RunLog(logging.FileHandler):
+    """`train.log`: a line the disk refuses stops the run with erde's one-line message, where
+    logging would print a traceback on stderr for every line and train on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            stream, self.stream = self.stream, None  # its buffer would fail again on close
+            with contextlib.suppress(OSError):
+                stream.close()
+            raise write_failed(Path(self.baseFilename), exc) from exc
+        super().handleError(record)
+
+
 def check_run_dir(run: RunDir, cfg: Config | None, *, resume: bool, overwrite: bool) -> Config:
     """Refuse to clobber a run; return the config the run will use (the saved one on resume)."""
     if resume:
         if not run.has_run():
             raise ErdeError(f"--resume: {run} holds no erde run to resume; drop --resume")
-        saved = load_config(str(run.config))
-        if saved.model.module:  # the run's file names it, not the user: see erde.models.plugins
+        saved = load_config(str(run.config), recorded=True)
+        if saved.model.module:  # the run's file names it, not the user: see erde.config.plugins
             check_trusted(saved.model.module, str(run.config))
         if cfg is not None and to_dict(cfg) != to_dict(saved):
             ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(saved))
@@ -127,7 +143,7 @@ class RunWriter:
                 tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RunWriter:
-        self._handler = logging.FileHandler(self.run.log)
+        self._handler = RunLog(self.run.log)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(self._handler)
         log.setLevel(logging.INFO)
