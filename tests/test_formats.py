@@ -47,6 +47,7 @@ def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_precisio
     again = json.loads((tmp_path / "model.json").read_text())
     assert again.pop("format_version") == 3
     assert again.pop("precision") is None  # not recorded before: grouped by the setting
+    assert again.pop("weights") is None  # no pretrained weights recorded: none
     assert raw["config"]["data"]["eval_crop"] == 1.0
     assert again["data"].pop("eval_crop") == 1.0  # the crop rule, from the run's config
     assert again == raw
