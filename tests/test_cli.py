@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from erde.cli.main import main
 from erde.models import create_model, list_models
@@ -47,6 +48,60 @@ def test_a_torchrun_worker_leaves_without_teardown_and_keeps_its_output(world_si
         assert done.returncode == code
         assert ("| resnet8" in done.stdout) if code == 0 else ("no-such-preset" in done.stderr)
         assert ("interpreter torn down" in done.stdout) == (world_size is None)
+
+
+def test_models_lists_names_without_building_a_network(capsys, monkeypatch):
+    built = []
+    init = torch.nn.Module.__init__
+
+    def counting_init(self, *args, **kwargs):  # the real constructor, counted
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", counting_init)
+    code, out, _ = run_cli(capsys, "models", "torchvision/*")
+    assert code == 0 and built == []
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    # the biggest networks are listed by name, as torchvision lists them
+    assert {"torchvision/vit_h_14", "torchvision/regnet_y_128gf", "torchvision/resnet50"} <= set(
+        names
+    )
+    assert f"\n{len(names) - 1} models." in out  # the header row is not a model
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and built == []
+    names = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert names[1:] == list_models()
+    namespaces = out.strip().splitlines()[-1]
+    for words in ("erde's own", "plugins'", "timm/NAME", "torchvision/NAME", "'timm/*'"):
+        assert words in namespaces
+
+
+@pytest.mark.parametrize(("argv", "classes"), [([], 10), (["--num-classes", "100"], 100)])
+def test_models_describes_one_model_and_says_for_how_many_classes(capsys, argv, classes):
+    code, out, _ = run_cli(capsys, "models", "resnet20", *argv)
+    header, _, row = out.strip().splitlines()
+    assert code == 0 and f"params ({classes} classes, exit heads included)" in header
+    net = create_model("resnet20", num_classes=classes)
+    params = sum(p.numel() for p in net.parameters())  # every exit head with `classes` outputs
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:3] == ["resnet20", "erde", "3,6"] and cells[5] == f"{params / 1e6:.2f} M"
+    rows = macs_table(net)  # the plain network: the last exit's MACs less the heads before it
+    plain = rows[-1]["cumulative_macs"] - sum(r["head_macs"] for r in rows[:-1])
+    assert cells[4] == f"{plain / 1e6:,.1f} M" == "40.6 M"
+
+
+def test_a_reader_that_stops_ends_the_command_quietly():
+    # `erde models | head`: the reader leaves before erde writes; no "Broken pipe", no traceback.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.Popen(
+        [sys.executable, "-m", "erde", "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    done.stdout.close()
+    err = done.stderr.read().decode()
+    assert done.wait() == 141 and err == ""  # 128 + SIGPIPE, as a shell reports it
 
 
 def test_macs_table_prints_the_library_numbers(capsys):

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from sklearn.datasets import load_digits
 
 from erde.data import SOURCES, DeviceBatches, load_source, stratified_split
 from erde.data.pixels import Normalize, Renormalize, decode_image, normalize_images
+from erde.data.prepare import check_split, prepare_data
 from erde.errors import ErdeError
 
 # ---------------------------------------------------------------- official formats, hand-written
@@ -372,8 +374,11 @@ def test_imagefolder_bad_input(tmp_path):
     (tmp_path / "test" / "fish").mkdir()
     with pytest.raises(ErdeError, match=r"test has class folder.* fish that .*train lacks"):
         load_source("imagefolder", str(tmp_path))
-    with pytest.raises(ErdeError, match="missing/train is not a folder"):
+    with pytest.raises(ErdeError, match=r"missing is not a folder; .*root/<class>/<image>"):
         load_source("imagefolder", str(tmp_path / "missing"))
+    shutil.rmtree(tmp_path / "test")  # a train/ folder alone: still the split layout
+    with pytest.raises(ErdeError, match=r"/test is not a folder; .*root/test/<class>/"):
+        load_source("imagefolder", str(tmp_path))
 
 
 def test_imagefolder_mixes_grey_and_colour_into_rgb_and_scales_16_bit(tmp_path):
@@ -388,6 +393,141 @@ def test_imagefolder_mixes_grey_and_colour_into_rgb_and_scales_16_bit(tmp_path):
     grey = np.rint(deep / 257.0).astype(np.uint8)  # [[0, 1, 255], [0, 1, 156]]
     assert np.array_equal(data.train_x[0].numpy(), np.repeat(grey[..., None], 3, axis=2))
     assert (data.train_x[1].numpy() == [200, 100, 50]).all()
+
+
+# ------------------------------------------- root/<class>/ folders: seeded, stratified hold-outs
+
+FLAT_COUNTS = {"ant": 20, "bee": 40, "cat": 60}  # 0.25 and 0.2 of each class are whole numbers
+
+
+def write_flat_folder(root, counts=FLAT_COUNTS, size=(4, 4)):
+    """root/<class>/<k>.png, each file's first pixel encoding (its number, its class), so a
+    decoded image says which file it came from. Returns {(number, class index): class name}."""
+    identity = {}
+    number = 0
+    for c, (cls, count) in enumerate(counts.items()):
+        (root / cls).mkdir(parents=True)
+        for k in range(count):
+            pixels = np.full((size[1], size[0], 3), 7, dtype=np.uint8)
+            pixels[0, 0] = (number % 256, number // 256, c)
+            Image.fromarray(pixels).save(root / cls / f"{k:04d}.png")
+            identity[(number, c)] = cls
+            number += 1
+    return identity
+
+
+def file_ids(x):
+    """(file number, class index) of every decoded image (see write_flat_folder)."""
+    first = x[:, 0, 0].to(torch.int64)
+    return [(int(a) + 256 * int(b), int(c)) for a, b, c in first]
+
+
+def flat_cfg(root, *overrides):
+    """The schema's defaults (no preset) on the folder."""
+    from erde.config.schema import load_config
+
+    return load_config(None, ["data.source=imagefolder", f"data.root={root}", *overrides])
+
+
+def test_flat_folder_holds_out_a_stratified_seeded_disjoint_test_split(tmp_path):
+    identity = write_flat_folder(tmp_path)
+    data = load_source("imagefolder", str(tmp_path), test_size=0.25)
+    assert data.classes == ["ant", "bee", "cat"]
+    # 0.25 of 20 / 40 / 60 images per class, the rest for training
+    assert torch.bincount(data.test_y).tolist() == [5, 10, 15]
+    assert torch.bincount(data.train_y).tolist() == [15, 30, 45]
+    train, test = file_ids(data.train_x), file_ids(data.test_x)
+    assert set(train).isdisjoint(test) and set(train) | set(test) == set(identity)
+    assert [c for _, c in train] == data.train_y.tolist()  # each label is its file's folder
+    assert [c for _, c in test] == data.test_y.tolist()
+    again = load_source("imagefolder", str(tmp_path), test_size=0.25)
+    assert file_ids(again.test_x) == test  # seeded: the same files every time
+    # a count holds out that many images; the default is a fifth of every class
+    assert len(load_source("imagefolder", str(tmp_path), test_size=30).test_y) == 30
+    default = load_source("imagefolder", str(tmp_path))
+    assert torch.bincount(default.test_y).tolist() == [4, 8, 12]
+
+
+def test_flat_folder_validation_follows_the_run_seed_test_does_not(tmp_path):
+    write_flat_folder(tmp_path)
+    splits = [
+        prepare_data(
+            flat_cfg(tmp_path, "data.val_size=0.2", "data.test_size=0.25", f"train.seed={s}")
+        )
+        for s in (0, 1)
+    ]
+    for split in splits:
+        val_y = split.data.train_y[split.val_idx]
+        assert torch.bincount(val_y).tolist() == [3, 6, 9]  # 0.2 of the 15 / 30 / 45 left
+        train_ids = file_ids(split.data.train_x[split.train_idx])
+        val_ids = file_ids(split.data.train_x[split.val_idx])
+        test_ids = file_ids(split.data.test_x)
+        assert len(set(train_ids + val_ids + test_ids)) == 120  # three disjoint parts of all
+    assert torch.equal(splits[0].data.test_x, splits[1].data.test_x)
+    assert not torch.equal(splits[0].val_idx, splits[1].val_idx)
+    # streamed, the folder is split into the same files
+    streamed = prepare_data(
+        flat_cfg(tmp_path, "data.test_size=0.25", "data.stream=always", "data.workers=0")
+    )
+    paths, y = streamed.files("test")
+    read = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in paths]))
+    assert file_ids(read) == file_ids(splits[0].data.test_x)
+    assert y.tolist() == splits[0].data.test_y.tolist()
+
+
+def test_a_1600_image_folder_trains_on_the_defaults(tmp_path):
+    # 1,600 images in 4 classes: the defaults (test 0.2, val 0.1) fit, no key to set.
+    write_flat_folder(tmp_path, {c: 400 for c in "abcd"}, size=(2, 2))
+    split = prepare_data(flat_cfg(tmp_path))
+    assert len(split.data.test_y) == 320
+    assert (len(split.train_idx), len(split.val_idx)) == (1152, 128)
+
+
+def test_train_size_trains_on_a_seeded_stratified_part_and_keeps_validation(tmp_path):
+    write_flat_folder(tmp_path)  # 20 / 40 / 60; test 0.25 leaves 15 / 30 / 45
+    sizes = ["data.test_size=0.25", "data.val_size=0.2"]  # then 12 / 24 / 36 to train on
+    whole = prepare_data(flat_cfg(tmp_path, *sizes))
+    for size in ("0.25", "18"):  # a quarter of each class: 3 / 6 / 9
+        part = prepare_data(flat_cfg(tmp_path, *sizes, f"data.train_size={size}"))
+        assert torch.bincount(part.data.train_y[part.train_idx]).tolist() == [3, 6, 9]
+        assert set(part.train_idx.tolist()) < set(whole.train_idx.tolist())
+        assert torch.equal(part.val_idx, whole.val_idx)  # validation and test stay whole
+        assert torch.equal(part.data.test_y, whole.data.test_y)
+    again = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=18"))
+    other = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=18", "train.seed=1"))
+    assert torch.equal(again.train_idx, part.train_idx)
+    assert not torch.equal(other.train_idx, part.train_idx)
+    everything = prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=72"))
+    assert torch.equal(everything.train_idx, whole.train_idx)
+    with pytest.raises(ErdeError, match=r"data.train_size=73 asks for more than the 72 images"):
+        prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=73"))
+    with pytest.raises(ErdeError, match=r"data.train_size=0.001 of 72 images holds none"):
+        prepare_data(flat_cfg(tmp_path, *sizes, "data.train_size=0.001"))
+    big_batch = flat_cfg(tmp_path, *sizes, "data.train_size=18", "train.batch_size=19")
+    with pytest.raises(ErdeError, match=r"images left after data.val_size=0.2 and data.train_si"):
+        check_split(big_batch, again)
+
+
+def test_hold_out_sizes_refused_with_the_key_and_the_fraction_form(tmp_path):
+    write_flat_folder(tmp_path, {"a": 6, "b": 1})
+    with pytest.raises(
+        ErdeError, match=r"data.test_size=7 asks for 7 of 7 images.*data.test_size=0.1"
+    ):
+        load_source("imagefolder", str(tmp_path), test_size=7)
+    with pytest.raises(ErdeError, match=r"data.test_size=0.01 of the 7 images .* holds none out"):
+        load_source("imagefolder", str(tmp_path), test_size=0.01)
+    # 0.5 of b's single image rounds up: no b left to train on
+    with pytest.raises(ErdeError, match=r"holds out every image of class\(es\) b"):
+        load_source("imagefolder", str(tmp_path), test_size=0.5)
+    with pytest.raises(ErdeError, match=r"data.val_size=5000 asks for 5000 of 5 images.*=0\.1\)"):
+        prepare_data(flat_cfg(tmp_path, "data.val_size=5000", "data.test_size=2"))
+    write_folder(tmp_path / "split")
+    with pytest.raises(
+        ErdeError, match=r"has its own train/ and test/ folders.*drop data.test_size"
+    ):
+        load_source("imagefolder", str(tmp_path / "split"), test_size=0.2)
+    with pytest.raises(ErdeError, match=r"digits comes with its own test split"):
+        flat_cfg(tmp_path, "data.source=digits", "data.test_size=0.2")
 
 
 # ---------------------------------------------------------------- one decoder for every command

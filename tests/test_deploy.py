@@ -24,6 +24,7 @@ from erde.config.schema import load_config
 from erde.data import DeviceBatches
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, export_run
+from erde.deploy.early_exit_model import EarlyExitModel
 from erde.deploy.images import load_image, normalize_images
 from erde.deploy.latency import benchmark, render_benchmark
 from erde.deploy.manifest import Deployment
@@ -75,6 +76,18 @@ def exported(run, tmp_path_factory):
         warnings.simplefilter("error")  # the supported exporter, nothing to silence
         manifest = export_run(run, out, threshold=1.5)
     return out, manifest
+
+
+def test_from_pretrained_on_an_export_points_at_the_runtime(run, exported):
+    with pytest.raises(
+        ErdeError, match=r"is an `erde export` folder .*EarlyExitRuntime\.from_export"
+    ):
+        EarlyExitModel.from_pretrained(exported[0])
+    # what the message points at loads it
+    assert (
+        EarlyExitRuntime.from_export(exported[0]).classes
+        == EarlyExitModel.from_pretrained(run).info.data.classes
+    )
 
 
 def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
@@ -538,6 +551,19 @@ def test_infer_classifies_files_and_reports_bad_ones(run, exported, images, tmp_
 
 
 @pytest.mark.slow
+def test_bench_names_a_network_trained_as_teacher_a_teacher(tmp_path):
+    cfg = load_config(
+        "digits-teacher", ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
+    )
+    fit(cfg, tmp_path / "teacher", progress=False)
+    result = benchmark(tmp_path / "teacher", thresholds=[0.5], batch_sizes=[4], repeats=2)
+    assert [r.model for r in result.rows] == [
+        "teacher resnet8, static", "teacher resnet8, early exit"
+    ]  # fmt: skip
+    assert "student" not in render_benchmark(result)
+
+
+@pytest.mark.slow
 def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     # The run as its own reference: the "teacher" row must cost exactly the static student.
     result = benchmark(
@@ -558,11 +584,13 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
         first = part[("student resnet8, early exit", 1e9)]
         assert first.expected_macs == exit_macs[0] and first.exit_share == [1.0, 0.0, 0.0]
         assert first.predicted_speedup == pytest.approx(static_macs / exit_macs[0])
-        teacher = part[("teacher resnet8, static", None)]
-        assert teacher.predicted_speedup == 1.0
-        assert teacher.accuracy == static.accuracy == none.accuracy
+        reference = part[("reference student resnet8, static", None)]  # a ce run: a student
+        assert reference.predicted_speedup == 1.0
+        assert reference.accuracy == static.accuracy == none.accuracy
         for r in part.values():
-            assert 0 < r.median_ms <= r.p90_ms and r.images_per_s > 0
+            assert 0 < r.median_ms <= r.p90_ms
+            # images/s is the median call's: batch images in median_ms
+            assert r.images_per_s == pytest.approx(batch / (r.median_ms / 1000), rel=1e-12)
     args = _parser().parse_args(
         ["bench", str(run), "--thresholds", "0", "--batch", "2", "--repeats", "2"]
     )
@@ -570,7 +598,14 @@ def test_bench_rows_are_consistent(run, images, torch_logits, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| student resnet8, early exit |") == len({0.0, calibrated})
     # Both tables: the timed rows and per-exit accuracy (header, fp32), each with a header.
-    assert render_benchmark(result).count("\n| ") == len(rows) + 1 + 2
+    table = render_benchmark(result)
+    assert table.count("\n| ") == len(rows) + 1 + 2
+    lines = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+    column = lines[0].index("timed images")
+    # each row says how many images its accuracy is over: 4 batches of 1, then of 8
+    assert [line[column] for line in lines[1 : len(rows) + 1]] == [
+        str(4 * r.batch) for r in rows
+    ] and {r.batch for r in rows} == {1, 8}
     accuracy = result.per_exit_accuracy["fp32"]
     labels = prepare_data(load_config(str(run / "config.yaml"))).data.test_y
     want = (torch_logits[-len(labels) :].argmax(-1) == labels[:, None]).float().mean(0)

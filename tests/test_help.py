@@ -127,3 +127,14 @@ def test_parser_choices_match_the_modules_they_stand_for():
 
     assert f"ONNX opset, {OPSETS[0]}-{OPSETS[-1]} (default: {OPSET})" == commands.OPSET_HELP
     assert commands.FORMS == FORMS
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_the_score_normalisation_flag_says_score_and_keeps_its_old_spelling(command):
+    from erde.cli.main import build_parser
+
+    parser = build_parser()
+    extra = ["--out", "x"] if command == "export" else []
+    for flag in ("--normalize-score", "--normalize"):
+        assert parser.parse_args([command, "run", flag, *extra]).normalize is True
+    assert parser.parse_args([command, "run", *extra]).normalize in (False, None)

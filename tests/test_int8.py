@@ -13,6 +13,7 @@ from erde.config.schema import load_config
 from erde.data.pixels import normalize_images
 from erde.data.prepare import prepare_data
 from erde.deploy import EarlyExitRuntime, benchmark, export_run, render_benchmark
+from erde.deploy.threshold import budget_thresholds
 from erde.evaluation.policy import confidence_scores, simulate
 from erde.evaluation.runs import evaluate_run
 from erde.train.engine import fit
@@ -168,6 +169,17 @@ def test_bench_times_int8_next_to_fp32(run, exported, splits):
         own = rows[("student resnet8 int8, early exit", int8_threshold, batch)]
         assert own.tag == " (re-calibrated)"
         assert rows[("student resnet8, static", None, batch)].realised_speedup == 1.0
+        # every val-calibrated budget point says its budget, int8's as fp32's
+        for precision, budgets, own in (
+            ("", budget_thresholds(run[0]), result.export.deployment.threshold),
+            (" int8", exported[1].budget_thresholds, int8_threshold),
+        ):
+            assert budgets
+            for fraction, threshold in budgets.items():
+                tag = rows[(f"student resnet8{precision}, early exit", threshold, batch)].tag
+                assert tag == f" (budget {100 * float(fraction):g}% of full MACs)" or (
+                    threshold == own
+                )
     test_x, test_y = splits["test"]
     want = (quantized_logits(exported[0], test_x).argmax(-1) == test_y[:, None]).float().mean(0)
     np.testing.assert_allclose(result.per_exit_accuracy["int8"], want.numpy(), atol=1e-6)

@@ -231,7 +231,7 @@ def test_refresh_recomputes_the_reference_cache_too(quick, tmp_path):
     [
         (["--policy", "maxprob"], "eval-maxprob"),
         (["--max-drop", "0.5"], "eval-drop0.5"),
-        (["--normalize"], "eval-normalized"),
+        (["--normalize-score"], "eval-normalized"),
     ],
 )
 def test_a_criterion_folder_is_never_replaced_by_another_reference(

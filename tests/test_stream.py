@@ -244,8 +244,7 @@ def test_a_file_that_does_not_decode_is_one_line_naming_it(tmp_path):
     [
         (["data.stream=always"], "data.stream=always streams image folders"),
         (["data.stream=true"], r"data.stream='True' is not allowed; choose one of auto, always"),
-        (["data.source=imagefolder", "data.image_size=224"], "data.image_size=224 resize"),
-        (["data.source=imagefolder", "data.eval_crop=0.875"], "data.eval_crop=0.875 resize"),
+        (["data.source=imagefolder", "data.eval_crop=0.875"], "data.eval_crop=0.875 crops"),
         (["data.eval_crop=0"], r"data.eval_crop=0.0 must lie in \(0, 1\]"),
         (["data.mean=[0.5]"], "give both, one value per channel, or neither"),
         (["data.mean=[0.5,0.5]", "data.std=[1,1]"], "1 \\(grey\\) or 3 \\(colour\\)"),
@@ -299,3 +298,40 @@ def test_a_study_recorded_before_the_stream_keys_is_the_same_study(tmp_path):
     other = load_reproduce_config("quickstart", ["data.workers=3"])
     with pytest.raises(ErdeError, match="holds another study"):
         check_study(recorded, other)
+
+
+def test_data_in_memory_is_resized_once_by_the_image_size(tmp_path):
+    """Without streaming, data.image_size resizes every image once (antialiased, shorter side,
+    centre crop): digits' 8 x 8 become 16 x 16, as an independent interpolation makes them."""
+    native = prepare_data(load_config("digits-teacher")).data
+    split = prepare_data(load_config("digits-teacher", ["data.image_size=16"]))
+    data = split.data
+    assert data.input_size == (16, 16) and len(data.train_x) == len(native.train_x)
+    want = (
+        torch.nn.functional.interpolate(
+            native.test_x.permute(0, 3, 1, 2).float(),
+            size=(16, 16),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        .round()
+        .clamp(0, 255)
+        .permute(0, 2, 3, 1)
+    )
+    assert (data.test_x.float() - want).abs().max() <= 1  # uint8 rounding
+    assert (data.mean, data.std) == (native.mean, native.std)
+    fit(
+        load_config(
+            "digits-teacher", ["data.image_size=16", "train.epochs=1", "train.warmup_epochs=0"]
+        ),
+        tmp_path / "t",
+        progress=False,
+    )
+    assert json.loads((tmp_path / "t" / "model.json").read_text())["data"]["input_size"] == 16
+
+
+def test_resized_data_that_would_not_fit_is_refused_in_one_line():
+    cfg = load_config("digits-teacher", ["data.image_size=4000", "data.device_budget_gb=1"])
+    with pytest.raises(ErdeError, match=r"data.image_size=4000: the 1797 digits images would"):
+        prepare_data(cfg)

@@ -252,11 +252,14 @@ def _add_export(command: Callable) -> None:
     )
     add_policy_module(p)
     p.add_argument(
+        "--normalize-score",
         "--normalize",
+        dest="normalize",
         action="store_true",
         default=None,
-        help="score divided by the policy's normalizer, entropy: log K (default: as the run's "
-        "evaluation report, else off)",
+        help="exit score divided by the policy's normalizer, entropy: log K, so thresholds lie "
+        "in [0, 1] (the score, not the pixels; default: as the run's evaluation report, else "
+        "off)",
     )
     p.add_argument("--opset", type=int, help=OPSET_HELP)
     p.add_argument(
@@ -317,7 +320,8 @@ def _add_infer(command: Callable) -> None:
     p.add_argument(
         "--threads",
         type=whole_number(1, cores()),
-        help="ONNX Runtime intra-op threads, at most the cores (default: all)",
+        help="ONNX Runtime intra-op threads, at most the cores (default: all, for throughput; "
+        "`erde bench` times 1 by default)",
     )
     _form_argument(p)
 
@@ -328,7 +332,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reference",
         metavar="TEACHER_RUN",
-        help="also time this run, statically (default: no teacher row)",
+        help="also time this run (the teacher), statically (default: no reference row)",
     )
     p.add_argument(
         "--thresholds",
@@ -351,7 +355,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=whole_number(0, cores()),
         default=1,
-        help="ONNX Runtime intra-op threads, at most the cores (0: all; default: 1)",
+        help="ONNX Runtime intra-op threads, at most the cores (0: all; default: 1, unlike "
+        "`erde infer`'s all: an edge device's single core, and a timing a busy neighbour "
+        "disturbs least)",
     )
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"

@@ -1,8 +1,9 @@
 """Command line: parses arguments, calls one library function per command, prints the result.
 
 User mistakes (`ErdeError`, a bad command line) and a disk that refuses a file (`OSError`: full,
-read-only, missing permission) end with one line on stderr and exit status 2; anything else is a
-bug and keeps its traceback.
+read-only, missing permission) end with one line on stderr and exit status 2; a reader that
+stops reading (`erde models | head`) ends the command silently; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,23 +25,29 @@ from erde.logs import log_to_stdout
 
 
 def _models(args: argparse.Namespace) -> None:
-    from erde.models.catalogue import describe, model_names
+    from erde.models.catalogue import describe, model_names, name_row, namespaces
     from erde.run.report import markdown_table
 
     names = model_names(args.pattern)
     if not names:
         raise ErdeError(f"no model matches {args.pattern!r}; `erde models` lists them all")
-    rows = []
-    for name in names:
-        r = describe(name)
-        exits = ",".join(map(str, r.default_exits)) or "none"
-        size = f"{r.input_size}x{r.input_size}"
-        rows.append(
-            [r.name, r.source, exits, size, f"{r.macs / 1e6:,.1f} M", f"{r.params / 1e6:.2f} M",
-             r.description]
-        )  # fmt: skip
-    headers = ["model", "source", "default exits", "input", "MACs (plain)", "params", "about"]
-    print(markdown_table(headers, rows))
+    if len(names) > 1:
+        rows = [[r.name, r.source, r.description] for r in map(name_row, names)]
+        print(markdown_table(["model", "source", "about"], rows))
+        print(
+            f"\n{len(names)} models. `erde models NAME` gives one model's default exits, input "
+            "size, MACs and parameters; `erde macs NAME` its MACs per exit."
+        )
+        if args.pattern.strip() == "*":
+            print(namespaces())
+        return
+    r = describe(names[0], args.num_classes)
+    exits = ",".join(map(str, r.default_exits)) or "none"
+    params = f"params ({r.num_classes} classes, exit heads included)"
+    headers = ["model", "source", "default exits", "input", "MACs (plain network)", params, "about"]
+    size = f"{r.input_size}x{r.input_size}"
+    row = [r.name, r.source, exits, size, f"{r.macs / 1e6:,.1f} M", f"{r.params / 1e6:.2f} M"]
+    print(markdown_table(headers, [[*row, r.description]]))
 
 
 def _macs(args: argparse.Namespace) -> None:
@@ -287,10 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         _models,
         "the early-exit models: erde's, plugins', timm's, torchvision's",
-        ["erde models", "erde models 'torchvision/*'"],
+        ["erde models", "erde models 'torchvision/*'", "erde models torchvision/resnet50"],
     )
     p.add_argument(
-        "pattern", nargs="?", default="*", help="e.g. 'resnet*', 'timm/convnext*', 'torchvision/*'"
+        "pattern",
+        nargs="?",
+        default="*",
+        help="e.g. 'resnet*', 'timm/convnext*', 'torchvision/*'; one model's name (or a pattern "
+        "that matches one) shows its exits, MACs and parameters",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=whole_number(2),
+        default=None,
+        help="classes of one model's heads (default: 1000 for timm/torchvision, 10 otherwise)",
     )
 
     p = command(
@@ -374,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", default="entropy", help=f"{POLICY_HELP} (default: entropy)")
         add_policy_module(p)
         p.add_argument(
+            "--normalize-score",
             "--normalize",
+            dest="normalize",
             action="store_true",
-            help="score divided by the policy's normalizer (entropy: log K)",
+            help="exit score divided by the policy's normalizer (entropy: log K), so thresholds "
+            "lie in [0, 1]; the score, not the pixels",
         )
         p.add_argument(
             "--max-drop",
@@ -590,6 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_to_stdout()
     try:
         args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone is seen here
+    except BrokenPipeError:
+        # The reader left (`erde models | head`): end quietly, as Python's documentation of
+        # SIGPIPE advises, with stdout on devnull so the final flush raises nothing, and the
+        # status of a command ended by SIGPIPE (128 + 13).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (ErdeError, OSError) as exc:
         print(f"erde {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

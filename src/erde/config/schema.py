@@ -84,12 +84,30 @@ class DataConfig:
     verify: bool = field(
         default=True, metadata=key("check the official archives' checksums", experiment=False)
     )
-    # Validation images held out of the training split: a count (>= 1) or a fraction (< 1).
+    # Held-out images: a count (>= 1) or a fraction (< 1), as scikit-learn's train_test_split.
     val_size: float = field(
-        default=5000,
+        default=0.1,
         metadata=key(
-            "images held out of training for validation: a count or a fraction (< 1)",
+            "images held out of training for validation (seeded by train.seed, stratified): "
+            "a count or a fraction (< 1)",
             range=NON_NEGATIVE,
+        ),
+    )
+    train_size: float | None = field(
+        default=None,
+        metadata=key(
+            "training images used, for a quick run on part of the data: a stratified subset "
+            "(seeded by train.seed) of those left after validation, a count or a fraction (< 1) "
+            "(null: all)",
+            range=POSITIVE,
+        ),
+    )
+    test_size: float | None = field(
+        default=None,
+        metadata=key(
+            "images of a root/<class>/ image folder held out for testing (stratified, the same "
+            "for every seed): a count or a fraction (< 1) (null: 0.2)",
+            range=POSITIVE,
         ),
     )
     augment: bool = field(
@@ -128,7 +146,9 @@ class DataConfig:
     image_size: int | None = field(
         default=None,
         metadata=key(
-            "streamed input size, RandomResizedCrop target (null: the first image's shorter side)",
+            "input size: in memory every image resized once (shorter side, centre crop); "
+            "streamed, the RandomResizedCrop target (null: as they are; streamed: the first "
+            "image's shorter side)",
             range=POSITIVE,
         ),
     )
@@ -828,24 +848,22 @@ def _validate_data(d: DataConfig) -> None:
             f"data.mean={d.mean} has {len(d.mean)} values; images have 1 (grey) or 3 (colour) "
             "channels"
         )
+    if d.test_size is not None and d.source != "imagefolder":
+        raise ErdeError(
+            f"data.test_size={d.test_size:g} holds test images out of an image folder "
+            f"(data.source=imagefolder); {d.source} comes with its own test split: drop "
+            "data.test_size"
+        )
     if d.stream == "always" and d.source != "imagefolder":
         raise ErdeError(
             f"data.stream=always streams image folders (data.source=imagefolder); {d.source} is "
             "read whole into memory: use data.stream=auto"
         )
-    streamed_only = [
-        f"{key}={value:g}"
-        for key, value, default in (
-            ("data.image_size", d.image_size, None),
-            ("data.eval_crop", d.eval_crop, 1.0),
-        )
-        if value != default
-    ]
-    if streamed_only and d.stream != "always":
+    if d.eval_crop != 1.0 and d.stream != "always":
         raise ErdeError(
-            f"{' and '.join(streamed_only)} resize streamed images, but data.stream={d.stream} "
-            "may decode the folder into memory, where images keep their size; set "
-            "data.stream=always, or drop them"
+            f"data.eval_crop={d.eval_crop:g} crops streamed images at evaluation, but "
+            f"data.stream={d.stream} may decode the images into memory, where they are resized "
+            "once (data.image_size) and not cropped again; set data.stream=always, or drop it"
         )
 
 

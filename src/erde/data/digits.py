@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from erde.data.image_data import ImageData, build_image_data
-from erde.data.split import stratified_split
-
-# The set has no official test split. A fixed seed (never the run's seed) keeps the test images
-# the same for every run, so results from different seeds stay comparable.
-TEST_FRACTION = 0.2
-TEST_SPLIT_SEED = 0
+from erde.data.split import TEST_FRACTION, TEST_SPLIT_SEED, stratified_split
 
 
 def load_digits_data() -> ImageData:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from erde.data.decode import resize_crop
 from erde.errors import ErdeError
 
 
@@ -191,3 +193,18 @@ def build_image_data(
         std=tuple(float(s) for s in std),
         hflip=hflip,
     )
+
+
+def resized(data: ImageData, size: int) -> ImageData:
+    """Every image's shorter side resized to `size` (antialiased), then the centre square cut:
+    `erde.data.decode.resize_crop` at crop 1, the rule streamed evaluation, `erde infer` and an
+    export's manifest follow, done once for data in memory. The mean/std stay the source's
+    (resizing hardly moves them)."""
+    if data.input_size == (size, size):
+        return data
+
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        out = np.stack([resize_crop(np.ascontiguousarray(x), size) for x in images.numpy()])
+        return torch.from_numpy(out)
+
+    return dataclasses.replace(data, train_x=apply(data.train_x), test_x=apply(data.test_x))

@@ -1,5 +1,11 @@
-"""root/train/<class>/*.png and root/test/<class>/*.png, decoded once into uint8 arrays (or
-listed by `folder_samples` for streaming, `erde.data.stream`).
+"""An image folder in either layout, decoded once into uint8 arrays (or listed by
+`folder_samples` for streaming, `erde.data.stream`):
+
+- `root/<class>/<image>`, the layout of torchvision's `ImageFolder` and Hugging Face's
+  `imagefolder`: a seeded, stratified `data.test_size` of every class is held out for testing
+  (`erde.data.split`, the same images for every run seed);
+- `root/train/<class>/<image>` and `root/test/<class>/<image>`: the folder's own split, read
+  whenever `root` holds a `train` or a `test` folder.
 
 Files are decoded by `erde.data.pixels.decode_image`, the decoder `erde infer` uses, so a model
 sees the same pixels from a file in training and in deployment. The set is grey (1 channel) when
@@ -14,13 +20,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 from erde.data.image_data import ImageData, build_image_data
 from erde.data.pixels import decode_image
+from erde.data.split import TEST_FRACTION, TEST_SPLIT_SEED, stratified_split
 from erde.data.walk import files_under
 from erde.errors import ErdeError
 
-LAYOUT = "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ...)"
+LAYOUT = (
+    "root/<class>/<image> (a seeded data.test_size held out for testing), or "
+    "root/train/<class>/<image> and root/test/<class>/<image> (png, jpg, ...)"
+)
+SPLIT_FOLDERS = ("train", "test")
 
 
 def _classes(split_dir: str) -> list[str]:
@@ -63,9 +75,53 @@ def decode_file(path: str, channels: int | None = None, size: int | None = None)
         raise ErdeError(f"imagefolder: {exc}") from None
 
 
-def folder_samples(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """The class names (the train folder's subfolders, sorted; test may hold a subset of them)
-    and the (path, label) of every image of each split, without reading any image."""
+def folder_samples(
+    root: str, test_size: int | float | None = None
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """The class names (subfolders, sorted) and the (path, label) of every image of the train
+    and test splits, without reading any image. `test_size` (default `TEST_FRACTION`) is the
+    hold-out of a `root/<class>/` folder; a folder with its own train/test split refuses it."""
+    if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, s)) for s in SPLIT_FOLDERS):
+        if test_size is not None:
+            raise ErdeError(
+                f"data.test_size={test_size:g} holds images out of a root/<class>/ folder, but "
+                f"{root} has its own train/ and test/ folders, whose test images are used; drop "
+                "data.test_size"
+            )
+        return _split_samples(root)
+    return _held_out_samples(root, TEST_FRACTION if test_size is None else test_size)
+
+
+def _held_out_samples(
+    root: str, test_size: int | float
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """root/<class>/: a stratified test hold-out with a fixed seed, as digits has."""
+    classes = _classes(root)
+    samples = _samples(root, {c: k for k, c in enumerate(classes)})
+    labels = torch.tensor([label for _, label in samples])
+    train_idx, test_idx = stratified_split(labels, test_size, TEST_SPLIT_SEED, key="data.test_size")
+    if len(test_idx) == 0:
+        raise ErdeError(
+            f"imagefolder: data.test_size={test_size:g} of the {len(samples)} images in {root} "
+            "holds none out for testing; raise it (a count >= 1, or a fraction that holds at "
+            "least one image)"
+        )
+    untrained = sorted(set(labels[test_idx].tolist()) - set(labels[train_idx].tolist()))
+    if untrained:
+        names = ", ".join(classes[k] for k in untrained)
+        raise ErdeError(
+            f"imagefolder: data.test_size={test_size:g} holds out every image of class(es) "
+            f"{names} in {root}, leaving none to train on; add images to them or lower "
+            "data.test_size"
+        )
+    return classes, {
+        "train": [samples[i] for i in train_idx.tolist()],
+        "test": [samples[i] for i in test_idx.tolist()],
+    }
+
+
+def _split_samples(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """root/train/<class>/ and root/test/<class>/ (test may hold a subset of the classes)."""
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
     classes = _classes(train_dir)
     class_to_idx = {c: k for k, c in enumerate(classes)}
@@ -82,9 +138,9 @@ def folder_samples(root: str) -> tuple[list[str], dict[str, list[tuple[str, int]
     }
 
 
-def load_image_folder(root: str) -> ImageData:
+def load_image_folder(root: str, test_size: int | float | None = None) -> ImageData:
     """Every image decoded into memory; all must share one size."""
-    classes, splits = folder_samples(root)
+    classes, splits = folder_samples(root, test_size)
     decoded: dict[str, list[np.ndarray]] = {}
     first: tuple[str, tuple[int, int]] | None = None
     for split, samples in splits.items():

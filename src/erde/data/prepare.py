@@ -19,11 +19,11 @@ import torch
 from erde.config.schema import Config
 from erde.data.batches import DeviceBatches
 from erde.data.budget import budget_bytes, decoded_bytes
-from erde.data.image_data import ImageData
+from erde.data.image_data import ImageData, resized
 from erde.data.image_files import ImageFiles, image_files
 from erde.data.image_folder import folder_samples
 from erde.data.sources import load_source
-from erde.data.split import stratified_split
+from erde.data.split import config_size, stratified_split, stratified_subset
 from erde.data.stream import StreamBatches, default_workers
 from erde.device import resolve_device
 from erde.distributed import World
@@ -82,23 +82,37 @@ class Split:
 def prepare_data(cfg: Config) -> Split:
     d = cfg.data
     data = load_data(cfg)
-    val_size = int(d.val_size) if d.val_size >= 1 else float(d.val_size)
-    train_idx, val_idx = stratified_split(data.train_y, val_size, cfg.train.seed)
+    train_idx, val_idx = stratified_split(
+        data.train_y, config_size(d.val_size), cfg.train.seed, key="data.val_size"
+    )
+    if d.train_size is not None:  # a quick run on part of the data; validation stays whole
+        size = config_size(d.train_size)
+        train_idx = train_idx[
+            stratified_subset(data.train_y[train_idx], size, cfg.train.seed, key="data.train_size")
+        ]
+        log.info("data.train_size=%g: training on %d images", d.train_size, len(train_idx))
     return Split(data, train_idx, val_idx)
 
 
 def load_data(cfg: Config) -> ImageData | ImageFiles:
     """The source decoded into memory, or an image folder listed for streaming."""
     d = cfg.data
+    test_size = None if d.test_size is None else config_size(d.test_size)
     if d.source == "imagefolder" and d.root and d.stream != "never":
-        classes, splits = folder_samples(os.path.expanduser(d.root))
+        classes, splits = folder_samples(os.path.expanduser(d.root), test_size)
         if d.stream == "always" or _over_budget(cfg, splits):
             workers = default_workers() if d.workers is None else d.workers
             log.info("streaming the images from their files with %d worker(s)", workers)
             return image_files(
                 classes, splits, size=d.image_size, mean=d.mean, std=d.std, workers=workers
             )
-    data = load_source(d.source, d.root, download=d.download, verify=d.verify)
+    data = load_source(d.source, d.root, download=d.download, verify=d.verify, test_size=test_size)
+    if d.image_size is not None and data.input_size != (d.image_size, d.image_size):
+        log.info(
+            "resizing the %s images from %dx%d to %d", data.name, *data.input_size, d.image_size
+        )
+        _check_resized_size(cfg, data, d.image_size)
+        data = resized(data, d.image_size)
     if d.mean is None or d.std is None:
         return data
     if len(d.mean) != data.in_channels:
@@ -107,6 +121,20 @@ def load_data(cfg: Config) -> ImageData | ImageFiles:
             f"{data.in_channels} channel(s); give one value per channel"
         )
     return replace(data, mean=tuple(d.mean), std=tuple(d.std))
+
+
+def _check_resized_size(cfg: Config, data: ImageData, size: int) -> None:
+    """Resized images stay in memory (on the training device): refuse what would not fit."""
+    count = len(data.train_x) + len(data.test_x)
+    need = count * size * size * data.in_channels
+    have = budget_bytes(cfg.data.device_budget_gb, resolve_device(cfg.train.device))
+    if need > have:
+        raise ErdeError(
+            f"data.image_size={size}: the {count} {data.name} images would take "
+            f"{need / 1e9:.3g} GB resized, above the budget of {have / 1e9:.3g} GB "
+            "(data.device_budget_gb); choose a smaller data.image_size, or stream an image "
+            "folder from its files (data.stream=always)"
+        )
 
 
 def _over_budget(cfg: Config, splits: dict[str, list[tuple[str, int]]]) -> bool:
@@ -137,9 +165,11 @@ def check_split(cfg: Config, split: Split) -> None:
             "data.val_size (a count >= 1, or a fraction that holds at least one image)"
         )
     if t.batch_size > n_train:
+        subset = "" if d.train_size is None else f" and data.train_size={d.train_size:g}"
         raise ErdeError(
             f"train.batch_size={t.batch_size} is larger than the {n_train} training images left "
-            f"after data.val_size={d.val_size:g}; set train.batch_size to at most {n_train}"
+            f"after data.val_size={d.val_size:g}{subset}; set train.batch_size to at most "
+            f"{n_train}"
         )
     size = min(split.data.input_size)
     if d.augment and not split.streamed and d.crop_padding >= size:

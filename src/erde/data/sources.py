@@ -18,16 +18,29 @@ DEFAULT_ROOT = "data"
 
 
 def load_source(
-    name: str, root: str | None = None, *, download: bool = False, verify: bool = True
+    name: str,
+    root: str | None = None,
+    *,
+    download: bool = False,
+    verify: bool = True,
+    test_size: int | float | None = None,
 ) -> ImageData:
     """Load a data set by name.
 
     cifar10/cifar100/svhn: `root` is the folder torchvision downloads into (default ./data);
     `verify` checks the official md5 sums. digits: bundled with scikit-learn, `root` unused; its
     test split is a stratified 20 % drawn with a fixed seed, the same for every run seed.
-    npz / imagefolder: `root` is required; `download` and `verify` do not apply.
+    npz / imagefolder: `root` is required; `download` and `verify` do not apply. `test_size`
+    (a count, or a fraction below 1) is the test hold-out of an image folder without a
+    train/test split (`erde.data.image_folder`); no other source takes it.
     """
     root = os.path.expanduser(root) if root else root
+    if test_size is not None and name != "imagefolder":
+        raise ErdeError(
+            f"data.test_size={test_size:g} holds test images out of an image folder "
+            f"(data.source=imagefolder); {name} comes with its own test split: drop "
+            "data.test_size"
+        )
     if name in OFFICIAL:
         return load_official(name, root or DEFAULT_ROOT, download=download, verify=verify)
     if name == "digits":
@@ -38,5 +51,5 @@ def load_source(
                 f"train.npz and test.npz ({FORMAT})" if name == "npz" else f"the layout {LAYOUT}"
             )
             raise ErdeError(f"{name}: no folder given; set data.root to a folder with {expected}.")
-        return load_npz(root) if name == "npz" else load_image_folder(root)
+        return load_npz(root) if name == "npz" else load_image_folder(root, test_size)
     raise ErdeError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}.")

@@ -19,6 +19,8 @@ import torch
 from erde.deploy.arrays import model_input
 from erde.deploy.exit_rule import ExitRule, read_exit_rule
 from erde.deploy.images import read_image
+from erde.deploy.manifest import MANIFEST
+from erde.errors import ErdeError
 from erde.evaluation.policy import simulate
 from erde.files import sha256_file
 from erde.models.load import load_run_model
@@ -62,6 +64,12 @@ class EarlyExitModel:
         """A run folder or a `save_pretrained` folder, with its exit rule: the one saved beside
         the weights, else the threshold `erde evaluate` chose on val (RUN/eval/report.json, the
         one `erde export` deploys), else 0: the final exit."""
+        if (Path(run_dir) / MANIFEST).is_file():
+            raise ErdeError(
+                f"{run_dir} is an `erde export` folder (ONNX pieces and its {MANIFEST}), not a "
+                f"run: load it with erde.deploy.EarlyExitRuntime.from_export({str(run_dir)!r}), "
+                "or give from_pretrained the run folder it was exported from"
+            )
         net, info, digest = load_run_model(run_dir, device)
         run = RunDir(run_dir)
         saved = read_exit_rule(run.path, digest)

@@ -11,11 +11,16 @@ whole test split with the exported pieces.
 Method: the test images are cut into `warmup + repeats` consecutive batches per batch size. Every
 batch is run by every configuration in turn (the order rotates from batch to batch), so all of
 them meet the same background load at nearly the same moment; the first `warmup` batches are not
-timed. Latency is per batch call (median and 90th percentile); throughput is timed images over
-the summed time. The realised speed-up of a configuration is the static student's summed time
-over its own on the same images; the MACs-predicted one is the static student's MACs over the
-configuration's mean MACs per image on those images (for early exit: the cumulative MACs of the
-exit each image took).
+timed. Latency is per batch call (median and 90th percentile); throughput is the batch size over
+the median latency, so the two columns state one statistic. The realised speed-up of a
+configuration is the static student's summed time over its own on the same images (summed, as the
+MACs it is set beside are a mean over the images); the MACs-predicted one is the static student's
+MACs over the configuration's mean MACs per image on those images (for early exit: the cumulative
+MACs of the exit each image took). A row's test accuracy is over its timed images (batch x
+repeats, a column of its own); the per-exit table under it covers the whole test split.
+
+Rows are named by the run's method: a network trained as `teacher` is a teacher, any other a
+student; the `--reference` run's row says it is the reference.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from erde.evaluation.metrics import per_exit_accuracy
 from erde.models.load import load_model
 from erde.run import checkpoint as ckpt
 from erde.run.layout import RunDir
-from erde.run.report import markdown_table
+from erde.run.report import budget_label, markdown_table
 
 
 @dataclass
@@ -53,8 +58,8 @@ class BenchRow:
     batch: int
     median_ms: float  # per batch call
     p90_ms: float
-    images_per_s: float
-    accuracy: float  # on the timed test images
+    images_per_s: float  # batch / median latency
+    accuracy: float  # on the timed test images (batch x repeats)
     expected_macs: float  # mean MACs per timed image
     predicted_speedup: float  # static student MACs / expected_macs
     realised_speedup: float  # static student time / this time, same images
@@ -150,7 +155,7 @@ def _teacher(reference: Path, manifest: Manifest, tmp: Path, threads: int | None
             manifest.opset,
         )
     return _Timed(
-        f"teacher {info.name}, static",
+        f"reference {_role(info.method)} {info.name}, static",
         None,
         static_runner(ort_session(proto.SerializeToString(), threads)),
         info.static_macs,
@@ -165,26 +170,34 @@ def _student(
     unless `thresholds` are given."""
     manifest = read_manifest(export_dir)
     own = manifest.deployment.threshold
-    chosen = sorted({own, *(thresholds or [0.0, *manifest.budget_thresholds.values()])})
+    budgets = manifest.budget_thresholds
+    chosen = sorted({own, *(thresholds or [0.0, *budgets.values()])})
     runtime = EarlyExitRuntime.from_export(export_dir, threads=threads)
     static = export_session(export_dir, manifest.static, threads)
     name = manifest.info.name + ("" if manifest.precision == "fp32" else f" {manifest.precision}")
+    role = _role(manifest.info.method)
     configs = [
-        _Timed(f"student {name}, static", None, static_runner(static), manifest.info.static_macs)
+        _Timed(f"{role} {name}, static", None, static_runner(static), manifest.info.static_macs)
     ]
     source = manifest.deployment.threshold_source
-    tag = " (given)" if source == "given" else f" ({source.split(' on ')[0]})"
+    tags = {t: f" ({budget_label(float(fraction))})" for fraction, t in budgets.items()}
+    tags[own] = " (given)" if source == "given" else f" ({source.split(' on ')[0]})"
     configs += [
         _Timed(
-            f"student {name}, early exit",
+            f"{role} {name}, early exit",
             t,
             early_exit_runner(runtime, t, form),
             None,
-            tag if t == own else "",
+            tags.get(t, ""),
         )
         for t in chosen
     ]
     return configs, manifest, runtime
+
+
+def _role(method: str) -> str:
+    """What a run's row calls it: its method says whether it was trained as the teacher."""
+    return "teacher" if method == "teacher" else "student"
 
 
 def _measure(
@@ -233,7 +246,7 @@ def _measure(
                 batch=batch,
                 median_ms=1000 * float(np.median(seconds[k])),
                 p90_ms=1000 * float(np.percentile(seconds[k], 90)),
-                images_per_s=n_images / sum(seconds[k]),
+                images_per_s=batch / float(np.median(seconds[k])),
                 accuracy=correct[k] / n_images,
                 expected_macs=expected,
                 predicted_speedup=static_macs / expected,
@@ -348,18 +361,19 @@ _BENCH_COLUMNS = [
     "batch",
     "median ms/batch",
     "p90 ms/batch",
-    "images/s",
-    "test accuracy (%)",
+    "images/s (batch / median)",
+    "timed images",
+    "test accuracy (%) on them",
     "MACs/image (M)",
     "% of static MACs",
     "exit shares",
     "speed-up, MACs-predicted",
-    "speed-up, realised",
+    "speed-up, realised (summed time)",
     "realised / predicted (%)",
 ]
 
 
-def _bench_cells(r: BenchRow, static_macs: int) -> list:
+def _bench_cells(r: BenchRow, static_macs: int, repeats: int) -> list:
     """One benchmark row's table cells, in the order of _BENCH_COLUMNS."""
     thr = "-" if r.threshold is None else f"{r.threshold:.4g}{r.tag}"
     return [
@@ -369,6 +383,7 @@ def _bench_cells(r: BenchRow, static_macs: int) -> list:
         f"{r.median_ms:.3f}",
         f"{r.p90_ms:.3f}",
         f"{r.images_per_s:,.0f}",
+        f"{r.batch * repeats:,}",
         f"{100 * r.accuracy:.2f}",
         f"{r.expected_macs / 1e6:.3f}",
         f"{100 * r.expected_macs / static_macs:.0f}",
@@ -382,7 +397,7 @@ def _bench_cells(r: BenchRow, static_macs: int) -> list:
 def render_benchmark(result: Benchmark) -> str:
     """The benchmark as a markdown table (milliseconds per batch call, images/s, MACs in M)."""
     info, deployed = result.export.info, result.export.deployment
-    rows = [_bench_cells(r, info.static_macs) for r in result.rows]
+    rows = [_bench_cells(r, info.static_macs, result.repeats) for r in result.rows]
     head = (
         f"{info.name} on {info.data.source} test images, policy {deployed.policy}"
         f"{' (normalised)' if deployed.normalize else ''}; ONNX Runtime CPU, "
