@@ -96,34 +96,42 @@ def quantile_thresholds(logits: torch.Tensor, policy: str) -> list[float]:
     return [float(scores.quantile(q)) for q in (0.2, 0.5, 0.8)]
 
 
+def unexplained(tensors: list[dict]) -> list[dict]:
+    """Tensor entries without the meaning the manifest gives them for people."""
+    return [{k: v for k, v in t.items() if k != "meaning"} for t in tensors]
+
+
 @pytest.mark.slow
 def test_export_writes_checked_pieces_and_manifest(run, exported):
     out, written = exported
     manifest = json.loads((out / "manifest.json").read_text())  # the file, key by key
     assert manifest == written.to_json()
     meta = json.loads((run / "model.json").read_text())
-    assert manifest["exit_macs"] == meta["exit_macs"]
-    assert manifest["static_macs"] == meta["static_macs"]
+    p, e = manifest["preprocess"], manifest["exits"]
+    assert e["macs"] == meta["exit_macs"] and e["count"] == 3
+    assert e["static_macs"] == meta["static_macs"]
     assert manifest["classes"] == [str(k) for k in range(10)]
-    assert (manifest["input_size"], manifest["in_channels"]) == (8, 1)
-    assert manifest["mean"] == meta["data"]["mean"] and manifest["std"] == meta["data"]["std"]
-    assert (manifest["threshold"], manifest["policy"], manifest["normalize"]) == (
-        1.5,
-        "entropy",
-        False,
-    )
+    assert (p["input_size"], p["in_channels"], p["channels"]) == (8, 1, "grey")
+    assert p["mean"] == meta["data"]["mean"] and p["std"] == meta["data"]["std"]
+    assert (p["resize"]["to"], p["crop"]["size"], p["crop"]["fraction"]) == (8, 8, 1.0)
+    assert (p["layout"], p["dtype"], p["divide_by"]) == ("NCHW", "float32", 255)
+    assert (e["threshold"], e["policy"], e["normalize"]) == (1.5, "entropy", False)
+    assert e["numbering"] == "1-based" and "nats" in e["score"]
     assert (manifest["opset"], manifest["precision"]) == (18, "fp32")
     assert manifest["exporter"].startswith("torch.onnx.export(dynamo=True)")
-    pieces = manifest["pieces"]
+    pieces = [{**x, **{k: unexplained(x[k]) for k in ("inputs", "outputs")}} for x in
+              manifest["pieces"]]  # fmt: skip
+    single = {k: unexplained(manifest["single"][k]) for k in ("inputs", "outputs")}
     assert [p["file"] for p in pieces] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
-    assert manifest["single"]["inputs"] == [
+    assert single["inputs"] == [
         {"name": "image", "shape": [1, 1, 8, 8]},
         {"name": "thresholds", "shape": [2]},
     ]
-    assert manifest["single"]["outputs"] == [
+    assert single["outputs"] == [
         {"name": "logits", "shape": [1, 10]},
         {"name": "exit", "shape": [1]},
     ]
+    assert manifest["single"]["outputs"][1]["meaning"] == "int64, the exit that answered (1..3)"
     assert pieces[0]["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8]}]
     for i, (before, after) in enumerate(itertools.pairwise(pieces), start=1):
         assert [o["name"] for o in before["outputs"]] == [f"features{i}", f"logits{i}", f"score{i}"]
@@ -182,7 +190,7 @@ def test_export_never_replaces_a_foreign_folder(run, tmp_path):
     export_run(run, mine, threshold=1.0)
     # An earlier export is replaced without --overwrite ...
     assert export_run(run, mine, threshold=2.0).deployment.threshold == 2.0
-    assert json.loads((mine / "manifest.json").read_text())["threshold"] == 2.0
+    assert json.loads((mine / "manifest.json").read_text())["exits"]["threshold"] == 2.0
     # ... unless it also holds a file of the user's: then only with --overwrite.
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(ErdeError, match=r"files it did not write \(notes.txt\)"):

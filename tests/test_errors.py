@@ -168,7 +168,7 @@ def export_tampering(export: Path, manifest: dict, outside: Path) -> dict[str, d
     return {
         "EXPORT_DOTDOT": piece2(file="../outside/exit2.onnx"),
         "EXPORT_ABSOLUTE": piece2(file=str(outside / "exit2.onnx")),
-        "EXPORT_TEXT_THRESHOLD": {**manifest, "threshold": "0.5"},
+        "EXPORT_TEXT_THRESHOLD": {**manifest, "exits": {**manifest["exits"], "threshold": "0.5"}},
         "EXPORT_UNCHAINED": piece2(inputs=[{"name": "image", "shape": ["batch", 1, 8, 8]}]),
         "EXPORT_RENAMED": {**manifest, "single": renamed},
     }
@@ -259,7 +259,7 @@ def build_workspace(root: Path) -> dict[str, Path]:
     p["EXPORT_WITH_NOTES"] = copy_run(p["EXPORT"], root / "export-with-notes")
     (p["EXPORT_WITH_NOTES"] / "notes.txt").write_text("mine\n")
     edited = {
-        "EXPORT_NEWER": {**manifest, "format_version": 4},
+        "EXPORT_NEWER": {**manifest, "format_version": 5},
         "EXPORT_OLDER": {**manifest, "format_version": 2},
         "EXPORT_NO_KEYS": {k: v for k, v in manifest.items() if k != "pieces"},
         "EXPORT_ORPHAN": {**manifest, "source_run": str(p["MISSING"])},
@@ -392,7 +392,7 @@ def damaged_files(root: Path, p: dict[str, Path]) -> dict[str, Path]:
     meta = json.loads((p["RUN"] / "model.json").read_text())
     (d["SIDECAR_TYPES"] / "model.json").write_text(json.dumps({**meta, "seed": "zero"}))
     d["SIDECAR_NEWER"] = copy_run(p["RUN"], root / "sidecar-newer")
-    (d["SIDECAR_NEWER"] / "model.json").write_text(json.dumps({**meta, "format_version": 3}))
+    (d["SIDECAR_NEWER"] / "model.json").write_text(json.dumps({**meta, "format_version": 4}))
     d["SIDECAR_DEEP"] = copy_run(p["RUN"], root / "sidecar-deep")
     (d["SIDECAR_DEEP"] / "model.json").write_text("[" * 100000 + "]" * 100000)
     d["UNTRUSTED_MODULE"] = copy_run(p["RUN"], root / "untrusted-module")
@@ -418,10 +418,26 @@ def damaged_exports(root: Path, export: Path) -> dict[str, Path]:
     blob = broken.SerializeToString()
     pieces_resigned = [*manifest["pieces"]]
     pieces_resigned[1] = {**pieces_resigned[1], "sha256": hashlib.sha256(blob).hexdigest()}
+    pre, exits = manifest["preprocess"], manifest["exits"]
+
+    def preprocess(**changes) -> dict:
+        return {**manifest, "preprocess": {**pre, **changes}}
+
+    failing = onnx.load(str(export / "exit2.onnx"))  # loads, then fails in the Conv kernel
+    next(a for n in failing.graph.node if n.op_type == "Conv" for a in n.attribute
+         if a.name == "group").i = 0  # fmt: skip
+    failing_blob = failing.SerializeToString()
+    pieces_failing = [*manifest["pieces"]]
+    pieces_failing[1] = {**pieces_failing[1], "sha256": hashlib.sha256(failing_blob).hexdigest()}
     edits = {
-        "EXPORT_TINY_STD": {**manifest, "std": [1e-300]},
+        "EXPORT_FAILING_GRAPH": {**manifest, "pieces": pieces_failing},
+        "EXPORT_TINY_STD": preprocess(std=[1e-300]),
+        "EXPORT_TWO_MEANS": preprocess(mean=pre["mean"] * 2),
+        "EXPORT_COLOUR_SPEC": preprocess(channels="RGB"),
+        "EXPORT_WRONG_RESIZE": preprocess(resize={**pre["resize"], "to": 9}),
+        "EXPORT_WRONG_COUNT": {**manifest, "exits": {**exits, "count": 4}},
         "EXPORT_TWIN_CLASSES": {**manifest, "classes": ["0", *manifest["classes"][:-1]]},
-        "EXPORT_WRONG_SIZE": {**manifest, "input_size": 16},
+        "EXPORT_WRONG_SIZE": preprocess(input_size=16),
         "EXPORT_RESHAPED": {**manifest, "pieces": pieces},
         "EXPORT_BROKEN_GRAPH": {**manifest, "pieces": pieces_resigned},
     }
@@ -430,6 +446,7 @@ def damaged_exports(root: Path, export: Path) -> dict[str, Path]:
         d[name] = copy_run(export, root / name.lower())
         (d[name] / "manifest.json").write_text(json.dumps(edited))
     (d["EXPORT_BROKEN_GRAPH"] / "exit2.onnx").write_bytes(blob)
+    (d["EXPORT_FAILING_GRAPH"] / "exit2.onnx").write_bytes(failing_blob)
     return d
 
 

@@ -2,6 +2,7 @@
 digits teacher and ERDE student, its evaluation and export) read through today's readers; newer
 versions and damaged files are one-line refusals that name the file and the fix."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +32,9 @@ def test_the_fixtures_are_of_the_formats_before_versions():
     assert plain("manifest.json")["format_version"] == 3  # the manifest's own numbering
 
 
-def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_and_no_precision(tmp_path):
+def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_precision_and_crop(
+    tmp_path,
+):
     raw = plain("model.json")
     info = ModelInfo.read(V1 / "model.json")
     assert info.exit_macs == raw["exit_macs"] == [306688, 529152, 750976]
@@ -42,11 +45,23 @@ def test_a_version_1_model_json_reads_and_is_rewritten_with_its_version_and_no_p
     assert info.config == raw["config"] and info.finished is True
     info.write(tmp_path / "model.json")
     again = json.loads((tmp_path / "model.json").read_text())
-    assert again.pop("format_version") == 2
+    assert again.pop("format_version") == 3
     assert again.pop("precision") is None  # not recorded before: grouped by the setting
-    assert again.pop("weights") is None  # nor the pretrained weights a run started from
+    assert again.pop("weights") is None  # no pretrained weights recorded: none
+    assert raw["config"]["data"]["eval_crop"] == 1.0
+    assert again["data"].pop("eval_crop") == 1.0  # the crop rule, from the run's config
     assert again == raw
     assert ModelInfo.read(tmp_path / "model.json") == info
+
+
+def test_a_version_2_model_json_takes_its_crop_rule_from_its_config(tmp_path):
+    raw = {**plain("model.json"), "format_version": 2}
+    raw["config"] = {**raw["config"], "data": {**raw["config"]["data"], "eval_crop": 0.875}}
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    assert ModelInfo.read(tmp_path / "model.json").data.eval_crop == 0.875
+    del raw["config"]["data"]["eval_crop"]  # a run from before the key: no crop
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    assert ModelInfo.read(tmp_path / "model.json").data.eval_crop == 1.0
 
 
 def test_version_1_metrics_rows_read_and_are_rewritten_with_only_their_version_added(tmp_path):
@@ -87,7 +102,7 @@ def test_a_version_1_report_reads_and_is_rewritten_with_its_version_and_no_diges
     assert read_report(tmp_path / "report.json") == report
 
 
-def test_a_version_3_manifest_reads_as_written(tmp_path):
+def test_a_version_3_manifest_reads_into_the_blocks_of_version_4(tmp_path):
     raw = plain("manifest.json")
     shutil.copy(V1 / "manifest.json", tmp_path / "manifest.json")
     manifest = read_manifest(tmp_path)
@@ -96,10 +111,35 @@ def test_a_version_3_manifest_reads_as_written(tmp_path):
     assert manifest.info.exit_macs == raw["exit_macs"]
     assert manifest.info.data.classes == raw["classes"]
     assert manifest.info.data.source == raw["data_source"]
+    assert manifest.info.data.eval_crop == 1.0  # version 3 knew no crop: evaluation's default
     assert [p["file"] for p in manifest.pieces] == ["exit1.onnx", "exit2.onnx", "exit3.onnx"]
     assert manifest.pieces == raw["pieces"] and manifest.single == raw["single"]
     assert manifest.budget_thresholds == raw["budget_thresholds"]
-    assert manifest.to_json() == raw
+    assert manifest.val_curve is None
+    again = manifest.to_json()
+    assert again["format_version"] == 4
+    p, e = again["preprocess"], again["exits"]
+    assert (p["in_channels"], p["input_size"], p["channels"]) == (1, 8, "grey")
+    assert (p["mean"], p["std"]) == (raw["mean"], raw["std"])
+    assert (p["resize"]["to"], p["crop"]["size"], p["crop"]["fraction"]) == (8, 8, 1.0)
+    assert (e["count"], e["macs"], e["static_macs"]) == (3, raw["exit_macs"], raw["static_macs"])
+    assert (e["threshold"], e["policy"], e["normalize"]) == (raw["threshold"], "entropy", False)
+    moved = {"mean", "std", "input_size", "in_channels", "threshold", "policy", "normalize"}
+    moved |= {"exit_macs", "static_macs", "format_version"}
+    kept = {k: v for k, v in raw.items() if k not in moved}
+    for key in ("pieces", "static", "single"):  # the tensors gain their meaning
+        names = lambda entries: [[t["name"] for t in x["inputs"] + x["outputs"]] for x in entries]  # noqa: E731
+        listed = again[key] if key == "pieces" else [again[key]]
+        assert names(listed) == names(kept[key] if key == "pieces" else [kept[key]])
+        kept.pop(key)
+    assert {k: again[k] for k in kept} == kept
+    (tmp_path / "manifest.json").write_text(json.dumps(again))  # and reads back the same
+    assert read_manifest(tmp_path) == dataclasses.replace(
+        manifest,
+        pieces=again["pieces"],
+        static=again["static"],
+        single=again["single"],
+    )
 
 
 def write_version(tmp_path: Path, name: str, version) -> Path:
@@ -146,7 +186,7 @@ def test_a_version_that_is_no_known_number_is_refused(tmp_path, name, version):
 
 def test_a_retired_manifest_version_names_the_re_export(tmp_path):
     write_version(tmp_path, "manifest.json", 2)
-    with pytest.raises(ErdeError, match="has format version 2, this erde reads version 3; re-"):
+    with pytest.raises(ErdeError, match="has format version 2, this erde reads version 4; re-"):
         read_manifest(tmp_path)
 
 
@@ -165,16 +205,16 @@ def test_the_command_line_refuses_a_newer_sidecar_with_status_2(tmp_path, capsys
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("{}\n")
-    write_version(run, "model.json", 3)
+    write_version(run, "model.json", 4)
     assert main(["train", "digits-teacher", "--out", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert f"{run / 'model.json'} has format version 3, this erde reads version 2" in err[0]
+    assert f"{run / 'model.json'} has format version 4, this erde reads version 3" in err[0]
 
 
 def test_the_command_line_refuses_a_newer_manifest_with_status_2(tmp_path, capsys):
-    write_version(tmp_path, "manifest.json", 4)
+    write_version(tmp_path, "manifest.json", 5)
     assert main(["infer", str(tmp_path), str(tmp_path / "image.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "has format version 4, this erde reads version 3" in err[0]
+    assert "has format version 5, this erde reads version 4" in err[0]

@@ -1,8 +1,8 @@
-"""Every kind of export-folder file (manifest.json, exit1..3.onnx, single.onnx, static.onnx; fp32
-and int8 exports), damaged at random: truncated, bits flipped, manifest values (nested ones too)
-replaced by other types or values. `erde infer` and the loader it uses end with exit status 2 and
-one line, or with exit 0 and the clean export's answer; never a traceback, a hang or a wrong
-answer.
+"""Every kind of export-folder file (manifest.json, exit1..3.onnx, single.onnx, static.onnx,
+DEPLOY.md, which no reader reads; fp32 and int8 exports), damaged at random: truncated, bits
+flipped, manifest values (nested ones too) replaced by other types or values. `erde infer`
+and the loader it uses end with exit status 2 and one line, or with exit 0 and the clean
+export's answer; never a traceback, a hang or a wrong answer.
 
 Two kinds of damage get a weaker oracle, because they are edits no check can tell from intent:
 - The manifest's own declarations that no graph restates (threshold, class names, mean and std):
@@ -41,7 +41,8 @@ from erde.train.engine import fit
 GRAPHS = ("exit1.onnx", "exit2.onnx", "exit3.onnx", "single.onnx", "static.onnx")
 # Two digits: the runtime's own choice, one single.onnx call each, or one batch split by pieces.
 FORMS = ("auto", "single", "split")
-DECLARED = ("threshold", "classes", "mean", "std")
+# Where the manifest declares them: (block, key), or a top-level key.
+DECLARED = (("exits", "threshold"), ("classes",), ("preprocess", "mean"), ("preprocess", "std"))
 
 
 @dataclasses.dataclass
@@ -85,6 +86,12 @@ def clean(digits, tmp_path_factory) -> dict[str, Clean]:
     return exports
 
 
+def declared(manifest: dict, where: tuple[str, ...]) -> object:
+    for key in where:
+        manifest = manifest[key]
+    return manifest
+
+
 def options(form: str) -> list[str]:
     return ["--threads", "1", "--form", form]
 
@@ -100,12 +107,13 @@ def resign(folder: Path, name: str) -> None:
 
 def under_declarations(clean: Clean, manifest: dict) -> EarlyExitRuntime:
     """The clean graphs under the threshold, class names and normalisation `manifest` declares."""
-    runtime = clean.runtime.with_threshold(float(manifest["threshold"]))  # a copy, same sessions
+    pre = manifest["preprocess"]
+    runtime = clean.runtime.with_threshold(float(manifest["exits"]["threshold"]))  # same sessions
     data = dataclasses.replace(
         runtime.info.data,
         classes=manifest["classes"],
-        mean=[float(v) for v in manifest["mean"]],
-        std=[float(v) for v in manifest["std"]],
+        mean=[float(v) for v in pre["mean"]],
+        std=[float(v) for v in pre["std"]],
     )
     runtime.info = dataclasses.replace(runtime.info, data=data)
     return runtime
@@ -151,7 +159,7 @@ def by_hand(folder: Path, paths: list[str], form: str, clean: Clean) -> list[tup
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["manifest.json", *GRAPHS])
+@pytest.mark.parametrize("name", ["manifest.json", *GRAPHS, "DEPLOY.md"])
 @EXAMPLES
 @given(data=st.data())
 def test_damaged_export_files_are_reported_or_harmless(
@@ -159,10 +167,8 @@ def test_damaged_export_files_are_reported_or_harmless(
 ):
     _, paths = digits
     source = clean[data.draw(st.sampled_from(sorted(clean)))]
-    hows = (
-        ["truncate", "flip", "json"] if name == "manifest.json" else ["truncate", "flip", "resign"]
-    )
-    how = data.draw(st.sampled_from(hows))
+    hows = {"manifest.json": ["truncate", "flip", "json"], "DEPLOY.md": ["truncate", "flip"]}
+    how = data.draw(st.sampled_from(hows.get(name, ["truncate", "flip", "resign"])))
     form = data.draw(st.sampled_from(FORMS))
     folder = tmp_path_factory.mktemp("case") / "export"
     shutil.copytree(source.folder, folder)
@@ -194,9 +200,9 @@ def test_damaged_export_files_are_reported_or_harmless(
     if how == "resign":  # the graph the manifest vouches for answers: what it answers, by hand
         assert [(r.class_name, r.exit) for r in rows] == by_hand(folder, paths, form, source)
         return
-    manifest = json.loads(path.read_bytes()) if name == "manifest.json" else {}
     before = json.loads((source.folder / "manifest.json").read_text())
-    if any(json.dumps(manifest.get(k, before[k])) != json.dumps(before[k]) for k in DECLARED):
+    manifest = json.loads(path.read_bytes()) if name == "manifest.json" else before
+    if any(json.dumps(declared(manifest, k)) != json.dumps(declared(before, k)) for k in DECLARED):
         assert rows == under_declarations(source, manifest).classify_files(paths, form=form)
     else:
         assert rows == source.rows[form]

@@ -137,10 +137,16 @@ def files(tmp_path_factory):
 
 
 def by_hand(path, mean, std, size):
-    """Pillow's grey conversion and bilinear resize, then (x / 255 - mean) / std in numpy."""
+    """Pillow's grey conversion, the shorter side resized to `size` (bilinear; the longer to
+    floor(size * longer / shorter)) and the centre cut out, then (x / 255 - mean) / std."""
     img = Image.open(path).convert("L")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    width, height = img.size
+    if min(width, height) != size:
+        short = min(width, height)
+        width, height = size * width // short, size * height // short
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
     x = np.asarray(img, dtype=np.float64) / 255
     return ((x - mean[0]) / std[0]).astype(np.float32)[None]
 

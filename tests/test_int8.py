@@ -143,6 +143,14 @@ def test_threshold_is_rechosen_on_the_int8_validation_outputs(run, exported, spl
         chosen_macs = float(macs[simulate(logits, threshold)[0].numpy()].mean())
         assert chosen_macs == pytest.approx(best, rel=1e-12)
         assert best < macs[-1]  # an early-exit point, not the full model
+    # The val curve in the manifest is the quantized model's: each point is what its threshold
+    # gives on the int8 pieces' val outputs.
+    macs = np.asarray(manifest.info.exit_macs, dtype=np.float64)
+    assert manifest.val_curve["images"] == len(val_y)
+    for point in manifest.val_curve["points"]:
+        exits, labels = simulate(logits, point["threshold"])
+        assert point["val_accuracy"] == float((labels == val_y).double().mean())
+        assert point["expected_macs"] == pytest.approx(float(macs[exits.numpy()].mean()))
     # The accuracy per exit the manifest records is that of the quantized pieces.
     per_exit = (logits.argmax(-1) == val_y[:, None]).float().mean(0).tolist()
     np.testing.assert_allclose(manifest.quantization["per_exit_accuracy"]["val"], per_exit)

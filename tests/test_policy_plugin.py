@@ -128,7 +128,8 @@ def test_a_plugin_policy_flows_to_infer_with_the_simulators_exits(teacher, plugi
     export = tmp_path / "export"
     assert main(["export", str(run), "--out", str(export), *module]) == 0
     manifest = json.loads((export / "manifest.json").read_text(encoding="utf-8"))
-    assert (manifest["policy"], manifest["normalize"]) == ("gini", True)
+    assert (manifest["exits"]["policy"], manifest["exits"]["normalize"]) == ("gini", True)
+    assert manifest["exits"]["score"] == "the plugin exit policy 'gini' (normalize=true)"
 
     # Test images as PNG files (lossless), and their exits from the saved logits, in numpy.
     data = prepare_data(load_config(str(run / "config.yaml"))).data
@@ -140,7 +141,7 @@ def test_a_plugin_policy_flows_to_infer_with_the_simulators_exits(teacher, plugi
         Image.fromarray(data.test_x[k, :, :, 0].numpy(), "L").save(paths[-1])
     spread = spread_threshold(logits)
     for threshold in (None, spread):
-        chosen = manifest["threshold"] if threshold is None else threshold
+        chosen = manifest["exits"]["threshold"] if threshold is None else threshold
         want, tie = numpy_exits(logits, chosen)
         simulated = simulate(torch.from_numpy(logits), chosen, "gini", normalize=True)[0]
         assert np.array_equal(simulated.numpy()[~tie] + 1, want[~tie])

@@ -166,9 +166,14 @@ def test_wire_reader_sees_what_onnx_sees(exported):
         blob = (exported / entry["file"]).read_bytes()
         model = onnx.load_model_from_string(blob)
         facts = graph_facts(blob)
-        assert facts.inputs == shapes(model.graph.input) == entry["inputs"]
-        assert facts.outputs == shapes(model.graph.output) == entry["outputs"]
+        assert facts.inputs == shapes(model.graph.input) == unexplained(entry["inputs"])
+        assert facts.outputs == shapes(model.graph.output) == unexplained(entry["outputs"])
         assert not facts.external_data
+
+
+def unexplained(tensors: list[dict]) -> list[dict]:
+    """The manifest's tensor entries without the meaning it gives them for people."""
+    return [{k: v for k, v in t.items() if k != "meaning"} for t in tensors]
 
 
 def _with_external_weight(in_subgraph: bool) -> bytes:

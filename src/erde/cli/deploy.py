@@ -56,6 +56,7 @@ def import_policy_module(args: argparse.Namespace) -> None:
 
 def export_command(args: argparse.Namespace) -> None:
     from erde.deploy.export import export_run
+    from erde.deploy.manifest import DEPLOY_MD, MANIFEST
     from erde.deploy.onnx_export import OPSET
 
     import_policy_module(args)
@@ -73,7 +74,8 @@ def export_command(args: argparse.Namespace) -> None:
     print(
         f"exported {m.info.name} ({m.precision}, ONNX opset {m.opset}) from {args.run} to "
         f"{args.out}: {files} (one per exit), {m.single['file']} (one call per image) and "
-        f"{m.static['file']} (no early exit)"
+        f"{m.static['file']} (no early exit); {DEPLOY_MD} and {MANIFEST} say how to feed and "
+        "run them"
     )
     if m.quantization is not None:
         accuracy = m.quantization["per_exit_accuracy"]["val"]
@@ -91,7 +93,8 @@ def infer_command(args: argparse.Namespace) -> None:
 
     paths = image_paths(args.images)  # a pattern that matches nothing fails before loading
     runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
-    rows = runtime.classify_files(paths, threshold=args.threshold, form=args.form)
+    threshold = args.threshold if args.budget is None else _budget_threshold(args)
+    rows = runtime.classify_files(paths, threshold=threshold, form=args.form)
     rows = [dataclasses.replace(r, **{k: printable(getattr(r, k)) for k in PRINTED}) for r in rows]
     for r in rows:
         if r.warning is not None:
@@ -104,6 +107,21 @@ def infer_command(args: argparse.Namespace) -> None:
             f"{len(failures)} of {len(rows)} image(s) could not be classified (their rows say "
             f"why; the first, {first.file}: {first.error}); fix or remove those files"
         )
+
+
+def _budget_threshold(args: argparse.Namespace) -> float:
+    """`--budget`: the threshold the export's val curve gives for it, said on stderr."""
+    from erde.deploy.curve import choose_threshold
+    from erde.deploy.manifest import read_manifest
+
+    point = choose_threshold(read_manifest(args.export), args.budget)
+    print(
+        f"erde infer: budget {args.budget:g}: threshold {point['threshold']:.6g} from the "
+        f"export's val curve (val accuracy {100 * point['val_accuracy']:.2f} %, "
+        f"{point['expected_macs']:.6g} MACs per image on val)",
+        file=sys.stderr,
+    )
+    return point["threshold"]
 
 
 def printable(text: str | None) -> str | None:
@@ -268,6 +286,7 @@ def _add_infer(command: Callable) -> None:
             "erde infer exported/erde images/*.png --format csv > answers.csv",
             "erde infer exported/erde photos/ 'scans/**/*.jpg'",
             "erde infer exported/erde digit.png --format json --threshold 0",
+            "erde infer exported/erde photos/ --budget 0.5",
         ],
     )
     p.add_argument("export", metavar="DIR", help="folder written by `erde export`")
@@ -285,10 +304,18 @@ def _add_infer(command: Callable) -> None:
         help="table: markdown for people; json: one list of objects; csv: a header row and "
         f"one row per file; json and csv fields: {', '.join(INFER_FIELDS)}",
     )
-    p.add_argument(
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument(
         "--threshold",
         type=float,
         help="exit threshold; 0: every image to the last exit (default: the export's own)",
+    )
+    choice.add_argument(
+        "--budget",
+        type=float,
+        help="MACs per image (<= 1: a fraction of the full model's): use the threshold of the "
+        "export's val curve with the highest val accuracy within it (default: the export's own "
+        "threshold)",
     )
     p.add_argument(
         "--threads",

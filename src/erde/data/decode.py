@@ -14,8 +14,11 @@ here with its name rather than failing later):
 - Channels: a 1-channel model gets Pillow's "L" (ITU-R 601-2 luma) of a colour file; a
   3-channel model gets a grey file repeated into R, G and B. Without a channel count the file
   keeps its own: 1 for grey, 3 for everything else.
-- Size: optionally resized to size x size with Pillow's bilinear filter (antialiased when
-  shrinking). A non-square image is stretched; crop it first if its aspect ratio matters.
+- Size: optionally brought to size x size by the one evaluation rule (`resize_crop`): the
+  shorter side resized to round(size / crop) with Pillow's bilinear filter (antialiased when
+  shrinking), then the centre size x size cut out. Streamed evaluation, `erde infer`,
+  `predict_files` and an export's manifest follow it; an image already size x size is kept as
+  it is at crop 1 (every in-memory data set: CIFAR, digits).
 - A damaged file is one ErdeError naming it; Pillow's warnings are not shown, and for TIFFs
   neither are libtiff's lines, which it writes to stderr from C (silenced during the decode).
 - Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) refuses an image with more
@@ -57,12 +60,12 @@ def check_channels(channels: int) -> None:
 
 
 def decode_image(
-    path: str | Path, channels: int | None = None, size: int | None = None
+    path: str | Path, channels: int | None = None, size: int | None = None, crop: float = 1.0
 ) -> np.ndarray:
     """One image file as a uint8 H x W x C array by the module's rules; ErdeError naming it.
 
     `channels`: the model's (1 or 3), or None for the file's own (1 for grey, 3 otherwise);
-    `size`: resize to size x size, or None to keep the file's size.
+    `size`: bring to size x size by `resize_crop` with `crop`, or None to keep the file's size.
     """
     if channels is not None:
         check_channels(channels)
@@ -72,10 +75,42 @@ def decode_image(
     img = _convert(img, "L" if img.mode in _GREY_MODES else "RGB", path)  # the file's colours
     if channels is not None:
         img = _convert(img, "L" if channels == 1 else "RGB", path)  # the model's
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    if size is not None:
+        img = _resize_crop(img, size, crop)
     pixels = np.asarray(img, dtype=np.uint8)
     return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def resized_shorter_side(size: int, crop: float) -> int:
+    """What the shorter side is resized to before the centre crop: round(size / crop)."""
+    return round(size / crop)
+
+
+def resize_crop(pixels: np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """uint8 H x W x C -> size x size x C by the evaluation rule: the shorter side resized to
+    `resized_shorter_side(size, crop)` (the longer to floor(that * long / short)) with Pillow's
+    bilinear filter, antialiased when shrinking; then the centre size x size, its top-left corner
+    at floor((H' - size) / 2), floor((W' - size) / 2). The manifest of an export states it."""
+    grey = pixels.shape[2] == 1
+    img = Image.fromarray(pixels[..., 0] if grey else pixels, "L" if grey else "RGB")
+    out = np.asarray(_resize_crop(img, size, crop), dtype=np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _resize_crop(img: Image.Image, size: int, crop: float) -> Image.Image:
+    width, height = img.size
+    short, target = min(width, height), resized_shorter_side(size, crop)
+    if short != target:
+        width, height = (
+            (target, int(target * height / width))
+            if width == short
+            else (int(target * width / height), target)
+        )
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    if (width, height) == (size, size):
+        return img
+    left, top = (width - size) // 2, (height - size) // 2
+    return img.crop((left, top, left + size, top + size))
 
 
 def _open(path: str | Path) -> Image.Image:
@@ -186,4 +221,10 @@ def normalize_array(images: np.ndarray, mean: Sequence[float], std: Sequence[flo
     return x
 
 
-__all__ = ["check_channels", "decode_image", "normalize_array"]
+__all__ = [
+    "check_channels",
+    "decode_image",
+    "normalize_array",
+    "resize_crop",
+    "resized_shorter_side",
+]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from erde.data.decode import resize_crop
 from erde.errors import ErdeError
 
 
@@ -196,19 +197,14 @@ def build_image_data(
 
 def resized(data: ImageData, size: int) -> ImageData:
     """Every image's shorter side resized to `size` (antialiased), then the centre square cut:
-    the rule streamed evaluation applies at `data.eval_crop=1`, done once for data in memory.
-    The mean/std stay the source's (resizing hardly moves them)."""
+    `erde.data.decode.resize_crop` at crop 1, the rule streamed evaluation, `erde infer` and an
+    export's manifest follow, done once for data in memory. The mean/std stay the source's
+    (resizing hardly moves them)."""
     if data.input_size == (size, size):
         return data
-    from torchvision.transforms import v2
-
-    step = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def apply(images: torch.Tensor) -> torch.Tensor:
-        chunks = [
-            step(chunk.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-            for chunk in images.split(1024)  # bounded temporaries at any data size
-        ]
-        return torch.cat(chunks).contiguous()
+        out = np.stack([resize_crop(np.ascontiguousarray(x), size) for x in images.numpy()])
+        return torch.from_numpy(out)
 
     return dataclasses.replace(data, train_x=apply(data.train_x), test_x=apply(data.test_x))

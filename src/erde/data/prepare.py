@@ -180,8 +180,9 @@ def check_split(cfg: Config, split: Split) -> None:
         )
 
 
-def data_info(data: ImageData | ImageFiles) -> DataInfo:
-    """What a model trained on `data` records about its input (the models take square images)."""
+def data_info(data: ImageData | ImageFiles, eval_crop: float = 1.0) -> DataInfo:
+    """What a model trained on `data` records about its input (the models take square images)
+    and evaluation's crop rule (`data.eval_crop`)."""
     height, width = data.input_size
     if height != width:
         raise ErdeError(
@@ -195,6 +196,7 @@ def data_info(data: ImageData | ImageFiles) -> DataInfo:
         std=list(data.std),
         input_size=height,
         in_channels=data.in_channels,
+        eval_crop=float(eval_crop),
     )
 
 

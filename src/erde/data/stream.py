@@ -4,7 +4,8 @@
 by the one decoder (`erde.data.pixels.decode_image`, through `decode_file`) and normalised by
 the one `Normalize` on the training device. Training crops ImageNet-style: torchvision's
 `RandomResizedCrop` to the input size, then (where mirrored images keep their class) a
-horizontal flip; evaluation resizes the shorter side to size / eval_crop and crops the centre.
+horizontal flip; evaluation resizes the shorter side to size / eval_crop and crops the centre
+(`erde.data.decode.resize_crop`, Pillow's antialiased bilinear filter, as `erde infer` does).
 Each image's crop and flip come from a seed drawn for its position in the epoch's order, so the
 batches are a function of (seed, epoch) whatever the number of workers, and a resumed run sees
 the batches it would have seen.
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from erde.data.decode import resize_crop
 from erde.data.image_folder import decode_file
 from erde.data.order import EpochOrder
 from erde.data.pixels import Normalize
@@ -50,12 +52,16 @@ def train_transform(size: int, hflip: bool) -> Callable[[torch.Tensor], torch.Te
 
 
 def eval_transform(size: int, crop: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 C x H x W -> C x size x size: the shorter side resized to round(size / crop), then
-    the centre crop (crop 0.875 at size 224: resize to 256, crop 224). An image whose shorter
-    side is already `size` is left as it is at crop 1."""
-    from torchvision.transforms import v2
+    """uint8 C x H x W -> C x size x size by `erde.data.decode.resize_crop`, the one rule
+    `erde infer` and an export's manifest follow too: the shorter side resized to
+    round(size / crop), then the centre crop (crop 0.875 at size 224: resize to 256, crop 224).
+    An image whose shorter side is already `size` is left as it is at crop 1."""
 
-    return v2.Compose([v2.Resize(round(size / crop), antialias=True), v2.CenterCrop(size)])
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        pixels = resize_crop(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), size, crop)
+        return _tensor(pixels).permute(2, 0, 1)
+
+    return transform
 
 
 class _Files(Dataset):

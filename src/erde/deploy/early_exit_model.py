@@ -136,13 +136,14 @@ class EarlyExitModel:
     def predict_files(
         self, paths: Sequence[str | Path], threshold: float | None = None
     ) -> Predictions:
-        """Image files decoded, converted and resized as `erde infer` does, then `predict`; a
-        file converted beyond recognition (colour to grey, a size far from the model's) gets the
-        same warning, as a Python `UserWarning`. No files give empty lists."""
+        """Image files decoded, converted, resized and centre-cropped as evaluation and `erde
+        infer` do (`erde.data.decode.resize_crop`), then `predict`; a file converted beyond
+        recognition (colour to grey, a size far from the model's) gets the same warning, as a
+        Python `UserWarning`. No files give empty lists."""
         d = self.info.data
         images = [np.zeros((0, d.input_size, d.input_size, d.in_channels), np.uint8)]
         for path in paths:
-            pixels, warning = read_image(path, d.in_channels, d.input_size)
+            pixels, warning = read_image(path, d.in_channels, d.input_size, d.eval_crop)
             if warning is not None:
                 warnings.warn(warning, stacklevel=2)
             images.append(pixels[None])

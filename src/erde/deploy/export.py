@@ -26,14 +26,22 @@ import onnx
 import torch
 from torch import nn
 
-from erde.deploy.manifest import MANIFEST, Deployment, Manifest, export_files, is_export
+from erde.deploy.deploy_md import deploy_md
+from erde.deploy.manifest import (
+    DEPLOY_MD,
+    MANIFEST,
+    Deployment,
+    Manifest,
+    export_files,
+    is_export,
+)
 from erde.deploy.onnx_export import OPSET, check_exporter, check_opset, export_graph, save_graph
 from erde.deploy.plugin_policy import check_scores, traced
 from erde.deploy.single import single_graph
-from erde.deploy.threshold import budget_thresholds, deployment
+from erde.deploy.threshold import budget_thresholds, deployment, val_curve
 from erde.errors import ErdeError
 from erde.evaluation.policy import exit_scores
-from erde.files import WriteFailed, write_fix, write_json
+from erde.files import WriteFailed, write_fix, write_json, write_text
 from erde.models.load import load_run_model
 from erde.run.checkpoint import check_finished
 from erde.run.layout import RunDir
@@ -151,8 +159,9 @@ def export_run(
     int8: bool = False,
     overwrite: bool = False,
 ) -> Manifest:
-    """Write one ONNX piece per exit, `single.onnx`, `static.onnx` and `manifest.json` into
-    `out_dir`; returns the manifest as written (`Manifest.to_json()` is the file's contents).
+    """Write one ONNX piece per exit, `single.onnx`, `static.onnx`, `manifest.json` and
+    `DEPLOY.md` (the manifest in prose) into `out_dir`; returns the manifest as written
+    (`Manifest.to_json()` is the file's contents).
 
     The threshold defaults to the one `erde evaluate` calibrated on val (re-chosen on the int8
     model with `int8=True`). An earlier erde export in `out_dir` is replaced (one that also holds
@@ -198,6 +207,7 @@ class _Graphs:
     static: onnx.ModelProto
     point: Deployment
     budget_thresholds: dict[str, float]
+    val_curve: dict | None
     quantization: dict | None = None
 
     @property
@@ -220,17 +230,19 @@ def _graphs(
     )
     budgets = {} if point.threshold_source == "given" else budget_thresholds(run.path, digest)
     if not int8:
-        return _Graphs(pieces, static, point, budgets)
+        curve = val_curve(run.path, point.policy, point.normalize, digest)
+        return _Graphs(pieces, static, point, budgets, curve)
     from erde.deploy.int8 import quantize_export
 
     q = quantize_export(run.path, info, pieces, static, point, digest)
-    return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.record)
+    return _Graphs(q.pieces, q.static, q.point, q.budget_thresholds, q.val_curve, q.record)
 
 
 def _write_export(
     folder: Path, run: RunDir, info: ModelInfo, graphs: _Graphs, opset: int, digest: str
-) -> dict:
-    """Every graph and the manifest that ties them into `folder`; returns the manifest."""
+) -> Manifest:
+    """Every graph, the manifest that ties them and DEPLOY.md into `folder`; returns the
+    manifest."""
     manifest = Manifest(
         info=info,
         deployment=graphs.point,
@@ -247,8 +259,10 @@ def _write_export(
         exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         source_run=str(run.path.resolve()),
         weights_sha256=digest,
+        val_curve=graphs.val_curve,
     )
     write_json(folder / MANIFEST, manifest.to_json())
+    write_text(folder / DEPLOY_MD, deploy_md(manifest.to_json()))
     return manifest
 
 

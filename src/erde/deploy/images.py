@@ -1,8 +1,8 @@
 """Image files to the float32 NCHW batch a model was trained on, for `erde infer` and `erde bench`.
 
-Decoding and normalisation are `erde.data.pixels`'s, the functions training and evaluation use,
-so a file gives the model the same input here as it would in an image-folder training set; that
-module's docstring states the rules (bit depth, palettes, alpha, CMYK, channels, size).
+Decoding, the resize and centre crop, and normalisation are `erde.data.decode`'s, the functions
+training and evaluation use, so a file gives the model the same input here as evaluation gave
+it; that module's docstring states the rules (bit depth, palettes, alpha, CMYK, channels, size).
 
 Numpy and Pillow only, for the ONNX runtime: `normalize_array` is the numpy normalisation, and
 `normalize_images` (its torch form, the same values) is imported from `erde.data.pixels` on
@@ -32,17 +32,21 @@ RESIZE_FACTOR = 2
 _COMMON = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".webp")
 
 
-def load_image(path: str | Path, in_channels: int, input_size: int) -> np.ndarray:
-    """One file as uint8 input_size x input_size x in_channels; ErdeError naming the file."""
-    return decode_image(path, in_channels, input_size)
+def load_image(
+    path: str | Path, in_channels: int, input_size: int, crop: float = 1.0
+) -> np.ndarray:
+    """One file as uint8 input_size x input_size x in_channels, brought to size by evaluation's
+    rule (shorter side to round(input_size / crop), centre crop: `decode.resize_crop`);
+    ErdeError naming the file."""
+    return decode_image(path, in_channels, input_size, crop)
 
 
 def read_image(
-    path: str | Path, in_channels: int, input_size: int
+    path: str | Path, in_channels: int, input_size: int, crop: float = 1.0
 ) -> tuple[np.ndarray, str | None]:
     """`load_image`, and a one-line warning (naming the file) when the conversion was drastic:
     a colour picture made grey, or a resize from a size far from the model's. None otherwise."""
-    pixels = load_image(path, in_channels, input_size)
+    pixels = load_image(path, in_channels, input_size, crop)
     with Image.open(path) as img:  # the header only; the pixels above are already checked
         width, height = img.size
         colour_mode = ImageMode.getmode(img.mode).basemode != "L"

@@ -29,6 +29,7 @@ import torch
 from erde.config.schema import load_config
 from erde.data.pixels import normalize_images
 from erde.data.prepare import prepare_data
+from erde.deploy.curve import frontier
 from erde.deploy.manifest import Deployment
 from erde.deploy.runtime import ort_piece, ort_session
 from erde.deploy.torch_backend import exit_logits
@@ -74,6 +75,7 @@ class Quantized:
     point: Deployment
     budget_thresholds: dict[str, float]
     record: dict  # the manifest's `quantization` entry
+    val_curve: dict  # the int8 pieces' own val curve (`erde.deploy.curve.frontier`)
 
 
 class _Batches:
@@ -193,7 +195,7 @@ def quantize_export(
     cache = LogitsCache(logits, {k: y for k, (_, y) in data.items()}, list(info.exit_macs), "")
     report = read_current_report(run_dir, weights_sha256)
     max_drop, budget = _criterion(report)
-    summary = summarize(
+    summarized = summarize(
         cache,
         info,
         str(run_dir),
@@ -202,7 +204,8 @@ def quantize_export(
         reference=report.reference if report else None,
         max_drop=max_drop,
         budget=budget,
-    ).report
+    )
+    summary = summarized.report
     if point.threshold_source == "given":
         new = point
     else:
@@ -224,4 +227,5 @@ def quantize_export(
         "per_exit_accuracy": summary.per_exit_accuracy,
         "fp32_threshold": point.threshold,
     }
-    return Quantized(q_pieces, q_static, new, budgets, record)
+    curve = frontier(summarized.val_curve, len(data["val"][1]))
+    return Quantized(q_pieces, q_static, new, budgets, record, curve)

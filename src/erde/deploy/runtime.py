@@ -36,15 +36,12 @@ import numpy as np
 from erde.data.decode import check_channels, normalize_array
 from erde.deploy.arrays import model_input
 from erde.deploy.images import read_image
-from erde.deploy.manifest import Deployment, read_graph, read_manifest
+from erde.deploy.manifest import EXIT, LOGITS, THRESHOLDS, Deployment, read_graph, read_manifest
 from erde.device import cores
 from erde.errors import ErdeError
 from erde.evaluation.rule import check_policy_name, threshold_array
 from erde.run.model_info import ModelInfo
 
-# The names `erde.deploy.single` gives the single-call graph's tensors (that module builds the
-# graph with `onnx`, which a runtime-only install lacks); tests/test_export_single.py checks them.
-THRESHOLDS, LOGITS, EXIT = "thresholds", "logits", "exit"
 # A piece maps its input to (features for the next piece, logits, exit score), float32 numpy
 # arrays; the last piece gives (None, logits, None).
 Piece = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray, np.ndarray | None]]
@@ -130,19 +127,45 @@ def ort_session(model: bytes | str, threads: int | None = None):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def export_session(export_dir: Path, entry: dict, threads: int | None = None):
+def export_session(export_dir: Path, entry: dict, threads: int | None = None) -> _ExportSession:
     """A session of one graph of an export, checked against its manifest entry first. A graph
-    can match an edited checksum and still be damaged: ONNX Runtime's refusal is then a message."""
+    can match an edited checksum and still be damaged: ONNX Runtime's refusal, when loading it
+    or when running it, is then a message."""
     blob = read_graph(export_dir, entry)
+    path = Path(export_dir) / entry["file"]
     try:  # ONNX Runtime prints its fallback attempt on stdout, where the results go
         with contextlib.redirect_stdout(io.StringIO()):
-            return ort_session(blob, threads)
+            return _ExportSession(ort_session(blob, threads), path)
     except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
-        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
         raise ErdeError(
-            f"{Path(export_dir) / entry['file']} is a graph ONNX Runtime cannot load "
-            f"({type(exc).__name__}: {reason}); re-create the folder with `erde export`"
+            f"{path} is a graph ONNX Runtime cannot load ({_reason(exc)}); re-create the folder "
+            "with `erde export`"
         ) from None
+
+
+def _reason(exc: Exception) -> str:
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+    return f"{type(exc).__name__}: {text}"
+
+
+class _ExportSession:
+    """An export's ONNX Runtime session whose run-time failures (a damaged graph that loads,
+    then fails in a kernel) are one line naming the file."""
+
+    def __init__(self, session, path: Path) -> None:
+        self.session, self.path = session, path
+        self.get_inputs, self.get_outputs = session.get_inputs, session.get_outputs
+
+    def run(self, outputs, feeds):
+        try:
+            return self.session.run(outputs, feeds)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise ErdeError(
+                f"{self.path} fails when ONNX Runtime runs it ({_reason(exc)}); re-create the "
+                "folder with `erde export`"
+            ) from None
 
 
 class EarlyExitRuntime:
@@ -393,7 +416,9 @@ class EarlyExitRuntime:
         good: list[tuple[int, np.ndarray]] = []
         for i, path in enumerate(paths):
             try:
-                pixels, rows[i].warning = read_image(path, self.in_channels, self.input_size)
+                pixels, rows[i].warning = read_image(
+                    path, self.in_channels, self.input_size, self.info.data.eval_crop
+                )
             except ErdeError as exc:
                 rows[i].error = str(exc)
             else:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from erde.deploy.curve import frontier
 from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
+from erde.evaluation.cache import load_cache
 from erde.evaluation.policies import get_policy
 from erde.evaluation.policy import exit_thresholds
+from erde.evaluation.scores import ExitScores
+from erde.evaluation.sweep import sweep_scores
 from erde.run.layout import RunDir
 from erde.run.report import Report, read_current_report
 
@@ -74,3 +78,16 @@ def budget_thresholds(run_dir: str | Path, weights_sha256: str | None = None) ->
     if report is None:
         return {}
     return {k: p.threshold for k, p in report.at_budget_fraction.items() if p is not None}
+
+
+def val_curve(
+    run_dir: str | Path, policy: str, normalize: bool, weights_sha256: str | None = None
+) -> dict | None:
+    """The val curve `erde evaluate` swept (its logits cache, scored with the deployment's
+    policy), on its accuracy/MACs frontier (`erde.deploy.curve`); None when the run was never
+    evaluated."""
+    if read_current_report(run_dir, weights_sha256) is None:
+        return None
+    cache = load_cache(run_dir)
+    scores = ExitScores.of(cache.logits["val"], cache.labels["val"], policy, normalize)
+    return frontier(sweep_scores(scores, cache.exit_macs), len(cache.labels["val"]))

@@ -86,6 +86,8 @@ Classes = Annotated[list[Text], MinLen(1), AfterValidator(_unique)]
 # 1e-300 would feed the model infinities, and its answers would be noise.
 PixelMean = Annotated[Finite, Interval(ge=0, le=1)]
 PixelStd = Annotated[Finite, Ge(MIN_STD), Le(1)]
+# The share of the resized image's shorter side that evaluation's centre crop keeps.
+CropFraction = Annotated[Finite, Interval(gt=0, le=1)]
 
 
 class FieldProblem(ValueError):

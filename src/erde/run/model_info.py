@@ -18,6 +18,7 @@ from erde.run.formats import (
     VERSION_KEY,
     Classes,
     Count,
+    CropFraction,
     ExitMacs,
     FieldProblem,
     Flag,
@@ -30,7 +31,8 @@ from erde.run.formats import (
 )
 
 # 2: the file names its format version (version 1, which did not, is read the same way).
-FORMAT_VERSION = 2
+# 3: data.eval_crop records the crop rule (`_from_version_2` takes it from the config).
+FORMAT_VERSION = 3
 FIX = "retrain the run (`erde train ... --overwrite`) or restore the file"
 
 
@@ -56,6 +58,10 @@ class DataInfo:
     std: list[PixelStd]
     input_size: Count
     in_channels: Count
+    # Evaluation's centre crop (`data.eval_crop`): images are brought to input_size by resizing
+    # the shorter side to round(input_size / eval_crop) and cropping the centre
+    # (`erde.data.decode.resize_crop`), in evaluation, `erde infer` and `predict_files` alike.
+    eval_crop: CropFraction = 1.0
 
     # What a teacher and its student must share (a teacher of other classes or image sizes
     # cannot teach).
@@ -151,4 +157,15 @@ def _from_version_1(raw: dict) -> dict:
     return raw
 
 
-MIGRATIONS = {1: _from_version_1}
+def _from_version_2(raw: dict) -> dict:
+    """Version 2 did not record the crop rule: the run's `data.eval_crop` (1, no crop, before
+    the key existed), which its evaluation used."""
+    config, data = raw.get("config"), raw.get("data")
+    if not isinstance(data, dict) or "eval_crop" in data:
+        return raw
+    recorded = config.get("data", {}) if isinstance(config, dict) else {}
+    crop = recorded.get("eval_crop", 1.0) if isinstance(recorded, dict) else 1.0
+    return {**raw, "data": {**data, "eval_crop": crop}}
+
+
+MIGRATIONS = {1: _from_version_1, 2: _from_version_2}

@@ -149,7 +149,7 @@ def setup(cfg: Config, device: torch.device, world: World = SINGLE, *, progress:
     if t.precision == "auto" and world.main:
         log.info("train.precision=auto: %s on this %s", precision, device.type)
     split = prepare_data(cfg)
-    data = data_info(split.data)
+    data = data_info(split.data, cfg.data.eval_crop)
     check_split(cfg, split)
     torch.manual_seed(t.seed)  # the same on every rank: replicas start equal
     net = build_model(cfg.model, data, freeze_backbone=t.freeze_backbone).to(device)
