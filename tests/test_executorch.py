@@ -204,6 +204,19 @@ def test_cli_export_and_infer_and_a_damaged_or_foreign_program(digits_run, tmp_p
     code, _, _ = run_cli(capsys, "export", digits_run, "--out", out, "--format", "executorch",
                          "--threshold", "0.5")  # fmt: skip
     assert code == 0 and pte.read_bytes() == good
+
+    # `erde bench` times the program beside the ONNX export of the same weights, not another's
+    # --threads 0: the thread pool as it is (resizing it is refused once programs are loaded)
+    bench = ["bench", onnx_dir, "--executorch", out, "--batch", "1", "--repeats", "3"]
+    bench += ["--threads", "0"]
+    code, printed, _ = run_cli(capsys, *bench, "--warmup", "0", "--thresholds", "0,10")
+    rows = [line for line in printed.splitlines() if "ExecuTorch early exit" in line]
+    assert code == 0 and [r.split("|")[2].strip() for r in rows] == ["0", "10"]
+    assert "1.00 / 0.00 / 0.00" in rows[1] and "0.00 / 0.00 / 1.00" in rows[0]
+    spec = json.loads((out / "executorch.json").read_text())
+    (out / "executorch.json").write_text(json.dumps({**spec, "weights_sha256": "0" * 64}))
+    code, _, err = run_cli(capsys, *bench, "--warmup", "0", "--thresholds", "0")
+    assert code == 2 and "exported from other weights" in err and str(out) in err
     (out / "notes.txt").write_text("mine")
     code, _, err = run_cli(
         capsys, "export", digits_run, "--out", out, "--format", "executorch", "--threshold", "0"

@@ -162,6 +162,7 @@ def bench_command(args: argparse.Namespace) -> None:
         threads=args.threads or None,
         int8=args.int8,
         form=args.form,
+        executorch=args.executorch,
     )
     print(render_benchmark(result), end="")
     print(bench_notes(result), end="")
@@ -341,6 +342,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
+    )
+    p.add_argument(
+        "--executorch",
+        metavar="ET_DIR",
+        help="also time this `erde export --format executorch` folder of the same weights, one "
+        "image per call, at the same thresholds",
     )
     _form_argument(p)
 

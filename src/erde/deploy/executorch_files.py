@@ -73,6 +73,7 @@ class ExecuTorchExport:
     sha256: str
     xnnpack: list[Delegation]
     exporter: str
+    weights_sha256: str
 
 
 def interface(info: ModelInfo) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -128,7 +129,9 @@ def read_spec(export_dir: str | Path) -> ExecuTorchExport:
     if (spec.inputs, spec.outputs) != interface(info):
         raise ErdeError(f"{path}: inputs/outputs do not fit its model's images and classes; {FIX}")
     point = Deployment(spec.threshold, spec.policy, spec.normalize, spec.threshold_source)
-    return ExecuTorchExport(info, point, spec.sha256, spec.xnnpack, spec.exporter)
+    return ExecuTorchExport(
+        info, point, spec.sha256, spec.xnnpack, spec.exporter, spec.weights_sha256
+    )
 
 
 def read_program(export_dir: str | Path, spec: ExecuTorchExport) -> bytes:

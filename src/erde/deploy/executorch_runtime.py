@@ -42,10 +42,32 @@ def _silent_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+_LOADED = []  # the programs this process has loaded: a thread pool in use must not be reset
+
+
+def _set_threads(threads: int | None) -> None:
+    """XNNPACK's thread pool, which is process-wide: resizing it under a loaded program can
+    deadlock a later call (seen with executorch 1.5.1), so it is resized only before the first."""
+    from executorch.extension.pybindings import portable_lib
+
+    if threads is None or portable_lib._threadpool_get_thread_count() == threads:
+        return
+    if _LOADED:
+        raise ErdeError(
+            f"ExecuTorch's thread pool is shared by this process and already in use, so it "
+            f"cannot be set to {threads} thread(s) now; give the thread count before loading "
+            "any ExecuTorch program (a new process), or leave it as it is"
+        )
+    with _silent_stderr():  # it logs the reset
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
 class ExecuTorchRuntime:
     """Classifies batches image by image with the export's `early_exit.pte`."""
 
-    def __init__(self, export_dir: str | Path) -> None:
+    def __init__(self, export_dir: str | Path, *, threads: int | None = None) -> None:
+        """`threads`: XNNPACK's thread pool size, for the whole process (None: ExecuTorch's
+        default, one per core)."""
         check_executorch()
         quiet_import()
         from executorch.runtime import Runtime
@@ -54,6 +76,7 @@ class ExecuTorchRuntime:
         spec = read_spec(folder)
         blob = read_program(folder, spec)
         path = folder / PTE
+        _set_threads(threads)
         try:
             with _silent_stderr():
                 # the method lives inside the program: both are kept, or calls crash
@@ -62,6 +85,7 @@ class ExecuTorchRuntime:
                 self._method = self._program.load_method("forward")
         except RuntimeError as exc:
             raise ErdeError(f"{path} is a program ExecuTorch cannot load ({exc}); {FIX}") from None
+        _LOADED.append(path)
         found = (
             [list(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())],
             [list(meta.output_tensor_meta(i).sizes()) for i in range(meta.num_outputs())],
@@ -74,6 +98,7 @@ class ExecuTorchRuntime:
                 f"{FIX}"
             )
         self.info, self.deployment = spec.info, spec.deployment
+        self.weights_sha256 = spec.weights_sha256
         self.xnnpack = spec.xnnpack
         self.exporter = spec.exporter
 
