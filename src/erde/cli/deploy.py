@@ -347,7 +347,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--executorch",
         metavar="ET_DIR",
         help="also time this `erde export --format executorch` folder of the same weights, one "
-        "image per call, at the same thresholds",
+        "image per call, at the same thresholds (default: none)",
     )
     _form_argument(p)
 
