@@ -55,6 +55,8 @@ def import_policy_module(args: argparse.Namespace) -> None:
 
 
 def export_command(args: argparse.Namespace) -> None:
+    if args.format == "executorch":
+        return executorch_export_command(args)
     from erde.deploy.export import export_run
     from erde.deploy.manifest import DEPLOY_MD, MANIFEST
     from erde.deploy.onnx_export import OPSET
@@ -87,12 +89,37 @@ def export_command(args: argparse.Namespace) -> None:
     )
 
 
+def executorch_export_command(args: argparse.Namespace) -> None:
+    from erde.deploy.executorch_export import export_executorch
+
+    for option, given in (("--int8", args.int8), ("--opset", args.opset is not None)):
+        if given:
+            raise ErdeError(f"{option} is for ONNX exports; drop it, or use --format onnx")
+    spec = export_executorch(
+        args.run, args.out, threshold=args.threshold, policy=args.policy, normalize=args.normalize
+    )
+    ops = " / ".join(f"{d['delegated_ops']}:{d['portable_ops']}" for d in spec["xnnpack"])
+    print(
+        f"exported {spec['model']['arch']['name']} ({spec['exporter']}) from {args.run} to "
+        f"{args.out}: {spec['file']} (one call per image, a branch per exit; operators on "
+        f"XNNPACK:portable per piece {ops})\npolicy {spec['policy']}"
+        f"{' (normalised)' if spec['normalize'] else ''}, threshold {spec['threshold']:.4g} "
+        f"({spec['threshold_source']})"
+    )
+
+
 def infer_command(args: argparse.Namespace) -> None:
+    from erde.deploy.executorch_files import is_executorch_export
     from erde.deploy.images import image_paths
     from erde.deploy.runtime import EarlyExitRuntime
 
     paths = image_paths(args.images)  # a pattern that matches nothing fails before loading
-    runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
+    if is_executorch_export(args.export):
+        from erde.deploy.executorch_runtime import ExecuTorchRuntime
+
+        runtime = ExecuTorchRuntime(args.export)
+    else:
+        runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
     threshold = args.threshold if args.budget is None else _budget_threshold(args)
     rows = runtime.classify_files(paths, threshold=threshold, form=args.form)
     rows = [dataclasses.replace(r, **{k: printable(getattr(r, k)) for k in PRINTED}) for r in rows]
@@ -174,6 +201,7 @@ def bench_command(args: argparse.Namespace) -> None:
         threads=args.threads or None,
         int8=args.int8,
         form=args.form,
+        executorch=args.executorch,
     )
     print(render_benchmark(result), end="")
     print(bench_notes(result), end="")
@@ -237,6 +265,7 @@ def _add_export(command: Callable) -> None:
             "erde export runs/erde --out exported/erde",
             "erde export runs/erde --out exported/erde-int8 --int8",
             "erde export runs/erde --out exported/erde-0.3 --threshold 0.3 --policy maxprob",
+            "erde export runs/erde --out exported/erde-et --format executorch",
         ],
     )
     p.add_argument("run", help="finished run folder")
@@ -262,6 +291,13 @@ def _add_export(command: Callable) -> None:
         "off)",
     )
     p.add_argument("--opset", type=int, help=OPSET_HELP)
+    p.add_argument(
+        "--format",
+        choices=("onnx", "executorch"),
+        default="onnx",
+        help="onnx: pieces, single.onnx and static.onnx; executorch: early_exit.pte, one "
+        "ExecuTorch program whose exits are branches (needs `pip install 'erde[executorch]'`)",
+    )
     p.add_argument(
         "--int8",
         action="store_true",
@@ -363,6 +399,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--int8", action="store_true", help="also export the run as int8 and time it (a run only)"
     )
     add_policy_module(p)
+    p.add_argument(
+        "--executorch",
+        metavar="ET_DIR",
+        help="also time this `erde export --format executorch` folder of the same weights, one "
+        "image per call, at the same thresholds (default: none)",
+    )
     _form_argument(p)
 
 

@@ -294,12 +294,15 @@ def benchmark(
     threads: int | None = 1,
     int8: bool = False,
     form: str = "auto",
+    executorch: str | Path | None = None,
 ) -> Benchmark:
     """Latency rows of (a) the static student, (b) early exit per threshold, (c) both again in
     int8 when asked, (d) the teacher; per-exit test accuracy of each export.
 
     `target` is a run folder (exported to a temporary folder first) or an `erde export` folder.
     The export's own threshold (the calibrated one, by default) is always among the thresholds.
+    `executorch`: an `erde export --format executorch` folder of the same weights, timed at the
+    same thresholds (erde.deploy.executorch_bench).
     """
     target = Path(target)
     is_export_dir = (target / MANIFEST).is_file()
@@ -317,6 +320,12 @@ def benchmark(
             logits = exit_logits(runtime.pieces, x)
             accuracy[manifest.precision] = per_exit_accuracy(logits, y).tolist()
         first = manifests[0]
+        if executorch is not None:
+            from erde.deploy.executorch_bench import executorch_runners
+
+            chosen = [c.threshold for c in configs if c.static_macs is None]
+            for name, t, run in executorch_runners(Path(executorch), first, chosen, threads):
+                configs.append(_Timed(name, t, run, None))
         if reference is not None:
             configs.append(_teacher(Path(reference), first, tmp, threads))
         info = first.info
