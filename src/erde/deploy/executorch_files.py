@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from erde.deploy.manifest import Deployment
 from erde.errors import ErdeError
-from erde.evaluation.rule import POLICIES
+from erde.evaluation.rule import PolicyName
 from erde.files import parse_json, read_json, sha256_bytes
 from erde.run.formats import (
     VERSION_KEY,
@@ -52,7 +52,7 @@ class SpecFile(BaseModel):
     weights_sha256: Sha256
     model: dict[str, Any]
     threshold: NonNegative
-    policy: Literal[POLICIES]
+    policy: PolicyName
     normalize: Flag
     threshold_source: Text
     file: Literal[PTE]
