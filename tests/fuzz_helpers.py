@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import signal
 
@@ -62,16 +63,52 @@ def damage(data: bytes, how: str, draw) -> bytes:
     return bytes(flipped)
 
 
-def mutate_json(value, draw):
-    """One field somewhere in a JSON document replaced by another value of any type."""
+def mutate_json(value, draw, values: st.SearchStrategy = JSON_VALUES):
+    """One field somewhere in a JSON document replaced by another value of any type (one of
+    `values`)."""
     if isinstance(value, dict) and value:
         key = draw(st.sampled_from(sorted(value)))
         deeper = draw(st.booleans()) and isinstance(value[key], (dict, list)) and value[key]
-        return {**value, key: mutate_json(value[key], draw) if deeper else draw(JSON_VALUES)}
+        return {**value, key: mutate_json(value[key], draw, values) if deeper else draw(values)}
     if isinstance(value, list) and value:
         i = draw(st.integers(0, len(value) - 1))
-        return [*value[:i], draw(JSON_VALUES), *value[i + 1 :]]
-    return draw(JSON_VALUES)
+        return [*value[:i], draw(values), *value[i + 1 :]]
+    return draw(values)
+
+
+# JSON text that json.dumps of a Python value never writes: the NaN and Infinity literals (which
+# Python's parser and pydantic's accept), integers beyond any float, unicode, duplicate keys,
+# nesting a little deep or deeper than any parser's limit.
+_LEAVES = st.one_of(
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0", "null", "true", "[]", "{}"]),
+    st.integers(-(2**80), 2**80).map(str), st.integers(300, 5000).map(lambda n: "9" * n),
+    st.floats().map(json.dumps),
+    st.text(max_size=4).map(lambda t: json.dumps(t, ensure_ascii=False)),
+)  # fmt: skip
+_KEYS = st.sampled_from(
+    ["a", "threshold", "", "é", r"\u00e9", r"\ud800", r"\u0000"]
+)  # escapes as JSON text
+NESTED_JSON = st.one_of(
+    st.recursive(
+        _LEAVES,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3).map(lambda v: f"[{','.join(v)}]"),
+            st.lists(st.tuples(_KEYS, inner), max_size=3).map(  # keys repeat: duplicates
+                lambda kv: "{" + ",".join(f'"{k}":{v}' for k, v in kv) + "}"
+            ),
+        ),
+        max_leaves=8,
+    ),
+    st.integers(1, 200_000).map(lambda n: "[" * n + "]" * n),
+    st.integers(1, 200_000).map(lambda n: '{"a":' * n + "0" + "}" * n),
+)
+_HOLE = "\x00erde-fuzz-hole"
+
+
+def nest_json(value, draw) -> str:
+    """A JSON document as text with one field somewhere replaced by `NESTED_JSON` text."""
+    text = json.dumps(mutate_json(value, draw, st.just(_HOLE)))
+    return text.replace(json.dumps(_HOLE), draw(NESTED_JSON), 1)
 
 
 def check(code: int, err: str) -> None:

@@ -335,6 +335,10 @@ def build_workspace(root: Path) -> dict[str, Path]:
         "STUDY_PYTHON_TAG": ("reproduce.yaml", "YAML_PYTHON_TAG"),
         "TUNE_STUDY_BROKEN": ("tune.yaml", "YAML_BROKEN"),
     }
+    p["TUNE_KEY_BROKEN"] = root / "tune-key-broken"  # a study key with a flipped bit
+    p["TUNE_KEY_BROKEN"].mkdir()
+    (p["TUNE_KEY_BROKEN"] / "tune.yaml").write_text(to_yaml(load_reproduce_config("quickstart")))
+    (p["TUNE_KEY_BROKEN"] / "study-key").write_bytes(b"erde-tune:study:\xe6f09b23af9d5474\n")
     p["TUNE_DB"] = root / "tune.db"
     open_storage(f"sqlite:///{p['TUNE_DB']}")
     for name, (record, text) in studies.items():

@@ -1,8 +1,9 @@
 """Every kind of export-folder file (manifest.json, exit1..3.onnx, single.onnx, static.onnx,
 DEPLOY.md, which no reader reads; fp32 and int8 exports), damaged at random: truncated, bits
-flipped, manifest values (nested ones too) replaced by other types or values. `erde infer`
-and the loader it uses end with exit status 2 and one line, or with exit 0 and the clean
-export's answer; never a traceback, a hang or a wrong answer.
+flipped, manifest values (nested ones too) replaced by other types or values, or by JSON text
+json.dumps never writes (deep nesting, NaN, huge numbers, duplicate keys:
+`fuzz_helpers.NESTED_JSON`). `erde infer` and the loader it uses end with exit status 2 and one
+line, or with exit 0 and the clean export's answer; never a traceback, a hang or a wrong answer.
 
 Two kinds of damage get a weaker oracle, because they are edits no check can tell from intent:
 - The manifest's own declarations that no graph restates (threshold, class names, mean and std):
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, run
+from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, nest_json, run
 from hypothesis import event, given
 from hypothesis import strategies as st
 from PIL import Image
@@ -167,7 +168,10 @@ def test_damaged_export_files_are_reported_or_harmless(
 ):
     _, paths = digits
     source = clean[data.draw(st.sampled_from(sorted(clean)))]
-    hows = {"manifest.json": ["truncate", "flip", "json"], "DEPLOY.md": ["truncate", "flip"]}
+    hows = {
+        "manifest.json": ["truncate", "flip", "json", "nested"],
+        "DEPLOY.md": ["truncate", "flip"],
+    }
     how = data.draw(st.sampled_from(hows.get(name, ["truncate", "flip", "resign"])))
     form = data.draw(st.sampled_from(FORMS))
     folder = tmp_path_factory.mktemp("case") / "export"
@@ -175,6 +179,8 @@ def test_damaged_export_files_are_reported_or_harmless(
     path = folder / name
     if how == "json":
         path.write_text(json.dumps(mutate_json(json.loads(path.read_text()), data.draw)))
+    elif how == "nested":
+        path.write_text(nest_json(json.loads(path.read_text()), data.draw))
     else:
         path.write_bytes(damage(path.read_bytes(), "flip" if how == "resign" else how, data.draw))
     if how == "resign":

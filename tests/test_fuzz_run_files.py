@@ -1,7 +1,8 @@
 """Every kind of run-folder file, damaged at random (truncated, bytes flipped, JSON values
-replaced by other types or values): the command that reads it ends with exit status 2 and one
-line, or with exit 0 and the right result; never a traceback, a hang or a wrong answer.
-Export files are fuzzed the same way in tests/test_fuzz_export_files.py."""
+replaced by other types or values, or by JSON text json.dumps never writes: deep nesting, NaN,
+huge numbers, duplicate keys; `fuzz_helpers.NESTED_JSON`): the command that reads it ends with
+exit status 2 and one line, or with exit 0 and the right result; never a traceback, a hang or
+a wrong answer. Export files are fuzzed the same way in tests/test_fuzz_export_files.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, run
+from fuzz_helpers import EXAMPLES, FAST, check, damage, mutate_json, nest_json, run
 from hypothesis import given
 from hypothesis import strategies as st
 
 from erde.config.schema import load_config
+from erde.deploy.early_exit_model import EarlyExitModel
+from erde.errors import ErdeError
 from erde.evaluation.runs import evaluate_run
 from erde.train.engine import fit
 
@@ -71,3 +74,63 @@ def test_damaged_resume_files_are_reported_or_harmless(clean, tmp_path_factory, 
     code, _, err = run(["train", "--resume", "--no-progress", "--out", str(folder)])
     check(code, err)
     assert (folder / "model.safetensors").read_bytes() == weights  # a finished run stays as it is
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["model.json", "eval/report.json", "metrics.jsonl"])
+@EXAMPLES
+@given(data=st.data())
+def test_nested_json_in_run_files_is_reported_or_harmless(clean, tmp_path_factory, name, data):
+    """model.json read by `erde evaluate` (the same accuracy), the report by `erde export` (the
+    threshold and policy it now holds), a metrics row by `erde train --resume` (the finished run
+    untouched)."""
+    source, accuracy = clean
+    folder = tmp_path_factory.mktemp("case") / "run"
+    shutil.copytree(source, folder)
+    path = folder / name
+    if name == "metrics.jsonl":
+        rows = path.read_text().splitlines()
+        k = data.draw(st.integers(0, len(rows) - 1))
+        rows[k] = nest_json(json.loads(rows[k]), data.draw)
+        path.write_text("\n".join(rows) + "\n")
+        weights = (folder / "model.safetensors").read_bytes()
+        code, _, err = run(["train", "--resume", "--no-progress", "--out", str(folder)])
+        check(code, err)
+        assert (folder / "model.safetensors").read_bytes() == weights
+        return
+    text = nest_json(json.loads(path.read_text()), data.draw)
+    path.write_text(text)
+    if name == "model.json":
+        code, _, err = run(["evaluate", str(folder), "--device", "cpu"])
+        check(code, err)
+        if code == 0:
+            report = json.loads((folder / "eval" / "report.json").read_text())
+            assert report["chosen"]["test_accuracy"] == pytest.approx(accuracy), err
+        return
+    export = folder.parent / "export"
+    code, _, err = run(["export", str(folder), "--out", str(export)])
+    check(code, err)
+    if code == 0:  # what the edited report says, read by Python's own parser
+        edited, manifest = json.loads(text), json.loads((export / "manifest.json").read_text())
+        assert manifest["threshold"] == float(edited["chosen"]["threshold"])
+        assert manifest["policy"] == edited["policy"]
+
+
+@pytest.mark.slow
+@EXAMPLES
+@given(data=st.data())
+def test_nested_json_in_a_saved_exit_rule_is_reported_or_harmless(clean, tmp_path_factory, data):
+    """exit_rule.json of `save_pretrained`, read by `from_pretrained`: refused in one line, or
+    the threshold and policy the edited file holds."""
+    folder = tmp_path_factory.mktemp("case") / "saved"
+    EarlyExitModel.from_pretrained(clean[0]).save_pretrained(folder)
+    path = folder / "exit_rule.json"
+    text = nest_json(json.loads(path.read_text()), data.draw)
+    path.write_text(text)
+    try:
+        model = EarlyExitModel.from_pretrained(folder)
+    except ErdeError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    edited = json.loads(text)
+    assert (model.threshold, model.policy) == (float(edited["threshold"]), edited["policy"])

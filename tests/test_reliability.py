@@ -5,6 +5,7 @@ and loops, and the rules at the library level."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -522,3 +523,24 @@ def test_a_damaged_tiff_is_one_message_and_nothing_on_stderr(tmp_path, capfd):
         decode_image(tiff, 1)
     print("stderr still works", file=sys.stderr)
     assert capfd.readouterr().err == "stderr still works\n"
+
+
+def test_a_tiff_header_pillow_logs_about_is_one_message_and_nothing_on_stderr(tmp_path):
+    """An RGB TIFF whose SamplesPerPixel says 7: Pillow logs an error record, which Python
+    prints to stderr when no handler is set (as on the command line), beside erde's line."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "TIFF")
+    samples = b"\x15\x01\x03\x00\x01\x00\x00\x00"  # tag 277, SHORT, one value: 3 (little-endian)
+    assert buf.getvalue().count(samples + b"\x03\x00") == 1
+    tiff = tmp_path / "seven.tif"
+    tiff.write_bytes(buf.getvalue().replace(samples + b"\x03\x00", samples + b"\x07\x00"))
+    code = (
+        "import sys; from erde.data.decode import decode_image; from erde.errors import ErdeError\n"
+        "try: decode_image(sys.argv[1])\n"
+        "except ErdeError as exc: print(exc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tiff)], capture_output=True, text=True, env=ENV
+    )
+    assert f"{tiff}: cannot decode the image" in done.stdout
+    assert done.stderr == ""

@@ -19,8 +19,9 @@ here with its name rather than failing later):
   shrinking), then the centre size x size cut out. Streamed evaluation, `erde infer`,
   `predict_files` and an export's manifest follow it; an image already size x size is kept as
   it is at crop 1 (every in-memory data set: CIFAR, digits).
-- A damaged file is one ErdeError naming it; Pillow's warnings are not shown, and for TIFFs
-  neither are libtiff's lines, which it writes to stderr from C (silenced during the decode).
+- A damaged file is one ErdeError naming it; Pillow's warnings and log records are not
+  shown, and for TIFFs neither are libtiff's lines, which it writes to stderr from C (silenced
+  during the decode).
 - Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) refuses an image with more
   pixels than that, with an ErdeError instead of Pillow's warning or exception.
 
@@ -32,6 +33,7 @@ training; both compute the same float32 values (tests/test_data.py checks them b
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import sys
@@ -121,7 +123,7 @@ def _open(path: str | Path) -> Image.Image:
             raise ErdeError(
                 f"{path}: not a regular file (a folder, pipe, device or socket); give image files"
             )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_pillow_log():
             warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: one line, below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
@@ -146,6 +148,31 @@ def _open(path: str | Path) -> Image.Image:
             f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); replace it with "
             "a readable PNG, JPEG or other Pillow-supported file"
         ) from None
+
+
+_PILLOW_LOG = logging.getLogger("PIL")
+_QUIET = threading.Lock()
+_quiet = {"decodes": 0, "level": logging.NOTSET}  # decodes under way; the level to restore
+
+
+@contextmanager
+def _quiet_pillow_log() -> Iterator[None]:
+    """Pillow's log records off for the block: with no handler configured, Python prints them
+    to stderr (a damaged TIFF header logs "More samples per pixel than can be decoded"), beside
+    the one-line message that already names the damage. The first of concurrent decodes (a
+    streaming loader's threads) raises the level, the last restores it."""
+    with _QUIET:
+        if _quiet["decodes"] == 0:
+            _quiet["level"] = _PILLOW_LOG.level
+            _PILLOW_LOG.setLevel(logging.CRITICAL + 1)
+        _quiet["decodes"] += 1
+    try:
+        yield
+    finally:
+        with _QUIET:
+            _quiet["decodes"] -= 1
+            if _quiet["decodes"] == 0:
+                _PILLOW_LOG.setLevel(_quiet["level"])
 
 
 _STDERR = threading.Lock()  # one redirection at a time: each restores the real descriptor

@@ -202,6 +202,11 @@ def study_name(out: Path, method: str) -> str:
         raise ErdeError(
             f"{path} cannot be read; run `erde tune --out {out}` to create it"
         ) from None
+    except UnicodeDecodeError:
+        raise ErdeError(
+            f"{path} is damaged (not UTF-8 text); restore it to resume this folder's studies, "
+            "or delete it to tune afresh under a new key"
+        ) from None
     return f"{key}:{method}"
 
 
