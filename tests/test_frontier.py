@@ -3,6 +3,7 @@ boundaries solved by hand for straight-line curves), and digits runs end to end.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -129,3 +130,19 @@ def test_compare_draws_and_states_the_static_frontier_of_digits_runs(teacher, tm
     x, y = steps.get_data()
     assert x[:2] == pytest.approx([macs8 / 1e6, macs14 / 1e6])
     assert y[:2] == pytest.approx([100 * acc8, 100 * max(acc8, acc14)])
+
+
+def test_reproduce_trains_the_static_models_and_compares_against_them(tmp_path):
+    out = tmp_path / "study"
+    one = [
+        f"{s}.train.{k}" for s in ("teacher", "student") for k in ("epochs=1", "warmup_epochs=0")
+    ]
+    argv = ["reproduce", "--preset", "quickstart", "methods=[kd]", "static_models=[resnet8]"]
+    argv += one
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    info = json.loads((out / "static-resnet8-s0" / "model.json").read_text())
+    assert info["method"] == "static" and len(info["exit_macs"]) == 1
+    assert info["teacher"] == str(out / "teacher")
+    md = (out / "comparison.md").read_text()
+    assert "## Against the static frontier" in md
+    assert any(s.startswith("- kd (resnet8)") and "static frontier" in s for s in md.splitlines())
