@@ -12,6 +12,7 @@ from erde.config.methods import (
     METHOD_TABLE,
     PAPER_METHODS,
     methods,
+    static_methods,
     student_methods,
     teacher_methods,
 )
@@ -33,11 +34,12 @@ from erde.errors import ErdeError
 def test_the_method_table_decides_teacher_and_terms(name):
     method = METHOD_TABLE[name]
     teacher = ["distill.teacher=runs/t"] if method.needs_teacher else []
-    cfg = load_config("digits-student", [f"distill.method={name}", *teacher])
+    plain = [] if method.early_exits else ["model.exits=[]"]
+    cfg = load_config("digits-student", [f"distill.method={name}", *teacher, *plain])
     assert cfg.distill.method == name
     other = [] if method.needs_teacher else ["distill.teacher=runs/t"]
     with pytest.raises(ErdeError, match="needs a teacher" if teacher else "uses no teacher"):
-        load_config("digits-student", [f"distill.method={name}", *other])
+        load_config("digits-student", [f"distill.method={name}", *other, *plain])
     loss = make_loss(name, alpha=0.3, beta=2.0, num_exits=2)
     assert loss.needs_teacher == method.needs_teacher
     assert loss.alpha == (0.3 if method.distils else 1.0)
@@ -45,9 +47,10 @@ def test_the_method_table_decides_teacher_and_terms(name):
 
 
 def test_the_lists_derive_from_the_table():
-    assert methods() == ("teacher", "ce", "kd", "kd-masked", "erde", "self-kd")
-    assert student_methods() == ("ce", "kd", "kd-masked", "erde", "self-kd")
-    assert teacher_methods() == ("kd", "kd-masked", "erde")
+    assert methods() == ("teacher", "ce", "kd", "kd-masked", "erde", "self-kd", "static")
+    assert student_methods() == ("ce", "kd", "kd-masked", "erde", "self-kd", "static")
+    assert teacher_methods() == ("kd", "kd-masked", "erde", "static")
+    assert static_methods() == ("static",)
     assert records()["distill.method"].choices == methods()
     assert ReproduceConfig().methods == list(PAPER_METHODS) == ["ce", "kd", "kd-masked", "erde"]
     cfg = load_reproduce_config("quickstart", ["methods=[ce,erde]"])

@@ -116,8 +116,8 @@ def test_method_keys_follow_the_record():
         return tuple(m for m in methods() if applies(key, m))
 
     assert reading("distill.beta") == ("erde",)
-    assert reading("distill.alpha") == ("kd", "kd-masked", "erde", "self-kd")
-    assert reading("distill.pairing") == ("kd", "kd-masked", "erde")
+    assert reading("distill.alpha") == ("kd", "kd-masked", "erde", "self-kd", "static")
+    assert reading("distill.pairing") == ("kd", "kd-masked", "erde", "static")
     assert not applies("distill.alpha", "ce")
     assert applies("distill.alpha", "ce", _flipped("distill.alpha", term=None))
     assert applies("student.model.options.width", "ce")  # read off model.options

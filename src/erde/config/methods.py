@@ -5,7 +5,9 @@ A method is described by the terms of its loss (docs/method.md, "Losses"), wheth
 teacher, and its own config keys: `ce` has the label cross-entropy alone; `kd` adds the KL term
 to the teacher on every sample, `kd-masked` only where the paired teacher exit is right, and
 `erde` also the maximum-entropy term where that teacher exit is wrong; `self-kd` distils the
-earlier exits from the student's own last exit, with no teacher. A plugin method names these
+earlier exits from the student's own last exit, with no teacher; `static` is `kd` on a plain
+network without early exits (its one exit learns from the teacher's last), the baseline that
+`erde compare` draws as the static frontier. A plugin method names these
 terms and may add its own (`loss=`, a function per exit; `erde.distill.losses.ExitContext`),
 with keys under `distill.options.*` that validation, `erde config`, grids and the tuner read from
 their records as they read erde's own.
@@ -73,6 +75,8 @@ class Method:
     teacher: bool = False
     # A student of the protocol (`erde reproduce` trains one per listed method); False: the teacher.
     student: bool = True
+    # False: a plain network without early exits (`model.exits=[]`), one point on the curve.
+    early_exits: bool = True
     # The method's own per-exit term (`erde.distill.losses.ExitContext` says what it gets).
     loss: Callable[..., Any] | None = field(default=None, compare=False)
     keys: Mapping[str, MethodKey] = field(default_factory=dict)
@@ -127,6 +131,7 @@ def register_method(
     teacher: bool | None = None,
     keys: Mapping[str, MethodKey] | None = None,
     student: bool = True,
+    early_exits: bool = True,
     module: str | None = None,
 ) -> Method:
     """Register a training method; every command finds it by `name` (`distill.method=NAME`).
@@ -134,8 +139,9 @@ def register_method(
     `terms`: erde's loss terms it uses (`TERMS`); `loss`: its own per-exit term, a function
     `(student_logits, labels, teacher_logits or None, ctx) -> per-sample tensor` added to them
     (`erde.distill.losses.ExitContext`); `teacher`: whether it needs a teacher (default: whether
-    a term reads one); `keys`: its own config keys, `distill.options.KEY`. A mistake is refused
-    here, naming the method and the fix, before any run starts.
+    a term reads one); `keys`: its own config keys, `distill.options.KEY`; `early_exits=False`:
+    it trains a plain network (`model.exits=[]`), a point of the static frontier. A mistake is
+    refused here, naming the method and the fix, before any run starts.
     """
     module = module or _caller_module()
     where = f"method {name!r} ({module})"
@@ -165,7 +171,7 @@ def register_method(
     own = dict(keys or {})
     for key, spec in own.items():
         _check_key(where, name, key, spec)
-    method = Method(name, terms, teacher, student, loss, own, module)
+    method = Method(name, terms, teacher, student, early_exits, loss, own, module)
     old = METHOD_TABLE.get(name)
     if old is not None and old != method:
         raise ErdeError(
@@ -267,6 +273,11 @@ def student_methods() -> tuple[str, ...]:
     return tuple(n for n, m in methods_table().items() if m.student)
 
 
+def static_methods() -> tuple[str, ...]:
+    """The methods that train a plain network without early exits: the static frontier."""
+    return tuple(n for n, m in methods_table().items() if not m.early_exits)
+
+
 def teacher_methods() -> tuple[str, ...]:
     """The methods that need a teacher."""
     return tuple(n for n, m in methods_table().items() if m.needs_teacher)
@@ -303,6 +314,8 @@ for _name, _terms in (
     ("self-kd", ("ce", "self-kd")),
 ):
     register_method(_name, terms=_terms, module="erde")
+# The static baseline: KD on a network without early exits (`erde.evaluation.frontier`).
+register_method("static", terms=("ce", "kd"), early_exits=False, module="erde")
 # The students `erde reproduce` trains where a config lists none: the paper's comparison.
 PAPER_METHODS: tuple[str, ...] = ("ce", "kd", "kd-masked", "erde")
 
@@ -323,6 +336,7 @@ __all__ = [
     "option_spec",
     "or_list",
     "register_method",
+    "static_methods",
     "student_methods",
     "teacher_methods",
 ]

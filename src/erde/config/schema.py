@@ -488,6 +488,13 @@ class ReproduceConfig:
         default_factory=lambda: list(PAPER_METHODS),
         metadata=key("the student methods to train and compare"),
     )
+    static_models: list[str] = field(
+        default_factory=list,
+        metadata=key(
+            "the static baseline: one plain student (no early exits, KD from the teacher's last "
+            "exit) per model named, drawn as the static frontier by the comparison"
+        ),
+    )
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     # Typed by the schema when expanded (erde.study.grid).
     grid: dict[str, list[str]] = field(
@@ -817,6 +824,14 @@ def validate(cfg: Config, stage: str | None = None, source: str | None = None) -
         raise ErdeError(
             f"distill.teacher is set but distill.method={d.method} uses no teacher; "
             f"drop distill.teacher or pick {or_list(teacher_methods())}"
+        )
+    plain = cfg.model.exits.strip().strip("[]").strip() == ""
+    if not method.early_exits and not plain:
+        exits = stage_key(stage, "model.exits")
+        raise ErdeError(
+            f"distill.method={d.method} trains a plain network without early exits, but "
+            f"{exits}={cfg.model.exits!r}; set {exits}=[] (`erde reproduce` lists the sizes in "
+            "static_models and sets it)"
         )
 
 

@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from erde.evaluation.compare import Comparison, mean_std_curves
+from erde.evaluation.frontier import StaticPoint, frontier, static_points
 from erde.evaluation.summary import RunSummary
 from erde.evaluation.sweep import Curve
 from erde.files import write_bytes
@@ -94,13 +95,15 @@ def plot_tradeoff(
     *,
     title: str,
     chosen_label: str = "chosen operating point",
+    static: Sequence[StaticPoint] = (),
 ) -> Figure:
     """Accuracy (%) versus expected MACs per image (M), one line per series, with the markers
     and bands the series carry, each kind once in the legend.
 
     ``reference``: {label, macs, accuracy} drawn as a star (e.g. the teacher's full model). The
     MACs axis is logarithmic when the MACs drawn span more than `LOG_X_RATIO`. Name the split
-    (val/test) in ``title`` or the labels.
+    (val/test) in ``title`` or the labels. ``static``: plain networks, drawn as points (± std)
+    joined by the static frontier's steps (`erde.evaluation.frontier`).
     """
     fig, ax = _figure((6.4, 4.4))
     xs: list[np.ndarray] = []  # every x drawn, which decides the axis scale
@@ -109,6 +112,8 @@ def plot_tradeoff(
     handles += _marker_handles(series, chosen_label)
     if reference is not None:
         handles.append(_draw_reference(ax, reference, xs))
+    if static:
+        handles.append(_draw_frontier(ax, static, xs))
     _macs_axis(ax, xs)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -172,6 +177,31 @@ def _draw_reference(ax: Any, reference: dict, xs: list[np.ndarray]) -> Any:
         label=reference["label"],
     )
     return star
+
+
+FRONTIER_LABEL = "static frontier (best plain network at or below the MACs)"
+
+
+def _draw_frontier(ax: Any, static: Sequence[StaticPoint], xs: list[np.ndarray]) -> Any:
+    """The static points with ± std bars, and the frontier as steps from the cheapest point to the
+    largest MACs drawn (a budget beyond the largest network still buys it); adds to `xs`."""
+    macs = np.array([p.macs for p in static]) / 1e6
+    finite = [x[np.isfinite(x)] for x in xs]
+    right = max([macs.max(), *(float(x.max()) for x in finite if len(x))])
+    steps = np.append(macs, right)
+    mean, _ = frontier(static, steps * 1e6)
+    ax.step(steps, mean * 100, where="post", color="black", linestyle="--", linewidth=1.2)
+    ax.errorbar(
+        macs,
+        [100 * p.mean for p in static],
+        yerr=[100 * p.std for p in static],
+        fmt="s",
+        color="black",
+        markersize=5,
+        capsize=3,
+    )
+    xs.append(macs)
+    return Line2D([], [], color="black", linestyle="--", marker="s", label=FRONTIER_LABEL)
 
 
 def _macs_axis(ax: Any, xs: list[np.ndarray]) -> None:
@@ -330,11 +360,14 @@ def _group_series(label: str, reports: list[Report], curves: list[Curve]) -> Ser
 
 def plot_comparison(path: str | Path, comparison: Comparison) -> Figure:
     """Every group's test curve (seeds averaged, mean ± std band), its exits and chosen point
-    (means over the seeds), and the reference's star."""
+    (means over the seeds), the reference's star, and the static runs as the static frontier."""
     groups = comparison.groups.values()
+    static = static_points(comparison)
+    plain = {p.label for p in static}
     series = [
         _group_series(label, [s.report for s in runs], [s.test_curve for s in runs])
         for label, runs in comparison.groups.items()
+        if label not in plain
     ]
     several = any(len(runs) > 1 for runs in groups)
     return plot_tradeoff(
@@ -343,4 +376,5 @@ def plot_comparison(path: str | Path, comparison: Comparison) -> Figure:
         _reference_star(comparison.reference),
         title=f"test split: accuracy vs expected MACs ({comparison.policy} policy)",
         chosen_label="chosen operating point" + (" (mean over seeds)" if several else ""),
+        static=static,
     )

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from erde.evaluation.compare import Comparison
+from erde.evaluation.frontier import render_frontier
 from erde.run.report import (
     OWN_REFERENCE,
     Diagnostics,
@@ -544,6 +545,7 @@ def render_comparison(c: Comparison) -> str:
             "",
             "![comparison](comparison.png)",
             "",
+            *render_frontier(c),
             *render_comparison_diagnostics(groups),
         ]
     )

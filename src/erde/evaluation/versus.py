@@ -66,6 +66,17 @@ def versus(a: Sequence[Curve], b: Sequence[Curve], n_points: int = 400) -> Versu
     mean_a, mean_b = acc_a.mean(axis=0), acc_b.mean(axis=0)
     std_a = acc_a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(n_points)
     std_b = acc_b.std(axis=0, ddof=1) if len(b) > 1 else np.zeros(n_points)
+    return bands_versus(grid, (mean_a, std_a, len(a)), (mean_b, std_b, len(b)))
+
+
+Band = tuple[np.ndarray, np.ndarray, int]  # mean, std on a MACs grid, and the seeds behind them
+
+
+def bands_versus(grid: np.ndarray, a: Band, b: Band) -> Versus:
+    """Two mean ± std bands on one MACs grid cut into stretches of one verdict (what `versus`
+    does with curves, and `erde.evaluation.frontier` with the static frontier)."""
+    (mean_a, std_a, seeds_a), (mean_b, std_b, seeds_b) = a, b
+    n_points = len(grid)
     verdicts = np.where(
         mean_a - std_a > mean_b + std_b,
         ABOVE,
@@ -84,7 +95,7 @@ def versus(a: Sequence[Curve], b: Sequence[Curve], n_points: int = 400) -> Versu
                 )
             )  # fmt: skip
             start = i
-    return Versus(len(a), len(b), tuple(stretches))
+    return Versus(seeds_a, seeds_b, tuple(stretches))
 
 
 def describe(v: Versus, name_a: str, name_b: str) -> str:

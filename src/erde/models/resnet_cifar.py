@@ -54,6 +54,12 @@ def resnet8(*, num_classes: int, in_channels: int) -> Backbone:
 
 
 @register_model
+def resnet14(*, num_classes: int, in_channels: int) -> Backbone:
+    """CIFAR ResNet-14 (n=2): 6 blocks; exits after 2, 4."""
+    return _cifar_resnet(14, num_classes, in_channels)
+
+
+@register_model
 def resnet20(*, num_classes: int, in_channels: int) -> Backbone:
     """CIFAR ResNet-20 (He et al. 2016, n=3): 9 blocks; exits after 3, 6."""
     return _cifar_resnet(20, num_classes, in_channels)

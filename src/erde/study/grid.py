@@ -151,7 +151,8 @@ def _with(cfg: ReproduceConfig, changes: tuple[tuple[str, Any], ...]) -> Reprodu
 
 def expand(cfg: ReproduceConfig) -> list[Variant]:
     """One variant per method and combination of the values that matter for it, each checked
-    like an `erde train` config; without a grid, one variant per method."""
+    like an `erde train` config; without a grid, one variant per method; then one `static`
+    variant per model of `static_models`."""
     values = {key: typed_values(cfg, key, items) for key, items in cfg.grid.items()}
     short = _short_names(list(values))
     base = OmegaConf.structured(cfg)
@@ -171,7 +172,21 @@ def expand(cfg: ReproduceConfig) -> list[Variant]:
                     stage="student",
                 )
                 variants[name] = variant
+    for model in cfg.static_models:
+        variants.setdefault(f"static-{model}", static_variant(cfg, model))
     return list(variants.values())
+
+
+def static_variant(cfg: ReproduceConfig, model: str) -> Variant:
+    """The static baseline of one size: the student's stage with the model `model` and no
+    early exits, trained by `static` (KD from the teacher's last exit); the grid leaves it be."""
+    changes = (("student.model.name", model), ("student.model.exits", "[]"))
+    variant = Variant("static", f"static-{model}", changes, _with(cfg, changes))
+    validate(
+        stage_config(variant.config, "student", seed=0, method="static", teacher="teacher"),
+        stage="student",
+    )
+    return variant
 
 
 __all__ = [
@@ -180,5 +195,6 @@ __all__ = [
     "check_key",
     "expand",
     "parse_grid_options",
+    "static_variant",
     "typed_values",
 ]

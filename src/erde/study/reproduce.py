@@ -216,7 +216,7 @@ def _check_options(
 
 def check_study(recorded: Path, cfg: ReproduceConfig) -> None:
     """Refuse a folder that holds another study: its recorded config differs from `cfg` in a
-    key other than `methods` and `grid` (adding methods or grid values only adds runs)."""
+    key other than `methods`, `grid` and `static_models` (adding to them only adds runs)."""
     if not recorded.is_file():
         return
     # Through the schema: a key added to erde after the study was recorded takes its default.
@@ -225,7 +225,7 @@ def check_study(recorded: Path, cfg: ReproduceConfig) -> None:
     keys = sorted(
         k
         for k in ours.keys() | theirs.keys()
-        if not k.startswith(("methods", "grid")) and ours.get(k) != theirs.get(k)
+        if not k.startswith(("methods", "grid", "static_models")) and ours.get(k) != theirs.get(k)
     )
     if keys:
         k = keys[0]
