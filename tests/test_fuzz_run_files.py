@@ -112,8 +112,8 @@ def test_nested_json_in_run_files_is_reported_or_harmless(clean, tmp_path_factor
     check(code, err)
     if code == 0:  # what the edited report says, read by Python's own parser
         edited, manifest = json.loads(text), json.loads((export / "manifest.json").read_text())
-        assert manifest["threshold"] == float(edited["chosen"]["threshold"])
-        assert manifest["policy"] == edited["policy"]
+        assert manifest["exits"]["threshold"] == float(edited["chosen"]["threshold"])
+        assert manifest["exits"]["policy"] == edited["policy"]
 
 
 @pytest.mark.slow

@@ -91,11 +91,11 @@ def reference(
             ce += ref_ce(s_row, y)
             if method == "self-kd" and not last:
                 kl += ref_kl(student[-1][n], s_row, temp)
-            if method in ("kd", "kd-masked", "erde"):
+            if method in ("kd", "kd-masked", "erde", "static"):  # static: kd, on a plain net
                 t_row = teacher[pairing[i]][n]
                 right = 1.0 if t_row.index(max(t_row)) == y else 0.0
                 wrong += 1.0 - right
-                mask = 1.0 if method == "kd" else right
+                mask = 1.0 if method in ("kd", "static") else right
                 kl += mask * ref_kl(t_row, s_row, temp)
                 if method == "erde" and not (entropy_exits == "intermediate" and last):
                     ent += (1.0 - right) * ref_entropy(s_row, entropy_term)

@@ -10,7 +10,7 @@ from erde.models import EarlyExitNet, ExitHead, create_model, list_models
 
 # Product of each family's strides, from the architectures' definitions: the smallest input.
 MIN_SIZE = {
-    **{f"resnet{d}": 4 for d in (8, 20, 32, 44, 56, 110)},
+    **{f"resnet{d}": 4 for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet18": 8,
     "resnet34": 8,
     **{name: 4 for name in ("wrn", "wrn16_4", "wrn16_8", "wrn28_10", "wrn40_2", "wrn40_4")},
@@ -20,6 +20,7 @@ MIN_SIZE = {
 # Intermediate exits of each model's documented default (block indices).
 DEFAULT_EXITS = {
     "resnet8": [1, 2],
+    "resnet14": [2, 4],
     "resnet20": [3, 6],
     "resnet32": [5, 10],
     "resnet44": [7, 14],
@@ -39,7 +40,7 @@ DEFAULT_EXITS = {
     "vgg16": [2, 4, 7, 10],
 }
 NUM_BLOCKS = {
-    **{f"resnet{d}": (d - 2) // 2 for d in (8, 20, 32, 44, 56, 110)},
+    **{f"resnet{d}": (d - 2) // 2 for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet18": 8,
     "resnet34": 16,
     "wrn": 6,

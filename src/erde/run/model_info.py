@@ -90,7 +90,7 @@ class ModelInfo:
     epochs: Whole = 0
     teacher: Text | None = None
     pairing: list[Whole] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, dict[str, Any]] = field(default_factory=dict)
     epoch: Whole = 0
     finished: Flag = False
     # `train.precision` as the run resolved it (`auto` is bf16 on one machine, fp32 on another);
