@@ -117,7 +117,7 @@ def test_compare_draws_and_states_the_static_frontier_of_digits_runs(teacher, tm
     step = np.where(grid >= macs14, max(acc8, acc14), acc8)
     share = float(np.mean(np.interp(grid, macs, acc) > step))
     (sentence,) = [s for s in md.splitlines() if s.startswith("- kd (resnet14)")]
-    assert "against the static frontier (1 seeds)" in sentence
+    assert "against the static frontier (1 seed)" in sentence
     stated = re.search(r"above \((\d+) % of the range", sentence)
     assert (int(stated.group(1)) if stated else 0) == pytest.approx(100 * share, abs=1)
 

@@ -47,7 +47,7 @@ def test_only_the_range_every_curve_covers_is_compared():
     assert (v.lo_macs, v.hi_macs) == (2e6, 3e6)
     assert [s.verdict for s in v.stretches] == [ABOVE]  # b's spread is 0: any gap counts
     text = describe(v, "erde", "kd")
-    assert "erde (1 seeds) against kd (2 seeds) over 2.00-3.00 M MACs" in text
+    assert "erde (1 seed) against kd (2 seeds) over 2.00-3.00 M MACs" in text
     assert "above (100 % of the range" in text and "+10.00 pt" in text
 
 
@@ -120,20 +120,20 @@ def test_stretch_edges_and_the_sentence_on_a_five_point_grid() -> None:
     assert got == [(8e9, 10e9, BELOW, -0.25), (10e9, 12e9, WITHIN, 0.0), (12e9, 16e9, ABOVE, 0.25)]
     assert (v.share(BELOW), v.share(WITHIN), v.share(ABOVE)) == (0.25, 0.25, 0.5)
     assert describe(v, "erde", "kd") == (
-        "erde (1 seeds) against kd (1 seeds) over 8000.00-16000.00 M MACs: "
+        "erde (1 seed) against kd (1 seed) over 8000.00-16000.00 M MACs: "
         "above (50 % of the range: 12000.00-16000.00 M; mean gap +25.00 pt); "
         "within spread (25 % of the range: 10000.00-12000.00 M; mean gap +0.00 pt); "
         "below (25 % of the range: 8000.00-10000.00 M; mean gap -25.00 pt)."
     )
     dip = [big([(8e9, 0.75), (10e9, 0.75), (12e9, 0.5), (14e9, 0.75), (16e9, 0.75)])]
     assert describe(versus(dip, b, n_points=5), "erde", "kd") == (
-        "erde (1 seeds) against kd (1 seeds) over 8000.00-16000.00 M MACs: "
+        "erde (1 seed) against kd (1 seed) over 8000.00-16000.00 M MACs: "
         "above (75 % of the range: 8000.00-12000.00 M, 14000.00-16000.00 M; mean gap +25.00 pt); "
         "within spread (25 % of the range: 12000.00-14000.00 M; mean gap +0.00 pt)."
     )
     only_below = versus(b, [big([(8e9, 0.75), (16e9, 0.75)])], n_points=5)
     assert describe(only_below, "kd", "ce") == (
-        "kd (1 seeds) against ce (1 seeds) over 8000.00-16000.00 M MACs: "
+        "kd (1 seed) against ce (1 seed) over 8000.00-16000.00 M MACs: "
         "below (100 % of the range: 8000.00-16000.00 M; mean gap -25.00 pt)."
     )
 

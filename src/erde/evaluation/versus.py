@@ -98,6 +98,10 @@ def bands_versus(grid: np.ndarray, a: Band, b: Band) -> Versus:
     return Versus(seeds_a, seeds_b, tuple(stretches))
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def describe(v: Versus, name_a: str, name_b: str) -> str:
     """One sentence per verdict, MACs in M and shares of the shared range, for reports."""
     parts = []
@@ -110,7 +114,7 @@ def describe(v: Versus, name_a: str, name_b: str) -> str:
         parts.append(f"{verdict} ({100 * v.share(verdict):.0f} % of the range: {where}; "
                      f"mean gap {gap:+.2f} pt)")  # fmt: skip
     return (
-        f"{name_a} ({v.seeds_a} seeds) against {name_b} ({v.seeds_b} seeds) over "
+        f"{name_a} ({_seeds(v.seeds_a)}) against {name_b} ({_seeds(v.seeds_b)}) over "
         f"{v.lo_macs / 1e6:.2f}-{v.hi_macs / 1e6:.2f} M MACs: " + "; ".join(parts) + "."
     )
 
