@@ -1,7 +1,8 @@
 """The ONNX runtime without PyTorch: `EarlyExitRuntime.from_export` and `erde infer` import only
 numpy, ONNX Runtime and Pillow (checked in fresh processes, once with PyTorch and the other heavy
-libraries made unimportable), its numpy normalisation equals training's torch one bit for bit,
-and its reader of ONNX files (`onnx_wire`) sees what the `onnx` package sees."""
+libraries made unimportable, once in a real venv of its own), its numpy normalisation equals
+training's torch one bit for bit, and its reader of ONNX files (`onnx_wire`) sees what the `onnx`
+package sees."""
 
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ sys.meta_path.insert(0, Unimportable())
 @pytest.mark.slow
 def test_erde_infer_answers_the_same_with_pytorch_unimportable(exported, digits, tmp_path):
     """A runtime-only install simulated: a sitecustomize on PYTHONPATH makes the heavy packages
-    unimportable in the subprocess (building a real venv needs the network and a minute)."""
+    unimportable in the subprocess; offline, unlike the real venv below, and it blocks the other
+    heavy libraries too."""
     blocker = tmp_path / "no-torch"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER.format(heavy=HEAVY), encoding="utf-8")
@@ -266,3 +268,33 @@ def test_a_number_where_a_graph_node_belongs_is_no_onnx_model():
     the export fuzz test as a TypeError; a damaged file must be a ValueError (one line above)."""
     with pytest.raises(ValueError, match="a number where a message belongs"):
         graph_facts(b"\x3a\x02\x08\x01")
+
+
+def _runtime_extra() -> list[str]:
+    tomllib = pytest.importorskip("tomllib")
+    with open(SRC.parent / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["optional-dependencies"]["runtime"]
+
+
+@pytest.mark.slow
+def test_erde_infer_in_a_real_runtime_only_venv(exported, digits, tmp_path):
+    """README's "Deploying without PyTorch" as written: a venv of its own, erde with --no-deps and
+    the `runtime` extra from the registry; no torch there, and the same answers as here."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    for args in (["--no-deps", str(SRC.parent)], _runtime_extra()):
+        done = subprocess.run([*pip, *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    args = ["infer", str(exported), *map(str, digits), "--format", "json", "--threads", "1"]
+    args += ["--threshold", "0.5"]
+    there = subprocess.run([str(venv / "bin" / "erde"), *args], env=clean, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    here = subprocess.run([sys.executable, "-m", "erde", *args], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert there.returncode == here.returncode == 0, there.stderr[-3000:]
+    assert json.loads(there.stdout) == json.loads(here.stdout)
+    no_torch = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], env=clean,
+                              capture_output=True, text=True)  # fmt: skip
+    assert "No module named 'torch'" in no_torch.stderr
