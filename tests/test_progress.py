@@ -76,3 +76,46 @@ def test_serial_runs_say_how_long_the_rest_will_take(tmp_path, caplog):
     assert lines[0] == "r0: run 1 of 3"  # nothing to estimate from yet
     assert [line.split(",")[0] for line in lines[1:]] == ["r1: run 2 of 3", "r2: run 3 of 3"]
     assert all(line.endswith(" min left") for line in lines[1:])
+
+
+def _stderr_on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with stderr on an 80-column pseudo-terminal (as in a shell; tqdm draws nothing
+    on a terminal 0 columns wide); its exit status and stderr."""
+    import fcntl
+    import os
+    import struct
+    import termios
+    import threading
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the terminal closed: the process is gone
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=slave, timeout=300)
+    os.close(slave)
+    reader.join(timeout=30)
+    os.close(master)
+    return done.returncode, b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_export_draws_a_bar_over_its_graphs_on_a_terminal_only(teacher, tmp_path):
+    cmd = [sys.executable, "-m", "erde", "export", str(teacher), "--threshold", "0.5"]
+    status, shown = _stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "tty")])
+    assert status == 0
+    graphs = len(json.loads((tmp_path / "tty" / "manifest.json").read_text())["pieces"])
+    assert "export graphs" in shown and f"{graphs + 1}/{graphs + 1}" in shown  # pieces + static
+    piped = subprocess.run([*cmd, "--out", str(tmp_path / "pipe")], capture_output=True, text=True)
+    assert piped.returncode == 0 and "export graphs" not in piped.stderr

@@ -25,6 +25,7 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from erde.deploy.deploy_md import deploy_md
 from erde.deploy.manifest import (
@@ -274,7 +275,9 @@ def _export_graphs(
     x = torch.zeros(2, channels, size, size)  # batch 2: nothing may specialise on batch 1
     probe = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0))
     n = len(model.segments)
-    with torch.no_grad():
+    # Each graph takes seconds to trace: a bar, on a terminal only (as training's).
+    bar = tqdm(total=n + 1, desc="export graphs", unit="graph", disable=None, leave=False)
+    with torch.no_grad(), bar:
         for i, segment in enumerate(model.segments):
             outputs = (
                 [f"logits{i + 1}"]
@@ -290,8 +293,10 @@ def _export_graphs(
                 graph = traced(point.policy, i, export)
                 check_scores(point.policy, i, graph, piece, probe)
             pieces.append(graph)
+            bar.update()
             x, probe = segment(x), segment(probe)
         static = export_graph(
             static_network(model), torch.zeros(2, channels, size, size), "image", ["logits"], opset
         )
+        bar.update()
     return pieces, static

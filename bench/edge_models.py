@@ -1,0 +1,91 @@
+"""Early exit on the networks engineers ship (issue 24): batch-1 latency of torchvision
+MobileNetV3-Small, MobileNetV3-Large and ResNet-18 at 224 pixels, exits at their stage boundaries.
+
+    python bench/edge_models.py --root ../shared/data/cifar10 --out runs/edge [--models ...]
+        [--run CIFAR_RUN ...]
+
+Each network is trained briefly (`--epochs`) on a CIFAR-10 subset upscaled to 224 pixels (the
+first `--per-class` training and `--test-per-class` test images of every class), so its exits are
+real but weak: what is measured is what an exit costs and saves at the exit distribution a
+threshold gives, not accuracy. `erde evaluate` calibrates the val budget points (25/50/75 % of
+the MACs, where the first exit's cost allows), then `erde bench RUN --int8 --batch 1` times the
+static graph, the early-exit graph at threshold 0 (every image to the last exit: the overhead) and
+at the budget points, fp32 and int8, side by side in rotating order, once with 1 thread and once
+with all cores. `--run` adds finished runs (the CIFAR ResNet-8 student) to the same tables. Each
+table goes to stdout and to OUT/<name>/bench-<threads>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from make_cifar_subset import first_per_class
+
+MODELS = ("mobilenet_v3_small", "mobilenet_v3_large", "resnet18")
+
+
+def erde(*args: str) -> str:
+    """One erde command; its stdout (the tables) returned, its log passed through."""
+    done = subprocess.run([sys.executable, "-m", "erde", *args], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"erde {' '.join(args)}: exit status {done.returncode}")
+    return done.stdout
+
+
+def subset(root: Path, out: Path, per_class: int, test_per_class: int) -> Path:
+    """train.npz/test.npz of the first images per class (the same files every time)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        with np.load(root / f"{split}.npz", allow_pickle=False) as f:
+            keep = first_per_class(f["y"], n)
+            np.savez(out / f"{split}.npz", x=f["x"][keep], y=f["y"][keep],
+                     label_names=f["label_names"])  # fmt: skip
+    return out
+
+
+def train(name: str, data: Path, run: Path, epochs: int) -> None:
+    if (run / "eval" / "report.json").is_file():
+        return
+    erde("train", "--out", str(run), "--no-progress", f"model.name=torchvision/{name}",
+         "data.source=npz", f"data.root={data}", "data.image_size=224", "data.val_size=0.1",
+         "distill.method=teacher", f"train.epochs={epochs}", "train.batch_size=32",
+         "train.lr=0.05", "train.warmup_epochs=0", "train.channels_last=true")  # fmt: skip
+    erde("evaluate", str(run))
+
+
+def bench(run: Path, out: Path, repeats: int) -> None:
+    for threads in ("1", "0"):
+        table = erde("bench", str(run), "--int8", "--batch", "1", "--threads", threads,
+                     "--repeats", str(repeats), "--warmup", "10")  # fmt: skip
+        label = "1 thread" if threads == "1" else f"all {os.cpu_count()} cores"
+        print(f"\n## {run.name}, batch 1, {label}\n\n{table}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"bench-{threads}.md").write_text(table, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10"))
+    parser.add_argument("--out", type=Path, default=Path("runs/edge"))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--run", type=Path, nargs="*", default=[], help="finished runs to add")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--test-per-class", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=100)
+    args = parser.parse_args()
+    data = subset(args.root, args.out / "data", args.per_class, args.test_per_class)
+    for name in args.models:
+        train(name, data, args.out / name, args.epochs)
+        bench(args.out / name, args.out / name, args.repeats)
+    for run in args.run:
+        bench(run, args.out / run.name, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
