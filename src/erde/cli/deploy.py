@@ -120,7 +120,11 @@ def infer_command(args: argparse.Namespace) -> None:
         runtime = ExecuTorchRuntime(args.export)
     else:
         runtime = EarlyExitRuntime.from_export(args.export, threads=args.threads)
-    threshold = args.threshold if args.budget is None else _budget_threshold(args)
+    threshold = args.threshold
+    if args.budget is not None:
+        threshold = _budget_threshold(args)
+    elif args.latency_budget is not None:
+        threshold = _latency_threshold(args, runtime)
     rows = runtime.classify_files(paths, threshold=threshold, form=args.form)
     rows = [dataclasses.replace(r, **{k: printable(getattr(r, k)) for k in PRINTED}) for r in rows]
     for r in rows:
@@ -146,6 +150,33 @@ def _budget_threshold(args: argparse.Namespace) -> float:
         f"erde infer: budget {args.budget:g}: threshold {point['threshold']:.6g} from the "
         f"export's val curve (val accuracy {100 * point['val_accuracy']:.2f} %, "
         f"{point['expected_macs']:.6g} MACs per image on val)",
+        file=sys.stderr,
+    )
+    return point["threshold"]
+
+
+def _latency_threshold(args: argparse.Namespace, runtime) -> float:
+    """`--latency-budget`: each exit timed here, then the val curve's point within it."""
+    from erde.deploy.latency_budget import (
+        check_latency_budget,
+        choose_for_latency,
+        exit_latencies,
+    )
+    from erde.deploy.manifest import read_manifest
+    from erde.deploy.runtime import EarlyExitRuntime
+
+    if not isinstance(runtime, EarlyExitRuntime):
+        raise ErdeError("--latency-budget is for ONNX exports; use --budget (MACs) here")
+    manifest = read_manifest(args.export)
+    check_latency_budget(manifest, args.latency_budget)
+    latencies = exit_latencies(runtime)
+    point = choose_for_latency(manifest, latencies, args.latency_budget)
+    measured = " / ".join(f"{1000 * s:.3g}" for s in latencies)
+    print(
+        f"erde infer: latency budget {args.latency_budget:g} ms: threshold "
+        f"{point['threshold']:.6g} from the export's val curve (val accuracy "
+        f"{100 * point['val_accuracy']:.2f} %, expected {point['expected_ms']:.3g} ms per image "
+        f"from exits measured here at {measured} ms, batch 1)",
         file=sys.stderr,
     )
     return point["threshold"]
@@ -352,6 +383,14 @@ def _add_infer(command: Callable) -> None:
         help="MACs per image (<= 1: a fraction of the full model's): use the threshold of the "
         "export's val curve with the highest val accuracy within it (default: the export's own "
         "threshold)",
+    )
+    choice.add_argument(
+        "--latency-budget",
+        type=float,
+        metavar="MS",
+        help="milliseconds per image at batch 1 on this machine: each exit is timed here, then "
+        "the export's val curve point with the highest val accuracy expected within it is used "
+        "(default: the export's own threshold)",
     )
     p.add_argument(
         "--threads",
