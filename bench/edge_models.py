@@ -7,17 +7,20 @@ MobileNetV3-Small, MobileNetV3-Large and ResNet-18 at 224 pixels, exits at their
 Each network is trained briefly (`--epochs`) on a CIFAR-10 subset upscaled to 224 pixels (the
 first `--per-class` training and `--test-per-class` test images of every class), so its exits are
 real but weak: what is measured is what an exit costs and saves at the exit distribution a
-threshold gives, not accuracy. `erde evaluate` calibrates the val budget points (25/50/75 % of
-the MACs, where the first exit's cost allows), then `erde bench RUN --int8 --batch 1` times the
-static graph, the early-exit graph at threshold 0 (every image to the last exit: the overhead) and
-at the budget points, fp32 and int8, side by side in rotating order, once with 1 thread and once
-with all cores. `--run` adds finished runs (the CIFAR ResNet-8 student) to the same tables. Each
-table goes to stdout and to OUT/<name>/bench-<threads>.md.
+threshold gives, not accuracy. After `erde evaluate`, the thresholds timed are those of the val
+curve whose expected MACs are nearest 25, 50 and 75 % of the full network's (calibrated to a known
+exit distribution: weak exits put nearly every image at one exit at their own budget points), and
+`erde bench RUN --int8 --batch 1` times the static graph, the early-exit graph at threshold 0
+(every image to the last exit: the overhead) and at those thresholds, fp32 and int8, side by side
+in rotating order, once with 1 thread and once with all cores. `--run` adds finished runs (the
+CIFAR ResNet-8 student) to the same tables. Each table goes to stdout and to
+OUT/<name>/bench-<threads>.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -58,10 +61,21 @@ def train(name: str, data: Path, run: Path, epochs: int) -> None:
     erde("evaluate", str(run))
 
 
+def budget_thresholds(run: Path, fractions: tuple[float, ...] = (0.25, 0.5, 0.75)) -> str:
+    """0 and the val-curve thresholds whose expected MACs are nearest each fraction of the full."""
+    with (run / "eval" / "curve_val.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    macs = np.array([float(r["expected_macs"]) for r in rows])
+    picks = [rows[int(np.argmin(np.abs(macs - f * macs.max())))]["threshold"] for f in fractions]
+    return ",".join(["0", *dict.fromkeys(picks)])
+
+
 def bench(run: Path, out: Path, repeats: int) -> None:
+    thresholds = budget_thresholds(run)
     for threads in ("1", "0"):
         table = erde("bench", str(run), "--int8", "--batch", "1", "--threads", threads,
-                     "--repeats", str(repeats), "--warmup", "10")  # fmt: skip
+                     "--thresholds", thresholds, "--repeats", str(repeats),
+                     "--warmup", "10")  # fmt: skip
         label = "1 thread" if threads == "1" else f"all {os.cpu_count()} cores"
         print(f"\n## {run.name}, batch 1, {label}\n\n{table}", flush=True)
         out.mkdir(parents=True, exist_ok=True)

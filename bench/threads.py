@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -71,6 +73,19 @@ def trial(threads: str, extra: dict[str, str], epochs: int) -> tuple[float, floa
     return statistics.median(r["images_per_s"] for r in rows), wall, chose
 
 
+@contextmanager
+def busy_loops(n: int) -> Iterator[None]:
+    """n processes spinning `while True: pass` for the duration: a controlled background load."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1])
@@ -85,11 +100,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for busy in args.busy:
-        spinners = [
-            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)
-        ]
-        try:
-            time.sleep(1.0)
+        with busy_loops(busy):
             speeds: dict[str, list[float]] = {n: [] for n in names}
             walls: dict[str, list[float]] = {n: [] for n in names}
             chosen: dict[str, str] = {}
@@ -100,10 +111,6 @@ def main() -> None:
                     speeds[name].append(speed)
                     walls[name].append(wall)
                     chosen[name] = chose
-        finally:
-            for s in spinners:
-                s.kill()
-                s.wait()
         best = max(statistics.median(v) for v in speeds.values())
         for name in names:
             med = statistics.median(speeds[name])
