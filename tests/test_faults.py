@@ -2,9 +2,11 @@
 ends with exactly the weights of an uninterrupted one, and no fault leaves a checkpoint that
 cannot be read.
 
-A kill "inside a checkpoint write" is aimed, not hoped for: the test polls the run folder for the
-temporary file of that write, freezes the process with SIGSTOP, checks that the temporary is still
-there (the write is in progress), and only then sends SIGKILL. A kill "during an epoch" comes at a
+A kill "inside a checkpoint write" is aimed, not hoped for: the child's `os.replace` stops the
+process (SIGSTOP) just before the rename that would finish the write of the named file, so the
+temporary is written and the old file still in place; the test sees the process stopped and only
+then sends SIGKILL. (Polling for the temporary instead missed `state.pt`'s millisecond-long write on
+a loaded machine.) A kill "during an epoch" comes at a
 random moment (fixed seed) after the previous epoch's checkpoint; afterwards the test checks that
 it landed before the next checkpoint started.
 """
@@ -151,22 +153,37 @@ def killed_in_epoch_2(root):
     pytest.fail("three random kills all missed the second epoch")
 
 
+# Run erde with an `os.replace` that stops the process before it renames the temporary of argv[1].
+STOP_BEFORE_RENAME = """
+import os, runpy, signal, sys
+target = sys.argv.pop(1)
+replace = os.replace
+def stopping_replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == target:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return replace(src, dst, *args, **kwargs)
+os.replace = stopping_replace
+runpy.run_module("erde", run_name="__main__", alter_sys=True)
+"""
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """SIGSTOP has taken hold (state T in /proc), without reaping the process as waitpid would."""
+    stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 def kill_inside_write(run: Path, name: str) -> None:
-    """Resume `run` and kill it while it writes `name` (its temporary exists and is open)."""
-    log = run / "train.log"
-    logged = log.stat().st_size
-    # A lower priority than the polling test, so short writes are seen on a busy machine, but not
-    # the lowest: at nice 19 a child sharing two cores with two busy processes barely runs.
-    proc = erde("train", "--resume", "--out", run, preexec_fn=lambda: os.nice(5))
-    wait_for(proc, lambda: log.stat().st_size > logged, "training started")
-    pattern = f".{name}.*.tmp"
-    while True:
-        wait_for(proc, lambda: any(run.glob(pattern)), f"a write of {name}", interval=0)
-        os.kill(proc.pid, signal.SIGSTOP)
-        if any(run.glob(pattern)):
-            kill(proc)
-            return
-        os.kill(proc.pid, signal.SIGCONT)  # the write ended in between: aim at the next one
+    """Resume `run` and kill it inside its write of `name`: temporary written, not yet renamed."""
+    resume = ["train", "--resume", "--out", str(run), "--no-progress"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOP_BEFORE_RENAME, name, *resume],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(proc, lambda: stopped(proc), f"a write of {name}", interval=0.01)
+    kill(proc)
 
 
 def test_killed_training_resumes_to_the_uninterrupted_weights(reference, killed_in_epoch_2, root):
