@@ -1,6 +1,10 @@
 """Exits on timm and torchvision networks: small variants at small sizes, the last exit equal
 to the library's own network, MACs equal to torchvision's published figures, weights kept."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -125,10 +129,21 @@ def test_pretrained_file_for_another_architecture_lists_shapes(tmp_path):
         create_model("torchvision/resnet18", pretrained=str(tmp_path / "foreign.pt"), input_size=64)
 
 
-def test_pretrained_true_says_it_cannot_download(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ErdeError, match="cannot download its pretrained weights here"):
-        create_model("timm/test_resnet", pretrained=True, input_size=64)
+def test_pretrained_true_says_it_cannot_download():
+    # A process of its own: huggingface_hub reads HF_HUB_OFFLINE when first imported, and in this
+    # one it may be imported already, where it would wait out network timeouts instead.
+    code = (
+        "from erde.errors import ErdeError\n"
+        "from erde.models import create_model\n"
+        "try:\n"
+        "    create_model('timm/test_resnet', pretrained=True, input_size=64)\n"
+        "except ErdeError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "cannot download its pretrained weights here" in done.stdout
 
 
 def test_freeze_backbone_trains_only_the_exit_heads():
