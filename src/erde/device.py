@@ -33,16 +33,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    import torch
-
     """`auto`: bf16 where the device computes it natively (CUDA with bf16, a CPU with
     AVX512-BF16 or AMX), else fp32. Other names pass through."""
     if name != "auto":
         return name
+    import torch
+
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        # Not oneDNN's `_is_mkldnn_bf16_supported`: it also says yes on plain AVX512, where bf16
+        # is emulated (the cifar10-cpu teacher: 105 images/s in bf16, 279 in fp32, on a 2-core
+        # Intel Xeon with AVX512 but no AVX512-BF16).
+        return (
+            "bf16"
+            if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            else "fp32"
+        )
     return "fp32"
 
 
