@@ -14,7 +14,9 @@ exit distribution: weak exits put nearly every image at one exit at their own bu
 (every image to the last exit: the overhead) and at those thresholds, fp32 and int8, side by side
 in rotating order, once with 1 thread and once with all cores. `--run` adds finished runs (the
 CIFAR ResNet-8 student) to the same tables. Each table goes to stdout and to
-OUT/<name>/bench-<threads>.md.
+OUT/<name>/bench-<threads>.md. With `--executorch` (an interpreter with `erde[executorch]`), the
+trained runs are exported to ONNX and to an ExecuTorch `.pte` instead, and `erde bench --executorch`
+times both at the same thresholds, to OUT/<name>/bench-executorch-<threads>.md.
 """
 
 from __future__ import annotations
@@ -82,6 +84,23 @@ def bench(run: Path, out: Path, repeats: int) -> None:
         (out / f"bench-{threads}.md").write_text(table, encoding="utf-8")
 
 
+def bench_executorch(run: Path, out: Path, repeats: int) -> None:
+    """The same thresholds through ExecuTorch's `.pte` beside the ONNX export of the same weights
+    (needs `erde[executorch]` in this interpreter's environment)."""
+    thresholds = budget_thresholds(run)
+    onnx, pte = out.parent / f"{run.name}-onnx", out.parent / f"{run.name}-executorch"
+    for folder, form in ((onnx, "onnx"), (pte, "executorch")):
+        if not (folder / "manifest.json").is_file():
+            erde("export", str(run), "--out", str(folder), "--format", form)
+    for threads in ("1", "0"):
+        table = erde("bench", str(onnx), "--executorch", str(pte), "--batch", "1",
+                     "--threads", threads, "--thresholds", thresholds,
+                     "--repeats", str(repeats), "--warmup", "10")  # fmt: skip
+        label = "1 thread" if threads == "1" else f"all {os.cpu_count()} cores"
+        print(f"\n## {run.name}, ONNX Runtime and ExecuTorch, batch 1, {label}\n\n{table}")
+        (out / f"bench-executorch-{threads}.md").write_text(table, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/data/cifar10"))
@@ -92,13 +111,19 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--test-per-class", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument(
+        "--executorch",
+        action="store_true",
+        help="time ExecuTorch beside ONNX Runtime instead (erde[executorch])",
+    )
     args = parser.parse_args()
+    timed = bench_executorch if args.executorch else bench
     data = subset(args.root, args.out / "data", args.per_class, args.test_per_class)
     for name in args.models:
         train(name, data, args.out / name, args.epochs)
-        bench(args.out / name, args.out / name, args.repeats)
+        timed(args.out / name, args.out / name, args.repeats)
     for run in args.run:
-        bench(run, args.out / run.name, args.repeats)
+        timed(run, args.out / run.name, args.repeats)
 
 
 if __name__ == "__main__":
