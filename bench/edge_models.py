@@ -89,8 +89,9 @@ def bench_executorch(run: Path, out: Path, repeats: int) -> None:
     (needs `erde[executorch]` in this interpreter's environment)."""
     thresholds = budget_thresholds(run)
     onnx, pte = out.parent / f"{run.name}-onnx", out.parent / f"{run.name}-executorch"
-    for folder, form in ((onnx, "onnx"), (pte, "executorch")):
-        if not (folder / "manifest.json").is_file():
+    specs = ((onnx, "onnx", "manifest.json"), (pte, "executorch", "executorch.json"))
+    for folder, form, spec in specs:
+        if not (folder / spec).is_file():
             erde("export", str(run), "--out", str(folder), "--format", form)
     for threads in ("1", "0"):
         table = erde("bench", str(onnx), "--executorch", str(pte), "--batch", "1",

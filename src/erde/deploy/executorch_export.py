@@ -143,7 +143,15 @@ def branch_program(
         image = torch.zeros(1, d.in_channels, d.input_size, d.input_size)
         branch = _Branch(pieces, policy, normalize)  # the lowered pieces have no train mode
         program = torch.export.export(branch, (image, torch.zeros(n - 1)))
-    return to_edge(program).to_executorch().buffer, counts
+    try:
+        return to_edge(program).to_executorch().buffer, counts
+    except RuntimeError as exc:  # MobileNetV3: constants a piece keeps off XNNPACK (README)
+        reason = str(exc).strip().splitlines()[0][:160]
+        raise ErdeError(
+            f"ExecuTorch {version('executorch')} cannot build the early-exit branch of "
+            f"{info.name} ({type(exc).__name__}: {reason}); export it as ONNX instead "
+            "(--format onnx, the default)"
+        ) from exc
 
 
 def export_executorch(
