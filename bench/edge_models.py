@@ -72,34 +72,34 @@ def budget_thresholds(run: Path, fractions: tuple[float, ...] = (0.25, 0.5, 0.75
     return ",".join(["0", *dict.fromkeys(picks)])
 
 
-def bench(run: Path, out: Path, repeats: int) -> None:
-    thresholds = budget_thresholds(run)
+def tables(name: str, out: Path, argv: list[str], thresholds: str, repeats: int, kind: str) -> None:
+    """`erde bench ARGV` at batch 1, once with 1 thread and once with all cores: each table to
+    stdout and to OUT/bench-KIND<threads>.md."""
     for threads in ("1", "0"):
-        table = erde("bench", str(run), "--int8", "--batch", "1", "--threads", threads,
+        table = erde("bench", *argv, "--batch", "1", "--threads", threads,
                      "--thresholds", thresholds, "--repeats", str(repeats),
                      "--warmup", "10")  # fmt: skip
         label = "1 thread" if threads == "1" else f"all {os.cpu_count()} cores"
-        print(f"\n## {run.name}, batch 1, {label}\n\n{table}", flush=True)
+        print(f"\n## {name}, batch 1, {label}\n\n{table}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"bench-{threads}.md").write_text(table, encoding="utf-8")
+        (out / f"bench-{kind}{threads}.md").write_text(table, encoding="utf-8")
+
+
+def bench(run: Path, out: Path, repeats: int) -> None:
+    tables(run.name, out, [str(run), "--int8"], budget_thresholds(run), repeats, "")
 
 
 def bench_executorch(run: Path, out: Path, repeats: int) -> None:
     """The same thresholds through ExecuTorch's `.pte` beside the ONNX export of the same weights
     (needs `erde[executorch]` in this interpreter's environment)."""
-    thresholds = budget_thresholds(run)
     onnx, pte = out.parent / f"{run.name}-onnx", out.parent / f"{run.name}-executorch"
     specs = ((onnx, "onnx", "manifest.json"), (pte, "executorch", "executorch.json"))
     for folder, form, spec in specs:
         if not (folder / spec).is_file():
             erde("export", str(run), "--out", str(folder), "--format", form)
-    for threads in ("1", "0"):
-        table = erde("bench", str(onnx), "--executorch", str(pte), "--batch", "1",
-                     "--threads", threads, "--thresholds", thresholds,
-                     "--repeats", str(repeats), "--warmup", "10")  # fmt: skip
-        label = "1 thread" if threads == "1" else f"all {os.cpu_count()} cores"
-        print(f"\n## {run.name}, ONNX Runtime and ExecuTorch, batch 1, {label}\n\n{table}")
-        (out / f"bench-executorch-{threads}.md").write_text(table, encoding="utf-8")
+    argv = [str(onnx), "--executorch", str(pte)]
+    name = f"{run.name}, ONNX Runtime and ExecuTorch"
+    tables(name, out, argv, budget_thresholds(run), repeats, "executorch-")
 
 
 def main() -> None:

@@ -48,9 +48,9 @@ TRAIN = [
 TIMEOUT = 600  # generous: a loaded machine can take minutes to start a run
 
 
-def erde(*argv, **kwargs) -> subprocess.Popen:
+def erde(*argv, launcher: tuple[str, ...] = ("-m", "erde"), **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "erde", *map(str, argv), "--no-progress"],
+        [sys.executable, *launcher, *map(str, argv), "--no-progress"],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,14 +69,14 @@ def erde_run(*argv, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def wait_for(proc: subprocess.Popen, ready, what: str, interval: float = 0.002) -> None:
-    """Poll every `interval` seconds; 0 spins, for windows that last milliseconds."""
+def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    """Poll every 2 ms until `ready()`; fail if the process ends first or the timeout passes."""
     deadline = time.monotonic() + TIMEOUT
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"the process ended (status {proc.returncode}) before {what}")
-        time.sleep(interval)
+        time.sleep(0.002)
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -175,14 +175,8 @@ def stopped(proc: subprocess.Popen) -> bool:
 
 def kill_inside_write(run: Path, name: str) -> None:
     """Resume `run` and kill it inside its write of `name`: temporary written, not yet renamed."""
-    resume = ["train", "--resume", "--out", str(run), "--no-progress"]
-    proc = subprocess.Popen(
-        [sys.executable, "-c", STOP_BEFORE_RENAME, name, *resume],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(proc, lambda: stopped(proc), f"a write of {name}", interval=0.01)
+    proc = erde("train", "--resume", "--out", run, launcher=("-c", STOP_BEFORE_RENAME, name))
+    wait_for(proc, lambda: stopped(proc), f"a write of {name}")
     kill(proc)
 
 
