@@ -69,8 +69,9 @@ CATALOGUE = read_catalogue(DOC.read_text(encoding="utf-8"))
 
 FORK_SERVER = r"""
 import json, os, runpy, signal, sys, traceback
-import erde.cli.main, erde.evaluation.runs, erde.models.macs  # the slow imports
-import erde.study.reproduce, erde.train.engine
+import erde.cli.main, erde.evaluation.runs, erde.models.macs  # the slow imports, once
+import erde.study.reproduce, erde.study.tune, erde.train.engine, torchvision
+import erde.deploy.export, erde.deploy.latency, erde.deploy.runtime, onnxruntime
 erde.cli.main.build_parser()  # and those the parser makes
 for line in sys.stdin:
     argv, out, err = json.loads(line)
