@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from erde.errors import ErdeError
 from erde.evaluation.scores import ExitScores
@@ -54,6 +53,8 @@ def correctness_auroc(scores: np.ndarray, correct: np.ndarray) -> float | None:
     counted half (Mann-Whitney). None when every answer is right or every one is wrong: there is
     no pair to rank, and any number would be invented.
     """
+    from scipy.stats import rankdata  # a second to import: only evaluation needs it
+
     correct = np.asarray(correct, dtype=bool)
     n_right = int(correct.sum())
     n_wrong = len(correct) - n_right

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.integrate import trapezoid
 
 from erde.errors import ErdeError
 from erde.evaluation.policy import check_logits
@@ -43,6 +42,8 @@ def auc(curve: Curve, full_macs: float | None = None) -> float:
     y = curve.accuracy[order]
     if lo >= 1.0:  # a single exit: no trade-off to integrate
         return float(y.mean())
+    from scipy.integrate import trapezoid  # a second to import: only evaluation needs it
+
     x = np.concatenate([[lo], x, [1.0]])
     y = np.concatenate([y[:1], y, y[-1:]])
     return float(trapezoid(y, x) / (1.0 - lo))

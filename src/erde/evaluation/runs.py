@@ -12,7 +12,6 @@ from erde.evaluation.cache import load_cache
 from erde.evaluation.calibrate import check_budget, resolve_budget
 from erde.evaluation.compare import Comparison, aggregate
 from erde.evaluation.diagnostics import ReferenceLogits
-from erde.evaluation.plots import plot_comparison, plot_run
 from erde.evaluation.policies import get_policy
 from erde.evaluation.render import render_comparison, render_report
 from erde.evaluation.summary import (
@@ -77,6 +76,8 @@ def write_evaluation(out: ReportDir, summary: RunSummary) -> None:
     summary.report.write(out.report_json)
     write_curve_csv(out.curve_csv, summary.test_curve)
     write_curve_csv(out.curve_val_csv, summary.val_curve)
+    from erde.evaluation.plots import plot_run  # matplotlib: not for commands that only train
+
     plot_run(out, summary)
     write_text(out.report_md, render_report(summary.report))
 
@@ -251,6 +252,8 @@ def compare_runs(
                 _write_study_evaluation(run, summary)
     comparison = aggregate(summaries, max_drop, named)
     files = ComparisonDir(out)
+    from erde.evaluation.plots import plot_comparison
+
     plot_comparison(files.comparison_png, comparison)
     write_text(files.comparison_md, render_comparison(comparison))
     write_json(files.comparison_json, comparison.to_json())
