@@ -29,3 +29,18 @@ def teacher(tmp_path_factory):
     overrides = ["model.name=resnet8", "train.epochs=1", "train.warmup_epochs=0"]
     fit(load_config("digits-teacher", overrides), run, progress=False)
     return run
+
+
+# The longest modules, longest first (`pytest -n 2 --durations=0`, summed per module): run first,
+# so that the workers (`--dist worksteal`, pyproject.toml) end on short tests, not on one of these.
+# A stale list costs minutes, never a result: only the order changes.
+LONGEST_FIRST = [
+    "test_readme.py", "test_jobs.py", "test_faults.py", "test_method_plugins.py",
+    "test_reliability.py", "test_deploy.py", "test_fuzz_study_files.py", "test_errors.py",
+    "test_reproduce.py", "test_plugins.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module stays whole

@@ -95,6 +95,12 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status  # a zombie has stopped, only its parent has not reaped it
 
 
+def _default_sigint() -> None:
+    """SIGINT as an interactive shell leaves it: a pytest started in the background (`&`) runs
+    with SIGINT ignored, which its children inherit, and Python then ignores Ctrl-C too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_parent_stops_every_job(tmp_path, signal_name):
     """SIGTERM (or SIGINT to the parent alone) ends `--jobs 2` with no worker left training."""
@@ -104,8 +110,9 @@ def test_a_signal_to_the_parent_stops_every_job(tmp_path, signal_name):
     argv += ["--out", str(tmp_path / "out"), "--jobs", "2"]
     with log.open("w") as sink:
         parent = subprocess.Popen(
-            [sys.executable, "-m", "erde", *argv, "--no-progress"], stdout=sink, stderr=sink
-        )
+            [sys.executable, "-m", "erde", *argv, "--no-progress"], stdout=sink, stderr=sink,
+            preexec_fn=_default_sigint,
+        )  # fmt: skip
     workers: set[int] = set()
     try:
         deadline = time.monotonic() + 300

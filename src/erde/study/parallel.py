@@ -113,9 +113,7 @@ def run_parallel(
             pending: dict[Future, Path] = {pool.submit(train, c, r): r for c, r in runs}
             done_count = 0
             while pending:
-                # A timeout, so this thread runs a signal's handler within a second even when
-                # the kernel handed the signal to one of the pool's threads.
-                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     run = pending.pop(future)
                     done_count += 1
