@@ -215,6 +215,8 @@ def test_a_study_stopped_by_ctrl_c_resumes_the_interrupted_trial(tmp_path, monke
 
 
 @pytest.mark.slow
+# The test plays another worker by hand (ask, then a heartbeat), which Optuna warns is not optimize.
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_killed_workers_trial_is_resumed_after_the_grace_period(tmp_path):
     out = tmp_path / "study"
     cfg = load_reproduce_config("quickstart", [*TINY, "methods=[kd]"])
@@ -307,6 +309,8 @@ def params(out, method):
 
 
 @pytest.mark.slow
+# The test plays another worker by hand (ask, then a heartbeat), which Optuna warns is not optimize.
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_resumed_study_draws_new_settings_and_keeps_its_budget(tmp_path):
     """A second start does not replay the seeded sampler's draws; a third with the same budget
     trains nothing; a trial another worker is running counts against the budget."""
