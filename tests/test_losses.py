@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from erde.config.methods import methods
+from erde.config.methods import METHOD_TABLE, MethodKey, methods, register_method
 from erde.distill.losses import LossResult, make_loss, pair_exits
 from erde.errors import ErdeError
 
@@ -439,6 +439,61 @@ def test_bad_calls_raise():
         make_loss("erde", num_exits=2)(student, labels, four_classes)
 
 
+def test_a_wrong_teacher_shape_names_the_exits_from_1():
+    student, labels = tensors(STUDENT), torch.tensor(LABELS)
+    teacher = [torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)]
+    with pytest.raises(ErdeError) as caught:
+        make_loss("kd", num_exits=2, pairing=[1, 1])(student, labels, teacher)
+    assert "teacher exit 2 gives logits of shape (3, 4) but student exit 1 (3, 3)" in str(
+        caught.value
+    )
+
+
+def test_an_own_term_gets_its_context_and_adds_alone(monkeypatch):
+    """A method with no erde term: the total is the exit-weighted mean of its own values, each
+    exit's call sees that exit's number, the exit count, alpha, T, its keys with defaults filled
+    and the student's detached last exit, and no cross-entropy creeps in."""
+    monkeypatch.setattr("erde.config.methods.METHOD_TABLE", dict(METHOD_TABLE))
+    seen = []
+
+    def own(s, labels, t, ctx):
+        seen.append((ctx, s.detach().clone(), labels, t))
+        return (ctx.exit + 1) * 10.0 + ctx.num_exits + s[:, 0] * ctx.options["w"]
+
+    register_method(
+        "own-only",
+        terms=(),
+        loss=own,
+        teacher=True,
+        keys={"w": MethodKey(0.5, "weight"), "u": MethodKey(3.0, "unused")},
+    )
+    student, labels, teacher = tensors(STUDENT), torch.tensor(LABELS), tensors(TEACHER)
+    loss = make_loss(
+        "own-only",
+        num_exits=2,
+        alpha=0.3,
+        temperature=2.5,
+        exit_weights=[1.0, 2.0],
+        options={"w": 4},
+    )
+    result = loss(student, labels, teacher)
+    per_exit = [
+        [10 + 2 + 4 * row[0] for row in STUDENT[0]],
+        [20 + 2 + 4 * row[0] for row in STUDENT[1]],
+    ]
+    want = sum(w * sum(v) / 3 for w, v in zip([1.0, 2.0], per_exit, strict=True))
+    assert result.total.item() == pytest.approx(want, rel=1e-12)
+    assert result.components["own"].item() == pytest.approx(want, rel=1e-12)
+    assert result.components["ce"].item() == 0.0
+    assert [c.exit for c, *_ in seen] == [0, 1]
+    for (ctx, s, got_labels, t), i in zip(seen, range(2), strict=True):
+        assert (ctx.num_exits, ctx.alpha, ctx.temperature) == (2, 0.3, 2.5)
+        assert dict(ctx.options) == {"w": 4.0, "u": 3.0}
+        assert torch.equal(ctx.final, student[1]) and not ctx.final.requires_grad
+        assert torch.equal(s, student[i]) and torch.equal(got_labels, labels)
+        assert torch.equal(t, teacher[i])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     logits=hnp.arrays(
@@ -477,3 +532,14 @@ def test_property_totals_are_finite_nonnegative_and_consistent(
             for i, (w, f) in enumerate(zip(weights, factors, strict=True), start=1)
         )
         assert comps[key] == pytest.approx(per_exit, rel=1e-9, abs=1e-9)
+
+
+def test_an_own_term_of_the_wrong_shape_names_the_method_and_the_exit(monkeypatch):
+    monkeypatch.setattr("erde.config.methods.METHOD_TABLE", dict(METHOD_TABLE))
+    register_method("own-bad", terms=("ce",), loss=lambda s, labels, t, ctx: s[:, :1] * ctx.exit)
+    with pytest.raises(ErdeError) as caught:
+        make_loss("own-bad", num_exits=2)(tensors(STUDENT), torch.tensor(LABELS))
+    assert str(caught.value) == (
+        "method 'own-bad': its loss gave (3, 1) at exit 1; it must return one value per image "
+        "(shape (3,)): fix the plugin's loss function"
+    )

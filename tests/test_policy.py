@@ -107,6 +107,22 @@ def test_margin_range_ends_and_precision_near_certainty():
     assert simulate(known_logits(), 0.1, "margin")[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
 
 
+def test_two_class_scores_follow_the_smaller_probability():
+    """With K = 2 every built-in is a function of the smaller probability q alone: entropy the
+    binary entropy of q, maxprob q, margin 1 - (1 - 2q) = 2q (a binary classifier is common)."""
+    logits = torch.tensor([[0.0, 0.0], [2.0, -1.0], [-0.5, 3.0], [9.0, 8.9]])
+    z = logits.double().numpy()
+    q = 1.0 / (1.0 + np.exp(np.abs(z[:, 0] - z[:, 1])))
+    expected = {
+        "entropy": -(q * np.log(q) + (1 - q) * np.log(1 - q)),
+        "maxprob": q,
+        "margin": 2 * q,
+    }
+    for policy, want in expected.items():
+        got = confidence_scores(logits[:, None], policy)[:, 0].numpy()  # one exit
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=policy)
+
+
 @pytest.mark.parametrize(
     ("threshold", "exits", "predictions"),
     [

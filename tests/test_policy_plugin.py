@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -285,3 +286,76 @@ def test_a_registered_name_is_taken_once():
     assert get_policy("plugin-once").score is low
     with pytest.raises(ErdeError, match=r"'plugin-once' .* is already registered"):
         register_policy("plugin-once", low, help="again")
+
+
+def listed(logits: torch.Tensor) -> list[float]:
+    return [0.0]  # not a tensor
+
+
+def smallest(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(-1).amin(-1)
+
+
+def where(fn) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def refusal(name: str, fn, problem: str) -> str:
+    return (
+        f"exit policy {name!r} ({where(fn)}) {problem} on a probe batch; make it return one "
+        "finite score per image (shape logits.shape[:-1]), lower = more confident"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "problem"),
+    [
+        (
+            "plugin-shape",
+            per_class,
+            "gave (4, 3, 5) for logits of shape (4, 3, 5), not one score per image and exit (4, 3)",
+        ),
+        (
+            "plugin-list",
+            listed,
+            "gave <class 'list'> for logits of shape (4, 3, 5), not one score per image and exit "
+            "(4, 3)",
+        ),
+        ("plugin-nan-exact", nan_on_extremes, "gave scores that are not finite (NaN or infinite)"),
+    ],
+)
+def test_a_refused_score_is_named_exactly(name, fn, problem):
+    with pytest.raises(ErdeError) as caught:
+        register_policy(name, fn, help="bad")
+    assert str(caught.value) == refusal(name, fn, problem)
+
+
+@pytest.mark.parametrize(
+    ("name", "normalizer", "shown"),
+    [
+        ("plugin-norm-zero", lambda k: k - 5, "0"),
+        ("plugin-norm-inf", lambda k: math.inf, "inf"),
+        ("plugin-norm-negative", lambda k: -1.0, "-1.0"),
+        ("plugin-norm-text", str, "'5'"),
+    ],
+)
+def test_a_normalizer_that_is_no_positive_number_at_k_5_is_refused(name, normalizer, shown):
+    with pytest.raises(ErdeError) as caught:
+        register_policy(name, smallest, help="bad", normalizer=normalizer)
+    problem = f"has normalizer(5) = {shown}, not a positive number"
+    assert str(caught.value) == refusal(name, smallest, problem)
+
+
+def test_a_normalizer_below_1_is_a_positive_number():
+    register_policy("plugin-norm-half", smallest, help="halved", normalizer=lambda k: 0.5)
+    assert get_policy("plugin-norm-half").normalizer(5) == 0.5
+
+
+def test_a_name_taken_twice_names_both_functions():
+    register_policy("plugin-twice", smallest, help="first")
+    with pytest.raises(ErdeError) as caught:
+        register_policy("plugin-twice", listed, help="second")
+    assert str(caught.value) == (
+        f"exit policy 'plugin-twice' ({where(listed)}) is already registered ({where(smallest)}); "
+        "register yours under another name"
+    )

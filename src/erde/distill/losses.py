@@ -304,6 +304,6 @@ def _own_term(method: str, value: Any, s: Tensor, i: int) -> Tensor:
 def _check_teacher_shape(t: Tensor, s: Tensor, i: int, j: int) -> None:
     if t.shape != s.shape:
         raise ErdeError(
-            f"teacher exit {j} gives logits of shape {tuple(t.shape)} but student exit {i} "
+            f"teacher exit {j + 1} gives logits of shape {tuple(t.shape)} but student exit {i + 1} "
             f"{tuple(s.shape)}; use a teacher trained on the same dataset (same classes)"
         )
