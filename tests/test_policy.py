@@ -208,3 +208,16 @@ def test_bad_inputs():
         confidence_scores(torch.zeros(8, 4))
     with pytest.raises(ErdeError, match="NaN or infinite"):
         confidence_scores(torch.tensor([[[math.nan, 0.0]]]))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("policy", ["entropy", "maxprob", "margin"])
+def test_logits_that_are_not_finite_blame_the_model_or_the_cache(policy, bad):
+    logits = torch.zeros(3, 2, 4)
+    logits[2, 1, 3] = bad
+    with pytest.raises(ErdeError) as caught:
+        confidence_scores(logits, policy)
+    assert str(caught.value) == (
+        "per-exit logits contain NaN or infinite values (the model diverged or the cache is "
+        "corrupt); retrain with a lower learning rate or re-create the logits cache."
+    )

@@ -30,7 +30,7 @@ from erde.data.prepare import prepare_data
 from erde.deploy import export_run
 from erde.errors import ErdeError
 from erde.evaluation.policies import get_policy, register_policy
-from erde.evaluation.policy import simulate
+from erde.evaluation.policy import confidence_scores, simulate
 from erde.run.layout import RunDir
 from erde.study.reproduce import reproduce
 
@@ -359,3 +359,24 @@ def test_a_name_taken_twice_names_both_functions():
         f"exit policy 'plugin-twice' ({where(listed)}) is already registered ({where(smallest)}); "
         "register yours under another name"
     )
+
+
+def infinite_past_1e5(logits: torch.Tensor) -> torch.Tensor:
+    """Finite on the probe batch (|logits| <= 1e4), infinite on larger logits."""
+    big = logits.abs().amax(dim=-1) > 1e5
+    inf = torch.full_like(big, math.inf, dtype=logits.dtype)
+    return torch.where(big, inf, logits.amin(-1) ** 2)
+
+
+def test_a_policy_not_finite_past_its_probe_is_refused_where_it_scores():
+    register_policy("plugin-inf-late", infinite_past_1e5, help="inf on large logits")
+    logits = torch.zeros(2, 2, 3)
+    logits[1, 0, 0] = 2e5
+    with pytest.raises(ErdeError) as caught:
+        confidence_scores(logits, "plugin-inf-late")
+    assert str(caught.value) == (
+        "the exit policy 'plugin-inf-late' gave scores that are not finite for finite logits; "
+        "fix the policy's function so that every score is a finite number"
+    )
+    finite = confidence_scores(torch.zeros(2, 2, 3), "plugin-inf-late")
+    assert torch.equal(finite, torch.zeros(2, 2))

@@ -7,7 +7,7 @@ import torch
 from erde.errors import ErdeError
 from erde.evaluation.metrics import auc, per_exit_accuracy
 from erde.evaluation.policy import confidence_scores, simulate
-from erde.evaluation.sweep import Curve, default_thresholds, sweep
+from erde.evaluation.sweep import Curve, default_thresholds, grid_from_scores, sweep
 
 K = 4
 EXIT_MACS = [10.0, 20.0, 40.0]
@@ -184,3 +184,28 @@ def test_auc_hand_values():
     assert auc(hand_curve([10, 25, 40], [0.6, 0.6, 0.9]), 80.0) == pytest.approx(expected)
     with pytest.raises(ErdeError, match="last-exit cost"):
         auc(hand_curve([10, 40], [0.5, 0.9]), 20.0)
+
+
+def distinct_scores(n: int, e: int, seed: int) -> np.ndarray:
+    """N x E float32 scores in (0.5, 1.5), all different, so every quantile is its own point."""
+    rng = np.random.default_rng(seed)
+    return (0.5 + rng.permutation(n * e).reshape(n, e) / (n * e)).astype(np.float32)
+
+
+def test_the_default_grid_has_exactly_1000_thresholds_from_0_to_just_past_the_top():
+    scores = distinct_scores(2500, 3, seed=0)  # 5,000 deciding scores, exits 1 and 2
+    grid = grid_from_scores(scores)
+    m = np.minimum.accumulate(scores[:, :2], axis=1)
+    assert len(grid) == 1000 and grid.dtype == np.float64
+    assert grid[0] == 0.0 and np.all(np.diff(grid) > 0)
+    assert grid[-1] == np.nextafter(m.max(), np.float32(np.inf)) and grid[-1] > m.max()
+    assert set(grid[1:-1]) <= set(m.reshape(-1).astype(np.float64))  # inner points are scores
+
+
+def test_a_grid_of_2_is_the_two_ends_and_a_grid_of_1_is_refused():
+    scores = distinct_scores(50, 2, seed=1)
+    top = np.nextafter(scores[:, 0].max(), np.float32(np.inf))
+    assert grid_from_scores(scores, n=2).tolist() == [0.0, float(top)]
+    with pytest.raises(ErdeError) as caught:
+        grid_from_scores(scores, n=1)
+    assert str(caught.value) == "a threshold grid needs at least 2 points; got n=1."
